@@ -1,0 +1,194 @@
+"""`qwen-batch`: run, validate and tiny-model, without a server.
+
+Exit codes: 0 every row ok or skipped; 1 some rows invalid or failed (the summary lists them);
+2 usage or manifest-level errors (nothing was generated). Heavy imports happen inside the commands,
+so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from qwen_batch import __version__
+from qwen_batch.errors import QwenBatchError
+
+EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
+MAX_PROBLEMS_SHOWN = 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-batch",
+        description="Turn a Parquet manifest of prompts into images with Qwen-Image, in two stages: "
+        "every prompt is encoded first, then the transformer runs over the cached embeddings.",
+    )
+    parser.add_argument("--version", action="version", version=f"qwen-batch {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="generate the images of a manifest", description=_run_description())
+    run.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest: a path or fsspec URL (file://, s3://...)")
+    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder (path or fsspec URL)")
+    run.add_argument(
+        "--model",
+        default="tiny",
+        metavar="M",
+        help="hub id (Qwen/Qwen-Image), local diffusers folder, or 'tiny' (random weights, the default: "
+        "for trying the pipeline, its images are noise)",
+    )
+    run.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per transformer batch (default 4)")
+    run.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
+    run.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16 or fp32")
+    run.add_argument("--cache", metavar="URI", help="embedding cache folder (default: OUT/cache)")
+    run.add_argument(
+        "--encode-batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="prompts per text-encoder batch (default 16)",
+    )
+    _add_output_flags(run)
+
+    validate = commands.add_parser(
+        "validate", help="check a manifest without loading models", description="Print the validation report."
+    )
+    validate.add_argument("manifest", metavar="MANIFEST")
+    _add_output_flags(validate)
+
+    tiny = commands.add_parser(
+        "tiny-model",
+        help="write the tiny random-weight Qwen-Image model (diffusers format)",
+        description="Write a tiny random-weight QwenImagePipeline, loadable with from_pretrained, built offline.",
+    )
+    tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    _add_output_flags(tiny)
+    return parser
+
+
+def _run_description() -> str:
+    return (
+        "Validate MANIFEST, encode every prompt into the embedding cache, free the text encoder, then "
+        "generate images in batches into OUT/images/<id>.png and write OUT/results.parquet. Running the "
+        "same command again skips rows already done and regenerates rows whose parameters changed."
+    )
+
+
+def _add_output_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true", help="only errors and the summary")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "validate":
+            return _validate(args)
+        return _tiny_model(args)
+    except QwenBatchError as error:
+        print(f"qwen-batch: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qwen-batch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qwen_batch.engine import RunConfig, run
+    from qwen_batch.progress import ProgressBars, show_library_progress_bars
+
+    config = RunConfig(
+        manifest=args.manifest,
+        output=args.output,
+        model=args.model,
+        batch_size=args.batch_size,
+        encode_batch_size=args.encode_batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        cache=args.cache,
+    )
+    if args.model == "tiny" and not args.quiet:
+        print(
+            "qwen-batch: using the tiny random-weight model (its images are noise); "
+            "pass --model Qwen/Qwen-Image for real images",
+            file=sys.stderr,
+        )
+    progress = ProgressBars(enabled=args.progress)
+    show_library_progress_bars(progress.enabled)
+    summary = run(config, progress=progress)
+    print(format_summary(summary))
+    return EXIT_OK if summary.exit_code == 0 else EXIT_ROWS_FAILED
+
+
+def format_summary(summary) -> str:
+    def seconds(value: float) -> str:
+        return f"{value:.1f} s"
+
+    rate = summary.images_per_hour
+    rows = [
+        ("rows", f"{summary.rows}"),
+        ("generated", f"{summary.generated}"),
+        ("skipped", f"{summary.skipped}  (already done with the same parameters)"),
+        ("invalid", f"{summary.invalid}"),
+        ("failed", f"{summary.failed}"),
+        (
+            "encode",
+            f"{seconds(summary.encode.seconds)}  ({summary.encode.encoded} texts encoded, "
+            f"{summary.encode.cached} from cache)",
+        ),
+        (
+            "denoise",
+            f"{seconds(summary.denoise.seconds)}" + (f"  ({rate:,.0f} images/hour)" if rate else ""),
+        ),
+    ]
+    for stage, stats in (("encode", summary.encode), ("denoise", summary.denoise)):
+        if stats.peak_gpu_gib is not None:
+            rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
+    rows += [("images", f"{summary.output.rstrip('/')}/images/"), ("results", summary.results)]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "qwen-batch summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]
+    if summary.problems:
+        lines.append(f"\nrows not ok ({len(summary.problems)}):")
+        for index, row_id, status, error in summary.problems[:MAX_PROBLEMS_SHOWN]:
+            lines.append(f"  row {index} id={row_id!r} {status}: {error}")
+        if len(summary.problems) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"  ... and {len(summary.problems) - MAX_PROBLEMS_SHOWN} more: see {summary.results}")
+    return "\n".join(lines)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from qwen_batch.manifest import read_manifest
+
+    manifest = read_manifest(args.manifest)
+    print(manifest.report())
+    return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from qwen_batch.tiny_model import write_tiny_model
+
+    folder = write_tiny_model(args.directory, seed=args.seed)
+    print(f"wrote a tiny random-weight Qwen-Image pipeline to {folder}")
+    return EXIT_OK
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # diffusers and transformers log per-component load chatter; they read these before first use.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Stage 2: run the Qwen-Image transformer and VAE over cached embeddings, a batch at a time.
+
+This is diffusers' `QwenImagePipeline.__call__` unrolled for batches of different prompts, with the
+same arithmetic, so a row's image does not depend on what shares its batch:
+- each row's starting noise is drawn from its own `torch.Generator("cpu").manual_seed(seed)`, with
+  the shape and dtype the pipeline draws for a single image;
+- the prompts of a batch are zero-padded to a common length and masked, so a row attends only to
+  its own tokens;
+- with true CFG the conditional and unconditional passes are one batched forward (2B rows) instead
+  of two calls, and their combination is rescaled per token to the conditional norm, as diffusers does.
+Only the transformer, VAE and scheduler are loaded (`text_encoder=None, tokenizer=None`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qwen_batch.device import release_memory
+from qwen_batch.model_source import ModelSource
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from qwen_batch.manifest import Request
+
+
+class ImageGenerator:
+    """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
+
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+        from diffusers import QwenImagePipeline
+
+        self.source, self.device, self.dtype = source, device, dtype
+        self.pipe = QwenImagePipeline.from_pretrained(
+            source.location, text_encoder=None, tokenizer=None, dtype=dtype, use_safetensors=True
+        )
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        prompt_embeds: Sequence[torch.Tensor],
+        negative_embeds: Sequence[torch.Tensor] | None,
+    ) -> list[Image.Image]:
+        """Images for a batch of requests that share size, steps and guidance (`Request.batch_key`).
+
+        `prompt_embeds[i]` (and `negative_embeds[i]` when guidance is on) are row i's unpadded
+        `[tokens, hidden]` embeddings, as the cache stores them.
+        """
+        import numpy as np
+        import torch
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
+
+        keys = {request.batch_key for request in requests}
+        if len(keys) != 1:
+            raise ValueError(f"a batch must share size, steps and guidance; got {sorted(keys)}")
+        first = requests[0]
+        width, height, steps, guidance = first.batch_key
+        use_cfg = first.uses_cfg
+        pipe, transformer, scheduler = self.pipe, self.pipe.transformer, self.pipe.scheduler
+        batch = len(requests)
+
+        with torch.inference_mode():
+            # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask.
+            texts = list(prompt_embeds) + (list(negative_embeds) if use_cfg else [])
+            embeds, mask = _pad_embeddings(texts, self.device, self.dtype)
+
+            # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
+            channels = transformer.config.in_channels // 4
+            latents = torch.cat(
+                [
+                    pipe.prepare_latents(
+                        1,
+                        channels,
+                        height,
+                        width,
+                        self.dtype,
+                        self.device,
+                        torch.Generator("cpu").manual_seed(r.seed),
+                    )
+                    for r in requests
+                ]
+            )
+            patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
+            img_shapes = [[patches]] * embeds.shape[0]
+
+            # 3. The schedule: flow-matching sigmas with the resolution-dependent shift.
+            sigmas = np.linspace(1.0, 1 / steps, steps)
+            mu = calculate_shift(
+                latents.shape[1],
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.15),
+            )
+            timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+            scheduler.set_begin_index(0)
+
+            # 4. Denoise: one forward per step covers the whole batch and both CFG branches.
+            for t in timesteps:
+                model_input = torch.cat([latents, latents]) if use_cfg else latents
+                timestep = t.expand(model_input.shape[0]).to(latents.dtype)
+                prediction = transformer(
+                    hidden_states=model_input,
+                    timestep=timestep / 1000,
+                    encoder_hidden_states=embeds,
+                    encoder_hidden_states_mask=mask,
+                    img_shapes=img_shapes,
+                    return_dict=False,
+                )[0]
+                if use_cfg:
+                    conditional, unconditional = prediction[:batch], prediction[batch:]
+                    combined = unconditional + guidance * (conditional - unconditional)
+                    conditional_norm = torch.norm(conditional, dim=-1, keepdim=True)
+                    combined_norm = torch.norm(combined, dim=-1, keepdim=True)
+                    prediction = combined * (conditional_norm / combined_norm)
+                latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+
+            # 5. Decode.
+            return self._decode(latents, width, height)
+
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+        import torch
+
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = latents / inverse_std + mean
+        images = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(images, output_type="pil")
+
+    def close(self) -> None:
+        del self.pipe
+        release_memory(self.device)
+
+
+def _pad_embeddings(
+    embeddings: Sequence[torch.Tensor], device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack `[tokens, hidden]` embeddings into `[rows, max_tokens, hidden]` plus a mask.
+
+    The mask is None when no row is padded: the pipeline passes None in that case too, and it lets
+    the attention take its fastest path.
+    """
+    import torch
+
+    longest = max(embedding.shape[0] for embedding in embeddings)
+    hidden = embeddings[0].shape[1]
+    stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype, device=device)
+    mask = torch.zeros(len(embeddings), longest, dtype=torch.long, device=device)
+    for row, embedding in enumerate(embeddings):
+        stacked[row, : embedding.shape[0]] = embedding.to(device=device, dtype=dtype)
+        mask[row, : embedding.shape[0]] = 1
+    if all(embedding.shape[0] == longest for embedding in embeddings):
+        return stacked, None
+    return stacked, mask

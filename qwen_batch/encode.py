@@ -1,0 +1,156 @@
+"""Stage 1: encode every distinct text with the Qwen2.5-VL text encoder into the embedding cache.
+
+Only the tokenizer and text encoder are loaded (the 20 B transformer and the VAE are not), texts
+already cached are skipped, and the rest are encoded in batches of similar token length so little
+compute goes to padding. Encoding goes through diffusers' own `encode_prompt`, so the template, the
+dropped template tokens and the 1,024-token limit are exactly the pipeline's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qwen_batch.cache import EmbeddingCache, cache_namespace
+from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
+from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource
+from qwen_batch.progress import Progress, Silent
+from qwen_batch.storage import Folder
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_TOKENS = 1024  # the pipeline's limit after the template tokens are dropped
+
+
+@dataclass
+class EncodeStats:
+    texts: int = 0  # distinct texts the manifest needs
+    cached: int = 0  # of which were already in the cache
+    encoded: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    peak_gpu_gib: float | None = None
+
+
+class PromptEncoder:
+    """The text encoder and tokenizer of a Qwen-Image model, on one device."""
+
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+        from diffusers import QwenImagePipeline
+
+        self.source, self.device, self.dtype = source, device, dtype
+        self.pipe = QwenImagePipeline.from_pretrained(
+            source.location, transformer=None, vae=None, dtype=dtype, use_safetensors=True
+        )
+        self.pipe.text_encoder.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens after the template is dropped, before truncation (to sort and to flag truncation)."""
+        template = self.pipe.prompt_template_encode
+        dropped = self.pipe.prompt_template_encode_start_idx
+        encoded = self.pipe.tokenizer([template.format(text) for text in texts], truncation=False)
+        return [len(ids) - dropped for ids in encoded["input_ids"]]
+
+    def encode(self, texts: list[str]) -> list[torch.Tensor]:
+        """One unpadded `[tokens, hidden]` embedding per text."""
+        import torch
+
+        with torch.inference_mode():
+            embeds, mask = self.pipe.encode_prompt(
+                prompt=texts, device=self.device, max_sequence_length=MAX_TEXT_TOKENS
+            )
+        lengths = [embeds.shape[1]] * len(texts) if mask is None else mask.sum(dim=1).tolist()
+        return [embeds[row, :length] for row, length in enumerate(lengths)]
+
+    def close(self) -> None:
+        del self.pipe
+        release_memory(self.device)
+
+
+def encoder_cache_identity(source: ModelSource, dtype: torch.dtype) -> dict[str, Any]:
+    """Everything besides the text that determines an embedding (see `qwen_batch.cache`)."""
+    from diffusers import QwenImagePipeline
+
+    # The template is set in the pipeline's __init__; an instance without components has it.
+    template = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
+    return {
+        "encoder": source.identity(ENCODER_COMPONENTS),
+        "template": template.prompt_template_encode,
+        "template_tokens_dropped": template.prompt_template_encode_start_idx,
+        "max_tokens": MAX_TEXT_TOKENS,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def open_cache(folder: Folder, source: ModelSource, dtype: torch.dtype) -> EmbeddingCache:
+    return EmbeddingCache(folder, cache_namespace(**encoder_cache_identity(source, dtype)))
+
+
+def encode_texts(
+    texts: list[str],
+    cache: EmbeddingCache,
+    source: ModelSource,
+    device: str,
+    dtype: torch.dtype,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> EncodeStats:
+    """Make sure every text has an embedding in `cache`; load the encoder only if one is missing."""
+    progress = progress or Silent()
+    started = time.perf_counter()
+    distinct = list(dict.fromkeys(texts))
+    todo = cache.missing(distinct)
+    stats = EncodeStats(texts=len(distinct), cached=len(distinct) - len(todo))
+    if not todo:
+        if distinct:
+            log.info("encode: all %d texts already cached; the text encoder is not loaded", len(distinct))
+        stats.seconds = time.perf_counter() - started
+        return stats
+
+    reset_peak_memory(device)
+    encoder = PromptEncoder(source, device, dtype)
+    _log_memory("encode: text encoder loaded", device)
+    try:
+        counts = encoder.token_counts(todo)
+        # Similar lengths share a batch, so padding wastes little compute.
+        order = sorted(range(len(todo)), key=counts.__getitem__)
+        progress.start("encode", len(todo), "text")
+        for begin in range(0, len(order), batch_size):
+            rows = order[begin : begin + batch_size]
+            embeddings = encoder.encode([todo[row] for row in rows])
+            for row, embedding in zip(rows, embeddings, strict=True):
+                truncated = counts[row] > MAX_TEXT_TOKENS
+                stats.truncated += truncated
+                cache.put(todo[row], embedding, truncated=truncated)
+            stats.encoded += len(rows)
+            progress.advance(len(rows))
+        progress.finish()
+        memory = gpu_memory_gib(device)
+        stats.peak_gpu_gib = memory[1] if memory else None
+    finally:
+        encoder.close()
+        del encoder
+        release_memory(device)
+        _log_memory("encode: text encoder freed", device)
+    stats.seconds = time.perf_counter() - started
+    log.info(
+        "encode: %d texts encoded, %d cached, %d truncated to %d tokens, %.1f s",
+        stats.encoded,
+        stats.cached,
+        stats.truncated,
+        MAX_TEXT_TOKENS,
+        stats.seconds,
+    )
+    return stats
+
+
+def _log_memory(event: str, device: str) -> None:
+    memory = gpu_memory_gib(device)
+    if memory is not None:
+        log.info("%s: %.2f GiB allocated on %s (peak %.2f GiB)", event, memory[0], device, memory[1])

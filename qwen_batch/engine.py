@@ -1,0 +1,293 @@
+"""The staged run: validate -> plan (resume) -> encode every text -> denoise in batches -> merge results.
+
+Each stage is a function a caller can run on its own (the CLI runs them in order; a Prefect flow
+wraps them in tasks over chunks of rows), and the GPU never holds the text encoder and the
+transformer together: stage 1 frees the encoder before stage 2 loads the transformer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qwen_batch.cache import EmbeddingCache
+from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
+from qwen_batch.encode import EncodeStats, encode_texts, open_cache
+from qwen_batch.errors import ConfigError
+from qwen_batch.manifest import Manifest, Request, read_manifest
+from qwen_batch.model_source import DENOISER_COMPONENTS, ENCODER_COMPONENTS, ModelSource, resolve_model
+from qwen_batch.progress import Progress, Silent
+from qwen_batch.results import FAILED, INVALID, OK, Record, ResultStore, fingerprint
+from qwen_batch.storage import Folder
+from qwen_batch.writer import BatchWriter
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_batch.denoise import ImageGenerator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "tiny"
+CACHE_FOLDER = "cache"
+TRUNCATION_WARNING = "prompt longer than the encoder's 1024-token limit: truncated"
+
+
+@dataclass
+class RunConfig:
+    manifest: str
+    output: str
+    model: str = DEFAULT_MODEL
+    batch_size: int = 4
+    encode_batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    cache: str | None = None  # default: <output>/cache
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.encode_batch_size < 1:
+            raise ConfigError(f"encode batch size {self.encode_batch_size}: use 1 or more")
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, decided before any model loads."""
+
+    config: RunConfig
+    manifest: Manifest
+    output: Folder
+    store: ResultStore
+    cache: EmbeddingCache
+    source: ModelSource
+    device: str
+    dtype: torch.dtype
+    fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
+    todo: list[Request]  # rows to generate
+    skipped: list[Request]  # rows whose image and result already exist with the same parameters
+    previous: dict[str, Record]  # records found in the output folder, by id
+    folded_parts: list[str]  # part files that the final merge folds in
+
+
+@dataclass
+class DenoiseStats:
+    generated: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    peak_gpu_gib: float | None = None
+    records: list[Record] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    rows: int
+    generated: int
+    skipped: int
+    invalid: int
+    failed: int
+    encode: EncodeStats
+    denoise: DenoiseStats
+    output: str
+    results: str
+    problems: list[tuple[int, str | None, str, str]]  # (row, id, status, error)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.invalid == 0 and self.failed == 0 else 1
+
+    @property
+    def images_per_hour(self) -> float | None:
+        if not self.denoise.generated or not self.denoise.seconds:
+            return None
+        return self.denoise.generated / self.denoise.seconds * 3600
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Validate the manifest and decide which rows to generate. Loads no model; writes nothing."""
+    manifest = read_manifest(config.manifest, config.storage_options)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model(config.model)
+    output = Folder(config.output, config.storage_options)
+    cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
+    store = ResultStore(output)
+
+    model_identity = source.identity(ENCODER_COMPONENTS + DENOISER_COMPONENTS)
+    fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
+    previous, parts = store.previous_records()
+    images = store.existing_images() if previous else set()
+    todo, skipped = [], []
+    for request in manifest.requests:
+        record = previous.get(request.id)
+        done = (
+            record is not None
+            and record.status == OK
+            and record.fingerprint == fingerprints[request.id]
+            and f"{request.id}.png" in images
+        )
+        (skipped if done else todo).append(request)
+    return RunPlan(
+        config=config,
+        manifest=manifest,
+        output=output,
+        store=store,
+        cache=open_cache(cache_folder, source, dtype),
+        source=source,
+        device=device,
+        dtype=dtype,
+        fingerprints=fingerprints,
+        todo=todo,
+        skipped=skipped,
+        previous=previous,
+        folded_parts=parts,
+    )
+
+
+def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress: Progress | None = None) -> EncodeStats:
+    """Stage 1: every text the rows need is in the embedding cache afterwards."""
+    release_generator()  # never hold the transformer while the encoder loads
+    requests = plan.todo if requests is None else requests
+    texts = [text for request in requests for text in request.texts]
+    return encode_texts(
+        texts,
+        plan.cache,
+        plan.source,
+        plan.device,
+        plan.dtype,
+        batch_size=plan.config.encode_batch_size,
+        progress=progress,
+    )
+
+
+def make_batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
+    """Rows that share size, steps and guidance, in chunks of `batch_size`, in manifest order."""
+    groups: dict[tuple[int, int, int, float], list[Request]] = {}
+    for request in requests:
+        groups.setdefault(request.batch_key, []).append(request)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
+def denoise_stage(
+    plan: RunPlan, requests: list[Request] | None = None, progress: Progress | None = None
+) -> DenoiseStats:
+    """Stage 2: generate and write the images of `requests` (default: every row to do)."""
+    progress = progress or Silent()
+    requests = plan.todo if requests is None else requests
+    stats = DenoiseStats()
+    if not requests:
+        return stats
+    started = time.perf_counter()
+    reset_peak_memory(plan.device)
+    generator = load_generator(plan.source, plan.device, plan.dtype)
+    writer = BatchWriter(plan.output, plan.store)
+    progress.start("denoise", len(requests), "img")
+    try:
+        for batch in make_batches(requests, plan.config.batch_size):
+            _generate_batch(plan, generator, writer, batch)
+            progress.advance(len(batch))
+        stats.records = writer.drain()
+    finally:
+        progress.finish()
+        writer.close()
+    memory = gpu_memory_gib(plan.device)
+    stats.peak_gpu_gib = memory[1] if memory else None
+    stats.generated = sum(record.status == OK for record in stats.records)
+    stats.failed = sum(record.status == FAILED for record in stats.records)
+    stats.seconds = time.perf_counter() - started
+    log.info(
+        "denoise: %d images, %d failed, %.1f s (%.2f s per image)",
+        stats.generated,
+        stats.failed,
+        stats.seconds,
+        stats.seconds / max(len(requests), 1),
+    )
+    return stats
+
+
+def _generate_batch(plan: RunPlan, generator: ImageGenerator, writer: BatchWriter, batch: list[Request]) -> None:
+    def record(request: Request, **outcome: Any) -> Record:
+        return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
+
+    started = time.perf_counter()
+    try:
+        loaded = [plan.cache.get_with_metadata(r.prompt) for r in batch]
+        negatives = [plan.cache.get(r.negative_prompt) for r in batch] if batch[0].uses_cfg else None
+        images = generator.generate(batch, [embedding for embedding, _ in loaded], negatives)
+    except Exception as error:  # a failing batch must not stop the others; its rows carry the error
+        log.warning("batch of %d rows (first id %r) failed: %s", len(batch), batch[0].id, error, exc_info=True)
+        writer.submit_failures([record(r, status=FAILED, error=f"{type(error).__name__}: {error}") for r in batch])
+        return
+    seconds = (time.perf_counter() - started) / len(batch)
+    records = [
+        record(r, seconds=seconds, warning=TRUNCATION_WARNING if meta.get("truncated") == "true" else "")
+        for r, (_, meta) in zip(batch, loaded, strict=True)
+    ]
+    writer.submit(batch, images, records)
+
+
+def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summary:
+    """Merge part files into results.parquet (one row per manifest row) and summarise the run."""
+    records, parts = plan.store.previous_records()
+    table = plan.store.merge(plan.manifest, records, parts)
+    statuses = table.column("status").to_pylist()
+    problems = [
+        (index, row_id, status, error)
+        for index, (row_id, status, error) in enumerate(
+            zip(table.column("id").to_pylist(), statuses, table.column("error").to_pylist(), strict=True)
+        )
+        if status != OK
+    ]
+    return Summary(
+        rows=plan.manifest.num_rows,
+        generated=denoise.generated,
+        skipped=len(plan.skipped),
+        invalid=statuses.count(INVALID),
+        failed=statuses.count(FAILED),
+        encode=encode,
+        denoise=denoise,
+        output=plan.output.display(),
+        results=plan.output.display("results.parquet"),
+        problems=problems,
+    )
+
+
+def run(config: RunConfig, progress: Progress | None = None) -> Summary:
+    """The whole job, as `qwen-batch run` does it."""
+    plan = plan_run(config)
+    log.info(
+        "%d rows: %d to generate, %d already done, %d invalid",
+        plan.manifest.num_rows,
+        len(plan.todo),
+        len(plan.skipped),
+        len(plan.manifest.invalid),
+    )
+    encode = encode_stage(plan, progress=progress)
+    denoise = denoise_stage(plan, progress=progress)
+    return finalize(plan, encode, denoise)
+
+
+# One transformer per process, reused across calls (a flow runs many chunks in one worker).
+_loaded: dict[tuple[str, str, str], ImageGenerator] = {}
+
+
+def load_generator(source: ModelSource, device: str, dtype: torch.dtype) -> ImageGenerator:
+    from qwen_batch.denoise import ImageGenerator
+
+    key = (source.location, device, str(dtype))
+    if key not in _loaded:
+        release_generator()
+        _loaded[key] = ImageGenerator(source, device, dtype)
+        memory = gpu_memory_gib(device)
+        if memory:
+            log.info("denoise: transformer and VAE loaded: %.2f GiB allocated on %s", memory[0], device)
+    return _loaded[key]
+
+
+def release_generator() -> None:
+    while _loaded:
+        _, generator = _loaded.popitem()
+        generator.close()

@@ -1,0 +1,21 @@
+"""The errors qwen-batch raises. Only the edges (CLI, flows) turn them into messages and exit codes."""
+
+
+class QwenBatchError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+
+class ManifestError(QwenBatchError):
+    """The manifest as a whole cannot be used (unreadable, wrong columns, duplicate ids). Nothing was written."""
+
+
+class StorageError(QwenBatchError):
+    """A location could not be read or written."""
+
+
+class ModelError(QwenBatchError):
+    """A model could not be found or loaded."""
+
+
+class ConfigError(QwenBatchError):
+    """An option has a value that cannot work (device, dtype, batch size...)."""

@@ -1,0 +1,184 @@
+"""Results: one record per generated row, written as part files per batch and merged at the end.
+
+A batch's part file is written only after its images, so a crash loses at most the batches in
+flight, and a part file always points at complete images. `merge_results` folds the part files and
+any earlier `results.parquet` into a new `results.parquet` with exactly one row per manifest row
+(written atomically), then removes the part files it folded in; a crash in between is harmless, the
+next merge folds the same records again.
+
+Each record carries a fingerprint of everything that determines its image (model, prompt, negative
+prompt, size, seed, steps, guidance): resume skips a row only when an `ok` record with the same
+fingerprint exists and its image is still there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qwen_batch.errors import StorageError
+from qwen_batch.manifest import MANIFEST_SCHEMA, Manifest, Request
+from qwen_batch.storage import Folder
+
+RESULTS_FILE = "results.parquet"
+PARTS_FOLDER = "_parts"
+IMAGES_FOLDER = "images"
+
+OK, INVALID, FAILED = "ok", "invalid", "failed"
+
+PARAMETER_FIELDS = [field for field in MANIFEST_SCHEMA if field.name != "id"]
+# What qwen-batch adds to each manifest row.
+OUTCOME_FIELDS = [
+    pa.field("status", pa.string()),  # ok | invalid | failed
+    pa.field("image", pa.string()),  # path or URL of the written PNG
+    pa.field("error", pa.string()),  # empty when ok
+    pa.field("warning", pa.string()),  # e.g. prompt truncated to the encoder's limit
+    pa.field("model", pa.string()),
+    pa.field("sha256", pa.string()),  # of the PNG file
+    pa.field("fingerprint", pa.string()),  # of everything that determines the image
+    pa.field("seconds", pa.float64()),  # this row's share of its batch's generation time
+    pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+]
+RECORD_SCHEMA = pa.schema([pa.field("id", pa.string()), *PARAMETER_FIELDS, *OUTCOME_FIELDS])
+
+
+@dataclass(slots=True)
+class Record:
+    """The outcome of one row, as stored in part files and results."""
+
+    id: str | None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    true_cfg_scale: float | None = None
+    status: str = FAILED
+    image: str | None = None
+    error: str = ""
+    warning: str = ""
+    model: str | None = None
+    sha256: str | None = None
+    fingerprint: str | None = None
+    seconds: float | None = None
+    finished_at: datetime | None = None
+
+    @classmethod
+    def for_request(cls, request: Request, model: str, fingerprint: str, **outcome: Any) -> Record:
+        outcome.setdefault("finished_at", datetime.now(timezone.utc))
+        return cls(id=request.id, **request.parameters(), model=model, fingerprint=fingerprint, **outcome)
+
+
+def fingerprint(request: Request, model_identity: str) -> str:
+    """A hash of everything that determines a row's image; resume compares it."""
+    payload = json.dumps({"model": model_identity, **request.parameters()}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _records_table(records: Iterable[Record]) -> pa.Table:
+    rows = [asdict(record) for record in records]
+    return pa.Table.from_pylist(rows, schema=RECORD_SCHEMA)
+
+
+def _to_parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+class ResultStore:
+    """The results of one output folder: part files, the merged file, and the images present."""
+
+    def __init__(self, output: Folder):
+        self.output = output
+
+    def write_part(self, records: list[Record]) -> str:
+        """Append the records of one batch; call only after the batch's images are written."""
+        name = posixpath.join(
+            PARTS_FOLDER, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.parquet"
+        )
+        self.output.write_bytes(name, _to_parquet(_records_table(records)))
+        return name
+
+    def _read_table(self, relative: str) -> pa.Table | None:
+        try:
+            return pq.read_table(io.BytesIO(self.output.read_bytes(relative)), use_threads=False)  # see manifest.py
+        except StorageError:
+            return None  # removed by a concurrent merge
+        except (pa.ArrowException, OSError) as error:
+            raise StorageError(
+                f"{self.output.display(relative)} is not a readable Parquet file ({error}); "
+                "move it away and run again to regenerate its rows"
+            ) from error
+
+    def previous_records(self) -> tuple[dict[str, Record], list[str]]:
+        """The newest record per id from results.parquet and all part files, and those part files."""
+        parts = self.output.list_files(PARTS_FOLDER, ".parquet")
+        latest: dict[str, Record] = {}
+        for relative in [RESULTS_FILE, *parts]:
+            if relative == RESULTS_FILE and not self.output.exists(RESULTS_FILE):
+                continue
+            table = self._read_table(relative)
+            if table is None:
+                continue
+            names = [name for name in RECORD_SCHEMA.names if name in table.column_names]
+            for row in table.select(names).to_pylist():
+                if row.get("id") is None or row.get("status") is None:
+                    continue
+                record = Record(**row)
+                current = latest.get(record.id)
+                if current is None or _newer(record, current):
+                    latest[record.id] = record
+        return latest, parts
+
+    def existing_images(self) -> set[str]:
+        return {posixpath.basename(name) for name in self.output.list_files(IMAGES_FOLDER, ".png")}
+
+    def merge(self, manifest: Manifest, records: dict[str, Record], folded_parts: list[str]) -> pa.Table:
+        """Write results.parquet: exactly one row per manifest row, in manifest order."""
+        by_index: dict[int, Record] = {}
+        for invalid in manifest.invalid:
+            by_index[invalid.index] = Record(
+                id=invalid.id, status=INVALID, error=invalid.reason, **_known_parameters(invalid.parameters)
+            )
+        for request in manifest.requests:
+            record = records.get(request.id)
+            if record is None:
+                record = Record.for_request(request, model="", fingerprint="", error="not generated")
+            by_index[request.index] = record
+        ordered = [by_index[index] for index in range(manifest.num_rows)]
+
+        outcome = _records_table(ordered)
+        known = [field.name for field in MANIFEST_SCHEMA]
+        columns = {name: outcome.column(name) for name in known}
+        for name in manifest.extra_columns:
+            columns[name] = manifest.table.column(name)
+        for field in OUTCOME_FIELDS:
+            columns[field.name] = outcome.column(field.name)
+        table = pa.table(columns)
+        self.output.write_bytes(RESULTS_FILE, _to_parquet(table))
+        for relative in folded_parts:
+            self.output.remove(relative)
+        return table
+
+
+def _newer(candidate: Record, current: Record) -> bool:
+    if candidate.finished_at is None:
+        return False
+    return current.finished_at is None or candidate.finished_at >= current.finished_at
+
+
+def _known_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    names = {field.name for field in PARAMETER_FIELDS}
+    return {name: value for name, value in parameters.items() if name in names}

@@ -1,0 +1,78 @@
+"""Writes finished batches (PNG encoding, upload, part file) in the background while the GPU works.
+
+A bounded number of batches is in flight: when the storage is slow the engine waits here rather
+than piling decoded images up in RAM. A batch's part file is written after all its images, so every
+record in a part file points at a complete image. An image that cannot be written marks its row
+`failed` with the error; it is never lost silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import posixpath
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from qwen_batch.errors import StorageError
+from qwen_batch.png import encode_png
+from qwen_batch.results import FAILED, IMAGES_FOLDER, OK, Record, ResultStore
+from qwen_batch.storage import Folder
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from qwen_batch.manifest import Request
+
+log = logging.getLogger(__name__)
+
+
+class BatchWriter:
+    def __init__(self, output: Folder, store: ResultStore, workers: int = 2, max_pending_batches: int = 2):
+        self.output, self.store = output, store
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-batch-writer")
+        self._slots = threading.BoundedSemaphore(max_pending_batches)
+        self._futures: list[Future[list[Record]]] = []
+
+    def submit(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> None:
+        """Queue a batch; blocks while `max_pending_batches` batches are still being written."""
+        self._slots.acquire()
+        future = self._pool.submit(self._write_batch, requests, images, records)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
+
+    def submit_failures(self, records: list[Record]) -> None:
+        """Record rows that failed before producing an image (no images to write)."""
+        self.submit([], [], records)
+
+    def _write_batch(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> list[Record]:
+        for request, image, record in zip(requests, images, records, strict=True):
+            relative = posixpath.join(IMAGES_FOLDER, f"{request.id}.png")
+            metadata = {"id": request.id, **request.parameters(), "model": record.model}
+            try:
+                data = encode_png(image, metadata)
+                self.output.write_bytes(relative, data)
+            except (StorageError, OSError, ValueError) as error:
+                record.status, record.error = FAILED, f"writing the image failed: {error}"
+                continue
+            record.status, record.image, record.sha256 = (
+                OK,
+                self.output.display(relative),
+                hashlib.sha256(data).hexdigest(),
+            )
+        self.store.write_part(records)
+        return records
+
+    def drain(self) -> list[Record]:
+        """Wait for every queued batch; the records written, in submission order."""
+        written: list[Record] = []
+        try:
+            for future in self._futures:
+                written.extend(future.result())
+        finally:
+            self._futures.clear()
+        return written
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
