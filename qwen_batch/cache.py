@@ -33,16 +33,18 @@ def cache_namespace(**identity: Any) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def text_key(text: str) -> str:
+    """The name of a text's entry within a namespace."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 class EmbeddingCache:
     def __init__(self, folder: Folder, namespace: str):
         self.folder = folder
         self.namespace = namespace
 
-    def key(self, text: str) -> str:
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
     def _relative(self, text: str) -> str:
-        key = self.key(text)
+        key = text_key(text)
         return posixpath.join(self.namespace, key[:2], key + _SUFFIX)
 
     def missing(self, texts: Iterable[str]) -> list[str]:
@@ -50,7 +52,7 @@ class EmbeddingCache:
         present = {
             posixpath.basename(name)[: -len(_SUFFIX)] for name in self.folder.list_files(self.namespace, _SUFFIX)
         }
-        return [text for text in dict.fromkeys(texts) if self.key(text) not in present]
+        return [text for text in dict.fromkeys(texts) if text_key(text) not in present]
 
     def put(self, text: str, embedding: torch.Tensor, truncated: bool = False) -> None:
         from safetensors.torch import save
@@ -72,7 +74,9 @@ class EmbeddingCache:
             tensors = load(data)
             metadata = _read_metadata(data)
         except (SafetensorError, ValueError) as error:
-            raise StorageError(f"{self.folder.display(relative)}: corrupt cache entry ({error})") from error
+            raise StorageError(
+                f"{self.folder.display(relative)}: corrupt cache entry ({error}); delete it and run again to re-encode"
+            ) from error
         return tensors["embedding"], metadata
 
 

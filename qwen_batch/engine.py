@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
-from qwen_batch.errors import ConfigError
+from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.manifest import Manifest, Request, read_manifest
 from qwen_batch.model_source import DENOISER_COMPONENTS, ENCODER_COMPONENTS, ModelSource, resolve_model
 from qwen_batch.progress import Progress, Silent
@@ -212,21 +212,41 @@ def _generate_batch(plan: RunPlan, generator: ImageGenerator, writer: BatchWrite
     def record(request: Request, **outcome: Any) -> Record:
         return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
 
+    def failure(request: Request, error: Exception) -> Record:
+        return record(request, status=FAILED, error=f"{type(error).__name__}: {error}")
+
+    # A row whose embeddings cannot be read fails alone; the rest of the batch still runs.
     started = time.perf_counter()
-    try:
-        loaded = [plan.cache.get_with_metadata(r.prompt) for r in batch]
-        negatives = [plan.cache.get(r.negative_prompt) for r in batch] if batch[0].uses_cfg else None
-        images = generator.generate(batch, [embedding for embedding, _ in loaded], negatives)
-    except Exception as error:  # a failing batch must not stop the others; its rows carry the error
-        log.warning("batch of %d rows (first id %r) failed: %s", len(batch), batch[0].id, error, exc_info=True)
-        writer.submit_failures([record(r, status=FAILED, error=f"{type(error).__name__}: {error}") for r in batch])
+    ready, conditions, failed = [], [], []
+    for request in batch:
+        try:
+            prompt, metadata = plan.cache.get_with_metadata(request.prompt)
+            negative = plan.cache.get(request.negative_prompt) if request.uses_cfg else None
+        except QwenBatchError as error:
+            failed.append(failure(request, error))
+            continue
+        ready.append(request)
+        conditions.append((prompt, negative, metadata.get("truncated") == "true"))
+    if failed:
+        writer.submit_failures(failed)
+    if not ready:
         return
-    seconds = (time.perf_counter() - started) / len(batch)
+    try:
+        images = generator.generate(
+            ready,
+            [prompt for prompt, _, _ in conditions],
+            [negative for _, negative, _ in conditions] if ready[0].uses_cfg else None,
+        )
+    except Exception as error:  # a failing batch must not stop the others; its rows carry the error
+        log.warning("batch of %d rows (first id %r) failed: %s", len(ready), ready[0].id, error, exc_info=True)
+        writer.submit_failures([failure(request, error) for request in ready])
+        return
+    seconds = (time.perf_counter() - started) / len(ready)
     records = [
-        record(r, seconds=seconds, warning=TRUNCATION_WARNING if meta.get("truncated") == "true" else "")
-        for r, (_, meta) in zip(batch, loaded, strict=True)
+        record(request, seconds=seconds, warning=TRUNCATION_WARNING if truncated else "")
+        for request, (_, _, truncated) in zip(ready, conditions, strict=True)
     ]
-    writer.submit(batch, images, records)
+    writer.submit(ready, images, records)
 
 
 def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summary:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,9 +80,9 @@ def resolve_model(name: str) -> ModelSource:
 
 def ensure_tiny_model() -> Path:
     """The tiny model's folder, written once; concurrent first uses race safely to one result."""
-    from qwen_batch.tiny_model import TINY_MODEL_SEED, write_tiny_model
+    from qwen_batch.tiny_model import TINY_MODEL_REVISION, TINY_MODEL_SEED, write_tiny_model
 
-    target = qwen_batch_home() / "models" / f"tiny-qwen-image-seed{TINY_MODEL_SEED}"
+    target = qwen_batch_home() / "models" / f"tiny-qwen-image-r{TINY_MODEL_REVISION}-seed{TINY_MODEL_SEED}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +92,6 @@ def ensure_tiny_model() -> Path:
         staging.rename(target)
     except OSError:
         # Another process finished first; its copy is identical (same seed), keep it.
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return target
 

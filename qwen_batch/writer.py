@@ -36,15 +36,18 @@ class BatchWriter:
         self._futures: list[Future[list[Record]]] = []
 
     def submit(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> None:
-        """Queue a batch; blocks while `max_pending_batches` batches are still being written."""
-        self._slots.acquire()
-        future = self._pool.submit(self._write_batch, requests, images, records)
-        future.add_done_callback(lambda _: self._slots.release())
-        self._futures.append(future)
+        """Queue a generated batch; blocks while `max_pending_batches` batches are still being written."""
+        self._enqueue(self._write_batch, requests, images, records)
 
     def submit_failures(self, records: list[Record]) -> None:
-        """Record rows that failed before producing an image (no images to write)."""
-        self.submit([], [], records)
+        """Record rows that failed before producing an image: only their part file is written."""
+        self._enqueue(self._write_records, records)
+
+    def _enqueue(self, work, *args) -> None:
+        self._slots.acquire()
+        future = self._pool.submit(work, *args)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._futures.append(future)
 
     def _write_batch(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> list[Record]:
         for request, image, record in zip(requests, images, records, strict=True):
@@ -56,11 +59,11 @@ class BatchWriter:
             except (StorageError, OSError, ValueError) as error:
                 record.status, record.error = FAILED, f"writing the image failed: {error}"
                 continue
-            record.status, record.image, record.sha256 = (
-                OK,
-                self.output.display(relative),
-                hashlib.sha256(data).hexdigest(),
-            )
+            record.status, record.image = OK, self.output.display(relative)
+            record.sha256 = hashlib.sha256(data).hexdigest()
+        return self._write_records(records)
+
+    def _write_records(self, records: list[Record]) -> list[Record]:
         self.store.write_part(records)
         return records
 

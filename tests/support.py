@@ -1,0 +1,27 @@
+"""Helpers for building manifests in tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None) -> Path:
+    """A Parquet manifest from dicts; columns typed as qwen-batch's schema unless `schema` says otherwise."""
+    from qwen_batch.manifest import MANIFEST_SCHEMA
+
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    known = {field.name: field.type for field in MANIFEST_SCHEMA}
+    if schema is None:
+        table = pa.table({name: pa.array([row.get(name) for row in rows], type=known.get(name)) for name in names})
+    else:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path)
+    return path
+
+
+def small_row(row_id: str, prompt: str, **overrides) -> dict:
+    """A row that is cheap on the tiny model: 256x256, 2 steps."""
+    return {"id": row_id, "prompt": prompt, "width": 256, "height": 256, "num_inference_steps": 2, **overrides}
