@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.device import release_memory
-from qwen_batch.model_source import ModelSource
+from qwen_batch.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -30,12 +30,8 @@ class ImageGenerator:
     """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
 
     def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
-        from diffusers import QwenImagePipeline
-
         self.source, self.device, self.dtype = source, device, dtype
-        self.pipe = QwenImagePipeline.from_pretrained(
-            source.location, text_encoder=None, tokenizer=None, dtype=dtype, use_safetensors=True
-        )
+        self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 

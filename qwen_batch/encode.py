@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.cache import EmbeddingCache, cache_namespace
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
-from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource
+from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder
 
@@ -41,12 +41,8 @@ class PromptEncoder:
     """The text encoder and tokenizer of a Qwen-Image model, on one device."""
 
     def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
-        from diffusers import QwenImagePipeline
-
         self.source, self.device, self.dtype = source, device, dtype
-        self.pipe = QwenImagePipeline.from_pretrained(
-            source.location, transformer=None, vae=None, dtype=dtype, use_safetensors=True
-        )
+        self.pipe = load_pipeline(source, dtype, transformer=None, vae=None)
         self.pipe.text_encoder.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 

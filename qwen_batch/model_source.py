@@ -17,8 +17,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import QwenImagePipeline
 
 TINY_MODEL_NAME = "tiny"
 HOME_ENV = "QWEN_BATCH_HOME"  # roots every path qwen-batch keeps for itself
@@ -59,6 +64,25 @@ class ModelSource:
                 if file.is_file():
                     digest.update(_file_signature(folder, file))
         return digest.hexdigest()[:24]
+
+
+def load_pipeline(source: ModelSource, dtype: torch.dtype, **components: None) -> QwenImagePipeline:
+    """`QwenImagePipeline.from_pretrained`, with the components passed as None left out.
+
+    Safetensors only: pickled weights could run code when loaded.
+    """
+    from diffusers import QwenImagePipeline
+
+    try:
+        return QwenImagePipeline.from_pretrained(source.location, dtype=dtype, use_safetensors=True, **components)
+    except (OSError, ValueError) as error:
+        hint = (
+            ""
+            if source.local_folder is not None
+            else " It is not on this machine and could not be downloaded: download it first "
+            f"(hf download {source.location}) or pass a local diffusers folder to --model."
+        )
+        raise ModelError(f"cannot load model {source.name!r}: {error}.{hint}") from error
 
 
 def resolve_model(name: str) -> ModelSource:

@@ -6,8 +6,12 @@ shows tqdm bars (rate and ETA); a Prefect flow can show an artifact instead; tes
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class Progress(Protocol):
@@ -28,21 +32,46 @@ class Silent:
 
 
 class ProgressBars:
-    """One tqdm bar per stage, on stderr, so stdout stays clean for the summary."""
+    """A tqdm bar per stage (rate and ETA) on a terminal; elsewhere (CI, nohup, a pod's log) a log
+    line every `interval` seconds instead, so long runs still show that they move and how fast."""
 
-    def __init__(self, enabled: bool | None = None):
+    def __init__(self, enabled: bool | None = None, interval: float = 30.0):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.interval = interval
         self._bar = None
+        self._stage, self._total, self._done, self._unit = "", 0, 0, ""
+        self._started = self._last_log = 0.0
 
     def start(self, stage: str, total: int, unit: str) -> None:
-        from tqdm.auto import tqdm
-
         self.finish()
-        self._bar = tqdm(total=total, desc=stage, unit=unit, disable=not self.enabled, dynamic_ncols=True)
+        self._stage, self._total, self._done, self._unit = stage, total, 0, unit
+        self._started = self._last_log = time.monotonic()
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=stage, unit=unit, dynamic_ncols=True)
 
     def advance(self, count: int = 1) -> None:
+        self._done += count
         if self._bar is not None:
             self._bar.update(count)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.interval:
+            self._last_log = now
+            elapsed = now - self._started
+            rate = self._done / elapsed if elapsed else 0.0
+            eta = (self._total - self._done) / rate if rate else float("inf")
+            log.info(
+                "%s: %d/%d %ss, %.2f %s/s, about %.0f s left",
+                self._stage,
+                self._done,
+                self._total,
+                self._unit,
+                rate,
+                self._unit,
+                eta,
+            )
 
     def finish(self) -> None:
         if self._bar is not None:

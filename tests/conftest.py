@@ -33,3 +33,15 @@ def tiny_model(qwen_batch_home: Path) -> Path:
     from qwen_batch.model_source import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run on the GPU machine (`pytest -m gpu`) and skip themselves elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -224,3 +224,17 @@ def test_help_is_fast_and_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
     done = subprocess.run([sys.executable, "-m", "qwen_batch.cli", "run", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--batch-size" in done.stdout and "--cache" in done.stdout
+
+
+def test_a_model_that_cannot_be_loaded_exits_2_with_the_fix(tmp_path, capsys):
+    manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "a cat")])
+    output = str(tmp_path / "out")
+    # Offline (conftest sets HF_HUB_OFFLINE): a hub id that was never downloaded cannot load.
+    assert run_cli("run", str(manifest), "--output", output, "--model", "Nobody/no-such-model", "--device", "cpu") == 2
+    error = capsys.readouterr().err
+    assert "cannot load model 'Nobody/no-such-model'" in error and "hf download Nobody/no-such-model" in error
+    assert run_cli("run", str(manifest), "--output", output, "--model", str(tmp_path / "nowhere" / "m")) == 2
+    assert "neither a local folder nor a hub id" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_cli("run", str(manifest), "--output", output, "--model", str(tmp_path / "empty")) == 2
+    assert "not a diffusers model folder (no model_index.json)" in capsys.readouterr().err
