@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="prompts per text-encoder batch (default 16)",
     )
+    run.add_argument(
+        "--shard",
+        metavar="K/N",
+        type=_shard,
+        default=(0, 1),
+        help="generate only shard K of N (rows split by a stable hash of id), e.g. one per GPU; "
+        "then run again without --shard to merge the results",
+    )
     _add_output_flags(run)
 
     validate = commands.add_parser(
@@ -75,6 +83,14 @@ def _run_description() -> str:
         "generate images in batches into OUT/images/<id>.png and write OUT/results.parquet. Running the "
         "same command again skips rows already done and regenerates rows whose parameters changed."
     )
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write the shard as K/N, e.g. 0/2") from None
+    return index, count
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         cache=args.cache,
+        shard_index=args.shard[0],
+        shard_count=args.shard[1],
     )
     if args.model == "tiny" and not args.quiet:
         print(

@@ -16,10 +16,10 @@ from qwen_batch.cache import EmbeddingCache
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
-from qwen_batch.manifest import Manifest, Request, read_manifest
+from qwen_batch.manifest import Manifest, Request, read_manifest, shard_of
 from qwen_batch.model_source import DENOISER_COMPONENTS, ENCODER_COMPONENTS, ModelSource, resolve_model
 from qwen_batch.progress import Progress, Silent
-from qwen_batch.results import FAILED, INVALID, OK, Record, ResultStore, fingerprint
+from qwen_batch.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
 from qwen_batch.storage import Folder
 from qwen_batch.writer import BatchWriter
 
@@ -46,12 +46,24 @@ class RunConfig:
     dtype: str = "auto"
     cache: str | None = None  # default: <output>/cache
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Fan-out: this run generates only the rows whose id hashes to shard `shard_index` of
+    # `shard_count`, and leaves its results as part files; an unsharded run merges them.
+    shard_index: int = 0
+    shard_count: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.encode_batch_size < 1:
             raise ConfigError(f"encode batch size {self.encode_batch_size}: use 1 or more")
+        if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(
+                f"shard {self.shard_index}/{self.shard_count}: the index must be from 0 to shard_count - 1"
+            )
+
+    @property
+    def is_shard(self) -> bool:
+        return self.shard_count > 1
 
 
 @dataclass
@@ -122,6 +134,8 @@ def plan_run(config: RunConfig) -> RunPlan:
     images = store.existing_images() if previous else set()
     todo, skipped = [], []
     for request in manifest.requests:
+        if config.is_shard and shard_of(request.id, config.shard_count) != config.shard_index:
+            continue
         record = previous.get(request.id)
         done = (
             record is not None
@@ -250,19 +264,27 @@ def _generate_batch(plan: RunPlan, generator: ImageGenerator, writer: BatchWrite
 
 
 def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summary:
-    """Merge part files into results.parquet (one row per manifest row) and summarise the run."""
+    """Merge part files into results.parquet (one row per manifest row) and summarise the run.
+
+    A shard does not merge (shards run concurrently and the merge removes the part files it folds
+    in): its summary covers its own rows, and the unsharded run that follows merges everything.
+    """
     records, parts = plan.store.previous_records()
-    table = plan.store.merge(plan.manifest, records, parts)
-    statuses = table.column("status").to_pylist()
-    problems = [
-        (index, row_id, status, error)
-        for index, (row_id, status, error) in enumerate(
-            zip(table.column("id").to_pylist(), statuses, table.column("error").to_pylist(), strict=True)
-        )
-        if status != OK
-    ]
+    if plan.config.is_shard:
+        missing = Record(id=None, status=FAILED, error="not generated")
+        rows = [
+            (r.index, r.id, records.get(r.id, missing).status, records.get(r.id, missing).error)
+            for r in plan.todo + plan.skipped
+        ]
+        results = plan.output.display(PARTS_FOLDER)
+    else:
+        table = plan.store.merge(plan.manifest, records, parts)
+        columns = [table.column(name).to_pylist() for name in ("id", "status", "error")]
+        rows = [(index, *row) for index, row in enumerate(zip(*columns, strict=True))]
+        results = plan.output.display(RESULTS_FILE)
+    statuses = [status for _, _, status, _ in rows]
     return Summary(
-        rows=plan.manifest.num_rows,
+        rows=len(rows),
         generated=denoise.generated,
         skipped=len(plan.skipped),
         invalid=statuses.count(INVALID),
@@ -270,8 +292,8 @@ def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summa
         encode=encode,
         denoise=denoise,
         output=plan.output.display(),
-        results=plan.output.display("results.parquet"),
-        problems=problems,
+        results=results,
+        problems=[row for row in rows if row[2] != OK],
     )
 
 

@@ -70,6 +70,13 @@ def derive_seed(row_id: str) -> int:
     return int.from_bytes(digest[:8], "big") & INT64_MAX
 
 
+def shard_of(row_id: str, shards: int) -> int:
+    """The shard (0..shards-1) a row belongs to: a stable hash of its id, so shards are disjoint,
+    every process computes the same split, and adding rows does not move the others."""
+    digest = hashlib.sha256(b"qwen-batch/shard/" + row_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One valid manifest row: everything needed to generate its image."""

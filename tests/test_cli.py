@@ -238,3 +238,33 @@ def test_a_model_that_cannot_be_loaded_exits_2_with_the_fix(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_cli("run", str(manifest), "--output", output, "--model", str(tmp_path / "empty")) == 2
     assert "not a diffusers model folder (no model_index.json)" in capsys.readouterr().err
+
+
+def test_shards_split_the_rows_and_an_unsharded_run_merges_them(tmp_path, tiny_model, capsys):
+    from qwen_batch.manifest import shard_of
+
+    rows = [small_row(f"row-{n}", f"prompt number {n}") for n in range(6)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    output = tmp_path / "out"
+    expected = {shard: sum(shard_of(row["id"], 2) == shard for row in rows) for shard in (0, 1)}
+    assert 0 < expected[0] < 6, "the fixture ids must land in both shards"
+
+    for shard in (0, 1):
+        args = ("run", str(manifest), "--output", str(output), "--device", "cpu", "--shard", f"{shard}/2")
+        assert run_cli(*args) == 0
+        assert f"generated  {expected[shard]}" in capsys.readouterr().out
+        assert not (output / "results.parquet").exists(), "a shard leaves part files; it never merges"
+    assert len(list((output / "images").glob("*.png"))) == 6
+
+    assert run_cli("run", str(manifest), "--output", str(output), "--device", "cpu") == 0
+    assert "generated  0" in capsys.readouterr().out
+    merged = results(output)
+    assert sorted(row["id"] for row in merged) == sorted(row["id"] for row in rows)
+    assert all(row["status"] == "ok" for row in merged)
+
+
+def test_bad_shard_is_a_usage_error(tmp_path, manifest, capsys):
+    assert run_cli("run", str(manifest), "--output", str(tmp_path / "o"), "--shard", "2/2") == 2
+    assert "shard 2/2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(manifest), "--output", str(tmp_path / "o"), "--shard", "half"])
