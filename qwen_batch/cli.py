@@ -58,12 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate only shard K of N (rows split by a stable hash of id), e.g. one per GPU; "
         "then run again without --shard to merge the results",
     )
+    _add_storage_flags(run)
     _add_output_flags(run)
 
     validate = commands.add_parser(
         "validate", help="check a manifest without loading models", description="Print the validation report."
     )
     validate.add_argument("manifest", metavar="MANIFEST")
+    _add_storage_flags(validate)
     _add_output_flags(validate)
 
     tiny = commands.add_parser(
@@ -91,6 +93,24 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: write the shard as K/N, e.g. 0/2") from None
     return index, count
+
+
+def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "S3 and S3-compatible storage",
+        "Unset options come from AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION and ~/.aws, as for the AWS CLI. "
+        "Credentials are never printed or written to results.",
+    )
+    group.add_argument("--s3-endpoint-url", metavar="URL", help="e.g. http://minio:9000 or an R2 endpoint")
+    group.add_argument("--s3-region", metavar="REGION")
+    group.add_argument("--s3-profile", metavar="NAME", help="a profile of ~/.aws/config")
+    group.add_argument("--s3-anonymous", action="store_true", help="no credentials (public buckets)")
+
+
+def _storage_options(args: argparse.Namespace):
+    from qwen_batch.storage import s3_storage_options
+
+    return s3_storage_options(args.s3_endpoint_url, args.s3_region, args.s3_profile, args.s3_anonymous)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +150,7 @@ def _run(args: argparse.Namespace) -> int:
         cache=args.cache,
         shard_index=args.shard[0],
         shard_count=args.shard[1],
+        storage_options=_storage_options(args),
     )
     if args.model == "tiny" and not args.quiet:
         print(
@@ -183,7 +204,7 @@ def format_summary(summary) -> str:
 def _validate(args: argparse.Namespace) -> int:
     from qwen_batch.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest)
+    manifest = read_manifest(args.manifest, _storage_options(args))
     print(manifest.report())
     return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
 

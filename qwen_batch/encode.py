@@ -116,7 +116,7 @@ def encode_texts(
         counts = encoder.token_counts(todo)
         # Similar lengths share a batch, so padding wastes little compute.
         order = sorted(range(len(todo)), key=counts.__getitem__)
-        progress.start("encode", len(todo), "text")
+        progress.start("encode", len(todo), "texts")
         for begin in range(0, len(order), batch_size):
             rows = order[begin : begin + batch_size]
             embeddings = encoder.encode([todo[row] for row in rows])

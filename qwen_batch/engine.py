@@ -20,7 +20,7 @@ from qwen_batch.manifest import Manifest, Request, read_manifest, shard_of
 from qwen_batch.model_source import DENOISER_COMPONENTS, ENCODER_COMPONENTS, ModelSource, resolve_model
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
-from qwen_batch.storage import Folder
+from qwen_batch.storage import Folder, StorageOptions
 from qwen_batch.writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     cache: str | None = None  # default: <output>/cache
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: StorageOptions = field(default_factory=dict)  # by protocol; may hold credentials
     # Fan-out: this run generates only the rows whose id hashes to shard `shard_index` of
     # `shard_count`, and leaves its results as part files; an unsharded run merges them.
     shard_index: int = 0
@@ -119,7 +119,11 @@ class Summary:
 
 
 def plan_run(config: RunConfig) -> RunPlan:
-    """Validate the manifest and decide which rows to generate. Loads no model; writes nothing."""
+    """Validate the manifest, check the output can be written, and decide which rows to generate.
+
+    Loads no model. A manifest-level error is raised before anything is written; a missing bucket
+    or denied access to the output or cache is raised before any model loads.
+    """
     manifest = read_manifest(config.manifest, config.storage_options)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -127,6 +131,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
+    output.check_writable()
+    if config.cache:
+        cache_folder.check_writable()
 
     model_identity = source.identity(ENCODER_COMPONENTS + DENOISER_COMPONENTS)
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
@@ -198,7 +205,7 @@ def denoise_stage(
     reset_peak_memory(plan.device)
     generator = load_generator(plan.source, plan.device, plan.dtype)
     writer = BatchWriter(plan.output, plan.store)
-    progress.start("denoise", len(requests), "img")
+    progress.start("denoise", len(requests), "images")
     try:
         for batch in make_batches(requests, plan.config.batch_size):
             _generate_batch(plan, generator, writer, batch)

@@ -13,6 +13,10 @@ class StorageError(QwenBatchError):
     """A location could not be read or written."""
 
 
+class NotFoundError(StorageError):
+    """The object or folder does not exist."""
+
+
 class ModelError(QwenBatchError):
     """A model could not be found or loaded."""
 

@@ -63,7 +63,7 @@ class ProgressBars:
             rate = self._done / elapsed if elapsed else 0.0
             eta = (self._total - self._done) / rate if rate else float("inf")
             log.info(
-                "%s: %d/%d %ss, %.2f %s/s, about %.0f s left",
+                "%s: %d/%d %s, %.2f %s/s, about %.0f s left",
                 self._stage,
                 self._done,
                 self._total,

@@ -26,7 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qwen_batch.errors import StorageError
+from qwen_batch.errors import NotFoundError, StorageError
 from qwen_batch.manifest import MANIFEST_SCHEMA, Manifest, Request
 from qwen_batch.storage import Folder
 
@@ -114,8 +114,8 @@ class ResultStore:
     def _read_table(self, relative: str) -> pa.Table | None:
         try:
             return pq.read_table(io.BytesIO(self.output.read_bytes(relative)), use_threads=False)  # see manifest.py
-        except StorageError:
-            return None  # removed by a concurrent merge
+        except NotFoundError:
+            return None  # folded in and removed by a concurrent merge
         except (pa.ArrowException, OSError) as error:
             raise StorageError(
                 f"{self.output.display(relative)} is not a readable Parquet file ({error}); "

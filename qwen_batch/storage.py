@@ -1,31 +1,82 @@
 """Folders at any fsspec URL: the one module that reads and writes files.
 
 Everything qwen-batch stores (images, results, part files, the embedding cache) goes through a
-`Folder`, so a local path, `file://`, `s3://` or `memory://` behave the same to the rest of the code.
-Writes are atomic per object: a reader never sees half a file. On local disk that is a write to a
-temporary name in the same directory followed by `os.replace`; object stores make a PUT atomic.
+`Folder`, so a local path, `file://`, `s3://`, `gs://` or `memory://` behave the same to the rest
+of the code.
+
+- Writes are atomic per object: a reader never sees half a file. On local disk that is a write to
+  a temporary name in the same directory and `os.replace`; an object store's PUT is atomic.
+- Transient failures (connection resets, timeouts, throttling, 5xx) are retried with exponential
+  backoff; permanent ones (missing bucket or object, access denied) are not.
+- Every failure becomes a `StorageError` that names the URL and the likely fix.
+
+Connection settings are *storage options* keyed by protocol (`{"s3": {"endpoint_url": ...}}`), so a
+local manifest and an S3 output can be used together. Anything not given comes from the standard
+places (for S3: AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION, ~/.aws/config and credentials). Storage
+options are never logged or written anywhere: they may hold credentials.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from qwen_batch.errors import StorageError
+from qwen_batch.errors import NotFoundError, StorageError
 
+log = logging.getLogger(__name__)
+
+StorageOptions = dict[str, dict[str, Any]]  # protocol -> fsspec filesystem options
 TEMP_PREFIX = ".tmp-"
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY = 0.5  # seconds; doubles after each failed attempt
+
+T = TypeVar("T")
+
+# Errors that retrying cannot fix: the answer will be the same next time.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
-def _url_to_fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+def s3_storage_options(
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    profile: str | None = None,
+    anonymous: bool = False,
+) -> StorageOptions:
+    """Options for S3 and S3-compatible stores (MinIO, R2, Ceph); unset ones come from the environment."""
+    options: dict[str, Any] = {}
+    if endpoint_url:
+        options["endpoint_url"] = endpoint_url
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    if profile:
+        options["profile"] = profile
+    if anonymous:
+        options["anon"] = True
+    return {"s3": options} if options else {}
+
+
+def _protocol(url: str) -> str:
+    protocol, _ = fsspec.core.split_protocol(url)
+    return {"s3a": "s3", "file": "file", None: "file"}.get(protocol, protocol)
+
+
+def _url_to_fs(url: str, options: StorageOptions | None) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as error:
+        return fsspec.core.url_to_fs(url, **(options or {}).get(_protocol(url), {}))
+    except ImportError as error:
+        raise StorageError(
+            f"{url}: {error} (install the fsspec package for this scheme, e.g. s3fs for s3://)"
+        ) from error
+    except ValueError as error:
         raise StorageError(f"cannot open {url!r}: {error}") from error
 
 
@@ -36,23 +87,79 @@ def display_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def read_url(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: network trouble, timeouts, throttling and server errors, not 'no' answers."""
+    if isinstance(error, _PERMANENT):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    name = type(error).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return False
+    # botocore's connection errors are not OSErrors; s3fs passes some through untranslated.
+    return isinstance(error, OSError) or name.endswith(("ConnectionError", "TimeoutError", "ReadTimeoutError"))
+
+
+def describe(error: BaseException, url: str) -> str:
+    """One line naming the URL, what went wrong, and the likely fix."""
+    text = str(error) or type(error).__name__
+    name = type(error).__name__
+    if isinstance(error, FileNotFoundError):
+        if "bucket does not exist" in text.lower():
+            return f"{url}: the bucket does not exist; create it or fix the bucket name in the URL"
+        return f"{url}: no such file"
+    if isinstance(error, PermissionError):
+        return (
+            f"{url}: access denied ({text}); check the credentials (AWS_PROFILE or --s3-profile, "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket's policy"
+        )
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        return (
+            f"{url}: no credentials found; set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "or pass --s3-anonymous for a public bucket"
+        )
+    if name == "EndpointConnectionError" or "Could not connect to the endpoint" in text:
+        return (
+            f"{url}: cannot reach the storage endpoint ({text}); check --s3-endpoint-url or "
+            "AWS_ENDPOINT_URL and that the server is up"
+        )
+    if isinstance(error, IsADirectoryError):
+        return f"{url}: is a folder, not a file"
+    return f"{url}: {name}: {text}"
+
+
+def with_retries(
+    operation: Callable[[], T], url: str, attempts: int | None = None, base_delay: float | None = None
+) -> T:
+    """Run a storage operation, retrying transient failures with exponential backoff."""
+    attempts = RETRY_ATTEMPTS if attempts is None else attempts
+    delay = RETRY_BASE_DELAY if base_delay is None else base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except StorageError:
+            raise
+        except Exception as error:
+            if attempt == attempts or not is_transient(error):
+                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                kind = NotFoundError if isinstance(error, FileNotFoundError) else StorageError
+                raise kind(describe(error, url) + suffix) from error
+            log.warning("%s: %s; retrying in %.1f s", url, type(error).__name__, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def read_url(url: str, storage_options: StorageOptions | None = None) -> bytes:
     """Read one whole object (a manifest, an input image)."""
     fs, path = _url_to_fs(url, storage_options)
-    try:
-        return fs.cat_file(path)
-    except FileNotFoundError as error:
-        raise StorageError(f"{url}: no such file") from error
-    except IsADirectoryError as error:
-        raise StorageError(f"{url}: is a folder, not a file") from error
-    except PermissionError as error:
-        raise StorageError(f"{url}: permission denied") from error
+    return with_retries(lambda: fs.cat_file(path), url)
 
 
 class Folder:
     """A folder at an fsspec URL; paths given to its methods are relative to it, with `/` separators."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, url: str, storage_options: StorageOptions | None = None):
         self.url = url
         self.storage_options = dict(storage_options or {})
         self.fs, self.root = _url_to_fs(url, self.storage_options)
@@ -76,40 +183,32 @@ class Folder:
         child.fs, child.root, child.is_local = self.fs, self.path(relative), self.is_local
         return child
 
+    def _retrying(self, operation: Callable[[], T], relative: str) -> T:
+        return with_retries(operation, self.display(relative))
+
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
+        return self._retrying(lambda: self.fs.exists(self.path(relative)), relative)
 
     def read_bytes(self, relative: str) -> bytes:
-        try:
-            return self.fs.cat_file(self.path(relative))
-        except FileNotFoundError as error:
-            raise StorageError(f"{self.display(relative)}: no such file") from error
+        return self._retrying(lambda: self.fs.cat_file(self.path(relative)), relative)
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """Write a whole object atomically; parent folders are created as needed."""
         target = self.path(relative)
-        try:
-            if self.is_local:
-                directory = posixpath.dirname(target)
-                os.makedirs(directory, exist_ok=True)
-                temporary = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}")
-                try:
-                    with open(temporary, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.replace(temporary, target)
-                finally:
-                    if os.path.exists(temporary):
-                        os.remove(temporary)
-            else:
-                self.fs.pipe_file(target, data)
-        except OSError as error:
-            raise StorageError(f"cannot write {self.display(relative)}: {error}") from error
+        if self.is_local:
+            self._retrying(lambda: _write_local_atomically(target, data), relative)
+        else:
+            self._retrying(lambda: self.fs.pipe_file(target, data), relative)
 
     def remove(self, relative: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm_file(self.path(relative))
+        with contextlib.suppress(StorageError):
+            self._retrying(lambda: self.fs.rm_file(self.path(relative)), relative)
+
+    def check_writable(self) -> None:
+        """Fail now, before any model loads, if this folder cannot be written (missing bucket, denied access)."""
+        probe = f"{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"")
+        self.remove(probe)
 
     def list_files(self, relative: str = "", suffix: str = "") -> list[str]:
         """Paths (relative to this folder) of the files below `relative`, recursively, sorted.
@@ -118,15 +217,35 @@ class Folder:
         a few requests on object stores, not one per object. Temporary files are never listed.
         """
         base = self.path(relative)
-        try:
-            found = self.fs.find(base)
-        except FileNotFoundError:
-            return []
+
+        def find() -> list[str]:
+            # Another worker may have written here since this process last listed: no stale cache.
+            self.fs.invalidate_cache(base)
+            try:
+                return self.fs.find(base)
+            except FileNotFoundError:
+                return []
+
         prefix = self.root.rstrip("/") + "/"
         names = []
-        for path in found:
+        for path in self._retrying(find, relative):
             name = path[len(prefix) :] if path.startswith(prefix) else path
             if posixpath.basename(name).startswith(TEMP_PREFIX) or not name.endswith(suffix):
                 continue
             names.append(name)
         return sorted(names)
+
+
+def _write_local_atomically(target: str, data: bytes) -> None:
+    directory = posixpath.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    temporary = posixpath.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(target)}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

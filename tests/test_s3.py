@@ -1,0 +1,197 @@
+"""S3 end to end against a real S3 API: moto's server on loopback, reached over HTTP by s3fs/boto.
+
+No boto call is mocked in-process: the CLI talks to the server exactly as it would talk to AWS,
+MinIO or R2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pyarrow.parquet as pq
+import pytest
+
+from qwen_batch.cli import main
+from tests.support import small_row, write_manifest
+
+ACCESS_KEY_ID = "AKIAQWENBATCHTESTKEY"
+SECRET_ACCESS_KEY = "qwen-batch-test-secret-d0-not-leak-42"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_environment(monkeypatch):
+    """Credentials as a user would export them; every test starts with fresh S3 clients."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3(s3_endpoint):
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    name = f"qwen-batch-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+def upload_manifest(s3, bucket: str, key: str, rows: list[dict], tmp_path: Path) -> str:
+    path = write_manifest(tmp_path / "upload.parquet", rows)
+    s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    return f"s3://{bucket}/{key}"
+
+
+def keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def read_results(s3, bucket: str, key: str) -> list[dict]:
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    return pq.read_table(io.BytesIO(body), use_threads=False).to_pylist()
+
+
+ROWS = [small_row("cat", "a cat on a sofa"), small_row("zh", "一只猫", seed=3), small_row("bad", "x", width=100)]
+
+
+def test_manifest_images_results_and_cache_on_s3_then_resume(
+    s3_endpoint, s3, bucket, tmp_path, tiny_model, capsys, caplog
+):
+    manifest = upload_manifest(s3, bucket, "manifests/m.parquet", ROWS, tmp_path)
+    args = ["run", manifest, "--output", f"s3://{bucket}/runs/one", "--device", "cpu"]
+    args += ["--s3-endpoint-url", s3_endpoint]
+    assert main(args) == 1  # one invalid row
+
+    stored = keys(s3, bucket, "runs/one/")
+    assert "runs/one/images/cat.png" in stored and "runs/one/images/zh.png" in stored
+    assert "runs/one/results.parquet" in stored
+    assert not [key for key in stored if "/_parts/" in key or "/.tmp-" in key], "no leftovers"
+    cache_entries = [key for key in stored if key.startswith("runs/one/cache/") and key.endswith(".safetensors")]
+    assert len(cache_entries) == 3  # "a cat on a sofa", "一只猫", " "
+
+    rows = {row["id"]: row for row in read_results(s3, bucket, "runs/one/results.parquet")}
+    assert rows["bad"]["status"] == "invalid"
+    for row_id in ("cat", "zh"):
+        assert rows[row_id]["status"] == "ok"
+        assert rows[row_id]["image"] == f"s3://{bucket}/runs/one/images/{row_id}.png"
+        body = s3.get_object(Bucket=bucket, Key=f"runs/one/images/{row_id}.png")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == rows[row_id]["sha256"]
+    first_output = capsys.readouterr()
+
+    # Resume from the S3 state: nothing is generated, nothing encoded, results unchanged.
+    assert main(args) == 1
+    printed = capsys.readouterr()
+    assert "generated  0" in printed.out and "skipped    2" in printed.out
+    assert {row["id"]: row for row in read_results(s3, bucket, "runs/one/results.parquet")} == rows
+
+    # Credentials never reach the terminal, the logs, the results or the images.
+    everything = [first_output.out, first_output.err, printed.out, printed.err, caplog.text]
+    everything += [s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("latin-1") for key in stored]
+    for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
+        assert not any(secret in text for text in everything)
+
+
+def test_local_manifest_with_s3_output_and_cache_in_another_bucket_via_aws_endpoint_url(
+    s3_endpoint, s3, bucket, tmp_path, tiny_model, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)  # the standard variable, no CLI flag
+    cache_bucket = f"{bucket}-cache"
+    s3.create_bucket(Bucket=cache_bucket)
+    manifest = write_manifest(tmp_path / "m.parquet", ROWS[:2])
+    args = ["run", str(manifest), "--output", f"s3://{bucket}/out", "--cache", f"s3://{cache_bucket}/embeddings"]
+    assert main([*args, "--device", "cpu"]) == 0
+    assert len(keys(s3, bucket, "out/images/")) == 2
+    assert len(keys(s3, cache_bucket, "embeddings/")) == 3
+    assert not keys(s3, bucket, "out/cache/")
+
+
+def test_missing_manifest_object_names_the_url(s3_endpoint, bucket, capsys):
+    url = f"s3://{bucket}/nope/m.parquet"
+    assert main(["validate", url, "--s3-endpoint-url", s3_endpoint]) == 2
+    assert f"{url}: no such file" in capsys.readouterr().err
+
+
+def test_missing_output_bucket_fails_before_any_model_loads(s3_endpoint, s3, bucket, tmp_path, capsys):
+    manifest = upload_manifest(s3, bucket, "m.parquet", ROWS[:1], tmp_path)
+    output = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out"
+    assert main(["run", manifest, "--output", output, "--s3-endpoint-url", s3_endpoint, "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "the bucket does not exist; create it or fix the bucket name" in error
+    assert "encode:" not in error and "text encoder" not in error
+
+
+def test_wrong_endpoint_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("qwen_batch.storage.RETRY_BASE_DELAY", 0.01)
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert main(["validate", "s3://bucket/m.parquet", "--s3-endpoint-url", dead]) == 2
+    error = capsys.readouterr().err
+    assert "s3://bucket/m.parquet: cannot reach the storage endpoint" in error
+    assert "--s3-endpoint-url or AWS_ENDPOINT_URL" in error
+
+
+@pytest.fixture
+def s3_requiring_credentials():
+    """A second S3 server that checks access keys (INITIAL_NO_AUTH_ACTION_COUNT=0): ours are unknown to it."""
+    port = free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_denied_access_points_at_the_credentials(s3_requiring_credentials, capsys):
+    url = "s3://private/m.parquet"
+    assert main(["validate", url, "--s3-endpoint-url", s3_requiring_credentials]) == 2
+    error = capsys.readouterr().err
+    assert f"{url}: access denied" in error and "check the credentials" in error
+    assert SECRET_ACCESS_KEY not in error
