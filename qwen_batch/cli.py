@@ -183,7 +183,12 @@ def format_summary(summary) -> str:
         ),
         (
             "denoise",
-            f"{seconds(summary.denoise.seconds)}" + (f"  ({rate:,.0f} images/hour)" if rate else ""),
+            f"{seconds(summary.denoise.seconds)}"
+            + (
+                f"  ({rate:,.0f} images/hour, {summary.denoise.storage_wait_seconds:.1f} s waiting on storage)"
+                if rate
+                else ""
+            ),
         ),
     ]
     for stage, stats in (("encode", summary.encode), ("denoise", summary.denoise)):

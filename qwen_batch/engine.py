@@ -90,6 +90,7 @@ class DenoiseStats:
     generated: int = 0
     failed: int = 0
     seconds: float = 0.0
+    storage_wait_seconds: float = 0.0  # of `seconds`, spent waiting for image and result writes
     peak_gpu_gib: float | None = None
     records: list[Record] = field(default_factory=list)
 
@@ -214,17 +215,19 @@ def denoise_stage(
     finally:
         progress.finish()
         writer.close()
+        stats.storage_wait_seconds = writer.wait_seconds
     memory = gpu_memory_gib(plan.device)
     stats.peak_gpu_gib = memory[1] if memory else None
     stats.generated = sum(record.status == OK for record in stats.records)
     stats.failed = sum(record.status == FAILED for record in stats.records)
     stats.seconds = time.perf_counter() - started
     log.info(
-        "denoise: %d images, %d failed, %.1f s (%.2f s per image)",
+        "denoise: %d images, %d failed, %.1f s (%.2f s per image, %.1f s waiting on storage)",
         stats.generated,
         stats.failed,
         stats.seconds,
         stats.seconds / max(len(requests), 1),
+        stats.storage_wait_seconds,
     )
     return stats
 

@@ -29,7 +29,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_NEGATIVE_PROMPT = " "  # a blank negative prompt still turns true CFG on, as the model card does
 DEFAULT_SIZE = 1024
 MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 16
-DEFAULT_STEPS, MIN_STEPS, MAX_STEPS = 50, 1, 200
+# Not 1: with a single step the scheduler's terminal shift (shift_terminal 0.02) divides 0 by 0 and
+# the image is NaN, in diffusers' own pipeline too.
+DEFAULT_STEPS, MIN_STEPS, MAX_STEPS = 50, 2, 200
 DEFAULT_TRUE_CFG_SCALE, MIN_TRUE_CFG_SCALE, MAX_TRUE_CFG_SCALE = 4.0, 0.0, 50.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -292,7 +294,8 @@ def _seed(values: dict[str, Any], row_id: str | None) -> int:
 def _steps(values: dict[str, Any]) -> int:
     steps = _integer(values, "num_inference_steps", DEFAULT_STEPS)
     if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise _RowProblem(f"num_inference_steps {steps} is out of range: use {MIN_STEPS} to {MAX_STEPS}")
+        hint = " (one step gives a NaN image with this model's scheduler)" if steps == 1 else ""
+        raise _RowProblem(f"num_inference_steps {steps} is out of range: use {MIN_STEPS} to {MAX_STEPS}{hint}")
     return steps
 
 

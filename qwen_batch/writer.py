@@ -12,6 +12,7 @@ import hashlib
 import logging
 import posixpath
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,8 @@ class BatchWriter:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-batch-writer")
         self._slots = threading.BoundedSemaphore(max_pending_batches)
         self._futures: list[Future[list[Record]]] = []
+        # Time the caller (the GPU loop) spent blocked on storage: full queue or the final drain.
+        self.wait_seconds = 0.0
 
     def submit(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> None:
         """Queue a generated batch; blocks while `max_pending_batches` batches are still being written."""
@@ -44,7 +47,9 @@ class BatchWriter:
         self._enqueue(self._write_records, records)
 
     def _enqueue(self, work, *args) -> None:
+        started = time.perf_counter()
         self._slots.acquire()
+        self.wait_seconds += time.perf_counter() - started
         future = self._pool.submit(work, *args)
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
@@ -70,11 +75,13 @@ class BatchWriter:
     def drain(self) -> list[Record]:
         """Wait for every queued batch; the records written, in submission order."""
         written: list[Record] = []
+        started = time.perf_counter()
         try:
             for future in self._futures:
                 written.extend(future.result())
         finally:
             self._futures.clear()
+            self.wait_seconds += time.perf_counter() - started
         return written
 
     def close(self) -> None:
