@@ -1,0 +1,90 @@
+"""How much do batching and bf16 change an image? Per-pixel differences on the tiny model, on the GPU.
+
+    python bench/gpu_consistency.py
+
+For each row: qwen-batch alone (batch 1) vs in a batch of 4, and both against diffusers'
+`QwenImagePipeline` called per prompt, in bf16 and fp32, all in one process on one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from qwen_batch.engine import RunConfig, release_generator, run
+from qwen_batch.manifest import read_manifest
+from qwen_batch.model_source import ensure_tiny_model
+from tests.support import small_row, write_manifest
+
+ROWS = [
+    small_row("fox", "A red fox running through a snowy birch forest under a full moon", seed=1),
+    small_row("cat", "a cat", negative_prompt="blurry, low quality", seed=2),
+    small_row("zh", "一只在月光下奔跑的狐狸", seed=3),
+    small_row("short", "a lighthouse", seed=4),
+]
+
+
+def pixels(image_or_path) -> np.ndarray:
+    image = Image.open(image_or_path) if isinstance(image_or_path, (str, Path)) else image_or_path
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def main() -> None:
+    from diffusers import QwenImagePipeline
+
+    folder = Path(tempfile.mkdtemp())
+    manifest = write_manifest(folder / "m.parquet", ROWS)
+    requests = read_manifest(str(manifest)).requests
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": {}}
+    images = {}
+    for dtype in ("bf16", "fp32"):
+        for batch in (1, 4):
+            out = folder / f"{dtype}-b{batch}"
+            run(RunConfig(str(manifest), str(out), batch_size=batch, device="cuda", dtype=dtype))
+            release_generator()
+            for request in requests:
+                images[(dtype, f"b{batch}", request.id)] = pixels(out / "images" / f"{request.id}.png")
+        torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        pipe = QwenImagePipeline.from_pretrained(str(ensure_tiny_model()), dtype=torch_dtype).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        for request in requests:
+            image = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                true_cfg_scale=request.true_cfg_scale,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+            ).images[0]
+            images[(dtype, "diffusers", request.id)] = pixels(image)
+        del pipe
+        torch.cuda.empty_cache()
+
+    pairs = {
+        "bf16 b1 vs b4": (("bf16", "b1"), ("bf16", "b4")),
+        "bf16 b1 vs diffusers bf16": (("bf16", "b1"), ("bf16", "diffusers")),
+        "bf16 b4 vs diffusers bf16": (("bf16", "b4"), ("bf16", "diffusers")),
+        "fp32 b1 vs b4": (("fp32", "b1"), ("fp32", "b4")),
+        "fp32 b4 vs diffusers fp32": (("fp32", "b4"), ("fp32", "diffusers")),
+        "diffusers bf16 vs diffusers fp32": (("bf16", "diffusers"), ("fp32", "diffusers")),
+    }
+    for request in requests:
+        row = {}
+        for name, (a, b) in pairs.items():
+            difference = np.abs(images[(*a, request.id)] - images[(*b, request.id)])
+            row[name] = {"max": int(difference.max()), "mean": round(float(difference.mean()), 3)}
+        report["rows"][request.id] = row
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
