@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from qwen_batch.engine import RunConfig, release_generator, run
 from qwen_batch.manifest import read_manifest
 from qwen_batch.model_source import ensure_tiny_model
-from tests.support import small_row, write_manifest
+from tests.support import diffusers_reference, small_row, write_manifest
 
 ROWS = [
     small_row("fox", "A red fox running through a snowy birch forest under a full moon", seed=1),
@@ -56,15 +56,7 @@ def main() -> None:
         pipe = QwenImagePipeline.from_pretrained(str(ensure_tiny_model()), dtype=torch_dtype).to("cuda")
         pipe.set_progress_bar_config(disable=True)
         for request in requests:
-            image = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.num_inference_steps,
-                true_cfg_scale=request.true_cfg_scale,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
-            ).images[0]
+            image = diffusers_reference(pipe, request)
             images[(dtype, "diffusers", request.id)] = pixels(image)
         del pipe
         torch.cuda.empty_cache()

@@ -25,3 +25,18 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
 def small_row(row_id: str, prompt: str, **overrides) -> dict:
     """A row that is cheap on the tiny model: 256x256, 2 steps."""
     return {"id": row_id, "prompt": prompt, "width": 256, "height": 256, "num_inference_steps": 2, **overrides}
+
+
+def diffusers_reference(pipe, request):
+    """The image diffusers' own pipeline makes for a request: the baseline of the correctness contract."""
+    import torch
+
+    return pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        true_cfg_scale=request.true_cfg_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]

@@ -15,7 +15,7 @@ from PIL import Image
 
 from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from tests.support import small_row, write_manifest
+from tests.support import diffusers_reference, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -64,15 +64,7 @@ def test_images_match_diffusers_pipeline(runs, tiny_model):
     pipe = QwenImagePipeline.from_pretrained(str(tiny_model), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     for request in read_manifest(str(manifest_path)).requests:
-        reference = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            true_cfg_scale=request.true_cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-        ).images[0]
+        reference = diffusers_reference(pipe, request)
         buffer = io.BytesIO()
         reference.save(buffer, format="PNG")
         ours = pixels(outputs[4] / "images" / f"{request.id}.png")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwen_batch.cli import main
 from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, release_generator
-from tests.support import small_row, write_manifest
+from tests.support import diffusers_reference, small_row, write_manifest
 
 pytestmark = pytest.mark.gpu
 
@@ -73,15 +73,7 @@ def test_batching_changes_images_no_more_than_the_common_recipe_differs_from_us(
             np.asarray(Image.open(tmp_path / f"b{size}" / "images" / f"{request.id}.png"), dtype=np.int16)
             for size in (1, 4)
         )
-        reference = pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            true_cfg_scale=request.true_cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-        ).images[0]
+        reference = diffusers_reference(pipe, request)
         batching.append(np.abs(alone - batched).mean())
         recipe.append(np.abs(alone - np.asarray(reference, dtype=np.int16)).mean())
     print(f"mean |batch 1 - batch 4| {np.mean(batching):.2f}/255, mean |ours - diffusers| {np.mean(recipe):.2f}/255")
