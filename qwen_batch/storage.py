@@ -94,7 +94,8 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     name = type(error).__name__
-    if name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+    # An endpoint that refuses connections was already retried by s3fs; a wrong URL stays wrong.
+    if name in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError", "EndpointConnectionError"):
         return False
     # botocore's connection errors are not OSErrors; s3fs passes some through untranslated.
     return isinstance(error, OSError) or name.endswith(("ConnectionError", "TimeoutError", "ReadTimeoutError"))
