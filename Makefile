@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # build. On a GPU machine, install the torch build for your CUDA first, or pass TORCH=... to make.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo screenshots test lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# The main job on the embedded defaults: the tiny random-weight model, on local disk.
+# The main job on the embedded defaults: the Prefect flow on Prefect's embedded server, the example
+# manifest, the tiny random-weight model, local disk (out/demo). Same as the CLI:
+# .venv/bin/qwen-batch run prompts/example.parquet --output out/demo
 demo: install
-	$(BIN)/qwen-batch run prompts/example.parquet --output out/demo
+	$(BIN)/python flows/qwen_image_batch.py
+
+# docs/img/prefect-*.png: a flow run in the Prefect UI, in headless Chromium (apt-get install chromium).
+screenshots: install
+	$(BIN)/python scripts/prefect_screenshot.py
 
 test: install lint
 	$(BIN)/python -m pytest

@@ -1,0 +1,189 @@
+"""The flows' parameters: one pydantic model per flow, shown by the Prefect UI as the run form.
+
+Each field has a type, a default, limits and a description; unknown fields are refused
+(extra="forbid"). `flat_parameters` turns a model into a flow's keyword parameters (see there why).
+Storage credentials are never parameters: the server stores and shows parameters, so credentials
+come from the worker's environment (AWS_PROFILE, AWS_ACCESS_KEY_ID...) as for the AWS CLI.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from qwen_batch.engine import DEFAULT_MODEL, RunConfig
+from qwen_batch.storage import StorageOptions, s3_storage_options
+
+EXAMPLE_MANIFEST = "prompts/example.parquet"
+DEMO_OUTPUT = "out/demo"
+SHARD_DEPLOYMENT = "qwen-image-batch/shard"
+
+
+def _check_shard(value: str) -> str:
+    index, count = (int(part) for part in value.split("/"))
+    if not 0 <= index < count:
+        raise ValueError(f"shard {value}: K must be from 0 to N - 1 (e.g. 0/2 and 1/2)")
+    return value
+
+
+class JobParameters(BaseModel):
+    """What any run over a manifest needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str = Field(
+        EXAMPLE_MANIFEST,
+        min_length=1,
+        description="Parquet manifest of prompts, one row per image: a path (relative to the worker's working "
+        "directory, the repository root) or a URL such as s3://bucket/prompts.parquet. Columns: docs/manifest.md.",
+    )
+    output: str = Field(
+        DEMO_OUTPUT,
+        min_length=1,
+        description="Output folder, a path or URL: the images (images/ID.png) and results.parquet go here. "
+        "Running again over the same folder resumes: finished rows are skipped.",
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="Qwen/Qwen-Image (a hub id, downloaded once per worker), a diffusers folder on the worker, "
+        "or 'tiny': random weights for trying the pipeline (its images are noise).",
+    )
+    batch_size: int = Field(4, ge=1, le=64, description="Images per transformer batch.")
+    chunk_size: int = Field(
+        32,
+        ge=1,
+        le=1000,
+        description="Rows per denoise task: the unit of progress, retries and task runs in the UI. Chunks hold "
+        "whole batches, so 10,000 prompts make a few hundred tasks, not 10,000.",
+    )
+    encode_batch_size: int = Field(16, ge=1, le=256, description="Prompts per text-encoder batch.")
+    cache: str | None = Field(
+        None,
+        description="Embedding cache folder (path or URL) to share between runs and manifests; empty: OUTPUT/cache.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto (the GPU when there is one), cuda, cuda:N or cpu. Give each worker its GPU with "
+        "CUDA_VISIBLE_DEVICES rather than choosing one here.",
+    )
+    dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on the CPU (fp16 overflows in Qwen-Image)."
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region; empty: AWS_REGION or the profile's.")
+    s3_profile: str | None = Field(None, description="A profile of the worker's ~/.aws/config; empty: AWS_PROFILE.")
+    s3_anonymous: bool = Field(False, description="Use S3 without credentials (public buckets).")
+
+    def storage_options(self) -> StorageOptions:
+        return s3_storage_options(self.s3_endpoint_url, self.s3_region, self.s3_profile, self.s3_anonymous)
+
+    def job_fields(self) -> dict[str, Any]:
+        """The fields of `JobParameters` only, e.g. to pass on to a shard run."""
+        return self.model_dump(include=set(JobParameters.model_fields))
+
+
+class BatchParameters(JobParameters):
+    """The parameters of `qwen-image-batch`."""
+
+    shard: Annotated[str, AfterValidator(_check_shard)] = Field(
+        "0/1",
+        pattern=r"^\d+/\d+$",
+        description="Generate only shard K of N ('K/N'): the rows whose id hashes to K. 0/1: every row. A shard "
+        "leaves its results as part files; qwen-image-fanout (or a run with 0/1) merges them.",
+    )
+
+    @property
+    def is_shard(self) -> bool:
+        return self.shard_numbers[1] > 1
+
+    @property
+    def shard_numbers(self) -> tuple[int, int]:
+        index, count = self.shard.split("/")
+        return int(index), int(count)
+
+    def run_config(self) -> RunConfig:
+        index, count = self.shard_numbers
+        return RunConfig(
+            manifest=self.manifest,
+            output=self.output,
+            model=self.model,
+            batch_size=self.batch_size,
+            encode_batch_size=self.encode_batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            cache=self.cache or None,
+            storage_options=self.storage_options(),
+            shard_index=index,
+            shard_count=count,
+        )
+
+
+class FanoutParameters(JobParameters):
+    """The parameters of `qwen-image-fanout`: the job, and how to split it."""
+
+    shards: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="How many shard runs to start, usually one per GPU worker of the pool. Keep the same number "
+        "when running again to resume: it decides which rows each shard has.",
+    )
+    shard_deployment: str = Field(
+        SHARD_DEPLOYMENT, pattern=r"^[^/]+/[^/]+$", description="The deployment that runs one shard: FLOW/DEPLOYMENT."
+    )
+    poll_seconds: float = Field(10.0, ge=0.5, le=600, description="How often to check on the shard runs.")
+
+    def shard_parameters(self, index: int) -> dict[str, Any]:
+        """The parameters of the run of shard `index` (a BatchParameters)."""
+        return {**self.job_fields(), "shard": f"{index}/{self.shards}"}
+
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R")
+
+
+def flat_parameters(model: type[M]) -> Callable[[Callable[[M], R]], Callable[..., R]]:
+    """Make the fields of `model` the keyword parameters of a flow function that takes one `model`.
+
+    Why flat: `prefect deployment run NAME --param manifest=... --param output=...` sets top-level
+    parameters, so a flow taking one `params: Model` argument could only be run with
+    `--param params='{...}'`. Why one model: it alone owns names, types, defaults, limits and
+    descriptions, and refuses unknown fields (extra="forbid").
+
+    So the returned function's signature is the model's fields, their annotations carrying their
+    limits: Prefect's parameter schema has them (the UI form; the server checks `--param` values
+    against it when a run is created) and Prefect validates them before the flow starts. Its
+    docstring lists the descriptions, where Prefect reads parameter descriptions from. Prefect refuses
+    unknown parameters (the CLI names them; a run created through the API fails before it starts),
+    and the body builds the model, which checks everything once more.
+    """
+
+    def decorate(function: Callable[[M], R]) -> Callable[..., R]:
+        def flow_function(**values: Any) -> R:
+            return function(model(**values))
+
+        flow_function.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if field.is_required() else field.default,
+                    annotation=Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation,
+                )
+                for name, field in model.model_fields.items()
+            ]
+        )
+        described = (f"    {name}: {' '.join(field.description.split())}" for name, field in model.model_fields.items())
+        flow_function.__doc__ = f"{inspect.getdoc(function)}\n\nArgs:\n" + "\n".join(described)
+        for attribute in ("__module__", "__name__", "__qualname__"):
+            setattr(flow_function, attribute, getattr(function, attribute))
+        return flow_function
+
+    return decorate

@@ -1,0 +1,199 @@
+"""What the Prefect UI shows of a run: artifacts, as a batch runs and when it has finished.
+
+- a **progress** artifact: the share of the run's rows done, updated as chunks finish;
+- a **summary** table: rows by outcome, images per hour, seconds and peak GPU memory per stage;
+- a **problems** markdown: the failed and invalid rows with their errors (the first 50);
+- an **output** link and a **samples** markdown: the output location, and a few images as
+  thumbnails (read through the storage layer, so they show for local disk and S3 alike) linking to
+  the full PNGs.
+
+Artifact keys group each kind's history in the UI's Artifacts page: `qwen-image-batch-summary`,
+with `-shard-K-of-N` appended for a shard.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from qwen_batch.errors import QwenBatchError
+from qwen_batch.results import IMAGES_FOLDER
+from qwen_batch.storage import Folder
+
+MAX_PROBLEMS_SHOWN = 50  # rows listed in the UI; results.parquet has them all
+SAMPLE_IMAGES = 4
+THUMBNAIL_PIXELS = 160
+
+
+class RowsFailed(Exception):
+    """Some rows could not be generated. Everything else finished and the results are written; running
+    again over the same output retries just those rows."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
+def artifact_key(flow_name: str, kind: str, shard: str = "0/1") -> str:
+    index, count = shard.split("/")
+    return f"{flow_name}-{kind}" + (f"-shard-{index}-of-{count}" if count != "1" else "")
+
+
+class ArtifactProgress:
+    """The engine's progress reports (`qwen_batch.progress.Progress`) as a Prefect progress artifact:
+    the share of this run's rows done, updated when a chunk finishes and every `interval` seconds
+    within one (a chunk of big images can take many minutes)."""
+
+    def __init__(self, key: str, total: int, interval: float = 15.0):
+        self.total, self.done, self.interval = total, 0, interval
+        self._stage, self._stage_total, self._stage_done = "", 0, 0
+        self._published = time.monotonic()
+        self.artifact_id = create_progress_artifact(progress=self.percent, key=key, description=self.describe())
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.done / self.total if self.total else 100.0
+
+    def describe(self) -> str:
+        if not self.total:
+            return "Nothing to generate: every row is done already or invalid."
+        text = f"{self.done} of {self.total} rows done"
+        if self._stage == "encode" and self._stage_done < self._stage_total:
+            text += f"; encoding prompts: {self._stage_done} of {self._stage_total} texts"
+        return text
+
+    def start(self, stage: str, total: int, unit: str) -> None:
+        self._stage, self._stage_total, self._stage_done = stage, total, 0
+
+    def advance(self, count: int = 1) -> None:
+        self._stage_done += count
+        if self._stage == "denoise":
+            self.done += count
+        if time.monotonic() - self._published >= self.interval:
+            self.publish()
+
+    def finish(self) -> None:
+        self.publish()
+
+    def publish(self) -> None:
+        self._published = time.monotonic()
+        try:
+            update_progress_artifact(self.artifact_id, self.percent, self.describe())
+        except Exception as error:  # a missed progress update must never fail a batch
+            get_run_logger().warning("could not update the progress artifact: %s", error)
+
+
+def publish_report(
+    flow_name: str,
+    shard: str,
+    metrics: list[tuple[str, Any]],
+    report: dict[str, Any],
+    output: Folder,
+    samples: list[dict[str, str]],
+) -> None:
+    """The artifacts of a finished run. `report` has `results`, `problems` and `problem_count`."""
+    create_table_artifact(
+        table=[{"metric": name, "value": value} for name, value in metrics],
+        key=artifact_key(flow_name, "summary", shard),
+        description=f"{flow_name}: rows by outcome, throughput, seconds and peak GPU memory per stage",
+    )
+    create_markdown_artifact(
+        markdown=problems_markdown(report["problems"], report["problem_count"], report["results"]),
+        key=artifact_key(flow_name, "problems", shard),
+        description=f"Failed and invalid rows (the first {MAX_PROBLEMS_SHOWN}) with their errors",
+    )
+    create_link_artifact(
+        link=link(output.display()),
+        link_text=output.display(),
+        key=artifact_key(flow_name, "output", shard),
+        description="The output folder: the images and results.parquet",
+    )
+    create_markdown_artifact(
+        markdown=samples_markdown(output, report["results"], samples),
+        key=artifact_key(flow_name, "samples", shard),
+        description="The output location and a few sample images",
+    )
+
+
+def problems_markdown(problems: list[list[Any]], total: int, results: str) -> str:
+    """The failed and invalid rows, `[row, id, status, error]`, as a markdown table."""
+    if not total:
+        return "**Every row is ok** (generated now or earlier): none failed, none is invalid."
+    lines = [
+        f"**{total} row(s) not ok.** An invalid row needs a fix in the manifest; failed rows are retried by "
+        f"running the same deployment again. All of them are in `{cell(results)}` (column `error`).",
+        "",
+        "| row | id | status | error |",
+        "|---:|---|---|---|",
+    ]
+    lines += [f"| {index} | {cell(row_id)} | {status} | {cell(error)} |" for index, row_id, status, error in problems]
+    if total > len(problems):
+        lines += ["", f"... and {total - len(problems)} more in `{cell(results)}`."]
+    return "\n".join(lines)
+
+
+def samples_markdown(output: Folder, results: str, samples: list[dict[str, str]]) -> str:
+    """The output location and a few sample images, `{"id", "prompt"}`, as thumbnails linking to the PNGs."""
+    folder = output.display()
+    lines = [
+        f"**Output** [{cell(folder)}]({link(folder)}): `images/<id>.png`, results in [{cell(results)}]({link(results)}).",
+        "",
+    ]
+    if not samples:
+        return "\n".join([*lines, "No images yet."])
+    lines += ["| sample | id | prompt |", "|---|---|---|"]
+    for sample in samples:
+        relative = f"{IMAGES_FOLDER}/{sample['id']}.png"
+        try:
+            preview = f"![{cell(sample['id'])}]({thumbnail(output.read_bytes(relative))})"
+        except (QwenBatchError, OSError, ValueError):  # an image that cannot be read is shown as a link only
+            preview = ""
+        name = f"[{cell(sample['id'])}]({link(output.display(relative))})"
+        lines.append(f"| {preview} | {name} | {cell(shorten(sample['prompt']))} |")
+    return "\n".join(lines)
+
+
+def thumbnail(png: bytes) -> str:
+    """A small JPEG of an image as a data: URL, which the UI shows wherever the image is stored."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def cell(value: Any) -> str:
+    """Text that stays inside its markdown table cell (and is never taken for HTML)."""
+    text = " ".join(str(value).split())
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def shorten(text: str, length: int = 60) -> str:
+    return text if len(text) <= length else text[: length - 1].rstrip() + "…"
+
+
+def link(location: str) -> str:
+    """A URL for a location as qwen-batch displays it: local paths become file:// URLs."""
+    if urlsplit(location).scheme not in ("", "file"):
+        return location
+    return Path(location.removeprefix("file://")).resolve().as_uri()
+
+
+def number(value: float | None, digits: int = 1, missing: str = "n/a") -> str:
+    """A table cell for a number that may be missing (a lone "-" would render as a list item)."""
+    return missing if value is None else f"{value:,.{digits}f}"
