@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# The S3 API fixtures (moto's server on loopback) for any test that asks for them.
+pytest_plugins = ["tests.s3_server"]
+
 # No test may reach a model hub: the tiny model is built locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

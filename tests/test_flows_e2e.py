@@ -219,3 +219,33 @@ def corrupt_cache_entry(cache: Path, text: str) -> Path:
     entry.parent.mkdir(parents=True)
     entry.write_bytes(b"not a safetensors file")
     return entry
+
+
+def test_the_flow_runs_with_manifest_output_and_cache_on_s3(stack, s3_endpoint, s3, bucket, tmp_path, capsys):
+    """Issue 4 through the flow: an S3 manifest, S3 output and S3 cache, then a resume from the S3 state."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.qwen_image_batch import main
+    from tests.s3_server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, keys, read_results, upload_manifest
+
+    rows = [small_row("cat", "a cat"), small_row("zh", "一只猫", seed=3)]
+    manifest = upload_manifest(s3, bucket, "in/m.parquet", rows, tmp_path)
+    args = ["--manifest", manifest, "--output", f"s3://{bucket}/out", "--cache", f"s3://{bucket}/cache"]
+    args += ["--s3-endpoint-url", s3_endpoint, "--device", "cpu"]
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        assert main(args) == 0
+        first = capsys.readouterr()
+        assert main(args) == 0
+        second = capsys.readouterr()
+    assert "skipped (already done)          2" in second.out
+    assert keys(s3, bucket, "out/images/") == ["out/images/cat.png", "out/images/zh.png"]
+    assert len(keys(s3, bucket, "cache/")) == 3
+    assert [row["status"] for row in read_results(s3, bucket, "out/results.parquet")] == ["ok", "ok"]
+    for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
+        assert secret not in first.out + first.err + second.out + second.err
+    # What the server stores and shows (parameters, artifacts, logs) holds no credential either.
+    runs = [run for run in stack.flow_runs() if run["parameters"].get("manifest") == manifest]
+    assert len(runs) == 2
+    stored = json.dumps([[run, stack.artifacts(run["id"]), stack.run_logs(run["id"])] for run in runs], default=str)
+    assert s3_endpoint in stored and f"s3://{bucket}/out" in stored
+    assert SECRET_ACCESS_KEY not in stored and ACCESS_KEY_ID not in stored
