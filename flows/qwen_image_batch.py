@@ -33,6 +33,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.runtime import task_run
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.annotations import quote
 from prefect.utilities.hashing import file_hash
@@ -58,6 +59,7 @@ from qwen_batch.engine import (
     encode_stage,
     finalize,
     make_batches,
+    pending,
     plan_run,
     release_generator,
 )
@@ -124,6 +126,8 @@ def encode(plan: RunPlan, progress: ArtifactProgress) -> dict[str, Any]:
 @task(name="denoise", task_run_name="denoise {index} of {count}", **TASK_OPTIONS, **STORAGE_RETRIES)
 def denoise(plan: RunPlan, chunk: list[Request], progress: ArtifactProgress, index: int, count: int) -> dict[str, Any]:
     """Stage 2 for one chunk: its images and part files."""
+    if task_run.run_count > 1:  # a retry: rows the failed attempt already wrote are not generated again
+        chunk = pending(plan, chunk)
     stats = denoise_stage(plan, chunk, progress=progress)
     get_run_logger().info(
         "denoise %d of %d: %d rows, %d ok, %d failed, %.1f s (%.2f s per image)",

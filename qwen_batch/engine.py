@@ -139,19 +139,14 @@ def plan_run(config: RunConfig) -> RunPlan:
     model_identity = source.identity(ENCODER_COMPONENTS + DENOISER_COMPONENTS)
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
     previous, parts = store.previous_records()
-    images = store.existing_images() if previous else set()
-    todo, skipped = [], []
-    for request in manifest.requests:
-        if config.is_shard and shard_of(request.id, config.shard_count) != config.shard_index:
-            continue
-        record = previous.get(request.id)
-        done = (
-            record is not None
-            and record.status == OK
-            and record.fingerprint == fingerprints[request.id]
-            and f"{request.id}.png" in images
-        )
-        (skipped if done else todo).append(request)
+    mine = [
+        request
+        for request in manifest.requests
+        if not config.is_shard or shard_of(request.id, config.shard_count) == config.shard_index
+    ]
+    done = _done_ids(mine, fingerprints, store, previous)
+    todo = [request for request in mine if request.id not in done]
+    skipped = [request for request in mine if request.id in done]
     return RunPlan(
         config=config,
         manifest=manifest,
@@ -167,6 +162,29 @@ def plan_run(config: RunConfig) -> RunPlan:
         previous=previous,
         folded_parts=parts,
     )
+
+
+def _done_ids(
+    requests: list[Request], fingerprints: dict[str, str], store: ResultStore, records: dict[str, Record]
+) -> set[str]:
+    """Rows with an ok record of the same fingerprint whose image is still there: nothing to redo."""
+    images = store.existing_images() if records else set()
+    return {
+        request.id
+        for request in requests
+        if (record := records.get(request.id)) is not None
+        and record.status == OK
+        and record.fingerprint == fingerprints[request.id]
+        and f"{request.id}.png" in images
+    }
+
+
+def pending(plan: RunPlan, requests: list[Request]) -> list[Request]:
+    """Those of `requests` not done yet, judged from the output folder now: a retried chunk whose
+    first attempt wrote some rows before failing regenerates only the rest."""
+    records, _ = plan.store.previous_records()
+    done = _done_ids(requests, plan.fingerprints, plan.store, records)
+    return [request for request in requests if request.id not in done]
 
 
 def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress: Progress | None = None) -> EncodeStats:
