@@ -8,10 +8,10 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install demo screenshots test lint format clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --constraint constraints.txt -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
