@@ -81,8 +81,6 @@ class RunPlan:
     fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
     todo: list[Request]  # rows to generate
     skipped: list[Request]  # rows whose image and result already exist with the same parameters
-    previous: dict[str, Record]  # records found in the output folder, by id
-    folded_parts: list[str]  # part files that the final merge folds in
 
 
 @dataclass
@@ -138,7 +136,7 @@ def plan_run(config: RunConfig) -> RunPlan:
 
     model_identity = source.identity(ENCODER_COMPONENTS + DENOISER_COMPONENTS)
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
-    previous, parts = store.previous_records()
+    previous, _ = store.previous_records()
     mine = [
         request
         for request in manifest.requests
@@ -159,8 +157,6 @@ def plan_run(config: RunConfig) -> RunPlan:
         fingerprints=fingerprints,
         todo=todo,
         skipped=skipped,
-        previous=previous,
-        folded_parts=parts,
     )
 
 
