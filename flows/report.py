@@ -57,10 +57,10 @@ class ArtifactProgress:
     the share of this run's rows done, updated when a chunk finishes and every `interval` seconds
     within one (a chunk of big images can take many minutes)."""
 
-    def __init__(self, key: str, total: int, interval: float = 15.0):
-        self.total, self.done, self.interval = total, 0, interval
+    def __init__(self, key: str, total: int, interval: float = 15.0, log_interval: float = 60.0):
+        self.total, self.done, self.interval, self.log_interval = total, 0, interval, log_interval
         self._stage, self._stage_total, self._stage_done = "", 0, 0
-        self._published = time.monotonic()
+        self._published = self._logged = time.monotonic()
         self.artifact_id = create_progress_artifact(progress=self.percent, key=key, description=self.describe())
 
     @property
@@ -90,6 +90,10 @@ class ArtifactProgress:
 
     def publish(self) -> None:
         self._published = time.monotonic()
+        # The run's log gets a line a minute too, for whoever watches a console (make demo, a worker).
+        if self._published - self._logged >= self.log_interval:
+            self._logged = self._published
+            get_run_logger().info("progress: %s", self.describe())
         try:
             update_progress_artifact(self.artifact_id, self.percent, self.describe())
         except Exception as error:  # a missed progress update must never fail a batch
