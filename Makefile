@@ -2,15 +2,16 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A pinned torch: this machine's CPU build lies on local disk, and a range would pull a multi-GB CUDA
+# A pinned torch (and torchvision: the Qwen2.5-VL image processor of edit models needs it): this
+# machine's CPU build lies on local disk, and a range would pull a multi-GB CUDA
 # build. On a GPU machine, install the torch build for your CUDA first, or pass TORCH=... to make.
-TORCH ?= torch==2.13.0
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo screenshots test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet --constraint constraints.txt -e ".[dev]"
 	touch $@
 

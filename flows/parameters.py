@@ -74,6 +74,26 @@ class JobParameters(BaseModel):
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on the CPU (fp16 overflows in Qwen-Image)."
     )
+    memory_mode: Literal["auto", "bf16", "fp8", "offload", "sequential"] = Field(
+        "auto",
+        description="auto: the plan for the worker's GPU and RAM (qwen-batch plan); bf16 resident; fp8 linears in "
+        "float8; offload: weights streamed from host RAM in large batches; sequential: last resort. docs/memory.md.",
+    )
+    task: Literal["auto", "generate", "edit"] = Field(
+        "auto",
+        description="generate (text to image) or edit (Qwen-Image-Edit: an input image per row); auto: edit when "
+        "the manifest has an 'image' or 'images' column.",
+    )
+    allow_inputs: list[str] = Field(
+        [],
+        description="Edit manifests: folders or URL prefixes (s3://bucket/inputs/) input images may also come "
+        "from; by default only the manifest's own folder is allowed.",
+    )
+    max_input_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Edit manifests: input images with more pixels are refused (decompression bombs).",
+    )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."
     )
@@ -95,7 +115,7 @@ class BatchParameters(JobParameters):
     shard: Annotated[str, AfterValidator(_check_shard)] = Field(
         "0/1",
         pattern=r"^\d+/\d+$",
-        description="Generate only shard K of N ('K/N'): the rows whose id hashes to K. 0/1: every row. A shard "
+        description="Generate only shard K of N ('K/N'): the rows dealt to K by predicted GPU time. 0/1: every row. A shard "
         "leaves its results as part files; qwen-image-fanout (or a run with 0/1) merges them.",
     )
 
@@ -122,6 +142,10 @@ class BatchParameters(JobParameters):
             storage_options=self.storage_options(),
             shard_index=index,
             shard_count=count,
+            task=None if self.task == "auto" else self.task,
+            allowed_inputs=tuple(self.allow_inputs),
+            max_input_pixels=self.max_input_pixels,
+            memory_mode=self.memory_mode,
         )
 
 

@@ -2,7 +2,7 @@
 
 1. **check**: read and validate the manifest; a manifest-level error stops here, before any shard starts;
 2. **start** `shards` runs of the `qwen-image-batch/shard` deployment with `run_deployment`, shard K of N
-   being the rows whose id hashes to K (`qwen_batch.manifest.shard_of`: stable, disjoint). They show as
+   being the rows dealt to K by predicted cost (`qwen_batch.sharding`: balanced, disjoint). They show as
    child runs of this one in the UI, and the workers of the `gpu` pool pick them up, one per GPU;
 3. **wait** for all of them, however long they take: a batch may run for days, and Prefect's own
    waiter (`prefect.flow_runs.wait_for_flow_run`) gives up after 3 hours by default;
@@ -37,8 +37,9 @@ from prefect.utilities.hashing import file_hash
 from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import MAX_PROBLEMS_SHOWN, SAMPLE_IMAGES, RowsFailed, artifact_key, number, publish_report
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
-from qwen_batch.manifest import read_manifest, shard_of
+from qwen_batch.manifest import read_manifest
 from qwen_batch.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
+from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
 from qwen_batch.storage import Folder
 
 FLOW_NAME = "qwen-image-fanout"
@@ -53,15 +54,19 @@ class ShardsFailed(Exception):
 def check_manifest(params: FanoutParameters) -> list[int]:
     """Validate the manifest before any shard starts; the number of valid rows per shard."""
     manifest = read_manifest(params.manifest, params.storage_options())
-    counts = Counter(shard_of(request.id, params.shards) for request in manifest.requests)
+    assignment = assign_shards(manifest.requests, params.shards)
+    counts = Counter(assignment.values())
     sizes = [counts.get(index, 0) for index in range(params.shards)]
+    costs = shard_costs(manifest.requests, assignment, params.shards)
     get_run_logger().info(
-        "manifest %s: %d rows, %d valid, %d invalid; valid rows per shard: %s",
+        "manifest %s: %d rows, %d valid, %d invalid; valid rows per shard: %s; shards balanced by predicted "
+        "GPU time, predicted idle tail %.1f%%",
         params.manifest,
         manifest.num_rows,
         len(manifest.requests),
         len(manifest.invalid),
         ", ".join(f"{index}/{params.shards}: {size}" for index, size in enumerate(sizes)),
+        100 * idle_tail(costs),
     )
     return sizes
 
@@ -212,7 +217,7 @@ def rerun_command(params: FanoutParameters, index: int) -> str:
 
 @flow(
     name=FLOW_NAME,
-    description="Split a manifest into N shards by a stable hash of id, run them at once on the GPU workers (the "
+    description="Split a manifest into N shards of equal predicted GPU time, run them at once on the GPU workers (the "
     "qwen-image-batch/shard deployment), wait for all, and merge one results.parquet. Running again resumes.",
     persist_result=False,
     version=file_hash(__file__),  # Prefect's default, but of this file: `flat_parameters` writes the function

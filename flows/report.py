@@ -31,7 +31,7 @@ from prefect.artifacts import (
 
 from qwen_batch.errors import QwenBatchError
 from qwen_batch.results import IMAGES_FOLDER
-from qwen_batch.storage import Folder
+from qwen_batch.storage import Folder, read_url
 
 MAX_PROBLEMS_SHOWN = 50  # rows listed in the UI; results.parquet has them all
 SAMPLE_IMAGES = 4
@@ -158,16 +158,36 @@ def samples_markdown(output: Folder, results: str, samples: list[dict[str, str]]
     ]
     if not samples:
         return "\n".join([*lines, "No images yet."])
-    lines += ["| sample | id | prompt |", "|---|---|---|"]
+    edits = any(sample.get("inputs") for sample in samples)
+    if edits:  # edits: the input(s) beside the output, each linking to its file
+        lines += ["| input | output | id | instruction |", "|---|---|---|---|"]
+    else:
+        lines += ["| sample | id | prompt |", "|---|---|---|"]
     for sample in samples:
         relative = f"{IMAGES_FOLDER}/{sample['id']}.png"
-        try:
-            preview = f"![{cell(sample['id'])}]({thumbnail(output.read_bytes(relative))})"
-        except (QwenBatchError, OSError, ValueError):  # an image that cannot be read is shown as a link only
-            preview = ""
+        preview = _preview(sample["id"], lambda relative=relative: output.read_bytes(relative))
         name = f"[{cell(sample['id'])}]({link(output.display(relative))})"
-        lines.append(f"| {preview} | {name} | {cell(shorten(sample['prompt']))} |")
+        if not edits:
+            lines.append(f"| {preview} | {name} | {cell(shorten(sample['prompt']))} |")
+            continue
+        inputs = " ".join(
+            f"{_preview('input', lambda url=url: read_url(url, output.storage_options))}[{cell(_name(url))}]({link(url)})"
+            for url in sample.get("inputs", [])
+        )
+        lines.append(f"| {inputs} | {preview} | {name} | {cell(shorten(sample['prompt']))} |")
     return "\n".join(lines)
+
+
+def _preview(label: str, read: Any) -> str:
+    """A thumbnail, or nothing when the image cannot be read (the link stays)."""
+    try:
+        return f"![{cell(label)}]({thumbnail(read())})"
+    except (QwenBatchError, OSError, ValueError):
+        return ""
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 def thumbnail(png: bytes) -> str:

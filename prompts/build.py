@@ -3,7 +3,9 @@
     python prompts/build.py
 
 Each `NAME.jsonl` becomes `NAME.parquet`, with the columns qwen-batch knows typed as its schema says
-(`qwen_batch.manifest.MANIFEST_SCHEMA`) and any other column (here `category`) carried as is.
+(`qwen_batch.manifest.MANIFEST_SCHEMA`, plus the edit manifests' `image` and `images`) and any other
+column (here `category`) carried as is. The edit manifests' input images in `edit/` are drawn first
+(`build_edit.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def build(source: Path) -> Path:
     rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     names = list(dict.fromkeys(name for row in rows for name in row))
     known = {field.name: field.type for field in MANIFEST_SCHEMA}
+    known |= {"image": pa.string(), "images": pa.list_(pa.string())}  # edit manifests' input images
     columns = {name: pa.array([row.get(name) for row in rows], type=known.get(name)) for name in names}
     target = source.with_suffix(".parquet")
     pq.write_table(pa.table(columns), target)
@@ -30,5 +33,9 @@ def build(source: Path) -> Path:
 
 
 if __name__ == "__main__":
+    from build_edit import draw_inputs  # prompts/ is on the path: it is this script's folder
+
+    for path in draw_inputs():
+        print(f"wrote {path}")
     for source in sorted(HERE.glob("*.jsonl")):
         print(f"wrote {build(source)}")

@@ -39,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="hub id (Qwen/Qwen-Image), local diffusers folder, or 'tiny' (random weights, the default: "
         "for trying the pipeline, its images are noise)",
     )
-    run.add_argument("--batch-size", type=int, default=4, metavar="N", help="images per transformer batch (default 4)")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per transformer batch (default: the memory plan's; 4 when the transformer is resident)",
+    )
     run.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
     run.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16 or fp32")
     run.add_argument("--cache", metavar="URI", help="embedding cache folder (default: OUT/cache)")
@@ -55,9 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K/N",
         type=_shard,
         default=(0, 1),
-        help="generate only shard K of N (rows split by a stable hash of id), e.g. one per GPU; "
+        help="generate only shard K of N (rows dealt out by predicted GPU time, so shards finish together), e.g. one per GPU; "
         "then run again without --shard to merge the results",
     )
+    _add_input_flags(run)
+    run.add_argument(
+        "--max-input-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help="edit manifests: refuse input images of more pixels than this (decompression bombs; default 50 MP)",
+    )
+    _add_memory_flags(run)
     _add_storage_flags(run)
     _add_output_flags(run)
 
@@ -65,8 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a manifest without loading models", description="Print the validation report."
     )
     validate.add_argument("manifest", metavar="MANIFEST")
+    _add_input_flags(validate)
     _add_storage_flags(validate)
     _add_output_flags(validate)
+
+    plan = commands.add_parser(
+        "plan",
+        help="which memory mode and batch size fit this GPU, with predicted memory and speed",
+        description="Print, for each stage (encode, denoise), the memory mode, batch size, predicted peak GPU "
+        "memory, host RAM and seconds per image, for this machine's GPU and RAM (or those given). Loads no "
+        "model. Exit code 2 when nothing fits, with the reason.",
+    )
+    plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan for a GPU of this size (default: detected)")
+    plan.add_argument(
+        "--host-memory", type=float, metavar="GiB", help="plan for this much host RAM (default: detected)"
+    )
+    plan.add_argument("--width", type=int, default=1024, metavar="W", help="image width (default 1024)")
+    plan.add_argument("--height", type=int, default=1024, metavar="H", help="image height (default 1024)")
+    plan.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
+    plan.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: chosen)")
+    plan.add_argument("--task", choices=("generate", "edit"), default="generate")
+    plan.add_argument("--memory-mode", default="auto", choices=_memory_mode_choices(), help="default auto")
+    plan.add_argument(
+        "--fp8-matmul",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether the GPU has fp8 matmuls (compute capability 8.9 or newer; default: detected, else yes)",
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_output_flags(plan)
 
     tiny = commands.add_parser(
         "tiny-model",
@@ -74,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a tiny random-weight QwenImagePipeline, loadable with from_pretrained, built offline.",
     )
     tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument(
+        "--task",
+        choices=("generate", "edit", "edit-plus"),
+        default="generate",
+        help="generate: QwenImagePipeline (default); edit: QwenImageEditPipeline; "
+        "edit-plus: QwenImageEditPlusPipeline (several input images)",
+    )
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     _add_output_flags(tiny)
     return parser
@@ -93,6 +142,53 @@ def _shard(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: write the shard as K/N, e.g. 0/2") from None
     return index, count
+
+
+def _add_input_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        choices=("generate", "edit"),
+        default=None,
+        help="generate (text to image) or edit (an input image per row); default: edit when the manifest "
+        "has an 'image' or 'images' column",
+    )
+    parser.add_argument(
+        "--allow-inputs",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="edit manifests: also read input images under PREFIX (a folder path or URL such as "
+        "s3://bucket/inputs/); by default only the manifest's own folder is allowed. Repeatable.",
+    )
+
+
+def _memory_mode_choices() -> tuple[str, ...]:
+    from qwen_batch.planner import MEMORY_MODES
+
+    return MEMORY_MODES
+
+
+def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("GPU memory and speed", "See `qwen-batch plan` and docs/memory.md.")
+    group.add_argument(
+        "--memory-mode",
+        default="auto",
+        choices=_memory_mode_choices(),
+        help="auto (default: the plan for this GPU and host RAM), bf16 (resident), fp8 (float8 linears), "
+        "offload (weights streamed from pinned host RAM, large batches) or sequential (last resort)",
+    )
+    group.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="torch.compile the transformer blocks: auto (default) when resident on a GPU with 8 or more images",
+    )
+    group.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="compiled kernels are kept here for the next run (default: $TORCHINDUCTOR_CACHE_DIR, else "
+        "$QWEN_BATCH_HOME/compile-cache)",
+    )
 
 
 def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -126,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "plan":
+            return _plan(args)
         return _tiny_model(args)
     except QwenBatchError as error:
         print(f"qwen-batch: error: {error}", file=sys.stderr)
@@ -144,6 +242,9 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         model=args.model,
         batch_size=args.batch_size,
+        memory_mode=args.memory_mode,
+        compile=args.compile,
+        compile_cache=args.compile_cache,
         encode_batch_size=args.encode_batch_size,
         device=args.device,
         dtype=args.dtype,
@@ -151,11 +252,14 @@ def _run(args: argparse.Namespace) -> int:
         shard_index=args.shard[0],
         shard_count=args.shard[1],
         storage_options=_storage_options(args),
+        task=args.task,
+        allowed_inputs=tuple(args.allow_inputs),
+        **({"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}),
     )
     if args.model == "tiny" and not args.quiet:
         print(
             "qwen-batch: using the tiny random-weight model (its images are noise); "
-            "pass --model Qwen/Qwen-Image for real images",
+            "pass --model Qwen/Qwen-Image (or Qwen/Qwen-Image-Edit for edits) for real images",
             file=sys.stderr,
         )
     progress = ProgressBars(enabled=args.progress)
@@ -209,16 +313,35 @@ def format_summary(summary) -> str:
 def _validate(args: argparse.Namespace) -> int:
     from qwen_batch.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest, _storage_options(args))
+    manifest = read_manifest(args.manifest, _storage_options(args), args.task, tuple(args.allow_inputs))
     print(manifest.report())
     return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from qwen_batch.planner import Job, Machine, detect_machine, host_memory_gib, plan_memory
+
+    if args.gpu_memory is None:
+        machine = detect_machine("cuda", host_gib=args.host_memory)
+    else:
+        machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib())
+    if args.fp8_matmul is not None:
+        machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
+    job = Job(width=args.width, height=args.height, steps=args.steps, task=args.task, batch_size=args.batch_size)
+    plan = plan_memory(machine, job, args.memory_mode)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
+    return EXIT_OK
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
     from qwen_batch.tiny_model import write_tiny_model
 
-    folder = write_tiny_model(args.directory, seed=args.seed)
-    print(f"wrote a tiny random-weight Qwen-Image pipeline to {folder}")
+    folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
+    pipeline = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit-Plus"}[args.task]
+    print(f"wrote a tiny random-weight {pipeline} pipeline to {folder}")
     return EXIT_OK
 
 

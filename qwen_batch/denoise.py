@@ -9,6 +9,10 @@ same arithmetic, so a row's image does not depend on what shares its batch:
 - with true CFG the conditional and unconditional passes are one batched forward (2B rows) instead
   of two calls, and their combination is rescaled per token to the conditional norm, as diffusers does.
 Only the transformer, VAE and scheduler are loaded (`text_encoder=None, tokenizer=None`).
+
+Edit models (Qwen-Image-Edit, Edit-Plus) run the same loop with the input images' cached latents
+appended to each row's noise tokens (`image_latents`), as `QwenImageEditPipeline` does; only the
+noise tokens' prediction is kept.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.device import release_memory
+from qwen_batch.memory_modes import Placement, place_transformer, place_vae
 from qwen_batch.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -26,13 +31,18 @@ if TYPE_CHECKING:
     from qwen_batch.manifest import Request
 
 
+TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddings)
+
+
 class ImageGenerator:
     """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None):
         self.source, self.device, self.dtype = source, device, dtype
-        self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None)
-        self.pipe.to(device)
+        self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
+        self.placement = placement or Placement()
+        self.memory_mode = place_transformer(self.pipe.transformer, self.placement, device, dtype)
+        place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
 
     def generate(
@@ -40,11 +50,14 @@ class ImageGenerator:
         requests: Sequence[Request],
         prompt_embeds: Sequence[torch.Tensor],
         negative_embeds: Sequence[torch.Tensor] | None,
+        image_latents: Sequence[torch.Tensor] | None = None,
+        image_shapes: Sequence[tuple[int, int, int]] = (),
     ) -> list[Image.Image]:
         """Images for a batch of requests that share size, steps and guidance (`Request.batch_key`).
 
         `prompt_embeds[i]` (and `negative_embeds[i]` when guidance is on) are row i's unpadded
-        `[tokens, hidden]` embeddings, as the cache stores them.
+        `[tokens, hidden]` embeddings, as the cache stores them. For edits, `image_latents[i]` are row
+        i's packed input-image latents and `image_shapes` their (1, h/16, w/16) grids, shared by the batch.
         """
         import numpy as np
         import torch
@@ -65,23 +78,13 @@ class ImageGenerator:
             embeds, mask = _pad_embeddings(texts, self.device, self.dtype)
 
             # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
-            channels = transformer.config.in_channels // 4
-            latents = torch.cat(
-                [
-                    pipe.prepare_latents(
-                        1,
-                        channels,
-                        height,
-                        width,
-                        self.dtype,
-                        self.device,
-                        torch.Generator("cpu").manual_seed(r.seed),
-                    )
-                    for r in requests
-                ]
-            )
+            latents = torch.cat([self._noise(request.seed, width, height) for request in requests])
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
-            img_shapes = [[patches]] * embeds.shape[0]
+            img_shapes = [[patches, *image_shapes]] * embeds.shape[0]
+            condition = None
+            if image_latents is not None:
+                condition = torch.stack(list(image_latents)).to(self.device, self.dtype)
+                condition = torch.cat([condition, condition]) if use_cfg else condition
 
             # 3. The schedule: flow-matching sigmas with the resolution-dependent shift.
             sigmas = np.linspace(1.0, 1 / steps, steps)
@@ -98,6 +101,8 @@ class ImageGenerator:
             # 4. Denoise: one forward per step covers the whole batch and both CFG branches.
             for t in timesteps:
                 model_input = torch.cat([latents, latents]) if use_cfg else latents
+                if condition is not None:
+                    model_input = torch.cat([model_input, condition], dim=1)
                 timestep = t.expand(model_input.shape[0]).to(latents.dtype)
                 prediction = transformer(
                     hidden_states=model_input,
@@ -107,6 +112,7 @@ class ImageGenerator:
                     img_shapes=img_shapes,
                     return_dict=False,
                 )[0]
+                prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
                 if use_cfg:
                     conditional, unconditional = prediction[:batch], prediction[batch:]
                     combined = unconditional + guidance * (conditional - unconditional)
@@ -117,6 +123,24 @@ class ImageGenerator:
 
             # 5. Decode.
             return self._decode(latents, width, height)
+
+    def _noise(self, seed: int, width: int, height: int) -> torch.Tensor:
+        """`randn_tensor((1, 1, C, H/8, W/8))` from the row's own CPU generator, packed: the pipelines' draw."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        channels = pipe.transformer.config.in_channels // 4
+        latent_height = 2 * (height // (pipe.vae_scale_factor * 2))
+        latent_width = 2 * (width // (pipe.vae_scale_factor * 2))
+        shape = (1, 1, channels, latent_height, latent_width)
+        noise = randn_tensor(
+            shape,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            device=torch.device(self.device),
+            dtype=self.dtype,
+        )
+        return pipe._pack_latents(noise, 1, channels, latent_height, latent_width)
 
     def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
         import torch
@@ -141,11 +165,15 @@ def _pad_embeddings(
     """Stack `[tokens, hidden]` embeddings into `[rows, max_tokens, hidden]` plus a mask.
 
     The mask is None when no row is padded: the pipeline passes None in that case too, and it lets
-    the attention take its fastest path.
+    the attention take its fastest path. When rows are padded anyway, the padding goes up to a multiple
+    of TEXT_BUCKET tokens: masked keys get zero attention weight, so the images are the same, and a
+    compiled transformer meets a few text lengths instead of one per batch (no recompiles).
     """
     import torch
 
     longest = max(embedding.shape[0] for embedding in embeddings)
+    if any(embedding.shape[0] != longest for embedding in embeddings):
+        longest = -(-longest // TEXT_BUCKET) * TEXT_BUCKET
     hidden = embeddings[0].shape[1]
     stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype, device=device)
     mask = torch.zeros(len(embeddings), longest, dtype=torch.long, device=device)

@@ -64,3 +64,7 @@ def release_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
+        # Pinned host memory (offload modes) stays cached by PyTorch after its tensors are freed; give
+        # it back too, or the encoder's pinned copy would still hold host RAM while the transformer loads.
+        if hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.cache import EmbeddingCache, cache_namespace
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
+from qwen_batch.memory_modes import place_text_encoder
 from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder
@@ -40,10 +41,10 @@ class EncodeStats:
 class PromptEncoder:
     """The text encoder and tokenizer of a Qwen-Image model, on one device."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, memory_mode: str = "bf16"):
         self.source, self.device, self.dtype = source, device, dtype
         self.pipe = load_pipeline(source, dtype, transformer=None, vae=None)
-        self.pipe.text_encoder.to(device)
+        self.memory_mode = place_text_encoder(self.pipe.text_encoder, memory_mode, device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
 
     def token_counts(self, texts: list[str]) -> list[int]:
@@ -96,6 +97,7 @@ def encode_texts(
     dtype: torch.dtype,
     batch_size: int = 16,
     progress: Progress | None = None,
+    memory_mode: str = "bf16",
 ) -> EncodeStats:
     """Make sure every text has an embedding in `cache`; load the encoder only if one is missing."""
     progress = progress or Silent()
@@ -110,7 +112,7 @@ def encode_texts(
         return stats
 
     reset_peak_memory(device)
-    encoder = PromptEncoder(source, device, dtype)
+    encoder = PromptEncoder(source, device, dtype, memory_mode)
     _log_memory("encode: text encoder loaded", device)
     try:
         counts = encoder.token_counts(todo)

@@ -14,12 +14,24 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
+from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
-from qwen_batch.manifest import Manifest, Request, read_manifest, shard_of
-from qwen_batch.model_source import DENOISER_COMPONENTS, ENCODER_COMPONENTS, ModelSource, resolve_model
+from qwen_batch.input_image import DEFAULT_MAX_PIXELS
+from qwen_batch.manifest import EDIT, IMAGES_COLUMN, Manifest, Request, read_manifest
+from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
+from qwen_batch.model_source import (
+    DENOISER_COMPONENTS,
+    ENCODER_COMPONENTS,
+    TINY_MODEL_NAME,
+    ModelSource,
+    pipeline_class_name,
+    resolve_model,
+)
+from qwen_batch.oom import is_out_of_memory, retry_in_halves
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
+from qwen_batch.sharding import assign_shards
 from qwen_batch.storage import Folder, StorageOptions
 from qwen_batch.writer import BatchWriter
 
@@ -40,19 +52,28 @@ class RunConfig:
     manifest: str
     output: str
     model: str = DEFAULT_MODEL
-    batch_size: int = 4
+    batch_size: int | None = None  # None: the memory plan's (4 when resident)
     encode_batch_size: int = 16
     device: str = "auto"
     dtype: str = "auto"
     cache: str | None = None  # default: <output>/cache
     storage_options: StorageOptions = field(default_factory=dict)  # by protocol; may hold credentials
-    # Fan-out: this run generates only the rows whose id hashes to shard `shard_index` of
-    # `shard_count`, and leaves its results as part files; an unsharded run merges them.
+    # Fan-out: this run generates only the rows of shard `shard_index` of `shard_count` (split by
+    # predicted cost, see qwen_batch.sharding), and leaves its results as part files; an unsharded
+    # run merges them.
     shard_index: int = 0
     shard_count: int = 1
+    task: str | None = None  # generate | edit; None: from the manifest's columns
+    # Edit inputs may come from the manifest's folder and these prefixes (see qwen_batch.input_urls).
+    allowed_inputs: tuple[str, ...] = ()
+    max_input_pixels: int = DEFAULT_MAX_PIXELS  # larger input images are refused (decompression bombs)
+    # How the models use GPU memory (see qwen_batch.memory_modes and qwen_batch.planner).
+    memory_mode: str = "auto"  # auto | bf16 | fp8 | offload | sequential
+    compile: str = "auto"  # auto (when enough images repay it) | on | off
+    compile_cache: str | None = None  # default: $QWEN_BATCH_HOME/compile-cache
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.encode_batch_size < 1:
             raise ConfigError(f"encode batch size {self.encode_batch_size}: use 1 or more")
@@ -60,6 +81,8 @@ class RunConfig:
             raise ConfigError(
                 f"shard {self.shard_index}/{self.shard_count}: the index must be from 0 to shard_count - 1"
             )
+        if self.max_input_pixels < 1:
+            raise ConfigError(f"--max-input-pixels {self.max_input_pixels}: use 1 or more")
 
     @property
     def is_shard(self) -> bool:
@@ -81,6 +104,20 @@ class RunPlan:
     fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
     todo: list[Request]  # rows to generate
     skipped: list[Request]  # rows whose image and result already exist with the same parameters
+    pipeline_class: str = "QwenImagePipeline"
+    memory: RunMemory | None = None  # None: resident, batches of config.batch_size or 4
+
+    @property
+    def is_edit(self) -> bool:
+        return self.manifest.task == EDIT
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory.batch_size if self.memory else self.config.batch_size or 4
+
+    @property
+    def encode_batch_size(self) -> int:
+        return self.memory.encode_batch_size if self.memory else self.config.encode_batch_size
 
 
 @dataclass
@@ -123,10 +160,12 @@ def plan_run(config: RunConfig) -> RunPlan:
     Loads no model. A manifest-level error is raised before anything is written; a missing bucket
     or denied access to the output or cache is raised before any model loads.
     """
-    manifest = read_manifest(config.manifest, config.storage_options)
+    manifest = read_manifest(config.manifest, config.storage_options, config.task, tuple(config.allowed_inputs))
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model(config.model)
+    source = resolve_model(_model_for(config.model, manifest))
+    pipeline_class = pipeline_class_name(source)
+    _check_model_fits(manifest, source, pipeline_class)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
@@ -134,30 +173,71 @@ def plan_run(config: RunConfig) -> RunPlan:
     if config.cache:
         cache_folder.check_writable()
 
-    model_identity = source.identity(ENCODER_COMPONENTS + DENOISER_COMPONENTS)
+    components = ENCODER_COMPONENTS + DENOISER_COMPONENTS + (("processor",) if manifest.task == EDIT else ())
+    model_identity = source.identity(components)
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
     previous, _ = store.previous_records()
-    mine = [
-        request
-        for request in manifest.requests
-        if not config.is_shard or shard_of(request.id, config.shard_count) == config.shard_index
-    ]
+    shards = assign_shards(manifest.requests, config.shard_count) if config.is_shard else {}
+    mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
     done = _done_ids(mine, fingerprints, store, previous)
     todo = [request for request in mine if request.id not in done]
     skipped = [request for request in mine if request.id in done]
+    memory = plan_run_memory(
+        config.memory_mode,
+        config.compile,
+        config.compile_cache,
+        config.batch_size,
+        config.encode_batch_size,
+        device,
+        todo,
+        task=manifest.task,
+    )
     return RunPlan(
         config=config,
         manifest=manifest,
         output=output,
         store=store,
-        cache=open_cache(cache_folder, source, dtype),
+        cache=(
+            open_edit_cache(cache_folder, source, pipeline_class, dtype)
+            if manifest.task == EDIT
+            else open_cache(cache_folder, source, dtype)
+        ),
         source=source,
         device=device,
         dtype=dtype,
         fingerprints=fingerprints,
         todo=todo,
         skipped=skipped,
+        pipeline_class=pipeline_class,
+        memory=memory,
     )
+
+
+def _model_for(model: str, manifest: Manifest) -> str:
+    """`tiny` means the tiny model of the manifest's task."""
+    if model != TINY_MODEL_NAME or manifest.task != EDIT:
+        return model
+    return "tiny-edit-plus" if IMAGES_COLUMN in manifest.table.column_names else "tiny-edit"
+
+
+def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: str) -> None:
+    """A text-to-image model cannot edit and vice versa: say so before anything loads."""
+    if manifest.task == EDIT and pipeline_class == "QwenImagePipeline":
+        raise ConfigError(
+            f"{manifest.url} is an edit manifest but model {source.name!r} is a text-to-image {pipeline_class}; "
+            "use an edit model (--model Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509 or tiny)"
+        )
+    if manifest.task != EDIT and pipeline_class != "QwenImagePipeline":
+        raise ConfigError(
+            f"model {source.name!r} is an edit model ({pipeline_class}) but {manifest.url} has no input images; "
+            "use a text-to-image model (--model Qwen/Qwen-Image) or add an 'image' column"
+        )
+    several = [request.id for request in manifest.requests if len(request.images) > 1]
+    if several and pipeline_class != "QwenImageEditPlusPipeline":
+        raise ConfigError(
+            f"rows {several[:5]} have several input images, which only Edit-Plus models take; "
+            "use --model Qwen/Qwen-Image-Edit-2509 (or tiny)"
+        )
 
 
 def _done_ids(
@@ -187,6 +267,18 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
     """Stage 1: every text the rows need is in the embedding cache afterwards."""
     release_generator()  # never hold the transformer while the encoder loads
     requests = plan.todo if requests is None else requests
+    if plan.is_edit:
+        return encode_edit_inputs(
+            requests,
+            plan.cache,
+            plan.source,
+            plan.device,
+            plan.dtype,
+            plan.config.storage_options,
+            plan.config.max_input_pixels,
+            batch_size=plan.encode_batch_size,
+            progress=progress,
+        )
     texts = [text for request in requests for text in request.texts]
     return encode_texts(
         texts,
@@ -194,8 +286,9 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         plan.source,
         plan.device,
         plan.dtype,
-        batch_size=plan.config.encode_batch_size,
+        batch_size=plan.encode_batch_size,
         progress=progress,
+        memory_mode=plan.memory.encoder_mode if plan.memory else "bf16",
     )
 
 
@@ -218,12 +311,17 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = load_generator(plan.source, plan.device, plan.dtype)
+    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser if plan.memory else None)
     writer = BatchWriter(plan.output, plan.store)
     progress.start("denoise", len(requests), "images")
     try:
-        for batch in make_batches(requests, plan.config.batch_size):
-            _generate_batch(plan, generator, writer, batch)
+        if plan.is_edit:
+            conditions = EditConditions(plan.cache, generator.pipe.vae_scale_factor)
+            batches = _edit_batches(plan, conditions, writer, requests)
+        else:
+            conditions, batches = None, make_batches(requests, plan.batch_size)
+        for batch in batches:
+            _generate_batch(plan, generator, writer, batch, conditions)
             progress.advance(len(batch))
         stats.records = writer.drain()
     finally:
@@ -246,25 +344,64 @@ def denoise_stage(
     return stats
 
 
-def _generate_batch(plan: RunPlan, generator: ImageGenerator, writer: BatchWriter, batch: list[Request]) -> None:
-    def record(request: Request, **outcome: Any) -> Record:
-        return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
+def _record(plan: RunPlan, request: Request, **outcome: Any) -> Record:
+    return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
 
-    def failure(request: Request, error: Exception) -> Record:
-        return record(request, status=FAILED, error=f"{type(error).__name__}: {error}")
 
-    # A row whose embeddings cannot be read fails alone; the rest of the batch still runs.
-    started = time.perf_counter()
-    ready, conditions, failed = [], [], []
-    for request in batch:
+def _failure(plan: RunPlan, request: Request, error: Exception) -> Record:
+    return _record(plan, request, status=FAILED, error=f"{type(error).__name__}: {error}")
+
+
+def _edit_batches(
+    plan: RunPlan, conditions: EditConditions, writer: BatchWriter, requests: list[Request]
+) -> list[list[EditRow]]:
+    """Edit rows grouped by output size, schedule, guidance and input grids, from the cache's notes
+    (a few bytes per input); a row whose input could not be used fails here with stage 1's reason."""
+    groups: dict[tuple[Any, ...], list[EditRow]] = {}
+    failed = []
+    for request in requests:
         try:
-            prompt, metadata = plan.cache.get_with_metadata(request.prompt)
-            negative = plan.cache.get(request.negative_prompt) if request.uses_cfg else None
+            row = conditions.resolve(request)
         except QwenBatchError as error:
-            failed.append(failure(request, error))
+            failed.append(_failure(plan, request, error))
+            continue
+        groups.setdefault(row.batch_key, []).append(row)
+    if failed:
+        writer.submit_failures(failed)
+    size = plan.batch_size
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+
+def _generate_batch(
+    plan: RunPlan,
+    generator: ImageGenerator,
+    writer: BatchWriter,
+    batch: list[Request] | list[EditRow],
+    edit_conditions: EditConditions | None = None,
+) -> None:
+    # A row whose cached inputs cannot be read fails alone; the rest of the batch still runs.
+    started = time.perf_counter()
+    ready: list[Request] = []
+    kept = []  # the items of `ready`, to retry in halves if the GPU runs out of memory
+    conditions, failed, latents, shas = [], [], [], []
+    for item in batch:
+        request = item.request if isinstance(item, EditRow) else item
+        try:
+            if edit_conditions is not None:
+                loaded = edit_conditions.load(item)
+                prompt, negative, truncated = loaded.prompt, loaded.negative, loaded.truncated
+                latents.append(loaded.image_latents)
+                shas.append(list(item.input_sha256))
+            else:
+                prompt, metadata = plan.cache.get_with_metadata(request.prompt)
+                negative = plan.cache.get(request.negative_prompt) if request.uses_cfg else None
+                truncated = metadata.get("truncated") == "true"
+        except QwenBatchError as error:
+            failed.append(_failure(plan, request, error))
             continue
         ready.append(request)
-        conditions.append((prompt, negative, metadata.get("truncated") == "true"))
+        kept.append(item)
+        conditions.append((prompt, negative, truncated))
     if failed:
         writer.submit_failures(failed)
     if not ready:
@@ -274,16 +411,25 @@ def _generate_batch(plan: RunPlan, generator: ImageGenerator, writer: BatchWrite
             ready,
             [prompt for prompt, _, _ in conditions],
             [negative for _, negative, _ in conditions] if ready[0].uses_cfg else None,
+            image_latents=latents or None,
+            image_shapes=batch[0].image_shapes if edit_conditions is not None else (),
         )
     except Exception as error:  # a failing batch must not stop the others; its rows carry the error
-        log.warning("batch of %d rows (first id %r) failed: %s", len(ready), ready[0].id, error, exc_info=True)
-        writer.submit_failures([failure(request, error) for request in ready])
+        if not (is_out_of_memory(error) and len(ready) > 1):
+            log.warning("batch of %d rows (first id %r) failed: %s", len(ready), ready[0].id, error, exc_info=True)
+            writer.submit_failures([_failure(plan, request, error) for request in ready])
+            return
+        images = None  # out of GPU memory: retried below, once the error no longer holds the attempt's tensors
+    if images is None:
+        retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
         return
     seconds = (time.perf_counter() - started) / len(ready)
     records = [
-        record(request, seconds=seconds, warning=TRUNCATION_WARNING if truncated else "")
+        _record(plan, request, seconds=seconds, warning=TRUNCATION_WARNING if truncated else "")
         for request, (_, _, truncated) in zip(ready, conditions, strict=True)
     ]
+    for record, input_sha256 in zip(records, shas, strict=False):
+        record.input_sha256 = input_sha256
     writer.submit(ready, images, records)
 
 
@@ -337,16 +483,18 @@ def run(config: RunConfig, progress: Progress | None = None) -> Summary:
 
 
 # One transformer per process, reused across calls (a flow runs many chunks in one worker).
-_loaded: dict[tuple[str, str, str], ImageGenerator] = {}
+_loaded: dict[tuple[Any, ...], ImageGenerator] = {}
 
 
-def load_generator(source: ModelSource, device: str, dtype: torch.dtype) -> ImageGenerator:
+def load_generator(
+    source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None
+) -> ImageGenerator:
     from qwen_batch.denoise import ImageGenerator
 
-    key = (source.location, device, str(dtype))
+    key = (source.location, device, str(dtype), placement)
     if key not in _loaded:
         release_generator()
-        _loaded[key] = ImageGenerator(source, device, dtype)
+        _loaded[key] = ImageGenerator(source, device, dtype, placement)
         memory = gpu_memory_gib(device)
         if memory:
             log.info("denoise: transformer and VAE loaded: %.2f GiB allocated on %s", memory[0], device)

@@ -23,3 +23,7 @@ class ModelError(QwenBatchError):
 
 class ConfigError(QwenBatchError):
     """An option has a value that cannot work (device, dtype, batch size...)."""
+
+
+class InputImageError(QwenBatchError):
+    """An input image cannot be used (empty, damaged, not PNG/JPEG/WebP, too large); names the image and the fix."""

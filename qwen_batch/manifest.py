@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qwen_batch.errors import ManifestError, StorageError
+from qwen_batch.input_urls import InputLocationError, InputPolicy
 from qwen_batch.storage import read_url
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -48,6 +49,11 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("true_cfg_scale", pa.float64()),
     ]
 )
+# Edit manifests name their input image(s) in one of these columns instead (see docs/manifest.md).
+IMAGE_COLUMN, IMAGES_COLUMN = "image", "images"
+MAX_INPUT_IMAGES = 8
+GENERATE, EDIT = "generate", "edit"
+TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
 TEXT_COLUMNS = ("id", "prompt", "negative_prompt")
 INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps")
@@ -66,17 +72,15 @@ RESERVED_COLUMNS = (
 )
 
 
+def detect_task(column_names: list[str]) -> str:
+    """Edit when the manifest names input images, generate otherwise."""
+    return EDIT if IMAGE_COLUMN in column_names or IMAGES_COLUMN in column_names else GENERATE
+
+
 def derive_seed(row_id: str) -> int:
     """A stable seed for a row that has none: the same id always gets the same seed."""
     digest = hashlib.sha256(b"qwen-batch/seed/" + row_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & INT64_MAX
-
-
-def shard_of(row_id: str, shards: int) -> int:
-    """The shard (0..shards-1) a row belongs to: a stable hash of its id, so shards are disjoint,
-    every process computes the same split, and adding rows does not move the others."""
-    digest = hashlib.sha256(b"qwen-batch/shard/" + row_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % shards
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +91,17 @@ class Request:
     id: str
     prompt: str
     negative_prompt: str
-    width: int
-    height: int
+    # None only for an edit row that leaves the size to its input image (resolved in stage 2).
+    width: int | None
+    height: int | None
     seed: int
     num_inference_steps: int
     true_cfg_scale: float
+    images: tuple[str, ...] = ()  # edit rows: the input images' canonical URLs
+
+    @property
+    def task(self) -> str:
+        return EDIT if self.images else GENERATE
 
     @property
     def uses_cfg(self) -> bool:
@@ -108,7 +118,7 @@ class Request:
         return (self.prompt, self.negative_prompt) if self.uses_cfg else (self.prompt,)
 
     def parameters(self) -> dict[str, Any]:
-        return {
+        parameters = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "width": self.width,
@@ -117,6 +127,9 @@ class Request:
             "num_inference_steps": self.num_inference_steps,
             "true_cfg_scale": self.true_cfg_scale,
         }
+        if self.images:  # only edits: text-to-image fingerprints stay what they were
+            parameters["images"] = list(self.images)
+        return parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +147,7 @@ class Manifest:
     table: pa.Table
     requests: list[Request]
     invalid: list[InvalidRow]
+    task: str = GENERATE
 
     @property
     def num_rows(self) -> int:
@@ -141,13 +155,16 @@ class Manifest:
 
     @property
     def extra_columns(self) -> list[str]:
-        known = set(MANIFEST_SCHEMA.names)
+        # An edit manifest's input columns reach the results as `input_images`, not as extras:
+        # `image` there is the output's path.
+        known = set(MANIFEST_SCHEMA.names) | ({IMAGE_COLUMN, IMAGES_COLUMN} if self.task == EDIT else set())
         return [name for name in self.table.column_names if name not in known]
 
     def report(self) -> str:
         """The human-readable validation report that `qwen-batch validate` prints."""
         lines = [
-            f"{self.url}: {self.num_rows} rows, {len(self.requests)} valid, {len(self.invalid)} invalid",
+            f"{self.url}: {self.task} manifest, {self.num_rows} rows, {len(self.requests)} valid, "
+            f"{len(self.invalid)} invalid",
         ]
         if self.extra_columns:
             lines.append(f"  extra columns carried into results: {', '.join(self.extra_columns)}")
@@ -157,8 +174,17 @@ class Manifest:
         return "\n".join(lines)
 
 
-def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Manifest:
-    """Read and validate a Parquet manifest from any fsspec URL. Raises `ManifestError`."""
+def read_manifest(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    task: str | None = None,
+    allowed_inputs: tuple[str, ...] = (),
+) -> Manifest:
+    """Read and validate a Parquet manifest from any fsspec URL. Raises `ManifestError`.
+
+    `task` (generate or edit) defaults to what the columns say; `allowed_inputs` are the prefixes
+    besides the manifest's folder that an edit row's input images may come from.
+    """
     try:
         data = read_url(url, storage_options)
     except StorageError as error:
@@ -172,24 +198,56 @@ def read_manifest(url: str, storage_options: dict[str, Any] | None = None) -> Ma
             f"{url}: not a readable Parquet file ({error}). Write the manifest with "
             "pandas.DataFrame.to_parquet or pyarrow.parquet.write_table."
         ) from error
-    return validate_table(table, url)
+    return validate_table(table, url, task=task, allowed_inputs=allowed_inputs)
 
 
-def validate_table(table: pa.Table, url: str = "<table>") -> Manifest:
-    _check_columns(table, url)
-    columns = {name: table.column(name).to_pylist() for name in MANIFEST_SCHEMA.names if name in table.column_names}
+def validate_table(
+    table: pa.Table, url: str = "<table>", task: str | None = None, allowed_inputs: tuple[str, ...] = ()
+) -> Manifest:
+    task = _check_task(table, url, task)
+    _check_columns(table, url, task)
+    _check_encoding(table, url)
+    wanted = MANIFEST_SCHEMA.names + ([IMAGE_COLUMN, IMAGES_COLUMN] if task == EDIT else [])
+    columns = {name: table.column(name).to_pylist() for name in wanted if name in table.column_names}
     _check_unique_ids(columns["id"], url)
+    policy = None
+    if task == EDIT:
+        try:
+            policy = InputPolicy.for_manifest(url, allowed_inputs)
+        except InputLocationError as error:
+            raise ManifestError(f"--allow-inputs: {error}") from error
 
     requests: list[Request] = []
     invalid: list[InvalidRow] = []
     for index in range(table.num_rows):
         values = {name: column[index] for name, column in columns.items()}
-        outcome = _validate_row(index, values)
+        outcome = _validate_row(index, values, policy)
         (requests if isinstance(outcome, Request) else invalid).append(outcome)
-    return Manifest(url=url, table=table, requests=requests, invalid=invalid)
+    return Manifest(url=url, table=table, requests=requests, invalid=invalid, task=task)
 
 
-def _check_columns(table: pa.Table, url: str) -> None:
+def _check_task(table: pa.Table, url: str, task: str | None) -> str:
+    names = table.column_names
+    detected = detect_task(names)
+    if task is None:
+        task = detected
+    if task not in TASKS:
+        raise ManifestError(f"task {task!r} is unknown: use {' or '.join(TASKS)}")
+    if task == EDIT:
+        if IMAGE_COLUMN in names and IMAGES_COLUMN in names:
+            raise ManifestError(
+                f"{url}: has both {IMAGE_COLUMN!r} and {IMAGES_COLUMN!r} columns; an edit manifest uses "
+                f"{IMAGE_COLUMN!r} (one input image per row) or {IMAGES_COLUMN!r} (a list per row), not both."
+            )
+        if detected != EDIT:
+            raise ManifestError(
+                f"{url}: --task edit needs a column {IMAGE_COLUMN!r} (the input image of each row) or "
+                f"{IMAGES_COLUMN!r} (a list of input images); found {names}."
+            )
+    return task
+
+
+def _check_columns(table: pa.Table, url: str, task: str = GENERATE) -> None:
     names = table.column_names
     missing = [name for name in REQUIRED_COLUMNS if name not in names]
     if missing:
@@ -200,11 +258,15 @@ def _check_columns(table: pa.Table, url: str) -> None:
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise ManifestError(f"{url}: column(s) {duplicated} appear more than once; keep one of each.")
-    reserved = [name for name in names if name in RESERVED_COLUMNS]
+    reserved = [name for name in names if name in RESERVED_COLUMNS and not (task == EDIT and name == IMAGE_COLUMN)]
     if reserved:
+        hint = " (or pass --task edit if 'image' holds input images)" if IMAGE_COLUMN in reserved else ""
         raise ManifestError(
-            f"{url}: column(s) {reserved} are written by qwen-batch into the results; rename them in the manifest."
+            f"{url}: column(s) {reserved} are written by qwen-batch into the results; rename them in the "
+            f"manifest{hint}."
         )
+    if task == EDIT:
+        _check_image_columns(table, url)
     for name in names:
         kind = table.schema.field(name).type
         if name in TEXT_COLUMNS and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
@@ -216,6 +278,51 @@ def _check_columns(table: pa.Table, url: str) -> None:
         else:
             continue
         raise ManifestError(f"{url}: column {name!r} has type {kind}; it must be {expected}.")
+
+
+def _check_encoding(table: pa.Table, url: str) -> None:
+    """Parquet writers do not check that text is UTF-8, and Python cannot read text that is not."""
+    for name in table.column_names:
+        column = table.column(name)
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as error:
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                rows = [
+                    index
+                    for index, value in enumerate(column.cast(pa.large_binary()).to_pylist())
+                    if value is not None and not _is_utf8(value)
+                ]
+                raise ManifestError(
+                    f"{url}: column {name!r} is not valid UTF-8 text at row(s) {', '.join(map(str, rows[:10]))}; "
+                    "write its text as UTF-8 (pandas and pyarrow do when given str values, not bytes)."
+                ) from error
+            raise ManifestError(
+                f"{url}: column {name!r} holds invalid data ({error}); write the manifest again with pandas or pyarrow."
+            ) from error
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _check_image_columns(table: pa.Table, url: str) -> None:
+    names = table.column_names
+    if IMAGE_COLUMN in names:
+        kind = table.schema.field(IMAGE_COLUMN).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ManifestError(f"{url}: column {IMAGE_COLUMN!r} has type {kind}; it must be string (a URL or path).")
+    if IMAGES_COLUMN in names:
+        kind = table.schema.field(IMAGES_COLUMN).type
+        is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+        if not (is_list and (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type))):
+            raise ManifestError(
+                f"{url}: column {IMAGES_COLUMN!r} has type {kind}; it must be a list of strings (URLs or paths)."
+            )
 
 
 def _check_unique_ids(ids: list[str | None], url: str) -> None:
@@ -239,7 +346,7 @@ class _RowProblem(Exception):
     pass
 
 
-def _validate_row(index: int, values: dict[str, Any]) -> Request | InvalidRow:
+def _validate_row(index: int, values: dict[str, Any], policy: InputPolicy | None = None) -> Request | InvalidRow:
     """Resolve defaults and check every field; all of a row's problems are reported together."""
     problems: list[str] = []
     resolved: dict[str, Any] = {}
@@ -253,8 +360,12 @@ def _validate_row(index: int, values: dict[str, Any]) -> Request | InvalidRow:
     row_id = values["id"]
     if row_id is None:
         problems.append("id is missing (null); give every row an id")
-    elif not ID_PATTERN.fullmatch(row_id) or row_id in (".", ".."):
-        problems.append(f"id {row_id!r} is not allowed: use 1-128 characters of A-Z a-z 0-9 . _ - (not '.' or '..')")
+    elif not ID_PATTERN.fullmatch(row_id) or row_id.startswith("."):
+        # No leading dot: that rules out '.', '..', hidden files and the storage layer's temporary
+        # names (`.tmp-...`), which resume never lists and which are swept away after a crash.
+        problems.append(
+            f"id {row_id!r} is not allowed: use 1-128 characters of A-Z a-z 0-9 . _ - not starting with '.'"
+        )
 
     prompt = values["prompt"]
     resolved["prompt"] = prompt
@@ -262,8 +373,12 @@ def _validate_row(index: int, values: dict[str, Any]) -> Request | InvalidRow:
         problems.append("prompt is empty; give the row a prompt or remove it")
     negative = values.get("negative_prompt")
     resolved["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
-    check("width", lambda: _size(values, "width"))
-    check("height", lambda: _size(values, "height"))
+    if policy is not None:
+        check("images", lambda: _input_images(values, policy))
+    # An edit row without a size takes its input image's aspect ratio (resolved in stage 2).
+    default_size = None if policy is not None else DEFAULT_SIZE
+    check("width", lambda: _size(values, "width", default_size))
+    check("height", lambda: _size(values, "height", default_size))
     check("seed", lambda: _seed(values, row_id))
     check("num_inference_steps", lambda: _steps(values))
     check("true_cfg_scale", lambda: _true_cfg_scale(values))
@@ -272,8 +387,34 @@ def _validate_row(index: int, values: dict[str, Any]) -> Request | InvalidRow:
     return Request(index=index, id=row_id, **resolved)
 
 
-def _size(values: dict[str, Any], name: str) -> int:
-    size = _integer(values, name, DEFAULT_SIZE)
+def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...]:
+    if IMAGE_COLUMN in values:
+        raw = values[IMAGE_COLUMN]
+        if raw is None:
+            raise _RowProblem(f"{IMAGE_COLUMN} is missing (null); give the URL or path of the input image")
+        listed, column = [raw], IMAGE_COLUMN
+    else:
+        listed, column = values.get(IMAGES_COLUMN), IMAGES_COLUMN
+        if not listed:
+            raise _RowProblem(f"{IMAGES_COLUMN} is empty; give 1 to {MAX_INPUT_IMAGES} input image URLs")
+        if len(listed) > MAX_INPUT_IMAGES:
+            raise _RowProblem(f"{IMAGES_COLUMN} has {len(listed)} images; use at most {MAX_INPUT_IMAGES}")
+    resolved = []
+    for position, raw in enumerate(listed):
+        label = column if column == IMAGE_COLUMN else f"{column}[{position}]"
+        if raw is None:
+            raise _RowProblem(f"{label} is null; give the URL or path of the input image")
+        try:
+            resolved.append(policy.resolve(raw))
+        except InputLocationError as error:
+            raise _RowProblem(f"{label} {error}") from error
+    return tuple(resolved)
+
+
+def _size(values: dict[str, Any], name: str, default: int | None = DEFAULT_SIZE) -> int | None:
+    size = _integer(values, name, default)
+    if size is None:
+        return None
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise _RowProblem(f"{name} {size} is out of range: use {MIN_SIZE} to {MAX_SIZE}")
     if size % SIZE_MULTIPLE:

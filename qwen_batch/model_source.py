@@ -1,7 +1,8 @@
 """Where a model comes from, and a content identity for it.
 
 A model is named by a hub id (`Qwen/Qwen-Image`), a local diffusers-format folder, or `tiny`: the
-random-weight model qwen-batch builds itself (no download), used by the demo and the tests.
+random-weight model qwen-batch builds itself (no download), used by the demo and the tests
+(`tiny-edit` and `tiny-edit-plus` are its image-edit flavours).
 
 The identity of a component (for example the text encoder and tokenizer) keys the embedding cache
 and the resume fingerprints: it is derived from the files' names, sizes and the bytes at both ends of
@@ -15,7 +16,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from diffusers import QwenImagePipeline
 
 TINY_MODEL_NAME = "tiny"
+# The tiny random-weight models `--model` can name, and the task (`write_tiny_model(task=...)`) of each.
+TINY_MODELS = {TINY_MODEL_NAME: "generate", "tiny-edit": "edit", "tiny-edit-plus": "edit-plus"}
 HOME_ENV = "QWEN_BATCH_HOME"  # roots every path qwen-batch keeps for itself
 _SAMPLE_BYTES = 1 << 16
 
@@ -41,10 +45,13 @@ def qwen_batch_home() -> Path:
 class ModelSource:
     name: str  # as the user wrote it
     location: str  # what `from_pretrained` receives: a local folder or a hub id
+    # Builds the pipeline instead of `from_pretrained` (same arguments as `load_pipeline`): models made
+    # in memory, e.g. the full-size random-weight model of the GPU benchmarks (see `register_model`).
+    loader: Callable[..., QwenImagePipeline] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:
-        return self.name == TINY_MODEL_NAME
+        return self.name in TINY_MODELS
 
     @property
     def local_folder(self) -> Path | None:
@@ -53,8 +60,11 @@ class ModelSource:
 
     def identity(self, components: tuple[str, ...]) -> str:
         """A short content hash of the given components (sub-folders of the diffusers layout)."""
-        folder = self.local_folder
         digest = hashlib.sha256()
+        if self.loader is not None:
+            digest.update(f"memory:{self.name}".encode())
+            return digest.hexdigest()[:24]
+        folder = self.local_folder
         if folder is None:
             # Not on disk yet: `from_pretrained` will download it; the hub id is all we know.
             digest.update(f"hub:{self.location}".encode())
@@ -66,29 +76,76 @@ class ModelSource:
         return digest.hexdigest()[:24]
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype, **components: None) -> QwenImagePipeline:
-    """`QwenImagePipeline.from_pretrained`, with the components passed as None left out.
+SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
-    Safetensors only: pickled weights could run code when loaded.
-    """
-    from diffusers import QwenImagePipeline
 
+def pipeline_class_name(source: ModelSource) -> str:
+    """The diffusers pipeline class the model was saved with (`_class_name` in model_index.json)."""
+    import json
+
+    if source.loader is not None:
+        return "QwenImagePipeline"  # models built in memory are text-to-image
+    folder = source.local_folder
     try:
-        return QwenImagePipeline.from_pretrained(source.location, dtype=dtype, use_safetensors=True, **components)
+        if folder is not None:
+            config = json.loads((folder / "model_index.json").read_text())
+        else:
+            from diffusers import DiffusionPipeline
+
+            config = DiffusionPipeline.load_config(source.location)
     except (OSError, ValueError) as error:
-        hint = (
-            ""
-            if source.local_folder is not None
-            else " It is not on this machine and could not be downloaded: download it first "
-            f"(hf download {source.location}) or pass a local diffusers folder to --model."
-        )
-        raise ModelError(f"cannot load model {source.name!r}: {error}.{hint}") from error
+        raise _cannot_load(source, error) from error
+    name = config.get("_class_name")
+    if name not in SUPPORTED_PIPELINES:
+        raise ModelError(f"model {source.name!r} is a {name}; qwen-batch runs {', '.join(SUPPORTED_PIPELINES)} models")
+    return name
+
+
+def load_pipeline(source: ModelSource, dtype: torch.dtype, **components: None) -> QwenImagePipeline:
+    """`from_pretrained` of the model's own pipeline class, with the components passed as None left
+    out (those the class does not have are ignored, so callers can name `processor` for any model).
+
+    Safetensors only: pickled weights could run code when loaded; remote code is never trusted.
+    """
+    import inspect
+
+    import diffusers
+
+    if source.loader is not None:
+        return source.loader(dtype, **components)
+    pipeline = getattr(diffusers, pipeline_class_name(source))
+    accepted = inspect.signature(pipeline.__init__).parameters
+    components = {name: value for name, value in components.items() if name in accepted}
+    try:
+        return pipeline.from_pretrained(source.location, dtype=dtype, use_safetensors=True, **components)
+    except (OSError, ValueError) as error:
+        raise _cannot_load(source, error) from error
+
+
+def _cannot_load(source: ModelSource, error: Exception) -> ModelError:
+    hint = (
+        ""
+        if source.local_folder is not None
+        else " It is not on this machine and could not be downloaded: download it first "
+        f"(hf download {source.location}) or pass a local diffusers folder to --model."
+    )
+    return ModelError(f"cannot load model {source.name!r}: {error}.{hint}")
+
+
+_registered: dict[str, ModelSource] = {}
+
+
+def register_model(source: ModelSource) -> None:
+    """Make `--model source.name` resolve to `source` in this process (a model built in memory)."""
+    _registered[source.name] = source
 
 
 def resolve_model(name: str) -> ModelSource:
-    """Turn `--model` into a source; `tiny` is built on first use under $QWEN_BATCH_HOME."""
-    if name == TINY_MODEL_NAME:
-        return ModelSource(name=name, location=str(ensure_tiny_model()))
+    """Turn `--model` into a source; the tiny models are built on first use under $QWEN_BATCH_HOME."""
+    if name in _registered:
+        return _registered[name]
+    if name in TINY_MODELS:
+        return ModelSource(name=name, location=str(ensure_tiny_model(TINY_MODELS[name])))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -102,16 +159,21 @@ def resolve_model(name: str) -> ModelSource:
     raise ModelError(f"model {name!r} is neither a local folder nor a hub id like 'Qwen/Qwen-Image'")
 
 
-def ensure_tiny_model() -> Path:
-    """The tiny model's folder, written once; concurrent first uses race safely to one result."""
-    from qwen_batch.tiny_model import TINY_MODEL_REVISION, TINY_MODEL_SEED, write_tiny_model
+def ensure_tiny_model(task: str = "generate") -> Path:
+    """The folder of the tiny model for `task`, written once; concurrent first uses race safely to one result.
 
-    target = qwen_batch_home() / "models" / f"tiny-qwen-image-r{TINY_MODEL_REVISION}-seed{TINY_MODEL_SEED}"
+    The folder name carries the builder's revision, so a changed builder writes a new model.
+    """
+    from qwen_batch.tiny_model import TINY_MODEL_SEED, tiny_model_revision, write_tiny_model
+
+    flavour = "" if task == "generate" else f"-{task}"
+    name = f"tiny-qwen-image{flavour}-r{tiny_model_revision(task)}-seed{TINY_MODEL_SEED}"
+    target = qwen_batch_home() / "models" / name
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    write_tiny_model(staging, seed=TINY_MODEL_SEED)
+    write_tiny_model(staging, seed=TINY_MODEL_SEED, task=task)
     try:
         staging.rename(target)
     except OSError:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qwen_batch.errors import NotFoundError, StorageError
-from qwen_batch.manifest import MANIFEST_SCHEMA, Manifest, Request
+from qwen_batch.manifest import EDIT, MANIFEST_SCHEMA, Manifest, Request
 from qwen_batch.storage import Folder
 
 RESULTS_FILE = "results.parquet"
@@ -37,6 +37,11 @@ IMAGES_FOLDER = "images"
 OK, INVALID, FAILED = "ok", "invalid", "failed"
 
 PARAMETER_FIELDS = [field for field in MANIFEST_SCHEMA if field.name != "id"]
+# Edit rows only: the input images (canonical URLs) and their content hashes, in the row's order.
+INPUT_FIELDS = [
+    pa.field("input_images", pa.list_(pa.string())),
+    pa.field("input_sha256", pa.list_(pa.string())),
+]
 # What qwen-batch adds to each manifest row.
 OUTCOME_FIELDS = [
     pa.field("status", pa.string()),  # ok | invalid | failed
@@ -49,7 +54,7 @@ OUTCOME_FIELDS = [
     pa.field("seconds", pa.float64()),  # this row's share of its batch's generation time
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
-RECORD_SCHEMA = pa.schema([pa.field("id", pa.string()), *PARAMETER_FIELDS, *OUTCOME_FIELDS])
+RECORD_SCHEMA = pa.schema([pa.field("id", pa.string()), *PARAMETER_FIELDS, *INPUT_FIELDS, *OUTCOME_FIELDS])
 
 
 @dataclass(slots=True)
@@ -64,6 +69,8 @@ class Record:
     seed: int | None = None
     num_inference_steps: int | None = None
     true_cfg_scale: float | None = None
+    input_images: list[str] | None = None
+    input_sha256: list[str] | None = None
     status: str = FAILED
     image: str | None = None
     error: str = ""
@@ -77,7 +84,16 @@ class Record:
     @classmethod
     def for_request(cls, request: Request, model: str, fingerprint: str, **outcome: Any) -> Record:
         outcome.setdefault("finished_at", datetime.now(timezone.utc))
-        return cls(id=request.id, **request.parameters(), model=model, fingerprint=fingerprint, **outcome)
+        parameters = request.parameters()
+        input_images = parameters.pop("images", None)
+        return cls(
+            id=request.id,
+            **parameters,
+            input_images=input_images,
+            model=model,
+            fingerprint=fingerprint,
+            **outcome,
+        )
 
 
 def fingerprint(request: Request, model_identity: str) -> str:
@@ -152,6 +168,9 @@ class ResultStore:
             by_index[invalid.index] = Record(
                 id=invalid.id, status=INVALID, error=invalid.reason, **_known_parameters(invalid.parameters)
             )
+        for invalid in manifest.invalid:
+            images = invalid.parameters.get("images")
+            by_index[invalid.index].input_images = list(images) if images else None
         for request in manifest.requests:
             record = records.get(request.id)
             if record is None:
@@ -162,6 +181,9 @@ class ResultStore:
         outcome = _records_table(ordered)
         known = [field.name for field in MANIFEST_SCHEMA]
         columns = {name: outcome.column(name) for name in known}
+        if manifest.task == EDIT:
+            for field in INPUT_FIELDS:
+                columns[field.name] = outcome.column(field.name)
         for name in manifest.extra_columns:
             columns[name] = manifest.table.column(name)
         for field in OUTCOME_FIELDS:
@@ -170,6 +192,7 @@ class ResultStore:
         self.output.write_bytes(RESULTS_FILE, _to_parquet(table))
         for relative in folded_parts:
             self.output.remove(relative)
+        self.output.remove_stale_temporaries()  # half-written files of runs that were killed
         return table
 
 

@@ -5,7 +5,8 @@ Everything qwen-batch stores (images, results, part files, the embedding cache) 
 of the code.
 
 - Writes are atomic per object: a reader never sees half a file. On local disk that is a write to
-  a temporary name in the same directory and `os.replace`; an object store's PUT is atomic.
+  a temporary name in the same directory and `os.replace`; an object store's PUT is atomic. The
+  temporary file of a killed writer is never listed, and `remove_stale_temporaries` deletes it later.
 - Transient failures (connection resets, timeouts, throttling, 5xx) are retried with exponential
   backoff; permanent ones (missing bucket or object, access denied) are not.
 - Every failure becomes a `StorageError` that names the URL and the likely fix.
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 StorageOptions = dict[str, dict[str, Any]]  # protocol -> fsspec filesystem options
 TEMP_PREFIX = ".tmp-"
+# A temporary file this old was left by a killed writer: no write of one object takes an hour.
+STALE_TEMPORARY_SECONDS = 3600
 RETRY_ATTEMPTS = 4
 RETRY_BASE_DELAY = 0.5  # seconds; doubles after each failed attempt
 
@@ -210,6 +213,24 @@ class Folder:
         probe = f"{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
         self.write_bytes(probe, b"")
         self.remove(probe)
+
+    def remove_stale_temporaries(self, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete the temporary files killed writers left in this folder tree; return how many.
+
+        Local disk only (an object store's PUT leaves nothing behind). Only files older than
+        `older_than` seconds go: a younger one may be a write in progress in another process.
+        """
+        if not self.is_local:
+            return 0
+        cutoff, removed = time.time() - older_than, 0
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(OSError):  # gone already: another run swept or renamed it
+                    if name.startswith(TEMP_PREFIX) and os.stat(path).st_mtime < cutoff:
+                        os.remove(path)
+                        removed += 1
+        return removed
 
     def list_files(self, relative: str = "", suffix: str = "") -> list[str]:
         """Paths (relative to this folder) of the files below `relative`, recursively, sorted.

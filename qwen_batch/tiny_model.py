@@ -27,6 +27,16 @@ tiny byte-level BPE is trained on a corpus in which the template is frequent, an
 the 34-token property. Byte-level BPE also means any text (e.g. Chinese prompts) round-trips exactly,
 as with the real tokenizer.
 
+The tiny model also comes in the two image-edit flavours (``task="edit"``: ``QwenImageEditPipeline``, as
+``Qwen/Qwen-Image-Edit``; ``task="edit-plus"``: the multi-image ``QwenImageEditPlusPipeline``, as
+``Qwen/Qwen-Image-Edit-2509``). They add what editing needs: a ``Qwen2VLProcessor`` (the released image
+processor settings around the same tokenizer) that turns the input image into patches for the text
+encoder's vision tower (tiny but with the released patch, merge, temporal-patch and window sizes, and
+both window- and full-attention blocks). The edit template's system prompt is longer, and its pipelines
+drop 64 leading hidden states; the edit flavours' tokenizer is trained on that template too, so its
+prefix is 64 tokens as with the real vocabulary (checked the same way). The text-to-image tokenizer
+stays as it was, so the text-to-image tiny model's files do not change.
+
 Importing this module is cheap: torch, diffusers, transformers and tokenizers are imported inside the
 functions that need them.
 """
@@ -39,17 +49,25 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from qwen_batch.errors import ConfigError
+
 if TYPE_CHECKING:
     import diffusers
     import transformers
 
 __all__ = [
+    "EDIT_PROMPT_TEMPLATE_PREFIX",
+    "EDIT_PROMPT_TEMPLATE_PREFIX_TOKENS",
     "PROMPT_TEMPLATE_PREFIX",
     "PROMPT_TEMPLATE_PREFIX_TOKENS",
+    "TINY_EDIT_MODEL_REVISION",
     "TINY_MODEL_REVISION",
     "TINY_MODEL_SEED",
+    "TINY_MODEL_TASKS",
     "build_tiny_pipeline",
+    "build_tiny_processor",
     "build_tiny_tokenizer",
+    "tiny_model_revision",
     "write_tiny_model",
 ]
 
@@ -67,6 +85,31 @@ PROMPT_TEMPLATE_PREFIX = (
 )
 PROMPT_TEMPLATE_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 PROMPT_TEMPLATE_PREFIX_TOKENS = 34
+
+# What the tiny model can be built for (the names `write_tiny_model(task=...)` and `qwen-batch tiny-model
+# --task` take) and the diffusers pipeline class each is saved as.
+GENERATE = "generate"  # text to image
+TINY_MODEL_TASKS = {
+    GENERATE: "QwenImagePipeline",
+    "edit": "QwenImageEditPipeline",  # as Qwen/Qwen-Image-Edit
+    "edit-plus": "QwenImageEditPlusPipeline",  # as Qwen/Qwen-Image-Edit-2509 (one or more input images)
+}
+# Bump when what only the edit flavours write changes (processor, edit tokenizer). A change to what all
+# flavours share bumps TINY_MODEL_REVISION, which rebuilds them all (see `tiny_model_revision`).
+TINY_EDIT_MODEL_REVISION = 1
+
+# The same for the edit pipelines' template (`QwenImageEditPipeline` and `QwenImageEditPlusPipeline` share
+# it): the longer system prompt up to the user turn, which the real tokenizer makes 64 tokens of, and the
+# edit pipelines drop 64 leading hidden states. After the user turn come the image placeholders (Edit:
+# one `_IMAGE_PLACEHOLDER`; Edit Plus: "Picture N: " and the placeholder per image), then the instruction.
+EDIT_PROMPT_TEMPLATE_PREFIX = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a "
+    "new image that meets the user's requirements while maintaining consistency with the original input "
+    "where appropriate.<|im_end|>\n<|im_start|>user\n"
+)
+EDIT_PROMPT_TEMPLATE_PREFIX_TOKENS = 64
+_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 # Special tokens in the order (hence relative ids) of the real Qwen2/Qwen2.5-VL tokenizer, where they
 # take ids 151643..151664 right after the BPE vocabulary. `True` = special (never split, skipped by
@@ -178,26 +221,56 @@ _CHINESE_TEXT = """
 """.strip().splitlines()
 
 
-def _training_corpus() -> list[str]:
-    """The texts the tiny BPE is trained on (fixed, so training is deterministic)."""
+# Edit instructions, for the edit flavours' tokenizer (so typical instructions are whole words, as with the
+# real vocabulary), in English and Chinese.
+_EDIT_INSTRUCTIONS = """
+Make the square blue and keep the background.
+Change the background to a clear summer sky.
+Turn the circle into a yellow star.
+Add the text "OPEN" on the sign above the door.
+Remove the person on the left and fill the gap with grass.
+Put the cat of picture 1 on the chair of picture 2.
+Combine both pictures into one scene, in the style of picture 2.
+把正方形改成蓝色，背景保持不变。
+把背景换成晴朗的夏日天空。
+在门上方的招牌上写“营业中”。
+把图1中的猫放到图2的椅子上。
+""".strip().splitlines()
+
+
+def _templated(texts: list[str]) -> list[str]:
+    """`texts` (prompts wrapped in a template) as training text, repeated so the template is frequent."""
     specials = re.compile("|".join(re.escape(tok) for tok, _ in _ADDED_TOKENS))
-    templated = []
-    for prompt in [*_ENGLISH_SENTENCES, *_CHINESE_TEXT]:
-        text = PROMPT_TEMPLATE_PREFIX + prompt + PROMPT_TEMPLATE_SUFFIX
-        # Special tokens are matched before pre-tokenization at encode time, so they never take part in
-        # BPE merges; take them out of the training text the same way.
-        templated.extend(piece for piece in specials.split(text) if piece)
-    corpus = templated * (_TEMPLATE_REPEATS // len(_ENGLISH_SENTENCES + _CHINESE_TEXT) + 1)
+    # Special tokens are matched before pre-tokenization at encode time, so they never take part in BPE
+    # merges; take them out of the training text the same way.
+    pieces = [piece for text in texts for piece in specials.split(text) if piece]
+    return pieces * (_TEMPLATE_REPEATS // len(texts) + 1)
+
+
+def _training_corpus(task: str = GENERATE) -> list[str]:
+    """The texts the tiny BPE for `task` is trained on (fixed, so training is deterministic)."""
+    prompts = [*_ENGLISH_SENTENCES, *_CHINESE_TEXT]
+    corpus = _templated([PROMPT_TEMPLATE_PREFIX + prompt + PROMPT_TEMPLATE_SUFFIX for prompt in prompts])
     words = _ENGLISH_WORDS.split()
     corpus.append(" ".join(words))
     corpus.append(" ".join(word.capitalize() for word in words))
     corpus.extend(_ENGLISH_SENTENCES)
     corpus.extend(_CHINESE_TEXT)
+    if task != GENERATE:
+        # The edit template with one image (Edit) and with two numbered ones (Edit Plus).
+        pictures = f"Picture 1: {_IMAGE_PLACEHOLDER}Picture 2: {_IMAGE_PLACEHOLDER}"
+        edit_prompts = [
+            EDIT_PROMPT_TEMPLATE_PREFIX + images + instruction + PROMPT_TEMPLATE_SUFFIX
+            for instruction in _EDIT_INSTRUCTIONS
+            for images in (_IMAGE_PLACEHOLDER, pictures)
+        ]
+        corpus.extend(_templated(edit_prompts))
+        corpus.extend(_EDIT_INSTRUCTIONS)
     return corpus
 
 
-def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a Qwen2-style byte-level BPE on the embedded corpus; return (vocab, merges)."""
+def _train_bpe(task: str = GENERATE) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a Qwen2-style byte-level BPE on the embedded corpus for `task`; return (vocab, merges)."""
     import json
 
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -221,15 +294,18 @@ def _train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     )
     # Training involves no randomness; its output was checked to be identical across processes with
     # different hash seeds (Rust hash maps are seeded per process), and tests keep checking that.
-    tokenizer.train_from_iterator(_training_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(_training_corpus(task), trainer=trainer)
     model = json.loads(tokenizer.to_str())["model"]
     vocab = dict(model["vocab"])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return vocab, merges
 
 
-def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
-    """A ``Qwen2Tokenizer`` with a ~2.3k byte-level BPE vocabulary whose template prefix is 34 tokens."""
+def build_tiny_tokenizer(task: str = GENERATE) -> transformers.PreTrainedTokenizerBase:
+    """A ``Qwen2Tokenizer`` with a ~2.3k byte-level BPE vocabulary whose template prefix is 34 tokens.
+
+    For the edit tasks, the vocabulary also covers the edit template, whose prefix is then 64 tokens.
+    """
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2 import tokenization_qwen2
@@ -237,7 +313,8 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
     if tokenization_qwen2.PRETOKENIZE_REGEX.replace("\n", "") != _QWEN2_PRETOKENIZE_REGEX:
         raise RuntimeError("transformers' Qwen2 pre-tokenizer regex changed; update _QWEN2_PRETOKENIZE_REGEX")
 
-    vocab, merges = _train_bpe()
+    _check_task(task)
+    vocab, merges = _train_bpe(task)
     # Special tokens go right after the BPE vocabulary, in the real tokenizer's order. Putting them in
     # the model vocabulary too (not only as added tokens) pins their ids when the tokenizer is reloaded.
     for token, _ in _ADDED_TOKENS:
@@ -269,7 +346,14 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerBase:
             raise RuntimeError(f"special token {token} did not keep its id {vocab[token]}")
 
     _check_template_prefix(tokenizer, PROMPT_TEMPLATE_PREFIX, PROMPT_TEMPLATE_PREFIX_TOKENS)
+    if task != GENERATE:
+        _check_template_prefix(tokenizer, EDIT_PROMPT_TEMPLATE_PREFIX, EDIT_PROMPT_TEMPLATE_PREFIX_TOKENS)
     return tokenizer
+
+
+def _check_task(task: str) -> None:
+    if task not in TINY_MODEL_TASKS:
+        raise ConfigError(f"unknown tiny model task {task!r}: use one of {', '.join(TINY_MODEL_TASKS)}")
 
 
 def _check_template_prefix(tokenizer, prefix: str, n_tokens: int) -> None:
@@ -278,7 +362,8 @@ def _check_template_prefix(tokenizer, prefix: str, n_tokens: int) -> None:
     if len(prefix_ids) != n_tokens:
         pieces = tokenizer.convert_ids_to_tokens(prefix_ids)
         raise RuntimeError(f"template prefix is {len(prefix_ids)} tokens, not {n_tokens}: {pieces}")
-    for prompt in ("A cat", " ", "一只猫", "relationships"):
+    # "Picture 1: " is how the Edit Plus template goes on after the prefix.
+    for prompt in ("A cat", " ", "一只猫", "relationships", "Picture 1: "):
         ids = tokenizer(prefix + prompt + PROMPT_TEMPLATE_SUFFIX, add_special_tokens=False).input_ids
         if ids[:n_tokens] != prefix_ids:
             raise RuntimeError(f"the prompt {prompt!r} merges with the template prefix")
@@ -450,31 +535,90 @@ def _build_scheduler():
     )
 
 
-def build_tiny_pipeline(seed: int = TINY_MODEL_SEED) -> diffusers.QwenImagePipeline:
-    """Build the tiny pipeline on CPU (float32, torch's default dtype).
+# The released Qwen2.5-VL image processor settings (preprocessor_config.json): images are resized to
+# multiples of 28 pixels (14-pixel patches, merged 2x2 into one text-encoder token) with between 3,136 and
+# 12,845,056 pixels (4 to 16,384 tokens), and normalized with the CLIP mean and std.
+_IMAGE_PROCESSOR_CONFIG = {
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "merge_size": 2,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "resample": 3,  # bicubic
+    "rescale_factor": 1 / 255,
+}
+# The user turn's header: the edit pipelines drop the hidden states up to and including it.
+_USER_TURN = "<|im_start|>user\n"
+
+
+def build_tiny_processor(tokenizer) -> transformers.Qwen2VLProcessor:
+    """The ``Qwen2VLProcessor`` the edit pipelines feed images and text through, around `tokenizer`.
+
+    Nothing in it is tiny or random: it is the released processor's configuration.
+    """
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    # The released processor has a video processor too (it is Qwen2.5-VL's); the pipelines never use it,
+    # but transformers 5 builds one whenever it loads the processor, so it is saved with the rest.
+    video_processor = Qwen2VLVideoProcessor(
+        **{key: _IMAGE_PROCESSOR_CONFIG[key] for key in ("patch_size", "temporal_patch_size", "merge_size")}
+    )
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**_IMAGE_PROCESSOR_CONFIG),
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+    )
+
+
+def build_tiny_pipeline(seed: int = TINY_MODEL_SEED, task: str = GENERATE) -> diffusers.DiffusionPipeline:
+    """Build the tiny pipeline for `task` (see `TINY_MODEL_TASKS`) on CPU (float32, torch's default dtype).
 
     Each model's weights are drawn with torch seeded to `seed`; the caller's global RNG state is untouched.
     """
-    from diffusers import QwenImagePipeline
+    import diffusers
 
-    tokenizer = build_tiny_tokenizer()
+    _check_task(task)
+    tokenizer = build_tiny_tokenizer(task)
     text_encoder = _build_text_encoder(tokenizer, seed)
-    pipe = QwenImagePipeline(
-        scheduler=_build_scheduler(),
-        vae=_build_vae(seed),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=_build_transformer(text_encoder.config.text_config.hidden_size, seed),
-    )
-    # Check the tokenizer against the template this diffusers version actually uses.
-    prefix = pipe.prompt_template_encode.split("{}")[0]
+    components = {
+        "scheduler": _build_scheduler(),
+        "vae": _build_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "transformer": _build_transformer(text_encoder.config.text_config.hidden_size, seed),
+    }
+    if task != GENERATE:
+        components["processor"] = build_tiny_processor(tokenizer)
+    pipe = getattr(diffusers, TINY_MODEL_TASKS[task])(**components)
+    # Check the tokenizer against the template and drop count this diffusers version actually uses.
+    template = pipe.prompt_template_encode
+    prefix = template[: template.index(_USER_TURN) + len(_USER_TURN)]
     _check_template_prefix(tokenizer, prefix, pipe.prompt_template_encode_start_idx)
     return pipe
 
 
-def write_tiny_model(directory: str | pathlib.Path, seed: int = TINY_MODEL_SEED) -> pathlib.Path:
-    """Write the tiny pipeline to `directory` in diffusers format (safetensors); return the folder."""
+def write_tiny_model(directory: str | pathlib.Path, seed: int = TINY_MODEL_SEED, task: str = GENERATE) -> pathlib.Path:
+    """Write the tiny pipeline for `task` to `directory` in diffusers format (safetensors); return the folder.
+
+    `task` is "generate" (text to image: `QwenImagePipeline`), "edit" (`QwenImageEditPipeline`) or "edit-plus"
+    (`QwenImageEditPlusPipeline`); each loads with its class's `from_pretrained(directory)`.
+    """
     directory = pathlib.Path(directory)
+    pipe = build_tiny_pipeline(seed, task)
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    pipe.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def tiny_model_revision(task: str = GENERATE) -> str:
+    """The builder revision of `task`'s tiny model: a cached copy built at another revision is stale."""
+    _check_task(task)
+    if task == GENERATE:
+        return str(TINY_MODEL_REVISION)
+    return f"{TINY_MODEL_REVISION}.{TINY_EDIT_MODEL_REVISION}"

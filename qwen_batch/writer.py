@@ -3,7 +3,9 @@
 A bounded number of batches is in flight: when the storage is slow the engine waits here rather
 than piling decoded images up in RAM. A batch's part file is written after all its images, so every
 record in a part file points at a complete image. An image that cannot be written marks its row
-`failed` with the error; it is never lost silently.
+`failed` with the error; it is never lost silently. A part file that cannot be written (after the
+storage layer's retries) stops the run at the next batch, with that error: what was written stays,
+and running again resumes.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class BatchWriter:
         self._enqueue(self._write_records, records)
 
     def _enqueue(self, work, *args) -> None:
+        self._raise_first_failure()
         started = time.perf_counter()
         self._slots.acquire()
         self.wait_seconds += time.perf_counter() - started
@@ -54,10 +57,19 @@ class BatchWriter:
         future.add_done_callback(lambda _: self._slots.release())
         self._futures.append(future)
 
+    def _raise_first_failure(self) -> None:
+        """Stop the run at the first part file that could not be written even after retries: the store is
+        down or refusing writes, and every further batch would be generated only to be lost."""
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
     def _write_batch(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> list[Record]:
         for request, image, record in zip(requests, images, records, strict=True):
             relative = posixpath.join(IMAGES_FOLDER, f"{request.id}.png")
             metadata = {"id": request.id, **request.parameters(), "model": record.model}
+            if record.input_sha256:
+                metadata["input_sha256"] = record.input_sha256
             try:
                 data = encode_png(image, metadata)
                 self.output.write_bytes(relative, data)

@@ -41,6 +41,9 @@ def run_cli(*args: str) -> int:
     return main(list(args))
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 @pytest.fixture
 def manifest(tmp_path):
     rows = [
@@ -219,6 +222,22 @@ def test_tiny_model_command_writes_a_diffusers_folder(tmp_path, capsys):
     assert (tmp_path / "tiny" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("task", "pipeline"), [("edit", "QwenImageEditPipeline"), ("edit-plus", "QwenImageEditPlusPipeline")]
+)
+def test_tiny_model_command_writes_an_edit_pipeline_that_from_pretrained_loads(tmp_path, capsys, task, pipeline):
+    import diffusers
+
+    folder = tmp_path / task
+    assert main(["tiny-model", "--task", task, str(folder)]) == 0
+    assert "Qwen-Image-Edit" in capsys.readouterr().out
+    loaded = getattr(diffusers, pipeline).from_pretrained(str(folder))
+    assert type(loaded).__name__ == pipeline and loaded.processor is not None
+    # A model folder an edit manifest runs on with --model, like a downloaded Qwen/Qwen-Image-Edit.
+    manifest = REPO / "prompts" / ("edit_example.parquet" if task == "edit" else "edit_plus_example.parquet")
+    assert main(["validate", str(manifest)]) == 0
+
+
 def test_help_is_fast_and_imports_no_torch():
     code = "import sys; from qwen_batch.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
@@ -241,13 +260,15 @@ def test_a_model_that_cannot_be_loaded_exits_2_with_the_fix(tmp_path, capsys):
 
 
 def test_shards_split_the_rows_and_an_unsharded_run_merges_them(tmp_path, tiny_model, capsys):
-    from qwen_batch.manifest import shard_of
+    from qwen_batch.manifest import read_manifest
+    from qwen_batch.sharding import assign_shards
 
     rows = [small_row(f"row-{n}", f"prompt number {n}") for n in range(6)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     output = tmp_path / "out"
-    expected = {shard: sum(shard_of(row["id"], 2) == shard for row in rows) for shard in (0, 1)}
-    assert 0 < expected[0] < 6, "the fixture ids must land in both shards"
+    assignment = assign_shards(read_manifest(str(manifest)).requests, 2)
+    expected = {shard: sum(assignment[row["id"]] == shard for row in rows) for shard in (0, 1)}
+    assert expected == {0: 3, 1: 3}, "equal rows: equal shares"
 
     for shard in (0, 1):
         args = ("run", str(manifest), "--output", str(output), "--device", "cpu", "--shard", f"{shard}/2")

@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.parameters import BatchParameters
-from qwen_batch.manifest import shard_of
+from qwen_batch.manifest import read_manifest
+from qwen_batch.sharding import assign_shards
 from tests.prefect_server import PrefectStack
 from tests.support import small_row, write_manifest
 
 pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,38 @@ def test_nightly_runs_a_manifest_on_a_worker_and_the_ui_shows_the_artifacts(stac
     assert "denoise 3 of 3: 1 rows, 1 ok, 0 failed" in logged and "5 generated, 0 skipped, 1 invalid" in logged
 
 
+def test_an_edit_manifest_runs_through_the_same_deployment_with_inputs_beside_outputs(stack, tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "prompts" / "edit", tmp_path / "edit")
+    rows = [
+        {"id": "blue", "image": "edit/red-square.png", "prompt": "make the square blue"},
+        {"id": "moon", "image": "edit/sunset-hills.jpg", "prompt": "add a moon"},
+        {"id": "gone", "image": "edit/missing.png", "prompt": "x"},
+    ]
+    for row in rows:
+        row.update(width=256, height=256, num_inference_steps=2)
+    manifest = write_manifest(tmp_path / "edits.parquet", rows)
+    output = tmp_path / "out"
+
+    code, printed, run_id = run_deployment(
+        stack,
+        "qwen-image-batch/nightly",
+        *("--param", f"manifest={manifest}", "--param", f"output={output}", "--param", "batch_size=2"),
+    )
+    assert code == 1, printed + stack.logs()  # one row's input is missing: the run says so, the others ran
+    statuses = {row["id"]: row["status"] for row in results(output)}
+    assert statuses == {"blue": "ok", "moon": "ok", "gone": "failed"}
+    artifacts = stack.artifacts(run_id)
+    samples = artifacts["qwen-image-batch-samples"]["data"]
+    assert "| input | output | id | instruction |" in samples
+    assert f"({(tmp_path / 'edit' / 'red-square.png').as_uri()})" in samples  # the input, linked
+    assert f"({(output / 'images' / 'blue.png').as_uri()})" in samples  # beside its output
+    assert samples.count("](data:image/jpeg;base64,") == 4  # two inputs and two outputs shown inline
+    problems = artifacts["qwen-image-batch-problems"]["data"]
+    assert "missing.png" in problems
+
+
 def test_the_script_runs_the_flow_in_process_with_the_cli_exit_codes(stack, tmp_path, capsys):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -150,11 +184,12 @@ def test_fanout_runs_shards_on_two_workers_reports_a_failed_shard_and_resumes(st
     rows = [small_row(f"row-{n}", f"a red fox, picture {n}") for n in range(8)]
     manifest = write_manifest(tmp_path / "m.parquet", [*rows, small_row("too-wide", "a beach", width=1000)])
     output = tmp_path / "out"
-    shards = {shard: {row["id"] for row in rows if shard_of(row["id"], 2) == shard} for shard in (0, 1)}
-    assert shards[0] and shards[1], "the ids must land in both shards"
+    assignment = assign_shards(read_manifest(str(manifest)).requests, 2)
+    shards = {shard: {row["id"] for row in rows if assignment[row["id"]] == shard} for shard in (0, 1)}
+    assert shards[0] and shards[1], "the rows must land in both shards"
     # One row fails to generate: its embedding in the shared cache is corrupt (layout: docs/manifest.md).
     broken = rows[0]
-    broken_shard = shard_of(broken["id"], 2)
+    broken_shard = assignment[broken["id"]]
     entry = corrupt_cache_entry(output / "cache", broken["prompt"])
     fanout = ("--param", f"manifest={manifest}", "--param", f"output={output}", "--param", "poll_seconds=1")
 

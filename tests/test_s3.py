@@ -7,6 +7,9 @@ MinIO or R2.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import os
 import socket
 import subprocess
@@ -23,9 +26,25 @@ from tests.support import small_row, write_manifest
 ROWS = [small_row("cat", "a cat on a sofa"), small_row("zh", "一只猫", seed=3), small_row("bad", "x", width=100)]
 
 
+def readable(key: str, body: bytes) -> str:
+    """What an object says, decompressed: Parquet (zstd) as its rows, a PNG with its text chunks."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    if key.endswith(".parquet"):
+        return json.dumps(
+            pq.read_table(io.BytesIO(body), use_threads=False).to_pylist(), default=str, ensure_ascii=False
+        )
+    if key.endswith(".png"):
+        with Image.open(io.BytesIO(body)) as image:
+            return json.dumps(image.text, ensure_ascii=False) + body.decode("latin-1")
+    return body.decode("latin-1")
+
+
 def test_manifest_images_results_and_cache_on_s3_then_resume(
     s3_endpoint, s3, bucket, tmp_path, tiny_model, capsys, caplog
 ):
+    caplog.set_level(logging.INFO)  # what the CLI logs by default
     manifest = upload_manifest(s3, bucket, "manifests/m.parquet", ROWS, tmp_path)
     args = ["run", manifest, "--output", f"s3://{bucket}/runs/one", "--device", "cpu"]
     args += ["--s3-endpoint-url", s3_endpoint]
@@ -53,9 +72,12 @@ def test_manifest_images_results_and_cache_on_s3_then_resume(
     assert "generated  0" in printed.out and "skipped    2" in printed.out
     assert {row["id"]: row for row in read_results(s3, bucket, "runs/one/results.parquet")} == rows
 
-    # Credentials never reach the terminal, the logs, the results or the images.
-    everything = [first_output.out, first_output.err, printed.out, printed.err, caplog.text]
-    everything += [s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("latin-1") for key in stored]
+    # Credentials never reach the terminal, the logs, the results or the images (read decompressed:
+    # the scan finds the prompts in results.parquet and in the PNGs' metadata, so it would find a key).
+    objects = {key: readable(key, s3.get_object(Bucket=bucket, Key=key)["Body"].read()) for key in stored}
+    assert "一只猫" in objects["runs/one/results.parquet"] and "一只猫" in objects["runs/one/images/zh.png"]
+    assert "encode:" in caplog.text
+    everything = [first_output.out, first_output.err, printed.out, printed.err, caplog.text, *objects.values()]
     for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY):
         assert not any(secret in text for text in everything)
 
@@ -127,9 +149,54 @@ def test_denied_access_points_at_the_credentials(s3_requiring_credentials, capsy
     assert main(["validate", url, "--s3-endpoint-url", s3_requiring_credentials]) == 2
     error = capsys.readouterr().err
     assert f"{url}: access denied" in error and "check the credentials" in error
-    assert SECRET_ACCESS_KEY not in error
+    assert SECRET_ACCESS_KEY not in error and ACCESS_KEY_ID not in error
 
 
 @pytest.fixture(autouse=True)
 def _credentials_for_every_test(aws_environment):
     """Every test here talks to S3 with the recognisable test credentials."""
+
+
+def test_an_edit_manifest_on_s3_reads_its_inputs_from_s3_and_never_from_the_local_disk(
+    s3_endpoint, s3, bucket, tmp_path, capsys
+):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("red-square.png", "sunset-hills.jpg"):
+        s3.put_object(Bucket=bucket, Key=f"edits/inputs/{name}", Body=(repo / "prompts" / "edit" / name).read_bytes())
+    s3.put_object(
+        Bucket=bucket, Key="uploads/other.png", Body=(repo / "prompts" / "edit" / "red-square.png").read_bytes()
+    )
+    small = {"width": 256, "height": 256, "num_inference_steps": 2}
+    rows = [
+        {"id": "relative", "image": "inputs/red-square.png", "prompt": "make it blue", **small},
+        {"id": "absolute", "image": f"s3://{bucket}/edits/inputs/sunset-hills.jpg", "prompt": "add a moon", **small},
+        {"id": "local-file", "image": "file:///etc/hostname", "prompt": "x", **small},
+        {"id": "other-prefix", "image": f"s3://{bucket}/uploads/other.png", "prompt": "x", **small},
+    ]
+    manifest = upload_manifest(s3, bucket, "edits/m.parquet", rows, tmp_path)
+    args = [
+        "run",
+        manifest,
+        "--output",
+        f"s3://{bucket}/edits/out",
+        "--device",
+        "cpu",
+        "--s3-endpoint-url",
+        s3_endpoint,
+    ]
+    assert main(args) == 1  # two rows name inputs outside the manifest's prefix
+    results = {row["id"]: row for row in read_results(s3, bucket, "edits/out/results.parquet")}
+    assert results["relative"]["status"] == "ok"
+    assert results["relative"]["input_images"] == [f"s3://{bucket}/edits/inputs/red-square.png"]
+    assert results["absolute"]["status"] == "ok"
+    for row_id in ("local-file", "other-prefix"):
+        assert results[row_id]["status"] == "invalid"
+        assert "outside the allowed input locations" in results[row_id]["error"]
+
+    capsys.readouterr()
+    allowed = [*args, "--output", f"s3://{bucket}/edits/out2", "--allow-inputs", f"s3://{bucket}/uploads/"]
+    assert main(allowed) == 1  # file:///etc/... stays refused
+    results = {row["id"]: row["status"] for row in read_results(s3, bucket, "edits/out2/results.parquet")}
+    assert results == {"relative": "ok", "absolute": "ok", "local-file": "invalid", "other-prefix": "ok"}

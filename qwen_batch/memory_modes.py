@@ -1,0 +1,310 @@
+"""Put a loaded model on its device in a memory mode, and compile it.
+
+The modes (chosen per stage by `qwen_batch.planner`, or forced with --memory-mode):
+- `bf16`: resident in the run's dtype (bf16 on a GPU).
+- `fp8`: the transformer blocks' linear layers in float8. With fp8 matmuls (compute capability >= 8.9)
+  through torchao (dynamic per-row activation scales, per-row weight scales); otherwise fp8 storage
+  with bf16 compute (diffusers layerwise casting). `module.to(torch.float8_e4m3fn)` does not work: the
+  first matmul fails on mixed dtypes.
+- `offload`: weights in pinned host RAM, copied to the GPU one transformer block ahead of use on a side
+  stream (diffusers group offload); one pass over the weights per step serves the whole batch.
+- `sequential`: each layer copied to the GPU when it runs (accelerate): the last resort.
+
+Kept in bf16 under fp8 (`FP8_KEPT_BF16`): the last linear of the image MLP (`img_mlp.net.2`: vLLM-Omni
+and SGLang keep it, reporting visible degradation otherwise; its inputs are the widest-ranged
+activations of the block, right after the GELU of the 4x expansion), and everything outside the 60
+blocks: patch and text embedders, timestep embedding, the output norm and projection (0.2% of the
+weights, and the first and last layers set the scale of everything in between).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qwen_batch.errors import ConfigError
+from qwen_batch.model_source import qwen_batch_home
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_batch.planner import MemoryPlan
+
+log = logging.getLogger(__name__)
+
+RESIDENT, FP8, OFFLOAD, SEQUENTIAL = "bf16", "fp8", "offload", "sequential"
+PLACEMENT_MODES = (RESIDENT, FP8, OFFLOAD, SEQUENTIAL)
+FP8_KEPT_BF16 = (r"img_mlp\.net\.2$",)  # inside the blocks; all layers outside them stay bf16 too
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How one stage's model goes on the device."""
+
+    mode: str = RESIDENT
+    compile: bool = False
+    vae_tiling: bool = False
+    compile_cache: str | None = None  # None: $QWEN_BATCH_HOME/compile-cache
+
+    def __post_init__(self) -> None:
+        if self.mode not in PLACEMENT_MODES:
+            raise ConfigError(f"memory mode {self.mode!r}: use one of {', '.join(PLACEMENT_MODES)}")
+
+
+def fp8_compute_available(device: str) -> bool:
+    """fp8 matmuls need compute capability 8.9 (Ada) or newer, and torchao."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
+        return False
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        log.warning("torchao is not installed: fp8 falls back to fp8 storage with bf16 compute (pip install torchao)")
+        return False
+    return True
+
+
+def place_transformer(transformer: torch.nn.Module, placement: Placement, device: str, dtype: torch.dtype) -> str:
+    """Move a (CPU-loaded) QwenImageTransformer2DModel to `device` in `placement.mode`; compile it when
+    asked. Returns what was done, in words, for the log."""
+    mode = placement.mode
+    if mode == RESIDENT:
+        transformer.to(device)
+        done = f"resident in {str(dtype).removeprefix('torch.')}"
+    elif mode == FP8:
+        if fp8_compute_available(device):
+            _quantize_fp8(transformer, device)
+            done = "fp8 through torchao (dynamic activation, per-row scales), img_mlp.net.2 and embedders in bf16"
+        else:
+            _fp8_storage(transformer, dtype)
+            transformer.to(device)
+            done = "fp8 storage, bf16 compute (layerwise casting), img_mlp.net.2 and embedders in bf16"
+    elif mode == OFFLOAD:
+        _group_offload(transformer, device, offload_type="block_level")
+        done = "group offload: blocks streamed from pinned host RAM, one block ahead"
+    else:
+        _sequential_offload(transformer, device)
+        done = "sequential offload: every layer copied when it runs"
+    if placement.compile:
+        if mode in (OFFLOAD, SEQUENTIAL) or "layerwise" in done:
+            log.warning("compile is skipped under %s: its hooks move or cast weights around each layer", mode)
+        else:
+            use_compile_cache(placement.compile_cache)
+            # Regional: the 60 identical blocks share one compiled graph, so compiling costs one block.
+            transformer.compile_repeated_blocks(fullgraph=True)
+            done += f"; blocks compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
+    return done
+
+
+def place_vae(vae: torch.nn.Module, device: str, tiling: bool) -> None:
+    vae.to(device)
+    # One image at a time: the decode's peak memory (about 4 GiB at 1024x1024) no longer grows with
+    # the batch, and a row's image does not depend on what shares its batch.
+    vae.enable_slicing()
+    if tiling:
+        vae.enable_tiling()
+
+
+def place_text_encoder(text_encoder: torch.nn.Module, mode: str, device: str, dtype: torch.dtype) -> str:
+    """Move the Qwen2.5-VL text encoder to `device`. The LM head goes: encoding reads hidden states,
+    and the head's logits (vocabulary 152,064 wide) would cost 0.3 MB per token and 1 GiB of weights."""
+    import torch
+
+    if hasattr(text_encoder, "lm_head"):
+        text_encoder.lm_head = torch.nn.Identity()
+    if mode == RESIDENT:
+        text_encoder.to(device)
+        return "resident"
+    if mode == FP8:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(
+            text_encoder,
+            storage_dtype=torch.float8_e4m3fn,
+            compute_dtype=dtype,
+            skip_modules_pattern=("norm", "embed", r"visual\.patch_embed"),
+        )
+        text_encoder.to(device)
+        return "fp8 storage, bf16 compute (layerwise casting)"
+    if mode in (OFFLOAD, SEQUENTIAL):
+        _group_offload(text_encoder, device, offload_type="leaf_level")
+        return "group offload, layer by layer from pinned host RAM"
+    raise ConfigError(f"memory mode {mode!r}: use one of {', '.join(PLACEMENT_MODES)}")
+
+
+def use_compile_cache(folder: str | None) -> Path:
+    """Point inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels, autotuning) at one
+    folder, so a second process finds the compiled blocks instead of compiling them again.
+    An explicit TORCHINDUCTOR_CACHE_DIR wins over the default."""
+    if folder is None and os.environ.get(COMPILE_CACHE_ENV):
+        return Path(os.environ[COMPILE_CACHE_ENV])
+    path = Path(folder) if folder else qwen_batch_home() / "compile-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[COMPILE_CACHE_ENV] = str(path)
+    return path
+
+
+def _fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:
+    import torch
+
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith("transformer_blocks.")
+        and not any(re.search(pattern, name) for pattern in FP8_KEPT_BF16)
+    )
+
+
+def _quantize_fp8(transformer: torch.nn.Module, device: str) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    # `device=`: each linear moves to the GPU, then is quantized, so the bf16 copy never has to fit.
+    quantize_(
+        transformer,
+        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        filter_fn=_fp8_linear_filter,
+        device=device,
+    )
+    transformer.to(device)
+
+
+def _fp8_storage(transformer: torch.nn.Module, dtype: torch.dtype) -> None:
+    import torch
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    skip = (
+        *DEFAULT_SKIP_MODULES_PATTERN,
+        *(transformer._skip_layerwise_casting_patterns or ()),
+        *FP8_KEPT_BF16,
+        r"^(?!transformer_blocks)[^.]+$",  # no top-level module but the blocks
+    )
+    transformer.enable_layerwise_casting(
+        storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype, skip_modules_pattern=tuple(dict.fromkeys(skip))
+    )
+
+
+def pin_in_place(module: torch.nn.Module) -> None:
+    """Move every CPU parameter and buffer into page-locked memory, one tensor at a time, so host RAM
+    holds one copy (group offload would otherwise pin a second copy of the whole model)."""
+    import torch
+
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu":
+            tensor.data = tensor.data.cpu()
+        if not tensor.is_pinned():
+            tensor.data = tensor.data.pin_memory()
+    torch.cuda.empty_cache()
+
+
+def _group_offload(module: torch.nn.Module, device: str, offload_type: str) -> None:
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    on_gpu = device.startswith("cuda")
+    if on_gpu:
+        pin_in_place(module)
+    apply_group_offloading(
+        module,
+        onload_device=torch.device(device),
+        offload_device=torch.device("cpu"),
+        offload_type=offload_type,
+        num_blocks_per_group=1 if offload_type == "block_level" else None,
+        # A side stream prefetches the next group while this one computes; record_stream lets the
+        # allocator reclaim a used group without the host waiting for the GPU (no sync per block).
+        use_stream=on_gpu,
+        record_stream=on_gpu,
+        non_blocking=on_gpu,
+    )
+
+
+def _sequential_offload(module: torch.nn.Module, device: str) -> None:
+    import torch
+    from accelerate import cpu_offload
+
+    module.to("cpu")
+    cpu_offload(module, execution_device=torch.device(device))
+
+
+# --- A run's choice ---------------------------------------------------------------------------------
+
+COMPILE_CHOICES = ("auto", "on", "off")
+# Compiling costs ~25 s (bf16) to ~6 min (fp8) once per machine, then seconds from the cache; it saves
+# ~0.05 s per forward, 5 s per 1024x1024 image: worth it from a handful of images.
+COMPILE_MIN_IMAGES = 8
+DEFAULT_BATCH_SIZE = 4
+
+
+@dataclass(frozen=True)
+class RunMemory:
+    """What a run's two stages do with memory, decided before any model loads."""
+
+    encoder_mode: str
+    denoiser: Placement
+    batch_size: int
+    encode_batch_size: int
+    plan: MemoryPlan | None = None  # None on the CPU, where there is nothing to plan
+
+
+def plan_run_memory(
+    mode: str,
+    compile: str,
+    compile_cache: str | None,
+    batch_size: int | None,
+    encode_batch_size: int,
+    device: str,
+    requests: list,
+    task: str = "generate",
+) -> RunMemory:
+    """Resolve --memory-mode and --compile for the rows to generate; raises DoesNotFitError (a
+    ConfigError: exit 2, nothing loaded) when no mode fits this GPU and host."""
+    from qwen_batch.planner import MEMORY_MODES, Job, detect_machine, plan_memory
+
+    if mode not in MEMORY_MODES:
+        raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
+    if compile not in COMPILE_CHOICES:
+        raise ConfigError(f"--compile {compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
+    if not device.startswith("cuda"):
+        if mode in (OFFLOAD, SEQUENTIAL):
+            raise ConfigError(
+                f"--memory-mode {mode} streams weights from host RAM to a GPU; on the CPU use auto, bf16 or fp8"
+            )
+        chosen = RESIDENT if mode == "auto" else mode
+        return RunMemory(
+            encoder_mode=chosen,
+            denoiser=Placement(chosen, compile=compile == "on", compile_cache=compile_cache),
+            batch_size=batch_size or DEFAULT_BATCH_SIZE,
+            encode_batch_size=encode_batch_size,
+        )
+    # Plan for the largest image (edit rows without a size come out at about 1024x1024).
+    largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
+    job = Job(
+        width=(largest.width if largest else None) or 1024,
+        height=(largest.height if largest else None) or 1024,
+        steps=max((r.num_inference_steps for r in requests), default=50),
+        true_cfg=any(r.uses_cfg for r in requests) or not requests,
+        task=task,
+        batch_size=batch_size,
+        compile=compile != "off",
+    )
+    plan = plan_memory(detect_machine(device), job, mode, encode_batch_size)
+    denoise = plan.denoise
+    compiled = compile == "on" or (
+        compile == "auto"
+        and denoise.mode in (RESIDENT, FP8)
+        and (denoise.mode == RESIDENT or plan.machine.fp8_compute)
+        and len(requests) >= COMPILE_MIN_IMAGES
+    )
+    return RunMemory(
+        encoder_mode=plan.encode.mode,
+        denoiser=Placement(denoise.mode, compile=compiled, vae_tiling=denoise.vae_tiling, compile_cache=compile_cache),
+        batch_size=denoise.batch_size,
+        encode_batch_size=plan.encode.batch_size,
+        plan=plan,
+    )

@@ -1,0 +1,119 @@
+"""The memory planner: which mode and batch fit a GPU and host, what it predicts, and its refusals.
+
+Pure arithmetic (no GPU, no torch). The predictions are checked against the peaks measured on an H100
+with full-size random weights (bench/results/qwen_image_gpu_h100.jsonl): a planner change that would
+have let a measured run exceed its prediction fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_batch.cli import main
+from qwen_batch.planner import DoesNotFitError, Job, Machine, plan_encode, plan_memory
+
+RESULTS = Path(__file__).parents[1] / "bench" / "results" / "qwen_image_gpu_h100.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("gpu", "host", "mode", "batch", "encoder"),
+    [
+        (80, 128, "bf16", 4, "bf16"),
+        (48, 128, "bf16", 4, "bf16"),  # the staged design: the 17 GB encoder is gone before the DiT loads
+        (24, 128, "fp8", 1, "bf16"),
+        (16, 128, "offload", 5, "fp8"),  # batch raised: one pass over the weights serves 5 images
+        (12, 128, "offload", 5, "fp8"),
+        (8, 128, "offload", 5, "offload"),
+    ],
+)
+def test_each_card_size_gets_the_fastest_mode_that_fits(gpu, host, mode, batch, encoder):
+    plan = plan_memory(Machine(gpu_gib=gpu, host_gib=host), Job())
+    assert (plan.denoise.mode, plan.denoise.batch_size, plan.encode.mode) == (mode, batch, encoder)
+    assert plan.denoise.peak_gpu_gib <= gpu - 0.5 and plan.encode.peak_gpu_gib <= gpu - 0.5
+
+
+def test_offload_is_near_resident_speed_and_sequential_is_not_chosen_when_offload_fits():
+    machine = Machine(gpu_gib=16, host_gib=128)
+    offload = plan_memory(machine, Job()).denoise
+    resident = plan_memory(Machine(gpu_gib=80, host_gib=128), Job(compile=False)).denoise
+    assert offload.seconds_per_image[1] < 2 * resident.seconds_per_image[1]
+    assert offload.seconds_per_image_pcie4 is not None  # the consumer-card link is predicted too
+    sequential = plan_memory(machine, Job(), mode="sequential").denoise
+    assert sequential.seconds_per_image[0] > 2 * offload.seconds_per_image[1]
+
+
+def test_without_fp8_matmuls_fp8_means_fp8_storage():
+    plan = plan_memory(Machine(gpu_gib=24, host_gib=128, fp8_compute=False), Job())
+    assert plan.denoise.mode == "fp8" and "layerwise casting" in plan.denoise.how
+    assert plan.denoise.seconds_per_image[0] > plan_memory(Machine(24, 128), Job()).denoise.seconds_per_image[0]
+
+
+def test_bigger_images_and_edits_need_more_memory_and_time():
+    machine = Machine(gpu_gib=80, host_gib=128)
+    small = plan_memory(machine, Job(batch_size=4)).denoise
+    large = plan_memory(machine, Job(width=1664, height=928, batch_size=4)).denoise  # 1.5x the pixels
+    edit = plan_memory(machine, Job(task="edit", batch_size=4)).denoise  # the input image's tokens ride along
+    assert small.peak_gpu_gib < large.peak_gpu_gib and small.peak_gpu_gib < edit.peak_gpu_gib
+    assert small.seconds_per_image[0] < large.seconds_per_image[0] < edit.seconds_per_image[0]
+
+
+def test_too_little_host_ram_for_offload_is_refused_with_the_numbers():
+    with pytest.raises(DoesNotFitError) as refused:
+        plan_memory(Machine(gpu_gib=16, host_gib=32), Job())
+    message = str(refused.value)
+    assert "offload needs about 71 GiB of host RAM; this machine has 32" in message
+    assert "bf16 needs about" in message and "fp8 needs about" in message
+
+
+def test_a_forced_mode_or_batch_that_does_not_fit_is_refused():
+    with pytest.raises(DoesNotFitError, match=r"bf16 needs about .* GiB of GPU memory at batch 1.*--memory-mode auto"):
+        plan_memory(Machine(gpu_gib=24, host_gib=128), Job(), mode="bf16")
+    with pytest.raises(DoesNotFitError, match="at batch 64"):
+        plan_memory(Machine(gpu_gib=48, host_gib=128), Job(batch_size=64), mode="bf16")
+
+
+def test_a_tiny_gpu_is_refused_because_of_the_text_encoder():
+    with pytest.raises(DoesNotFitError, match="text encoder does not fit a 3 GiB GPU"):
+        plan_memory(Machine(gpu_gib=3, host_gib=128), Job())
+
+
+def test_the_h100_measurements_stayed_under_the_current_predictions():
+    runs = [json.loads(line) for line in RESULTS.read_text().splitlines()]
+    checked = 0
+    for run in runs:
+        if run.get("run") != "engine" or "denoise" not in run:
+            continue
+        job = Job(width=run["width"], height=run["height"], steps=run["steps_run"], batch_size=run["batch_size"])
+        machine = Machine(gpu_gib=run.get("planned_for_gib") or 80, host_gib=125)
+        plan = plan_memory(machine, job, run["mode"])
+        assert run["denoise"]["peak_gpu_gib"] <= plan.denoise.peak_gpu_gib, run["label"]
+        assert run["encode"]["peak_gpu_gib"] <= plan_encode(machine, job, run["encoder_mode"]).peak_gpu_gib
+        if run["mode"] == "offload":
+            assert run["peak_host_gib_denoise"] <= plan.denoise.host_gib + 30, run["label"]  # see docs/memory.md
+        checked += 1
+    assert checked >= 6
+
+
+def test_plan_command_prints_both_stages_and_exits_2_when_nothing_fits(capsys):
+    assert main(["plan", "--gpu-memory", "24", "--host-memory", "64", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "encode: bf16" in printed and "denoise: fp8" in printed and "batch size 1" in printed
+    assert main(["plan", "--gpu-memory", "16", "--host-memory", "32", "-q"]) == 2
+    assert "this machine has 32" in capsys.readouterr().err
+    assert main(["plan", "--gpu-memory", "16", "--host-memory", "128", "--json", "-q"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["denoise"]["mode"] == "offload" and plan["denoise"]["host_gib"] > 40
+
+
+def test_plan_with_sizes_given_does_not_import_torch():
+    code = (
+        "import sys; from qwen_batch.cli import main; "
+        "main(['plan', '--gpu-memory', '80', '--host-memory', '128', '-q']); print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("False")
