@@ -1,0 +1,210 @@
+"""Full-size Qwen-Image components with random weights, built straight on the GPU: no download.
+
+Random weights cost the same FLOPs and bytes as the released ones, so speed and memory measured on
+them hold for the real model (image quality does not). Building the 20 B transformer on the GPU in
+bf16 takes seconds; on the CPU in fp32 it would need 82 GB.
+
+`full_size_source()` is a `ModelSource` whose loader builds these modules, so a benchmark runs them
+through qwen-batch's own engine, exactly as the CLI does for a model on disk. The tokenizer and the
+scheduler's configuration come from the tiny model (its scheduler config is the released one; its
+tokenizer's ids fit the real 152,064-token vocabulary), so nothing needs the network.
+
+Kept free of Prefect and S3: the GPU machine has neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from qwen_batch.model_source import ModelSource, ensure_tiny_model, register_model
+
+FULL_SIZE_MODEL = "full-size-random"
+
+# QwenImageTransformer2DModel as released (Qwen/Qwen-Image transformer/config.json).
+TRANSFORMER_CONFIG = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
+}
+# Qwen2.5-VL-7B as released (Qwen/Qwen-Image text_encoder/config.json).
+TEXT_CONFIG = {
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-6,
+    "use_sliding_window": False,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+    "tie_word_embeddings": False,
+}
+VISION_CONFIG = {
+    "depth": 32,
+    "hidden_size": 1280,
+    "hidden_act": "silu",
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "in_channels": 3,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "tokens_per_second": 2,
+    "window_size": 112,
+    "out_hidden_size": 3584,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+}
+
+
+@contextlib.contextmanager
+def _building(device: str, dtype: torch.dtype, seed: int) -> Iterator[None]:
+    """Construct modules directly on `device` in `dtype`, from a fixed seed (same weights every run)."""
+    previous = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_transformer(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0, **overrides: Any):
+    from diffusers import QwenImageTransformer2DModel
+
+    with _building(device, dtype, seed):
+        return QwenImageTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides}).eval()
+
+
+def build_text_encoder(tokenizer, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 1):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **TEXT_CONFIG,
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config=VISION_CONFIG,
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    with _building(device, dtype, seed):
+        return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_vae(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 2):
+    from diffusers import AutoencoderKLQwenImage
+
+    with _building(device, dtype, seed):
+        return AutoencoderKLQwenImage().eval()  # the library defaults are the released configuration
+
+
+def tiny_tokenizer_and_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer
+
+    folder = ensure_tiny_model()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
+    return tokenizer, scheduler
+
+
+def build_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, **components: None):
+    """A full-size `QwenImagePipeline` on `device`; components passed as None are not built."""
+    from diffusers import QwenImagePipeline
+
+    tokenizer, scheduler = tiny_tokenizer_and_scheduler()
+    wanted = {name for name in ("text_encoder", "tokenizer", "transformer", "vae") if name not in components}
+    return QwenImagePipeline(
+        scheduler=scheduler,
+        tokenizer=tokenizer if "tokenizer" in wanted else None,
+        text_encoder=build_text_encoder(tokenizer, device, dtype) if "text_encoder" in wanted else None,
+        transformer=build_transformer(device, dtype) if "transformer" in wanted else None,
+        vae=build_vae(device, dtype) if "vae" in wanted else None,
+    )
+
+
+class EmulatedGpu:
+    """Cap this process's GPU memory to emulate a smaller card (`set_per_process_memory_fraction`).
+
+    The cap binds PyTorch's allocator only (a real card also loses ~0.5 GiB to the CUDA context,
+    which the planner sets aside). It is lifted while the random weights are built, as reading a
+    model from disk into host RAM needs no GPU memory.
+    """
+
+    def __init__(self, gib: float | None):
+        self.gib = gib
+
+    def apply(self) -> None:
+        if torch.cuda.is_available():
+            total = torch.cuda.get_device_properties(0).total_memory
+            fraction = 1.0 if self.gib is None else min(1.0, self.gib * 2**30 / total)
+            torch.cuda.set_per_process_memory_fraction(fraction)
+
+    def lift(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def full_size_source(
+    gpu: EmulatedGpu | None = None,
+    on_host: Callable[[str], bool] = lambda stage: False,
+    device: str = "cuda",
+    timings: dict[str, float] | None = None,
+    name: str = FULL_SIZE_MODEL,
+    tiny: bool = False,
+) -> ModelSource:
+    """Register and return a model source that builds the full-size random model.
+
+    `on_host(stage)` ("encode" or "denoise") says, at load time, whether to hand the modules over in host RAM (as `from_pretrained`
+    does), for memory modes that place weights themselves (fp8 quantizes layer by layer; offload pins
+    and streams); otherwise they stay where they were built. The load's GPU peak is reset afterwards,
+    so a stage's peak counts what its memory mode holds, not the building. `tiny=True` loads the tiny
+    model instead (a dry run of a benchmark on the CPU).
+    """
+    gpu = gpu or EmulatedGpu(None)
+
+    def loader(dtype: torch.dtype, **components: None):
+        started = time.perf_counter()
+        gpu.lift()
+        if tiny:
+            from diffusers import QwenImagePipeline
+
+            pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=dtype, **components)
+        else:
+            pipe = build_pipeline(device, dtype, **components)
+        if on_host("encode" if "transformer" in components else "denoise"):
+            for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
+                if module is not None:
+                    module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        gpu.apply()
+        if timings is not None:
+            timings["build_seconds"] = timings.get("build_seconds", 0.0) + time.perf_counter() - started
+        return pipe
+
+    source = ModelSource(name=name, location=f"memory:{name}", loader=loader)
+    register_model(source)
+    return source

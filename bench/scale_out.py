@@ -1,0 +1,200 @@
+"""Scale-out benchmark: one manifest on 1 GPU, then on N GPUs as N shard processes, full-size weights.
+
+Each shard is the same entry point the `qwen-image-batch/shard` deployment runs (`engine.run` with
+`shard_index/shard_count`), started directly as a process pinned to its GPU with
+CUDA_VISIBLE_DEVICES (no Prefect server on the GPU machine). Every process pays its own model load
+(the random full-size weights are built on its GPU) and encodes its own rows, as a worker does; the
+wall time counts all of it, from the first process's start to the merged results.parquet.
+
+    python bench/scale_out.py --gpus 2 --json bench/results/scale_out_h100x2.json
+
+The manifest mixes sizes (512x512, 1024x1024, 1664x928, in a seeded random order), the case where a split by row count leaves
+one GPU idle at the end; the report gives the measured idle tail of the cost-balanced split, and the
+idle tail a split by id hash would have had, predicted with the same cost model.
+`--tiny` runs the same code on the CPU with the tiny model (a dry run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = [(512, 512), (1024, 1024), (1664, 928)]
+
+
+def write_manifest(path: Path, rows: int, steps: int) -> Path:
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chooser = random.Random(0)  # a seeded mix, in no tidy order: as a real manifest comes
+    sizes = [chooser.choice(SIZES) for _ in range(rows)]
+    table = pa.table(
+        {
+            "id": [f"row-{n:04d}" for n in range(rows)],
+            "prompt": [f"a lighthouse on a cliff at dusk, study number {n}" for n in range(rows)],
+            "width": pa.array([w for w, _ in sizes], pa.int64()),
+            "height": pa.array([h for _, h in sizes], pa.int64()),
+            "seed": pa.array(range(rows), pa.int64()),
+            "num_inference_steps": pa.array([steps] * rows, pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def run_shard(args) -> None:
+    """One process: the engine over shard K/N of the manifest, timed; writes a JSON line."""
+    from bench.full_size import FULL_SIZE_MODEL, full_size_source
+    from qwen_batch.engine import RunConfig, run
+
+    started = time.time()
+    timings: dict[str, float] = {}
+    device = "cpu" if args.tiny else "cuda"
+    full_size_source(device=device, timings=timings, tiny=args.tiny)
+    index, count = (int(part) for part in args.shard.split("/"))
+    summary = run(
+        RunConfig(
+            manifest=args.manifest,
+            output=args.output,
+            model=FULL_SIZE_MODEL,
+            batch_size=args.batch_size,
+            device=device,
+            memory_mode="bf16" if not args.tiny else "auto",
+            compile="off",  # each process would pay its own compile: kept out of the comparison
+            shard_index=index,
+            shard_count=count,
+        )
+    )
+    record = {
+        "shard": args.shard,
+        "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "started": started,
+        "finished": time.time(),
+        "rows": summary.rows,
+        "generated": summary.generated,
+        "failed": summary.failed,
+        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+        "encode_seconds": round(summary.encode.seconds, 2),
+        "denoise_seconds": round(summary.denoise.seconds, 2),
+        "peak_gpu_gib_denoise": summary.denoise.peak_gpu_gib,
+    }
+    with open(args.record, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def launch(manifest: Path, output: Path, gpus: int, args, record: Path) -> list[subprocess.Popen]:
+    processes = []
+    for index in range(gpus):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
+        command = [sys.executable, __file__, "shard", "--manifest", str(manifest), "--output", str(output)]
+        command += ["--shard", f"{index}/{gpus}", "--batch-size", str(args.batch_size), "--record", str(record)]
+        command += ["--tiny"] if args.tiny else []
+        processes.append(subprocess.Popen(command, env=env))
+    return processes
+
+
+def timed_run(manifest: Path, output: Path, gpus: int, args, work: Path) -> dict:
+    """N shard processes at once, then the merge; wall time from launch to merged results."""
+    from bench.full_size import FULL_SIZE_MODEL, full_size_source
+    from qwen_batch.engine import RunConfig, run
+
+    record = work / f"shards-{gpus}.jsonl"
+    started = time.time()
+    codes = [process.wait() for process in launch(manifest, output, gpus, args, record)]
+    full_size_source(device="cpu", tiny=args.tiny)  # the merge loads no model: every row is done
+    merged = run(RunConfig(manifest=str(manifest), output=str(output), model=FULL_SIZE_MODEL, device="cpu"))
+    wall = time.time() - started
+    shards = [json.loads(line) for line in record.read_text().splitlines()]
+    finishes = sorted(shard["finished"] - started for shard in shards)
+    return {
+        "gpus": gpus,
+        "exit_codes": codes,
+        "wall_seconds": round(wall, 2),
+        "images": merged.rows - merged.invalid - merged.failed,
+        "merged_rows": merged.rows,
+        "merged_failed": merged.failed,
+        "images_per_hour": round(merged.rows / wall * 3600, 1),
+        "shards": shards,
+        # The GPUs that finished first wait for the last: that wait, as a share of the wall time.
+        "measured_idle_tail": round(sum(finishes[-1] - f for f in finishes) / (len(finishes) * finishes[-1]), 4),
+    }
+
+
+def predicted_tails(manifest: Path, gpus: int) -> dict:
+    import hashlib
+
+    from qwen_batch.manifest import read_manifest
+    from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
+
+    requests = read_manifest(str(manifest)).requests
+    balanced = shard_costs(requests, assign_shards(requests, gpus), gpus)
+    by_hash = {r.id: int.from_bytes(hashlib.sha256(r.id.encode()).digest()[:8], "big") % gpus for r in requests}
+    by_count = {r.id: n % gpus for n, r in enumerate(requests)}
+    return {
+        "cost_balanced": round(idle_tail(balanced), 4),
+        "id_hash": round(idle_tail(shard_costs(requests, by_hash, gpus)), 4),
+        "row_count_round_robin": round(idle_tail(shard_costs(requests, by_count, gpus)), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    shard = commands.add_parser("shard")
+    shard.add_argument("--manifest", required=True)
+    shard.add_argument("--output", required=True)
+    shard.add_argument("--shard", required=True)
+    shard.add_argument("--batch-size", type=int, default=4)
+    shard.add_argument("--record", required=True)
+    shard.add_argument("--tiny", action="store_true")
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
+    args = parser.parse_args(argv)
+    if args.command == "shard":
+        run_shard(args)
+        return
+
+    import torch
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="qwen-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    manifest = write_manifest(work / "manifest.parquet", args.rows, args.steps)
+    result = {
+        "benchmark": "scale_out",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "gpu_count": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "rows": args.rows,
+        "steps": args.steps,
+        "sizes": SIZES,
+        "batch_size": args.batch_size,
+        "predicted_idle_tail": predicted_tails(manifest, args.gpus),
+    }
+    result["one"] = timed_run(manifest, work / "out-1", 1, args, work)
+    result["many"] = timed_run(manifest, work / f"out-{args.gpus}", args.gpus, args, work)
+    result["speedup"] = round(result["one"]["wall_seconds"] / result["many"]["wall_seconds"], 3)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
