@@ -137,11 +137,14 @@ def _read_inputs(
 class EditEncoder:
     """The VL encoder, processor and VAE of an edit model, on one device (no transformer)."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, memory_mode: str = "bf16"):
+        from qwen_batch.memory_modes import place_text_encoder
+
         self.device, self.dtype = device, dtype
         self.pipe = load_pipeline(source, dtype, transformer=None)
         self.plus = type(self.pipe).__name__ == "QwenImageEditPlusPipeline"
-        self.pipe.text_encoder.to(device)
+        # The encoder's memory mode is the planner's, as for text-to-image; the VAE is small (127 M).
+        self.memory_mode = place_text_encoder(self.pipe.text_encoder, memory_mode, device, dtype)
         self.pipe.vae.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -210,6 +213,7 @@ def encode_edit_inputs(
     max_pixels: int,
     batch_size: int = 8,
     progress: Progress | None = None,
+    memory_mode: str = "bf16",
 ) -> EncodeStats:
     """Stage 1 for edit rows: afterwards every readable row has its tensors in `cache`."""
     progress = progress or Silent()
@@ -248,7 +252,7 @@ def encode_edit_inputs(
             if todo:
                 if encoder is None:
                     reset_peak_memory(device)
-                    encoder = EditEncoder(source, device, dtype)
+                    encoder = EditEncoder(source, device, dtype, memory_mode)
                 _encode_rows(encoder, cache, todo, present, stats)
             for row in batch:
                 release(row.request)

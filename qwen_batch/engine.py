@@ -278,6 +278,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             plan.config.max_input_pixels,
             batch_size=plan.encode_batch_size,
             progress=progress,
+            memory_mode=plan.memory.encoder_mode if plan.memory else "bf16",
         )
     texts = [text for request in requests for text in request.texts]
     return encode_texts(

@@ -264,3 +264,14 @@ def test_task_detection_and_mismatched_models(inputs, tmp_path):
         read_manifest(str(tmp_path / "t2i.parquet"), task="edit")
     with pytest.raises(ManifestError, match="--task edit"):
         read_manifest(str(manifest), task="generate")  # 'image' is a results column for text-to-image
+
+
+def test_the_edit_encoder_follows_the_memory_mode(inputs, tmp_path):
+    """fp8 storage for the VL encoder (as a small GPU gets it) still edits every row."""
+    folder = tmp_path / "fp8"
+    shutil.copytree(inputs / "img", folder / "img")
+    manifest = write_edit_manifest(folder / "m.parquet", ROWS[1:2])
+    plan = plan_run(RunConfig(str(manifest), str(folder / "out"), device="cpu", memory_mode="fp8"))
+    assert plan.memory.encoder_mode == "fp8"
+    summary = finalize(plan, encode_stage(plan), denoise_stage(plan))
+    assert summary.generated == 1 and summary.exit_code == 0
