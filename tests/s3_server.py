@@ -11,7 +11,6 @@ import socket
 import uuid
 from pathlib import Path
 
-import boto3
 import pyarrow.parquet as pq
 import pytest
 
@@ -55,6 +54,8 @@ def aws_environment(monkeypatch):
 
 @pytest.fixture
 def s3(s3_endpoint, aws_environment):
+    import boto3  # here, not at import: the GPU machine runs the gpu tests without boto3
+
     return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
 
 
