@@ -52,7 +52,13 @@ class JobParameters(BaseModel):
         description="Qwen/Qwen-Image (a hub id, downloaded once per worker), a diffusers folder on the worker, "
         "or 'tiny': random weights for trying the pipeline (its images are noise).",
     )
-    batch_size: int = Field(4, ge=1, le=64, description="Images per transformer batch.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Images per transformer batch; empty: the memory planner's choice for the worker's GPU "
+        "(4 when the model is resident, more when weights stream from host RAM, so each copy serves more images).",
+    )
     chunk_size: int = Field(
         32,
         ge=1,

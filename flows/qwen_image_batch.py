@@ -236,7 +236,7 @@ def qwen_image_batch(params: BatchParameters) -> dict[str, Any]:
     progress = ArtifactProgress(artifact_key(FLOW_NAME, "progress", params.shard), total=len(plan.todo))
     try:
         encoded = encode(quote(plan), progress)
-        chunks = make_chunks(plan.todo, params.batch_size, params.chunk_size)
+        chunks = make_chunks(plan.todo, plan.batch_size, params.chunk_size)
         denoised = [denoise(quote(plan), chunk, progress, index, len(chunks)) for index, chunk in enumerate(chunks, 1)]
     finally:
         release_generator()  # free the transformer, also after a failure

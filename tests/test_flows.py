@@ -40,7 +40,8 @@ def test_the_ui_form_is_the_model_flat_with_every_field_described_and_limited(fl
         assert field["description"] == " ".join(model.model_fields[name].description.split()), name
         assert field["default"] == model.model_fields[name].default, name
     assert schema["required"] == []  # the defaults run the example on the tiny model
-    assert (properties["batch_size"]["minimum"], properties["batch_size"]["maximum"]) == (1, 64)
+    limited = properties["batch_size"]["anyOf"][0]  # a number from 1 to 64, or empty: the planner's choice
+    assert (limited["minimum"], limited["maximum"], properties["batch_size"]["default"]) == (1, 64, None)
     assert properties["dtype"]["enum"] == ["auto", "bf16", "fp32"]
     assert properties["device"]["pattern"] == r"^(auto|cpu|cuda(:\d+)?)$"
     assert properties["manifest"]["default"] == "prompts/example.parquet"
