@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.cache import EmbeddingCache, cache_namespace
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
+from qwen_batch.errors import ModelError
 from qwen_batch.memory_modes import place_text_encoder
 from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
+from qwen_batch.oom import is_out_of_memory, retry_in_halves
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder
 
@@ -119,21 +121,36 @@ def encode_texts(
         # Similar lengths share a batch, so padding wastes little compute.
         order = sorted(range(len(todo)), key=counts.__getitem__)
         progress.start("encode", len(todo), "texts")
-        for begin in range(0, len(order), batch_size):
-            rows = order[begin : begin + batch_size]
-            embeddings = encoder.encode([todo[row] for row in rows])
+
+        def encode_batch(rows: list[int]) -> None:
+            try:
+                embeddings = encoder.encode([todo[row] for row in rows])
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                if len(rows) == 1:
+                    raise ModelError(
+                        f"the text encoder ran out of GPU memory on a single prompt of {counts[rows[0]]} tokens "
+                        f"({error}); free the GPU or use --memory-mode offload. Texts encoded so far stay cached."
+                    ) from error
+                embeddings = None  # retried below, once the error no longer holds the attempt's tensors
+            if embeddings is None:
+                retry_in_halves(rows, encode_batch, device)
+                return
             for row, embedding in zip(rows, embeddings, strict=True):
                 truncated = counts[row] > MAX_TEXT_TOKENS
                 stats.truncated += truncated
                 cache.put(todo[row], embedding, truncated=truncated)
             stats.encoded += len(rows)
             progress.advance(len(rows))
+
+        for begin in range(0, len(order), batch_size):
+            encode_batch(order[begin : begin + batch_size])
         progress.finish()
         memory = gpu_memory_gib(device)
         stats.peak_gpu_gib = memory[1] if memory else None
     finally:
-        encoder.close()
-        del encoder
+        encoder.close()  # drops the pipeline: nothing of the encoder's stays referenced
         release_memory(device)
         _log_memory("encode: text encoder freed", device)
     stats.seconds = time.perf_counter() - started

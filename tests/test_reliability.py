@@ -111,6 +111,40 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves_and_only_a_row_that_neve
     assert "row 3 id='huge' failed: OutOfMemoryError: CUDA out of memory" in printed
 
 
+def test_the_text_encoder_out_of_gpu_memory_halves_its_batch_and_a_single_prompt_stops_cleanly(
+    tmp_path, tiny_model, monkeypatch, capsys
+):
+    import torch
+
+    from qwen_batch.encode import PromptEncoder
+
+    original = PromptEncoder.encode
+    sizes: list[int] = []
+
+    def encode(self, texts):
+        sizes.append(len(texts))
+        if len(texts) > 1 or any("never fits" in text for text in texts):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(self, texts)
+
+    monkeypatch.setattr(PromptEncoder, "encode", encode)
+    monkeypatch.setattr("qwen_batch.oom.release_memory", lambda device: None)
+    rows = [small_row(f"r{n}", f"prompt number {n}", true_cfg_scale=1.0) for n in range(3)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    assert (
+        main(["run", str(manifest), "--device", "cpu", "--encode-batch-size", "4", "-q", "-o", str(tmp_path / "a")])
+        == 0
+    )
+    assert sizes == [3, 2, 1, 1, 1]  # halved down to single prompts, every image made
+    assert all(row["status"] == "ok" for row in results(tmp_path / "a").values())
+
+    manifest = write_manifest(tmp_path / "m2.parquet", [small_row("x", "it never fits", true_cfg_scale=1.0)])
+    capsys.readouterr()
+    assert main(["run", str(manifest), "--device", "cpu", "-q", "-o", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err
+    assert "the text encoder ran out of GPU memory on a single prompt" in error and "Traceback" not in error
+
+
 def test_what_counts_as_out_of_memory():
     import torch
 
