@@ -324,12 +324,36 @@ def _encode_rows(
             cache.put_tensors(key, {"latents": latents}, {"width": str(width), "height": str(height)})
             present.add(key)
     if texts:
-        embeddings = encoder.encode_texts([(text, images) for _, text, _, images in texts])
+        embeddings = _encode_in_halves(encoder, [(text, images) for _, text, _, images in texts])
         for (key, _, truncated, _), embedding in zip(texts, embeddings, strict=True):
             cache.put_embedding(key, embedding, truncated)
             present.add(key)
             stats.encoded += 1
             stats.truncated += truncated
+
+
+def _encode_in_halves(encoder: EditEncoder, items: list[tuple[str, Sequence[Image.Image]]]) -> list[torch.Tensor]:
+    """`encode_texts`, retried in halves when the GPU runs out of memory (as stage 2 does)."""
+    from qwen_batch.errors import ModelError
+    from qwen_batch.oom import halves, is_out_of_memory
+
+    try:
+        return encoder.encode_texts(items)
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        if len(items) == 1:
+            raise ModelError(
+                f"the edit encoder ran out of GPU memory on a single instruction with its image ({error}); "
+                "free the GPU or use --memory-mode offload. Inputs encoded so far stay cached."
+            ) from error
+    # Out of memory: retried here, once the error no longer holds the attempt's tensors.
+    first, second = halves(items)
+    log.warning(
+        "edit encoder out of GPU memory with %d texts; retrying as %d and %d", len(items), len(first), len(second)
+    )
+    release_memory(encoder.device)
+    return _encode_in_halves(encoder, first) + _encode_in_halves(encoder, second)
 
 
 @dataclass(frozen=True)

@@ -275,3 +275,24 @@ def test_the_edit_encoder_follows_the_memory_mode(inputs, tmp_path):
     assert plan.memory.encoder_mode == "fp8"
     summary = finalize(plan, encode_stage(plan), denoise_stage(plan))
     assert summary.generated == 1 and summary.exit_code == 0
+
+
+def test_the_edit_encoder_out_of_gpu_memory_halves_its_batch(inputs, tmp_path, monkeypatch):
+    from qwen_batch.edit import EditEncoder
+
+    original = EditEncoder.encode_texts
+    sizes: list[int] = []
+
+    def encode_texts(self, items):
+        sizes.append(len(items))
+        if len(items) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return original(self, items)
+
+    monkeypatch.setattr(EditEncoder, "encode_texts", encode_texts)
+    folder = tmp_path / "oom"
+    shutil.copytree(inputs / "img", folder / "img")
+    manifest = write_edit_manifest(folder / "m.parquet", [{**row, "true_cfg_scale": 1.0} for row in ROWS[1:4]])
+    summary = run(RunConfig(str(manifest), str(folder / "out"), device="cpu", encode_batch_size=8))
+    assert summary.exit_code == 0 and summary.generated == 3
+    assert sizes == [3, 2, 1, 1, 1]  # halved down to single instructions, every row edited
