@@ -306,16 +306,16 @@ def encode_edit_inputs(
 def _encode_rows(
     encoder: EditEncoder, cache: EmbeddingCache, rows: list[_RowInputs], present: set[str], stats: EncodeStats
 ) -> None:
-    texts: list[tuple[str, str, bool, Sequence[Image.Image]]] = []  # (key, text to encode, truncated, images)
+    texts: dict[str, tuple[str, bool, Sequence[Image.Image]]] = {}  # key -> (text to encode, truncated, images)
     for row in rows:
         for text in row.request.texts:
             key = _text_key(row.shas, text)
             stats.texts += 1
-            if key in present or any(key == queued for queued, *_ in texts):
+            if key in present or key in texts:
                 stats.cached += key in present
                 continue
             fitted, truncated = encoder.fit_text(text)
-            texts.append((key, fitted, truncated, row.images))
+            texts[key] = (fitted, truncated, row.images)
         for sha, image in zip(row.shas, row.images, strict=True):
             key = _latents_key(sha)
             if key in present:
@@ -324,8 +324,8 @@ def _encode_rows(
             cache.put_tensors(key, {"latents": latents}, {"width": str(width), "height": str(height)})
             present.add(key)
     if texts:
-        embeddings = _encode_in_halves(encoder, [(text, images) for _, text, _, images in texts])
-        for (key, _, truncated, _), embedding in zip(texts, embeddings, strict=True):
+        embeddings = _encode_in_halves(encoder, [(text, images) for text, _, images in texts.values()])
+        for (key, (_, truncated, _)), embedding in zip(texts.items(), embeddings, strict=True):
             cache.put_embedding(key, embedding, truncated)
             present.add(key)
             stats.encoded += 1

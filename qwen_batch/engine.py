@@ -104,8 +104,8 @@ class RunPlan:
     fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
     todo: list[Request]  # rows to generate
     skipped: list[Request]  # rows whose image and result already exist with the same parameters
-    pipeline_class: str = "QwenImagePipeline"
-    memory: RunMemory | None = None  # None: resident, batches of config.batch_size or 4
+    pipeline_class: str  # QwenImagePipeline, QwenImageEditPipeline or QwenImageEditPlusPipeline
+    memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
 
     @property
     def is_edit(self) -> bool:
@@ -113,11 +113,11 @@ class RunPlan:
 
     @property
     def batch_size(self) -> int:
-        return self.memory.batch_size if self.memory else self.config.batch_size or 4
+        return self.memory.batch_size
 
     @property
     def encode_batch_size(self) -> int:
-        return self.memory.encode_batch_size if self.memory else self.config.encode_batch_size
+        return self.memory.encode_batch_size
 
 
 @dataclass
@@ -278,7 +278,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             plan.config.max_input_pixels,
             batch_size=plan.encode_batch_size,
             progress=progress,
-            memory_mode=plan.memory.encoder_mode if plan.memory else "bf16",
+            memory_mode=plan.memory.encoder_mode,
         )
     texts = [text for request in requests for text in request.texts]
     return encode_texts(
@@ -289,7 +289,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         plan.dtype,
         batch_size=plan.encode_batch_size,
         progress=progress,
-        memory_mode=plan.memory.encoder_mode if plan.memory else "bf16",
+        memory_mode=plan.memory.encoder_mode,
     )
 
 
@@ -312,7 +312,7 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser if plan.memory else None)
+    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
     writer = BatchWriter(plan.output, plan.store)
     progress.start("denoise", len(requests), "images")
     try:
