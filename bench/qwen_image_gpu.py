@@ -20,6 +20,7 @@ measured per-batch overhead (noise, scheduler, VAE decode, PNG writes). They are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -110,6 +111,130 @@ class RssPeak:
         self._stop.set()
         self.thread.join()
         return round(max(self.peak, self.process.memory_info().rss) / 2**30, 1)
+
+
+class BatchTimer:
+    """GPU idle time between batches, from CUDA events recorded as `ImageGenerator.generate` is entered
+    and left. An event completes when the GPU reaches it: an entry event that completes later than the
+    previous exit event means the GPU had run out of queued work and waited for the host. Idle inside a
+    batch (a host-bound step loop) would not show here; the NVML samples (GpuUtilization) cover it."""
+
+    def __init__(self):
+        from qwen_batch.denoise import ImageGenerator
+
+        self.owner, self.original = ImageGenerator, ImageGenerator.generate
+        self.events: list[tuple[object, object]] = []
+        self.host_times: list[tuple[float, float]] = []
+        timer = self
+
+        def generate(generator, *args, **kwargs):
+            entered, host_entered = timer._event(), time.time()
+            images = timer.original(generator, *args, **kwargs)
+            timer.events.append((entered, timer._event()))
+            timer.host_times.append((host_entered, time.time()))
+            return images
+
+        ImageGenerator.generate = generate
+
+    @staticmethod
+    def _event():
+        if not torch.cuda.is_available():
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def remove(self) -> None:
+        self.owner.generate = self.original
+
+    def host_window(self) -> tuple[float, float]:
+        """Host clock from the second batch's start to the last batch's return (the first carries warm-up)."""
+        if len(self.host_times) < 2:
+            return (0.0, 0.0)
+        return self.host_times[1][0], self.host_times[-1][1]
+
+    def figures(self) -> dict:
+        if not self.events or self.events[0][0] is None:
+            return {}
+        torch.cuda.synchronize()
+        gaps = [
+            max(exited.elapsed_time(entered_next), 0.0) / 1000
+            for (_, exited), (entered_next, _) in zip(self.events, self.events[1:], strict=False)
+        ]
+        spans = [entered.elapsed_time(exited) / 1000 for entered, exited in self.events]
+        after_first = self.events[1][0].elapsed_time(self.events[-1][1]) / 1000 if len(self.events) > 1 else 0.0
+        return {
+            "batches": len(self.events),
+            "first_batch_gpu_s": round(spans[0], 2),
+            "gpu_seconds_from_second_batch": round(after_first, 2),
+            "idle_between_batches_s": round(sum(gaps), 3),
+            "max_gap_s": round(max(gaps, default=0.0), 4),
+            # Busy share of the GPU's own clock from the second batch's start to the last batch's end.
+            "busy_fraction_between_batches": round(1 - sum(gaps) / after_first, 4) if after_first else None,
+        }
+
+
+class GpuUtilization:
+    """NVML's utilization.gpu (share of time a kernel ran), SM clock, power and temperature, sampled
+    every 100 ms by nvidia-smi: the busy share, and whether the GPU slowed down as it warmed up."""
+
+    QUERY = "utilization.gpu,clocks.sm,power.draw,temperature.gpu"
+
+    def __init__(self):
+        import shutil
+        import subprocess
+
+        self.samples: list[tuple[float, list[float]]] = []
+        self.process = None
+        if shutil.which("nvidia-smi") and torch.cuda.is_available():
+            index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+            command = ["nvidia-smi", "-i", index, f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits"]
+            self.process = subprocess.Popen([*command, "-lms", "100"], stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                self.samples.append((time.time(), [float(part) for part in line.split(",")]))
+            except ValueError:
+                continue  # "[N/A]" and the like
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+
+    def figures(self, start: float, end: float) -> dict:
+        window = [values for moment, values in self.samples if start <= moment <= end]
+        if not window:
+            return {}
+        return {
+            "nvml_samples": len(window),
+            "nvml_utilization_mean_pct": round(statistics.mean(v[0] for v in window), 1),
+            **self.clock_figures(window),
+        }
+
+    def clock_figures(self, window: list[list[float]] | None = None) -> dict:
+        window = window if window is not None else [values for _, values in self.samples]
+        if not window:
+            return {}
+        clocks = [v[1] for v in window]
+        return {
+            "sm_clock_mhz_median": statistics.median(clocks),
+            "sm_clock_mhz_min": min(clocks),
+            "power_w_median": statistics.median(v[2] for v in window),
+            "temperature_c_max": max(v[3] for v in window),
+        }
+
+
+def free_gpu() -> None:
+    import gc
+
+    torch._dynamo.reset()  # compiled graphs hold their modules
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def gpu_peak_gib() -> float | None:
@@ -206,6 +331,10 @@ def write(result: dict, path: str | None) -> None:
 
 
 def run_recipe(args) -> None:
+    write(recipe_result(args), args.json)
+
+
+def recipe_result(args) -> dict:
     device = "cpu" if args.tiny else "cuda"
     dtype = torch.float32 if args.tiny else torch.bfloat16
     result = {"run": "recipe", **versions(), "steps_run": args.steps, "width": args.size, "height": args.size}
@@ -271,7 +400,10 @@ def run_recipe(args) -> None:
     result["extrapolated"] = args.steps != FULL_STEPS
     result["images_per_hour_at_50_steps"] = round(3600 / result["seconds_per_image_at_50_steps"], 1)
     result["peak_gpu_gib"] = gpu_peak_gib()
-    write(result, args.json)
+    timer.remove()
+    pipe = None  # the engine variants that may follow in this process need the GPU
+    free_gpu()
+    return result
 
 
 # --- (b) qwen-batch's engine --------------------------------------------------------------------------
@@ -299,6 +431,11 @@ def write_manifest(path: Path, count: int, steps: int, size: int) -> Path:
 
 
 def run_engine(args) -> None:
+    with attention_path(args.attention):
+        write(engine_result(args), args.json)
+
+
+def engine_result(args) -> dict:
     from qwen_batch.engine import (
         RunConfig,
         denoise_stage,
@@ -345,8 +482,7 @@ def run_engine(args) -> None:
         plan = plan_run(config)
     except Exception as error:  # a refusal is a result too
         result.update(error=f"{type(error).__name__}: {error}", plan_seconds=round(time.perf_counter() - started, 2))
-        write(result, args.json)
-        return
+        return result
     plan_holder["plan"] = plan
     memory = plan.memory
     if memory.plan is not None:
@@ -395,12 +531,17 @@ def run_engine(args) -> None:
         "placed": generator.memory_mode,
     }
     timer = ForwardTimer(generator.pipe.transformer)
+    batches_timer = BatchTimer()
+    utilization = GpuUtilization()
     error = None
     try:
         denoise = denoise_stage(plan)
     except Exception as failure:  # an out-of-memory is a result too
         error = f"{type(failure).__name__}: {failure}"
         denoise = None
+    finally:
+        batches_timer.remove()
+        utilization.stop()
     summary = finalize(plan, encode, denoise) if denoise else None
     result["peak_host_gib_denoise"] = rss.stop()
     if error or not denoise or denoise.failed:
@@ -426,6 +567,7 @@ def run_engine(args) -> None:
                 3,
             ),
         }
+        result["gpu_busy"] = {**batches_timer.figures(), **utilization.figures(*batches_timer.host_window())}
         result["seconds_per_image_at_50_steps"] = round(per_image, 2)
         result["extrapolated"] = args.steps != FULL_STEPS
         result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
@@ -439,58 +581,180 @@ def run_engine(args) -> None:
     result["exit_code"] = summary.exit_code if summary else None
     timer.remove()
     release_generator()
-    write(result, args.json)
+    free_gpu()
+    return result
+
+
+# --- (a) and (b) in one process -------------------------------------------------------------------------
+
+# Engine variants `versus` can run after the recipe: (memory mode, compile, batch size, attention
+# kernel for padded batches; None: qwen_batch.attention's default).
+VARIANTS = {
+    "bf16-eager": ("bf16", "off", 4, None),
+    "bf16-compile": ("bf16", "on", 4, None),
+    "bf16-compile-sdpa": ("bf16", "on", 4, "sdpa"),
+    "bf16-compile-varlen": ("bf16", "on", 4, "varlen"),
+    "fp8-compile-b1": ("fp8", "on", 1, None),
+    "fp8-compile-b2": ("fp8", "on", 2, None),
+    "fp8-compile-b4": ("fp8", "on", 4, None),
+}
+
+
+def run_versus(args) -> None:
+    """The recipe, then engine variants, in this one process on the same GPU, same prompts and seeds;
+    each variant's speed as a ratio to the recipe measured here, and its images against the recipe's
+    (and against the first variant's)."""
+    work = Path(args.work or tempfile.mkdtemp(prefix="qwen-versus-"))
+    recipe_images = work / "recipe"
+    recipe = recipe_result(argparse.Namespace(**{**vars(args), "images": str(recipe_images)}))
+    recipe["label"] = "recipe"
+    write(recipe, args.json)
+    first_images, summary = None, {}
+    for label in args.variants.split(","):
+        mode, compile_, batch_size, attention = VARIANTS[label]
+        engine_args = {**vars(args), "mode": mode, "compile": compile_, "batch_size": batch_size, "label": label}
+        engine_args.update(gpu_gib=None, plan_gib=None, work=str(work / label), output=None)
+        with attention_path(attention):
+            result = engine_result(argparse.Namespace(**engine_args))
+        if "seconds_per_image_at_50_steps" in result:
+            result["vs_recipe_same_process"] = round(
+                recipe["seconds_per_image_at_50_steps"] / result["seconds_per_image_at_50_steps"], 3
+            )
+        images = work / label / "out" / "images"
+        result["vs_recipe_images"] = image_differences(recipe_images, images)
+        if first_images is not None:
+            result["vs_first_variant_images"] = image_differences(first_images, images)
+        first_images = first_images or images
+        write(result, args.json)
+        summary[label] = result.get("seconds_per_image_at_50_steps")
+    # The recipe once more at the end: a GPU that slows as it warms up would otherwise flatter the
+    # recipe, which ran first. Each variant's ratio is also given against the mean of both recipe runs.
+    after = recipe_result(argparse.Namespace(**{**vars(args), "images": None}))
+    after["label"] = "recipe-after"
+    write(after, args.json)
+    recipe_seconds = statistics.mean([recipe["seconds_per_image_at_50_steps"], after["seconds_per_image_at_50_steps"]])
+    write(
+        {
+            "run": "versus-summary",
+            **versions(),
+            "recipe_seconds_per_image_at_50": [
+                recipe["seconds_per_image_at_50_steps"],
+                after["seconds_per_image_at_50_steps"],
+            ],
+            "seconds_per_image_at_50": summary,
+            "vs_recipe_mean_of_both": {
+                label: round(recipe_seconds / seconds, 3) for label, seconds in summary.items() if seconds
+            },
+        },
+        args.json,
+    )
+
+
+class attention_path:
+    """Force the engine's attention kernel for padded batches (`sdpa`, `varlen`); None keeps the default."""
+
+    def __init__(self, kernel: str | None):
+        import qwen_batch.attention as attention
+
+        self.module, self.kernel, self.original = attention, kernel, attention.ATTENTION_KERNEL
+
+    def __enter__(self):
+        if self.kernel:
+            self.module.ATTENTION_KERNEL = self.kernel
+
+    def __exit__(self, *exc):
+        self.module.ATTENTION_KERNEL = self.original
+
+
+def image_differences(a: Path, b: Path) -> dict:
+    from PIL import Image
+
+    rows = {}
+    for path in sorted(a.glob("*.png")):
+        other = b / path.name
+        if other.exists():
+            x = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+            y = np.asarray(Image.open(other).convert("RGB"), dtype=np.int16)
+            rows[path.stem] = {"max": int(np.abs(x - y).max()), "mean": round(float(np.abs(x - y).mean()), 3)}
+    if not rows:
+        return {}
+    return {
+        "images": len(rows),
+        "max": max(row["max"] for row in rows.values()),
+        "mean": round(statistics.mean(row["mean"] for row in rows.values()), 3),
+    }
 
 
 # --- attention backends -------------------------------------------------------------------------------
 
 
 def run_attention(args) -> None:
-    """One transformer forward of `rows` rows at 1024x1024 with 128 text tokens, per attention backend,
-    with a padding mask (rows of different prompt lengths, as batched CFG has) and without one."""
+    """One transformer forward of `rows` rows at 1024x1024 with 128 text tokens, half of them padded
+    (batched CFG's short negative prompt), per attention path. The paths take turns, round after
+    round, so a GPU whose clocks drift as it warms up slows them all alike; the median per path."""
     from diffusers.models.attention_dispatch import attention_backend
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
     from bench.full_size import build_transformer
+    from qwen_batch.attention import BatchAttention
 
     transformer = build_transformer("cuda")
     rows, text = args.rows, 128
     generator = torch.Generator("cuda").manual_seed(0)
     hidden = torch.randn(rows, 4096, 64, device="cuda", dtype=torch.bfloat16, generator=generator)
     embeds = torch.randn(rows, text, 3584, device="cuda", dtype=torch.bfloat16, generator=generator)
-    padded = torch.ones(rows, text, dtype=torch.long, device="cuda")
-    padded[rows // 2 :, 8:] = 0  # the unconditional half: a short negative prompt
+    padded = torch.ones(rows, text, dtype=torch.bool, device="cuda")
+    padded[rows // 2 :, 8:] = False  # the unconditional half: a short negative prompt
     timestep = torch.full((rows,), 0.5, device="cuda", dtype=torch.bfloat16)
-    results = {"run": "attention", **versions(), "rows": rows, "text_tokens": text, "forward_s": {}}
-    for backend in ("native", "_native_cudnn", "_native_efficient", "_native_flash"):
-        for name, mask in (("no mask", None), ("padding mask", padded)):
-            key = f"{backend}, {name}"
-            try:
-                with torch.inference_mode(), attention_backend(backend):
+    stock, sdpa, varlen = QwenDoubleStreamAttnProcessor2_0(), BatchAttention("sdpa"), BatchAttention("varlen")
+    # name: (processor, backend, mask through the transformer, mask through attention_kwargs)
+    paths = {
+        "diffusers, no mask": (stock, None, None, None),
+        "diffusers, mask (SDPA picks)": (stock, None, padded, None),
+        "qwen-batch sdpa, mask via attention_kwargs": (sdpa, None, None, padded),
+        "qwen-batch varlen (packed, no mask)": (varlen, None, None, padded),
+    }
+    if not args.compile:  # backends are chosen at trace time: forcing them per call means eager
+        paths |= {
+            "diffusers, mask, _native_cudnn": (stock, "_native_cudnn", padded, None),
+            "diffusers, mask, _native_efficient": (stock, "_native_efficient", padded, None),
+            "diffusers, no mask, _native_flash": (stock, "_native_flash", None, None),
+        }
+    if args.compile:
+        transformer.compile_repeated_blocks(fullgraph=True)
+    clocks = GpuUtilization()
 
-                    def call(mask=mask):
-                        return transformer(
-                            hidden_states=hidden,
-                            timestep=timestep,
-                            encoder_hidden_states=embeds,
-                            encoder_hidden_states_mask=mask,
-                            img_shapes=[[(1, 64, 64)]] * rows,
-                            return_dict=False,
-                        )
+    def forward(processor, backend, mask, kwargs_mask):
+        transformer.set_attn_processor(processor)
+        with torch.inference_mode(), attention_backend(backend) if backend else contextlib.nullcontext():
+            return transformer(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
+                attention_kwargs={"text_mask": kwargs_mask} if processor is not stock else None,
+                img_shapes=[[(1, 64, 64)]] * rows,
+                return_dict=False,
+            )
 
-                    call()
-                    torch.cuda.synchronize()
-                    times = []
-                    for _ in range(3):
-                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                        start.record()
-                        call()
-                        end.record()
-                        end.synchronize()
-                        times.append(start.elapsed_time(end) / 1000)
-                results["forward_s"][key] = round(statistics.median(times) / rows, 4)
-            except Exception as error:  # backends that refuse masks say so
-                results["forward_s"][key] = f"{type(error).__name__}: {str(error)[:120]}"
-            print(key, results["forward_s"][key], flush=True)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for round_ in range(args.rounds + 1):
+        for name, path in paths.items():
+            forward(*path)  # round 0 warms up (and compiles); later rounds: one untimed call per switch
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            forward(*path)
+            end.record()
+            end.synchronize()
+            if round_:
+                times[name].append(start.elapsed_time(end) / 1000 / rows)
+    clocks.stop()
+    results = {"run": "attention", **versions(), "rows": rows, "text_tokens": text, "compiled": args.compile}
+    results["forward_s_per_row"] = {name: round(statistics.median(values), 4) for name, values in times.items()}
+    results["per_round"] = {name: [round(value, 4) for value in values] for name, values in times.items()}
+    results["gpu_clocks"] = clocks.clock_figures()
+    for name, value in results["forward_s_per_row"].items():
+        print(f"{name}: {value}", flush=True)
     write(results, args.json)
 
 
@@ -498,29 +762,15 @@ def run_attention(args) -> None:
 
 
 def run_compare(args) -> None:
-    from PIL import Image
-
-    a, b = Path(args.a), Path(args.b)
-    rows = {}
-    for path in sorted(a.glob("*.png")):
-        other = b / path.name
-        if not other.exists():
-            continue
-        x = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
-        y = np.asarray(Image.open(other).convert("RGB"), dtype=np.int16)
-        difference = np.abs(x - y)
-        rows[path.stem] = {"max": int(difference.max()), "mean": round(float(difference.mean()), 3)}
-    result = {"run": "compare", "label": args.label, "a": str(a), "b": str(b), "images": rows}
-    if rows:
-        result["max"] = max(row["max"] for row in rows.values())
-        result["mean"] = round(statistics.mean(row["mean"] for row in rows.values()), 3)
+    result = {"run": "compare", "label": args.label, "a": args.a, "b": args.b}
+    result.update(image_differences(Path(args.a), Path(args.b)))
     write(result, args.json)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name in ("recipe", "engine"):
+    for name in ("recipe", "engine", "versus"):
         command = commands.add_parser(name)
         command.add_argument("--steps", type=int, default=10)
         command.add_argument("--prompts", type=int, default=4)
@@ -529,6 +779,10 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
     recipe = commands.choices["recipe"]
     recipe.add_argument("--images", help="save the recipe's images here (for compare)")
+    versus = commands.choices["versus"]
+    versus.add_argument("--variants", default="bf16-compile-sdpa,bf16-compile", help=", ".join(VARIANTS))
+    versus.add_argument("--compile-cache", help="inductor cache folder shared between runs")
+    versus.add_argument("--work", help="folder for manifests, caches and images")
     engine = commands.choices["engine"]
     engine.add_argument("--mode", default="auto", help="--memory-mode")
     engine.add_argument("--compile", default="off", choices=("auto", "on", "off"))
@@ -539,8 +793,11 @@ def main(argv: list[str] | None = None) -> None:
     engine.add_argument("--work", help="folder for the manifest and caches")
     engine.add_argument("--output", help="output folder (default: WORK/out)")
     engine.add_argument("--label", default="")
+    engine.add_argument("--attention", choices=("sdpa", "varlen"), help="kernel for padded batches")
     attention = commands.add_parser("attention")
     attention.add_argument("--rows", type=int, default=4)
+    attention.add_argument("--rounds", type=int, default=4)
+    attention.add_argument("--compile", action="store_true", help="regional compile first (fewer paths)")
     attention.add_argument("--json")
     compare = commands.add_parser("compare")
     compare.add_argument("a")
@@ -548,7 +805,13 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("--label", default="")
     compare.add_argument("--json")
     args = parser.parse_args(argv)
-    commands = {"recipe": run_recipe, "engine": run_engine, "compare": run_compare, "attention": run_attention}
+    commands = {
+        "recipe": run_recipe,
+        "engine": run_engine,
+        "versus": run_versus,
+        "compare": run_compare,
+        "attention": run_attention,
+    }
     commands[args.command](args)
 
 

@@ -17,7 +17,7 @@ noise tokens' prediction is kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.device import release_memory
@@ -39,9 +39,13 @@ class ImageGenerator:
 
     def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None):
         self.source, self.device, self.dtype = source, device, dtype
+        from qwen_batch.attention import use_batch_attention
+
         self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
         self.placement = placement or Placement()
+        kernel = use_batch_attention(self.pipe.transformer, device, dtype)  # before compiling: it is traced
         self.memory_mode = place_transformer(self.pipe.transformer, self.placement, device, dtype)
+        self.memory_mode += f"; padded batches attend through {kernel}"
         place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -52,12 +56,15 @@ class ImageGenerator:
         negative_embeds: Sequence[torch.Tensor] | None,
         image_latents: Sequence[torch.Tensor] | None = None,
         image_shapes: Sequence[tuple[int, int, int]] = (),
-    ) -> list[Image.Image]:
+    ) -> DecodedImages:
         """Images for a batch of requests that share size, steps and guidance (`Request.batch_key`).
 
         `prompt_embeds[i]` (and `negative_embeds[i]` when guidance is on) are row i's unpadded
         `[tokens, hidden]` embeddings, as the cache stores them. For edits, `image_latents[i]` are row
         i's packed input-image latents and `image_shapes` their (1, h/16, w/16) grids, shared by the batch.
+
+        Never waits for the GPU: inputs go up from pinned memory, the schedule stays on the host, and
+        the images come back through `DecodedImages`, whose copy runs behind the next batch's work.
         """
         import numpy as np
         import torch
@@ -78,12 +85,14 @@ class ImageGenerator:
             embeds, mask = _pad_embeddings(texts, self.device, self.dtype)
 
             # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
-            latents = torch.cat([self._noise(request.seed, width, height) for request in requests])
+            latents = to_device(
+                torch.cat([self._noise(request.seed, width, height) for request in requests]), self.device
+            )
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
             img_shapes = [[patches, *image_shapes]] * embeds.shape[0]
             condition = None
             if image_latents is not None:
-                condition = torch.stack(list(image_latents)).to(self.device, self.dtype)
+                condition = to_device(torch.stack(list(image_latents)).to(self.dtype), self.device)
                 condition = torch.cat([condition, condition]) if use_cfg else condition
 
             # 3. The schedule: flow-matching sigmas with the resolution-dependent shift.
@@ -95,7 +104,9 @@ class ImageGenerator:
                 scheduler.config.get("base_shift", 0.5),
                 scheduler.config.get("max_shift", 1.15),
             )
-            timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+            # On the host: each step then reads its sigmas without asking the GPU, and the timesteps go up once.
+            timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+            timesteps = to_device(timesteps, self.device)
             scheduler.set_begin_index(0)
 
             # 4. Denoise: one forward per step covers the whole batch and both CFG branches.
@@ -108,7 +119,9 @@ class ImageGenerator:
                     hidden_states=model_input,
                     timestep=timestep / 1000,
                     encoder_hidden_states=embeds,
-                    encoder_hidden_states_mask=mask,
+                    # The mask goes to the attention directly (qwen_batch.attention): given to the
+                    # transformer, it would cost a host sync per step.
+                    attention_kwargs={"text_mask": mask},
                     img_shapes=img_shapes,
                     return_dict=False,
                 )[0]
@@ -125,7 +138,8 @@ class ImageGenerator:
             return self._decode(latents, width, height)
 
     def _noise(self, seed: int, width: int, height: int) -> torch.Tensor:
-        """`randn_tensor((1, 1, C, H/8, W/8))` from the row's own CPU generator, packed: the pipelines' draw."""
+        """`randn_tensor((1, 1, C, H/8, W/8))` from the row's own CPU generator, packed: the pipelines' draw
+        (they draw on the host too, with a CPU generator, and then copy)."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -134,25 +148,23 @@ class ImageGenerator:
         latent_height = 2 * (height // (pipe.vae_scale_factor * 2))
         latent_width = 2 * (width // (pipe.vae_scale_factor * 2))
         shape = (1, 1, channels, latent_height, latent_width)
-        noise = randn_tensor(
-            shape,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            device=torch.device(self.device),
-            dtype=self.dtype,
-        )
-        return pipe._pack_latents(noise, 1, channels, latent_height, latent_width)
+        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device="cpu", dtype=self.dtype)
+        return pipe._pack_latents(noise, 1, channels, latent_height, latent_width)  # on the host; moved per batch
 
-    def _decode(self, latents: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+    def _decode(self, latents: torch.Tensor, width: int, height: int) -> DecodedImages:
         import torch
 
         pipe, vae = self.pipe, self.pipe.vae
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
         shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        mean = to_device(torch.tensor(vae.config.latents_mean).view(shape).to(latents.dtype), self.device)
+        inverse_std = to_device(1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.dtype), self.device)
         latents = latents / inverse_std + mean
         images = vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return pipe.image_processor.postprocess(images, output_type="pil")
+        # `image_processor.postprocess(images, "pil")`'s arithmetic, on the device: denormalize in the
+        # VAE's dtype, then float32 * 255, rounded half to even; only uint8 pixels cross to the host.
+        images = (images * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+        return DecodedImages((images * 255).round().to(torch.uint8))
 
     def close(self) -> None:
         del self.pipe
@@ -175,11 +187,50 @@ def _pad_embeddings(
     if any(embedding.shape[0] != longest for embedding in embeddings):
         longest = -(-longest // TEXT_BUCKET) * TEXT_BUCKET
     hidden = embeddings[0].shape[1]
-    stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype, device=device)
-    mask = torch.zeros(len(embeddings), longest, dtype=torch.long, device=device)
+    stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype)  # built on the host, sent once
+    mask = torch.zeros(len(embeddings), longest, dtype=torch.bool)
     for row, embedding in enumerate(embeddings):
-        stacked[row, : embedding.shape[0]] = embedding.to(device=device, dtype=dtype)
-        mask[row, : embedding.shape[0]] = 1
+        stacked[row, : embedding.shape[0]] = embedding.to(device="cpu", dtype=dtype)
+        mask[row, : embedding.shape[0]] = True
     if all(embedding.shape[0] == longest for embedding in embeddings):
-        return stacked, None
-    return stacked, mask
+        return to_device(stacked, device), None
+    return to_device(stacked, device), to_device(mask, device)
+
+
+def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """Copy a host tensor to `device` without the host waiting for the GPU: a plain `.to("cuda")`
+    from pageable memory synchronizes the stream, which would drain the GPU's queue at every batch."""
+    if not device.startswith("cuda") or tensor.is_cuda:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class DecodedImages:
+    """A decoded batch, `[rows, height, width, 3]` uint8, on its way to host memory.
+
+    On a GPU the copy is queued behind the decode and only iterating waits for it, so the writer's
+    threads wait, not the GPU loop: the next batch's forwards are queued while this one is still
+    copying and being encoded to PNG. Iterating yields PIL images, in row order.
+    """
+
+    def __init__(self, pixels: torch.Tensor):
+        import torch
+
+        self._ready = None
+        if pixels.is_cuda:
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+            pixels = host
+        self._pixels = pixels
+
+    def __len__(self) -> int:
+        return self._pixels.shape[0]
+
+    def __iter__(self) -> Iterator[Image.Image]:
+        from PIL import Image
+
+        if self._ready is not None:
+            self._ready.synchronize()
+        return iter([Image.fromarray(array) for array in self._pixels.numpy()])

@@ -24,6 +24,8 @@ from qwen_batch.results import FAILED, IMAGES_FOLDER, OK, Record, ResultStore
 from qwen_batch.storage import Folder
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from PIL import Image
 
     from qwen_batch.manifest import Request
@@ -40,8 +42,9 @@ class BatchWriter:
         # Time the caller (the GPU loop) spent blocked on storage: full queue or the final drain.
         self.wait_seconds = 0.0
 
-    def submit(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> None:
-        """Queue a generated batch; blocks while `max_pending_batches` batches are still being written."""
+    def submit(self, requests: list[Request], images: Iterable[Image.Image], records: list[Record]) -> None:
+        """Queue a generated batch; blocks while `max_pending_batches` batches are still being written.
+        `images` may still be on their way from the GPU (`denoise.DecodedImages`): a writer thread waits."""
         self._enqueue(self._write_batch, requests, images, records)
 
     def submit_failures(self, records: list[Record]) -> None:
@@ -64,7 +67,9 @@ class BatchWriter:
             if future.done() and future.exception() is not None:
                 raise future.exception()
 
-    def _write_batch(self, requests: list[Request], images: list[Image.Image], records: list[Record]) -> list[Record]:
+    def _write_batch(
+        self, requests: list[Request], images: Iterable[Image.Image], records: list[Record]
+    ) -> list[Record]:
         for request, image, record in zip(requests, images, records, strict=True):
             relative = posixpath.join(IMAGES_FOLDER, f"{request.id}.png")
             metadata = {"id": request.id, **request.parameters(), "model": record.model}

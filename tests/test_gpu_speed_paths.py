@@ -1,0 +1,147 @@
+"""On a CUDA GPU (`pytest -m gpu`): the fast paths of stage 2 keep the arithmetic and never wait.
+
+- Batch attention (qwen_batch/attention.py) takes the text mask past the transformer; its `varlen`
+  kernel replaces the mask with packed FlashAttention runs: each kernel's output must be as close to
+  an fp32 masked reference as diffusers' own bf16 masked path is, eagerly and compiled, and a row must
+  come out the same padded or alone.
+- `ImageGenerator.generate` must not make the host wait for the GPU anywhere (inputs from pinned
+  memory, schedule on the host, images copied back behind the next batch): checked with
+  `torch.cuda.set_sync_debug_mode("error")`, which raises at any synchronizing CUDA call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_batch.attention import KERNELS, BatchAttention, use_batch_attention
+
+pytestmark = pytest.mark.gpu
+
+ROWS, IMAGE_GRID, TEXT = 4, (1, 16, 16), 64
+TEXT_LENGTHS = (64, 40, 7, 1)  # the last rows: a short prompt, the negative " "
+
+
+def _transformer(dtype: torch.dtype):
+    """Two blocks of the released geometry per head (head dim 128, RoPE axes 16/56/56), few heads."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=128,
+        num_attention_heads=4,
+        joint_attention_dim=256,
+        axes_dims_rope=(16, 56, 56),
+    )
+    return model.to("cuda", dtype).eval()
+
+
+def _inputs(dtype: torch.dtype):
+    generator = torch.Generator("cpu").manual_seed(1)
+    tokens = IMAGE_GRID[1] * IMAGE_GRID[2]
+    hidden = torch.randn(ROWS, tokens, 64, generator=generator)
+    text = torch.randn(ROWS, TEXT, 256, generator=generator)
+    mask = torch.zeros(ROWS, TEXT, dtype=torch.long)
+    for row, length in enumerate(TEXT_LENGTHS):
+        mask[row, :length] = 1
+        text[row, length:] = 0  # as the engine pads
+    timestep = torch.linspace(0.2, 0.9, ROWS)
+    return [tensor.to("cuda") for tensor in (hidden.to(dtype), text.to(dtype), mask, timestep.to(dtype))]
+
+
+def _forward(model, hidden, text, mask, timestep):
+    """Through the transformer's own mask argument (stock processor) or, with `BatchAttention`
+    installed, through `attention_kwargs` as the engine passes it."""
+    batch_attention = isinstance(model.transformer_blocks[0].attn.processor, BatchAttention)
+    with torch.inference_mode():
+        return model(
+            hidden_states=hidden,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            encoder_hidden_states_mask=None if batch_attention else mask,
+            attention_kwargs={"text_mask": None if mask is None else mask.bool()} if batch_attention else None,
+            img_shapes=[[IMAGE_GRID]] * hidden.shape[0],
+            return_dict=False,
+        )[0].float()
+
+
+def _error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((output - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batch_attention_is_as_close_to_fp32_as_the_masked_bf16_path(kernel):
+    reference = _forward(_transformer(torch.float32), *_inputs(torch.float32))
+    stock = _forward(_transformer(torch.bfloat16), *_inputs(torch.bfloat16))
+
+    model = _transformer(torch.bfloat16)
+    assert use_batch_attention(model, "cuda", torch.bfloat16, kernel) == kernel
+    ours = _forward(model, *_inputs(torch.bfloat16))
+
+    stock_error, our_error = _error(stock, reference), _error(ours, reference)
+    print(f"relative error vs fp32 masked: stock bf16 {stock_error:.2e}, {kernel} bf16 {our_error:.2e}")
+    assert 0 < stock_error < 0.02
+    assert our_error <= 1.5 * stock_error + 1e-4
+
+    # A padding token must not leak into a real one: with every padded text embedding set to 50, the
+    # image tokens' output does not move at all.
+    hidden, text, mask, timestep = _inputs(torch.bfloat16)
+    text = torch.where(mask[..., None].bool(), text, torch.full_like(text, 50.0))
+    assert torch.equal(_forward(model, hidden, text, mask, timestep), ours)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_row_comes_out_the_same_padded_in_a_batch_or_alone(kernel):
+    model = _transformer(torch.bfloat16)
+    use_batch_attention(model, "cuda", torch.bfloat16, kernel)
+    hidden, text, mask, timestep = _inputs(torch.bfloat16)
+    batched = _forward(model, hidden, text, mask, timestep)
+    reference = _forward(_transformer(torch.float32), *_inputs(torch.float32))
+    for row, length in enumerate(TEXT_LENGTHS):
+        alone = _forward(model, hidden[row : row + 1], text[row : row + 1, :length], None, timestep[row : row + 1])
+        # Alone, nothing is padded: diffusers' own unmasked path. The two differ by rounding only.
+        assert _error(batched[row : row + 1], alone) <= 2 * _error(alone, reference[row : row + 1]) + 1e-3, row
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_batch_attention_compiles_into_the_regional_graph(kernel):
+    model = _transformer(torch.bfloat16)
+    use_batch_attention(model, "cuda", torch.bfloat16, kernel)
+    eager = _forward(model, *_inputs(torch.bfloat16))
+    model.compile_repeated_blocks(fullgraph=True)  # fullgraph: a graph break here would raise
+    compiled = _forward(model, *_inputs(torch.bfloat16))
+    assert _error(compiled, eager) < 5e-3
+
+
+def test_generating_a_batch_never_makes_the_host_wait_for_the_gpu(tiny_model):
+    """From the first input copy to the decoded pixels' copy home, nothing in `generate` synchronizes:
+    the host queues a whole batch (and then the next one) while the GPU works."""
+    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.manifest import Request
+    from qwen_batch.model_source import resolve_model
+
+    generator = ImageGenerator(resolve_model("tiny"), "cuda", torch.bfloat16)
+    hidden = generator.pipe.transformer.config.joint_attention_dim
+    requests = [
+        Request(
+            n, f"r{n}", f"prompt {n}", " ", width=256, height=256, seed=n, num_inference_steps=3, true_cfg_scale=4.0
+        )
+        for n in range(2)
+    ]
+    prompts = [torch.randn(12, hidden), torch.randn(30, hidden)]  # different lengths: padded, packed
+    negatives = [torch.randn(3, hidden), torch.randn(3, hidden)]
+    list(generator.generate(requests, prompts, negatives))  # warm-up: RoPE tables, cuBLAS handles
+    torch.cuda.synchronize()
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        images = generator.generate(requests, prompts, negatives)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    pictures = list(images)
+    assert [picture.size for picture in pictures] == [(256, 256), (256, 256)]
+    generator.close()
