@@ -38,9 +38,9 @@ class ImageGenerator:
     """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
 
     def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None):
-        self.source, self.device, self.dtype = source, device, dtype
         from qwen_batch.attention import use_batch_attention
 
+        self.source, self.device, self.dtype = source, device, dtype
         self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
         self.placement = placement or Placement()
         kernel = use_batch_attention(self.pipe.transformer, device, dtype)  # before compiling: it is traced
