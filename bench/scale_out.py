@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
+    parser.add_argument(
+        "--only",
+        choices=("one", "many"),
+        help="run one side (a long run may not fit one device command: run each on the same warm machine)",
+    )
     args = parser.parse_args(argv)
     if args.command == "shard":
         run_shard(args)
@@ -186,9 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "predicted_idle_tail": predicted_tails(manifest, args.gpus),
     }
-    result["one"] = timed_run(manifest, work / "out-1", 1, args, work)
-    result["many"] = timed_run(manifest, work / f"out-{args.gpus}", args.gpus, args, work)
-    result["speedup"] = round(result["one"]["wall_seconds"] / result["many"]["wall_seconds"], 3)
+    if args.only in (None, "one"):
+        result["one"] = timed_run(manifest, work / "out-1", 1, args, work)
+    if args.only in (None, "many"):
+        result["many"] = timed_run(manifest, work / f"out-{args.gpus}", args.gpus, args, work)
+    if args.only is None:
+        result["speedup"] = round(result["one"]["wall_seconds"] / result["many"]["wall_seconds"], 3)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
