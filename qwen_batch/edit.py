@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 from qwen_batch.cache import EmbeddingCache, cache_namespace, key_of
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.encode import MAX_TEXT_TOKENS, EncodeStats
-from qwen_batch.errors import QwenBatchError
+from qwen_batch.errors import ModelError, QwenBatchError
 from qwen_batch.model_source import ModelSource, load_pipeline
+from qwen_batch.oom import run_in_halves
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder, StorageOptions, read_url
 
@@ -323,37 +324,25 @@ def _encode_rows(
             latents, width, height = encoder.encode_latents(image)
             cache.put_tensors(key, {"latents": latents}, {"width": str(width), "height": str(height)})
             present.add(key)
-    if texts:
-        embeddings = _encode_in_halves(encoder, [(text, images) for text, _, images in texts.values()])
-        for (key, (_, truncated, _)), embedding in zip(texts.items(), embeddings, strict=True):
+    if not texts:
+        return
+
+    def encode_batch(keys: list[str]) -> None:
+        embeddings = encoder.encode_texts([(texts[key][0], texts[key][2]) for key in keys])
+        for key, embedding in zip(keys, embeddings, strict=True):
+            truncated = texts[key][1]
             cache.put_embedding(key, embedding, truncated)
             present.add(key)
             stats.encoded += 1
             stats.truncated += truncated
 
+    def too_big(key: str, error: BaseException) -> ModelError:
+        return ModelError(
+            f"the edit encoder ran out of GPU memory on a single instruction with its image ({error}); "
+            "free the GPU or use --memory-mode offload. Inputs encoded so far stay cached."
+        )
 
-def _encode_in_halves(encoder: EditEncoder, items: list[tuple[str, Sequence[Image.Image]]]) -> list[torch.Tensor]:
-    """`encode_texts`, retried in halves when the GPU runs out of memory (as stage 2 does)."""
-    from qwen_batch.errors import ModelError
-    from qwen_batch.oom import halves, is_out_of_memory
-
-    try:
-        return encoder.encode_texts(items)
-    except Exception as error:
-        if not is_out_of_memory(error):
-            raise
-        if len(items) == 1:
-            raise ModelError(
-                f"the edit encoder ran out of GPU memory on a single instruction with its image ({error}); "
-                "free the GPU or use --memory-mode offload. Inputs encoded so far stay cached."
-            ) from error
-    # Out of memory: retried here, once the error no longer holds the attempt's tensors.
-    first, second = halves(items)
-    log.warning(
-        "edit encoder out of GPU memory with %d texts; retrying as %d and %d", len(items), len(first), len(second)
-    )
-    release_memory(encoder.device)
-    return _encode_in_halves(encoder, first) + _encode_in_halves(encoder, second)
+    run_in_halves(list(texts), encode_batch, encoder.device, too_big)
 
 
 @dataclass(frozen=True)

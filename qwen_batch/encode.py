@@ -18,7 +18,7 @@ from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.errors import ModelError
 from qwen_batch.memory_modes import place_text_encoder
 from qwen_batch.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
-from qwen_batch.oom import is_out_of_memory, retry_in_halves
+from qwen_batch.oom import run_in_halves
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder
 
@@ -123,20 +123,7 @@ def encode_texts(
         progress.start("encode", len(todo), "texts")
 
         def encode_batch(rows: list[int]) -> None:
-            try:
-                embeddings = encoder.encode([todo[row] for row in rows])
-            except Exception as error:
-                if not is_out_of_memory(error):
-                    raise
-                if len(rows) == 1:
-                    raise ModelError(
-                        f"the text encoder ran out of GPU memory on a single prompt of {counts[rows[0]]} tokens "
-                        f"({error}); free the GPU or use --memory-mode offload. Texts encoded so far stay cached."
-                    ) from error
-                embeddings = None  # retried below, once the error no longer holds the attempt's tensors
-            if embeddings is None:
-                retry_in_halves(rows, encode_batch, device)
-                return
+            embeddings = encoder.encode([todo[row] for row in rows])
             for row, embedding in zip(rows, embeddings, strict=True):
                 truncated = counts[row] > MAX_TEXT_TOKENS
                 stats.truncated += truncated
@@ -144,8 +131,14 @@ def encode_texts(
             stats.encoded += len(rows)
             progress.advance(len(rows))
 
+        def too_big(row: int, error: BaseException) -> ModelError:
+            return ModelError(
+                f"the text encoder ran out of GPU memory on a single prompt of {counts[row]} tokens "
+                f"({error}); free the GPU or use --memory-mode offload. Texts encoded so far stay cached."
+            )
+
         for begin in range(0, len(order), batch_size):
-            encode_batch(order[begin : begin + batch_size])
+            run_in_halves(order[begin : begin + batch_size], encode_batch, device, too_big)
         progress.finish()
         memory = gpu_memory_gib(device)
         stats.peak_gpu_gib = memory[1] if memory else None

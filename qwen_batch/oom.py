@@ -5,7 +5,8 @@ GPU, so a batch size that works for most of a manifest can fail for one batch ho
 than fail its rows, the engine frees what the failed attempt held and runs each half of the batch
 (`retry_in_halves`); only a single row that still does not fit fails, with the error in its result.
 A row's image does not depend on what shares its batch, so the halves' images are the ones the full
-batch would have made.
+batch would have made. The encoders use `run_in_halves`, where a single text that still does not fit
+stops the stage (there is no result row to carry its error).
 """
 
 from __future__ import annotations
@@ -54,3 +55,21 @@ def retry_in_halves(rows: Sequence[T], run: Callable[[list[T]], None], device: s
     release_memory(device)
     run(first)
     run(second)
+
+
+def run_in_halves(
+    rows: Sequence[T], run: Callable[[list[T]], None], device: str, too_big: Callable[[T, BaseException], Exception]
+) -> None:
+    """`run(rows)`; out of GPU memory, each half in turn the same way (`retry_in_halves`), down to one
+    row; a single row that still does not fit raises `too_big(row, error)`. Halves that succeeded keep
+    their effects (what `run` stored stays stored)."""
+    try:
+        run(list(rows))
+        return
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        if len(rows) == 1:
+            raise too_big(rows[0], error) from error
+    # Out of the `except` block: the error's traceback no longer holds the attempt's tensors.
+    retry_in_halves(rows, lambda half: run_in_halves(half, run, device, too_big), device)
