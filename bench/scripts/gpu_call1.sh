@@ -1,17 +1,7 @@
 #!/bin/bash
 # GPU call 1 of bench/qwen_image_gpu.py (see docs/benchmarks.md): recipe, bf16 engine eager/compiled
 # (cold, then warm from the same cache), and the emulated memory tiers. Each run is its own process.
-set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export QWEN_BATCH_HOME=/tmp/qbh PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
-B="python3 bench/qwen_image_gpu.py"; J=$OUT/results.jsonl; W=/tmp/qbw; S=${STEPS:-6}
-deadline=$(( $(date +%s) + ${BUDGET:-560} ))
-step() { local left=$(( deadline - $(date +%s) )); if [ $left -lt 20 ]; then echo "SKIP (time) $*"; return; fi
-  echo "=== $(date +%T) [$left s left] $*"; timeout $left "$@" 2>&1 | grep -v "Loading\|it/s\]" | tail -n 25; }
-mem=$(awk '/MemTotal/ {print int($2/1048576)}' /proc/meminfo); echo "MemTotal ${mem} GiB" | tee $OUT/host.txt
-[ "$mem" -lt 100 ] && export QWEN_BATCH_HOST_MEMORY_GIB=125  # RAM that grows on use: plan for the machine's 128
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $OUT/gpu.txt
-python3 -c "import qwen_batch.model_source as m; m.ensure_tiny_model()"
+source "$(dirname "$0")/common.sh"
 step $B recipe --steps $S --prompts 2 --json $J --images $W/recipe
 step $B engine --label bf16-eager-48 --gpu-gib 48 --mode bf16 --batch-size 4 --prompts 4 --steps $S --work $W/e48 --json $J
 step $B engine --label bf16-compile-cold --mode bf16 --compile on --compile-cache $W/cc --batch-size 4 --prompts 4 --steps $S --work $W/cold --json $J
