@@ -38,6 +38,8 @@ class ImageGenerator:
     """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
 
     def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None):
+        import torch
+
         from qwen_batch.attention import use_batch_attention
 
         self.source, self.device, self.dtype = source, device, dtype
@@ -48,6 +50,11 @@ class ImageGenerator:
         self.memory_mode += f"; padded batches attend through {kernel}"
         place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
+        # The latents' normalization, as the pipelines apply it before decoding: made once, not per batch.
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self._latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
+        self._latents_inverse_std = (1.0 / torch.tensor(vae.config.latents_std)).view(shape).to(device, vae.dtype)
 
     def generate(
         self,
@@ -156,10 +163,7 @@ class ImageGenerator:
 
         pipe, vae = self.pipe, self.pipe.vae
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = to_device(torch.tensor(vae.config.latents_mean).view(shape).to(latents.dtype), self.device)
-        inverse_std = to_device(1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.dtype), self.device)
-        latents = latents / inverse_std + mean
+        latents = latents / self._latents_inverse_std + self._latents_mean
         images = vae.decode(latents, return_dict=False)[0][:, :, 0]
         # `image_processor.postprocess(images, "pil")`'s arithmetic, on the device: denormalize in the
         # VAE's dtype, then float32 * 255, rounded half to even; only uint8 pixels cross to the host.
