@@ -650,20 +650,17 @@ def run_versus(args) -> None:
     )
 
 
-class attention_path:
+@contextlib.contextmanager
+def attention_path(kernel: str | None):
     """Force the engine's attention kernel for padded batches (`sdpa`, `varlen`); None keeps the default."""
+    import qwen_batch.attention as attention
 
-    def __init__(self, kernel: str | None):
-        import qwen_batch.attention as attention
-
-        self.module, self.kernel, self.original = attention, kernel, attention.ATTENTION_KERNEL
-
-    def __enter__(self):
-        if self.kernel:
-            self.module.ATTENTION_KERNEL = self.kernel
-
-    def __exit__(self, *exc):
-        self.module.ATTENTION_KERNEL = self.original
+    original = attention.ATTENTION_KERNEL
+    attention.ATTENTION_KERNEL = kernel or original
+    try:
+        yield
+    finally:
+        attention.ATTENTION_KERNEL = original
 
 
 def image_differences(a: Path, b: Path) -> dict:
