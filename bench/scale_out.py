@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+PROCESS_STARTED = time.time()  # before the heavy imports (torch, diffusers): a shard's timeline starts here
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,16 +57,31 @@ def write_manifest(path: Path, rows: int, steps: int) -> Path:
 
 
 def run_shard(args) -> None:
-    """One process: the engine over shard K/N of the manifest, timed; writes a JSON line."""
-    from bench.full_size import FULL_SIZE_MODEL, full_size_source
-    from qwen_batch.engine import RunConfig, run
+    """One process: the engine over shard K/N of the manifest, timed; writes a JSON line.
 
-    started = time.time()
+    The stages run one by one (as the flow runs them) so the record says where the fixed cost of a
+    process goes: interpreter and imports, CUDA start-up, planning, the encode and denoise stages
+    (each with its model's load), and the finish.
+    """
+    import logging
+
+    import torch
+
+    from bench.full_size import FULL_SIZE_MODEL, full_size_source
+    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {args.shard} %(name)s: %(message)s")
+
+    marks = {"imported": time.time()}
     timings: dict[str, float] = {}
     device = "cpu" if args.tiny else "cuda"
+    if device == "cuda":
+        torch.cuda.init()
+        torch.empty(1, device=device)  # the context is made here, not inside a stage
+    marks["cuda_ready"] = time.time()
     full_size_source(device=device, timings=timings, tiny=args.tiny)
     index, count = (int(part) for part in args.shard.split("/"))
-    summary = run(
+    plan = plan_run(
         RunConfig(
             manifest=args.manifest,
             output=args.output,
@@ -76,11 +94,24 @@ def run_shard(args) -> None:
             shard_count=count,
         )
     )
+    marks["planned"] = time.time()
+    encode = encode_stage(plan)
+    marks["encoded"] = time.time()
+    denoise = denoise_stage(plan)
+    marks["denoised"] = time.time()
+    summary = finalize(plan, encode, denoise)
+    marks["finished"] = time.time()
     record = {
         "shard": args.shard,
         "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "started": started,
-        "finished": time.time(),
+        "launched": args.launched,
+        "started": PROCESS_STARTED,
+        "finished": marks["finished"],
+        # Seconds from launch to each point: where the per-process fixed cost goes.
+        "timeline": {
+            "interpreter": round(PROCESS_STARTED - args.launched, 2),
+            **{name: round(moment - args.launched, 2) for name, moment in marks.items()},
+        },
         "rows": summary.rows,
         "generated": summary.generated,
         "failed": summary.failed,
@@ -99,36 +130,72 @@ def launch(manifest: Path, output: Path, gpus: int, args, record: Path) -> list[
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
         command = [sys.executable, __file__, "shard", "--manifest", str(manifest), "--output", str(output)]
         command += ["--shard", f"{index}/{gpus}", "--batch-size", str(args.batch_size), "--record", str(record)]
+        command += ["--launched", repr(time.time())]
         command += ["--tiny"] if args.tiny else []
         processes.append(subprocess.Popen(command, env=env))
     return processes
 
 
+def merge_like_the_fanout(manifest: Path, output: Path):
+    """What the fan-out flow's merge task does once its shards end: fold the part files into one results.parquet.
+
+    No model and no engine plan: only the manifest and the part files (flows/qwen_image_fanout.py).
+    """
+    from qwen_batch.manifest import read_manifest
+    from qwen_batch.results import ResultStore
+    from qwen_batch.storage import Folder
+
+    store = ResultStore(Folder(str(output)))
+    records, parts = store.previous_records()
+    return store.merge(read_manifest(str(manifest)), records, parts)
+
+
 def timed_run(manifest: Path, output: Path, gpus: int, args, work: Path) -> dict:
-    """N shard processes at once, then the merge; wall time from launch to merged results."""
-    from bench.full_size import FULL_SIZE_MODEL, full_size_source
-    from qwen_batch.engine import RunConfig, run
+    """The manifest on `gpus` GPUs; wall time from launch to one merged results.parquet.
+
+    One GPU is one unsharded process, as `qwen-batch run` is: it merges its own results. N GPUs are N
+    shard processes at once, then the fan-out's merge (in this process, as the fan-out parent does).
+    """
+    import pyarrow.parquet as pq
 
     record = work / f"shards-{gpus}.jsonl"
     started = time.time()
-    codes = [process.wait() for process in launch(manifest, output, gpus, args, record)]
-    full_size_source(device="cpu", tiny=args.tiny)  # the merge loads no model: every row is done
-    merged = run(RunConfig(manifest=str(manifest), output=str(output), model=FULL_SIZE_MODEL, device="cpu"))
+    processes = launch(manifest, output, gpus, args, record)
+    codes = [process.wait() for process in processes]
+    exited = time.time()  # the last process is gone: its GPU memory and CUDA context are released
+    results = merge_like_the_fanout(manifest, output) if gpus > 1 else pq.read_table(output / "results.parquet")
     wall = time.time() - started
     shards = [json.loads(line) for line in record.read_text().splitlines()]
     finishes = sorted(shard["finished"] - started for shard in shards)
+    statuses = results.column("status").to_pylist()
+    ids = results.column("id").to_pylist()
     return {
         "gpus": gpus,
         "exit_codes": codes,
         "wall_seconds": round(wall, 2),
-        "images": merged.rows - merged.invalid - merged.failed,
-        "merged_rows": merged.rows,
-        "merged_failed": merged.failed,
-        "images_per_hour": round(merged.rows / wall * 3600, 1),
+        "images": statuses.count("ok"),
+        "merged_rows": len(ids),
+        "distinct_ids": len(set(ids)),
+        "images_per_hour": round(statuses.count("ok") / wall * 3600, 1),
+        "last_exit_seconds": round(exited - started, 2),
+        "merge_seconds": round(wall - (exited - started), 2),
         "shards": shards,
         # The GPUs that finished first wait for the last: that wait, as a share of the wall time.
         "measured_idle_tail": round(sum(finishes[-1] - f for f in finishes) / (len(finishes) * finishes[-1]), 4),
+        # Seconds per image of each row's batch, by size: what the cost model predicts relative to.
+        "seconds_per_image": per_size_seconds(output),
     }
+
+
+def per_size_seconds(output: Path) -> dict[str, float]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output / "results.parquet", columns=["width", "height", "seconds", "status"])
+    by_size: dict[str, list[float]] = {}
+    for row in table.to_pylist():
+        if row["status"] == "ok":
+            by_size.setdefault(f"{row['width']}x{row['height']}", []).append(row["seconds"])
+    return {size: round(sum(values) / len(values), 3) for size, values in sorted(by_size.items())}
 
 
 def predicted_tails(manifest: Path, gpus: int) -> dict:
@@ -148,6 +215,45 @@ def predicted_tails(manifest: Path, gpus: int) -> dict:
     }
 
 
+def check_gpus() -> dict:
+    """Each GPU's identity and its bf16 matmul rate now: two timed sides compare only on the same, equally fast GPUs."""
+    import torch
+
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        with torch.cuda.device(index):
+            a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+            for _ in range(10):  # clocks up, kernels chosen
+                a @ a
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(50):
+                a @ a
+            end.record()
+            end.synchronize()
+            tflops = 50 * 2 * 8192**3 / (start.elapsed_time(end) / 1000) / 1e12
+            properties = torch.cuda.get_device_properties(index)
+            gpus.append(
+                {"index": index, "name": properties.name, "uuid": str(properties.uuid), "matmul_tflops": round(tflops)}
+            )
+    return {"machine": socket.gethostname(), "gpus": gpus}
+
+
+def combine(one_path: str, many_path: str) -> dict:
+    """The two sides of a run made as two device commands on one warm machine, with their ratio."""
+    one, many = (json.loads(Path(path).read_text()) for path in (one_path, many_path))
+    if one.get("machine") != many.get("machine"):
+        raise SystemExit(f"the sides ran on different machines ({one.get('machine')} and {many.get('machine')})")
+    combined = {
+        **many,
+        "one": one["one"],
+        "gpu_check_one": one.get("gpu_check"),
+        "gpu_check_many": many.get("gpu_check"),
+    }
+    combined["speedup"] = round(one["one"]["wall_seconds"] / many["many"]["wall_seconds"], 3)
+    return combined
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
@@ -158,6 +264,11 @@ def main(argv: list[str] | None = None) -> None:
     shard.add_argument("--batch-size", type=int, default=4)
     shard.add_argument("--record", required=True)
     shard.add_argument("--tiny", action="store_true")
+    shard.add_argument("--launched", type=float, required=True, help="when the parent started this process")
+    commands.add_parser("check-gpus")
+    joined = commands.add_parser("combine")
+    joined.add_argument("one")
+    joined.add_argument("many")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--rows", type=int, default=24)
     parser.add_argument("--steps", type=int, default=8)
@@ -174,6 +285,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "shard":
         run_shard(args)
         return
+    if args.command in ("check-gpus", "combine"):
+        result = check_gpus() if args.command == "check-gpus" else combine(args.one, args.many)
+        write_result(result, args.json)
+        return
 
     import torch
 
@@ -182,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     manifest = write_manifest(work / "manifest.parquet", args.rows, args.steps)
     result = {
         "benchmark": "scale_out",
+        "machine": socket.gethostname(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpu_count": torch.cuda.device_count(),
         "torch": torch.__version__,
@@ -191,17 +307,24 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "predicted_idle_tail": predicted_tails(manifest, args.gpus),
     }
+    if torch.cuda.is_available():  # in its own process: this one holds no GPU memory while the sides run
+        subprocess.run([sys.executable, __file__, "--json", str(work / "gpus.json"), "check-gpus"], check=True)
+        result["gpu_check"] = json.loads((work / "gpus.json").read_text())
     if args.only in (None, "one"):
         result["one"] = timed_run(manifest, work / "out-1", 1, args, work)
     if args.only in (None, "many"):
         result["many"] = timed_run(manifest, work / f"out-{args.gpus}", args.gpus, args, work)
     if args.only is None:
         result["speedup"] = round(result["one"]["wall_seconds"] / result["many"]["wall_seconds"], 3)
+    write_result(result, args.json)
+
+
+def write_result(result: dict, path: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
 
 
 if __name__ == "__main__":
