@@ -3,24 +3,37 @@
 A shard that holds more work than the others keeps its GPU busy while the others sit idle at the end
 (the "idle tail"). Splitting by row count, or by a hash of the id, is only fair when every row costs
 the same; a manifest that mixes 512x512 and 1664x928 rows, or 20 and 50 steps, is not like that. So
-rows are dealt out by predicted cost: the transformer's work for the row (the cost model in
-../shared/reference/qwen-image.md: linear layers grow with the token count, attention with its
-square), times its steps, times two with true CFG. Heaviest rows first, each to the shard with the
-least work so far (longest-processing-time-first), which leaves the shards within one light row of
-each other.
+the split balances predicted GPU time:
 
-The split is a pure function of the manifest's valid rows and the shard count: every shard process,
-and the fan-out parent, computes the same one without talking to each other. Keep the same manifest
-and shard count to resume; rows already done are skipped whichever shard they land in, because
-resume looks at the shared output folder, not at the shard.
+- A row costs the transformer's work for it (the cost model in ../shared/reference/qwen-image.md:
+  linear layers grow with the token count, attention with its square), times its steps, times two
+  with true CFG.
+- Every batch costs a little more than its rows: each forward of a batch pays a share that does not
+  shrink with fewer rows (fitted to H100 runs in bf16: about 0.02 s a forward, an eighth of a
+  1024x1024 row's 0.17 s; docs/scale-out.md). So cutting a group of same-size rows into more, partial
+  batches costs time: a 2-GPU run that cut the 1-GPU run's 7 batches into 9 did 2.2% more GPU work.
+
+The split is built per group of rows that can share a batch (same size, steps, guidance and inputs):
+pieces are dealt out heaviest first, each to the shard with the least predicted time so far
+(longest-processing-time-first), then rows are moved off the slowest shard while that lowers its
+predicted time, counting the batches each shard ends up with. Two deals are tried, in whole batches
+and in single rows, and the one whose slowest shard is predicted faster is kept.
+
+The split is a pure function of the manifest's valid rows, the shard count and the batch size: every
+shard process, and the fan-out parent, computes the same one without talking to each other. Keep the
+same manifest, shard count and batch size to resume; rows already done are skipped whichever shard
+they land in, because resume looks at the shared output folder, not at the shard.
 """
 
 from __future__ import annotations
 
 import hashlib
-import heapq
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from qwen_batch.memory_modes import DEFAULT_BATCH_SIZE
 
 if TYPE_CHECKING:
     from qwen_batch.manifest import Request
@@ -29,6 +42,23 @@ HIDDEN = 3072  # the transformer's inner width; a constant factor, kept for read
 TEXT_TOKENS = 64  # a typical prompt; the text's share of the cost is small next to 4,096 image tokens
 EDIT_INPUT_TOKENS = 4096  # an edit input is encoded at about 1024x1024: (1024/16)^2 tokens per image
 DEFAULT_EDIT_SIZE = 1024  # an edit row without a size gets about 1024x1024
+# What a batch costs beyond its rows, per forward, as a share of one 1024x1024 row's forward: fitted
+# to the per-size seconds per image of a 1-GPU and a 2-GPU run on H100s (bf16, eager, 50 steps), whose
+# batches of 1 to 4 rows differ (docs/scale-out.md): 0.02 s a forward next to a row's 0.17 s.
+BATCH_OVERHEAD = 0.12
+# Row moves tried after the first deal, at most (a few per group and shard pair in practice).
+MAX_MOVES = 10_000
+
+
+def _forward_cost(tokens: int) -> float:
+    return 24 * HIDDEN**2 * tokens + 4 * tokens**2 * HIDDEN
+
+
+REFERENCE_FORWARD = _forward_cost((1024 // 16) ** 2 + TEXT_TOKENS)
+
+
+def _forwards(request: Request) -> int:
+    return request.num_inference_steps * (2 if request.uses_cfg else 1)
 
 
 def predicted_cost(request: Request) -> float:
@@ -36,34 +66,129 @@ def predicted_cost(request: Request) -> float:
     width = request.width or DEFAULT_EDIT_SIZE
     height = request.height or DEFAULT_EDIT_SIZE
     tokens = (width // 16) * (height // 16) + TEXT_TOKENS + EDIT_INPUT_TOKENS * len(request.images)
-    per_forward = 24 * HIDDEN**2 * tokens + 4 * tokens**2 * HIDDEN
-    return per_forward * request.num_inference_steps * (2 if request.uses_cfg else 1)
+    return _forward_cost(tokens) * _forwards(request)
+
+
+def batch_overhead(request: Request) -> float:
+    """What one batch of rows like `request` costs beyond the rows themselves, in the same units."""
+    return BATCH_OVERHEAD * REFERENCE_FORWARD * _forwards(request)
 
 
 def _tiebreak(row_id: str) -> bytes:
     return hashlib.sha256(b"qwen-batch/shard/" + row_id.encode("utf-8")).digest()
 
 
-def assign_shards(requests: Sequence[Request], shards: int) -> dict[str, int]:
-    """Row id -> shard (0..shards-1), balancing predicted cost; deterministic for a given manifest."""
+@dataclass
+class _Group:
+    """Rows that cost the same and can share a batch, and how many of them each shard takes."""
+
+    rows: list[Request]  # in a fixed order that does not depend on the manifest's row order
+    row_cost: float
+    overhead: float
+    counts: list[int]
+
+    def load(self, count: int, batch_size: int) -> float:
+        return count * self.row_cost + math.ceil(count / batch_size) * self.overhead
+
+
+def _groups(requests: Sequence[Request], shards: int) -> list[_Group]:
+    by_key: dict[tuple, list[Request]] = {}
+    for request in requests:
+        by_key.setdefault((*request.batch_key, len(request.images)), []).append(request)
+    groups = []
+    for rows in by_key.values():
+        rows.sort(key=lambda request: _tiebreak(request.id))
+        groups.append(_Group(rows, predicted_cost(rows[0]), batch_overhead(rows[0]), [0] * shards))
+    groups.sort(key=lambda group: (-group.row_cost, _tiebreak(group.rows[0].id)))
+    return groups
+
+
+def _shard_loads(groups: list[_Group], shards: int, batch_size: int) -> list[float]:
+    return [sum(group.load(group.counts[shard], batch_size) for group in groups) for shard in range(shards)]
+
+
+def _deal(groups: list[_Group], shards: int, batch_size: int, unit: int) -> None:
+    """Longest-processing-time-first over pieces of `unit` rows of a group (its last piece may be smaller)."""
+    pieces = []
+    for index, group in enumerate(groups):
+        for start in range(0, len(group.rows), unit):
+            size = min(unit, len(group.rows) - start)
+            pieces.append((size * group.row_cost, index, size))
+    pieces.sort(key=lambda piece: (-piece[0], piece[1]))
+    for group in groups:
+        group.counts = [0] * shards
+    for _, index, size in pieces:
+        loads = _shard_loads(groups, shards, batch_size)
+        shard = min(range(shards), key=lambda s: (loads[s], s))
+        groups[index].counts[shard] += size
+
+
+def _best_move(groups: list[_Group], loads: list[float], batch_size: int) -> tuple[int, int, int, int] | None:
+    """Rows of one group moved off the slowest shard to another, lowering the slower of the two the most."""
+    slowest = max(range(len(loads)), key=lambda s: (loads[s], -s))
+    best, best_key = None, (loads[slowest], 0.0)
+    for index, group in enumerate(groups):
+        have = group.counts[slowest]
+        for count in range(1, min(have, batch_size) + 1):
+            off = group.load(have, batch_size) - group.load(have - count, batch_size)
+            for target in range(len(loads)):
+                if target == slowest:
+                    continue
+                on = group.load(group.counts[target] + count, batch_size) - group.load(group.counts[target], batch_size)
+                worse = max(loads[slowest] - off, loads[target] + on)
+                key = (worse, on - off)  # then the move that adds the least work overall
+                if key < best_key and worse < loads[slowest] * (1 - 1e-12):
+                    best, best_key = (index, slowest, target, count), key
+    return best
+
+
+def _improve(groups: list[_Group], shards: int, batch_size: int) -> None:
+    for _ in range(MAX_MOVES):
+        move = _best_move(groups, _shard_loads(groups, shards, batch_size), batch_size)
+        if move is None:
+            return
+        index, source, target, count = move
+        groups[index].counts[source] -= count
+        groups[index].counts[target] += count
+
+
+def assign_shards(requests: Sequence[Request], shards: int, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, int]:
+    """Row id -> shard (0..shards-1), balancing predicted time in whole batches; deterministic for a manifest."""
     if shards < 1:
         raise ValueError(f"shards must be 1 or more, not {shards}")
-    order = sorted(requests, key=lambda request: (-predicted_cost(request), _tiebreak(request.id)))
-    loads = [(0.0, index) for index in range(shards)]  # a heap of (work so far, shard)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
+    groups = _groups(requests, shards)
+    # Two starts, each improved by moving rows: whole batches dealt out (few partial batches), and rows
+    # dealt out one by one (fine-grained balance). The better of the two is kept.
+    best: tuple[tuple[float, float], list[list[int]]] | None = None
+    for unit in (batch_size, 1):
+        _deal(groups, shards, batch_size, unit)
+        _improve(groups, shards, batch_size)
+        loads = _shard_loads(groups, shards, batch_size)
+        score = (max(loads), sum(loads))
+        if best is None or score < best[0]:
+            best = (score, [list(group.counts) for group in groups])
+    for group, counts in zip(groups, best[1], strict=True):
+        group.counts = counts
     assignment: dict[str, int] = {}
-    for request in order:
-        load, index = heapq.heappop(loads)
-        assignment[request.id] = index
-        heapq.heappush(loads, (load + predicted_cost(request), index))
+    for group in groups:
+        rows = iter(group.rows)
+        for shard, count in enumerate(group.counts):
+            for _ in range(count):
+                assignment[next(rows).id] = shard
     return assignment
 
 
-def shard_costs(requests: Sequence[Request], assignment: dict[str, int], shards: int) -> list[float]:
-    """Each shard's predicted work, to report the balance (and the idle tail it implies)."""
-    costs = [0.0] * shards
-    for request in requests:
-        costs[assignment[request.id]] += predicted_cost(request)
-    return costs
+def shard_costs(
+    requests: Sequence[Request], assignment: dict[str, int], shards: int, batch_size: int = DEFAULT_BATCH_SIZE
+) -> list[float]:
+    """Each shard's predicted time (its rows, and the batches they make), to report the balance."""
+    groups = _groups(requests, shards)
+    for group in groups:
+        for request in group.rows:
+            group.counts[assignment[request.id]] += 1
+    return _shard_loads(groups, shards, batch_size)
 
 
 def idle_tail(costs: Sequence[float]) -> float:

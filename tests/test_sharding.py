@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 
 import pytest
 
 from qwen_batch.manifest import Request
-from qwen_batch.sharding import assign_shards, idle_tail, predicted_cost, shard_costs
+from qwen_batch.sharding import assign_shards, batch_overhead, idle_tail, predicted_cost, shard_costs
 
 
 def request(row_id: str, width: int = 1024, height: int = 1024, steps: int = 50, cfg: float = 4.0, images=()):
@@ -61,6 +62,64 @@ def test_every_row_lands_in_exactly_one_shard_and_the_split_is_the_same_in_every
     assert assign_shards(requests, 1) == dict.fromkeys(first, 0)
     with pytest.raises(ValueError):
         assign_shards(requests, 0)
+
+
+def row_by_row_split(requests, shards):
+    """The split used before: rows dealt out one by one, heaviest first, blind to the batches they make."""
+    loads = [(0.0, index) for index in range(shards)]
+    assignment = {}
+    for request in sorted(requests, key=lambda r: (-predicted_cost(r), r.id)):
+        load, index = heapq.heappop(loads)
+        assignment[request.id] = index
+        heapq.heappush(loads, (load + predicted_cost(request), index))
+    return assignment
+
+
+def batches(requests, assignment, batch_size=4):
+    counts = {}
+    for request in requests:
+        key = (assignment[request.id], request.batch_key)
+        counts[key] = counts.get(key, 0) + 1
+    return sum(-(-count // batch_size) for count in counts.values())
+
+
+def mixed(rows, seed=0, steps=50):
+    rng = random.Random(seed)
+    sizes = [(512, 512), (1024, 1024), (1664, 928)]
+    return [request(f"row-{n:04d}", *rng.choice(sizes), steps=steps) for n in range(rows)]
+
+
+def test_a_batch_costs_more_than_its_rows_so_the_split_keeps_batches_whole():
+    row = request("a")
+    assert 0 < batch_overhead(row) < predicted_cost(row) / 4
+    # Two groups that cost the same but cannot share a batch (different guidance scales).
+    rows = [request(f"a{n}", cfg=4.0) for n in range(4)] + [request(f"b{n}", cfg=5.0) for n in range(4)]
+    whole = {r.id: int(r.id.startswith("b")) for r in rows}  # one full batch per GPU
+    mixed_halves = {r.id: int(r.id[1]) % 2 for r in rows}  # the same rows per GPU, but two half batches each
+    assert max(shard_costs(rows, mixed_halves, 2)) > max(shard_costs(rows, whole, 2))
+    split = assign_shards(rows, 2)
+    assert batches(rows, split) == 2 and sorted(split.values()) == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_the_split_is_never_slower_than_dealing_rows_one_by_one_and_cuts_fewer_batches():
+    fewer = 0
+    for rows, shards in [(26, 2), (26, 4), (26, 8), (32, 2), (64, 4), (200, 8), (1000, 8)]:
+        requests = mixed(rows, seed=rows)
+        by_row = row_by_row_split(requests, shards)
+        split = assign_shards(requests, shards)
+        assert max(shard_costs(requests, split, shards)) <= max(shard_costs(requests, by_row, shards)) * (1 + 1e-9)
+        fewer += batches(requests, split) < batches(requests, by_row)
+    assert fewer >= 3  # e.g. 26 mixed rows on 8 GPUs: 12 batches instead of 21
+
+
+def test_the_split_plans_for_the_batch_size_it_is_given():
+    requests = [request(f"r{n}", 512, 512) for n in range(12)]
+    for batch_size in (1, 2, 3, 6):
+        split = assign_shards(requests, 2, batch_size)
+        assert sorted(sum(shard == s for shard in split.values()) for s in (0, 1)) == [6, 6]
+        assert batches(requests, split, batch_size) == 2 * -(-6 // batch_size)
+    with pytest.raises(ValueError):
+        assign_shards(requests, 2, 0)
 
 
 def test_idle_tail_of_a_perfect_and_a_lopsided_split():
