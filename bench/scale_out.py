@@ -1,16 +1,20 @@
 """Scale-out benchmark: one manifest on 1 GPU, then on N GPUs as N shard processes, full-size weights.
 
-Each shard is the same entry point the `qwen-image-batch/shard` deployment runs (`engine.run` with
-`shard_index/shard_count`), started directly as a process pinned to its GPU with
-CUDA_VISIBLE_DEVICES (no Prefect server on the GPU machine). Every process pays its own model load
-(the random full-size weights are built on its GPU) and encodes its own rows, as a worker does; the
-wall time counts all of it, from the first process's start to the merged results.parquet.
+One GPU is one unsharded process, as `qwen-batch run` is. N GPUs are N shard processes, each the
+entry point the `qwen-image-batch/shard` deployment runs (the engine with `shard_index/shard_count`),
+started directly and pinned to its GPU with CUDA_VISIBLE_DEVICES (no Prefect server on the GPU
+machine), then the merge the fan-out flow does. Every process builds its own model (random
+full-size weights, on its GPU) and encodes its own rows, as a worker does; the wall time counts all of
+it, from the first launch to the merged results.parquet. Each shard records its timeline, so the
+report says where a process's fixed cost goes.
 
-    python bench/scale_out.py --gpus 2 --json bench/results/scale_out_h100x2.json
+    bash bench/scripts/scale_out.sh 2 26 50          # both sides in one command (about 12 minutes)
+    python bench/scale_out.py --gpus 2 --rows 26 --steps 50 --only one --json one.json
+    python bench/scale_out.py --json both.json combine one.json many.json
 
-The manifest mixes sizes (512x512, 1024x1024, 1664x928, in a seeded random order), the case where a split by row count leaves
-one GPU idle at the end; the report gives the measured idle tail of the cost-balanced split, and the
-idle tail a split by id hash would have had, predicted with the same cost model.
+The manifest mixes sizes (512x512, 1024x1024, 1664x928, in a seeded random order), the case where a
+split by row count leaves one GPU idle at the end; the report gives the measured idle tail of
+qwen-batch's split and the tails other splits would have had, predicted with the same cost model.
 `--tiny` runs the same code on the CPU with the tiny model (a dry run).
 """
 
@@ -198,20 +202,20 @@ def per_size_seconds(output: Path) -> dict[str, float]:
     return {size: round(sum(values) / len(values), 3) for size, values in sorted(by_size.items())}
 
 
-def predicted_tails(manifest: Path, gpus: int) -> dict:
+def predicted_tails(manifest: Path, gpus: int, batch_size: int) -> dict:
     import hashlib
 
     from qwen_batch.manifest import read_manifest
     from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
 
     requests = read_manifest(str(manifest)).requests
-    balanced = shard_costs(requests, assign_shards(requests, gpus), gpus)
+    balanced = shard_costs(requests, assign_shards(requests, gpus, batch_size), gpus, batch_size)
     by_hash = {r.id: int.from_bytes(hashlib.sha256(r.id.encode()).digest()[:8], "big") % gpus for r in requests}
     by_count = {r.id: n % gpus for n, r in enumerate(requests)}
     return {
         "cost_balanced": round(idle_tail(balanced), 4),
-        "id_hash": round(idle_tail(shard_costs(requests, by_hash, gpus)), 4),
-        "row_count_round_robin": round(idle_tail(shard_costs(requests, by_count, gpus)), 4),
+        "id_hash": round(idle_tail(shard_costs(requests, by_hash, gpus, batch_size)), 4),
+        "row_count_round_robin": round(idle_tail(shard_costs(requests, by_count, gpus, batch_size)), 4),
     }
 
 
@@ -242,8 +246,9 @@ def check_gpus() -> dict:
 def combine(one_path: str, many_path: str) -> dict:
     """The two sides of a run made as two device commands on one warm machine, with their ratio."""
     one, many = (json.loads(Path(path).read_text()) for path in (one_path, many_path))
-    if one.get("machine") != many.get("machine"):
-        raise SystemExit(f"the sides ran on different machines ({one.get('machine')} and {many.get('machine')})")
+    gpus = [sorted(gpu["uuid"] for gpu in side.get("gpu_check", {}).get("gpus", [])) for side in (one, many)]
+    if gpus[0] != gpus[1]:  # the host name says nothing on the lent machines: every one is "vm"
+        raise SystemExit(f"the sides ran on different GPUs ({gpus[0]} and {gpus[1]}): their times do not compare")
     combined = {
         **many,
         "one": one["one"],
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         "steps": args.steps,
         "sizes": SIZES,
         "batch_size": args.batch_size,
-        "predicted_idle_tail": predicted_tails(manifest, args.gpus),
+        "predicted_idle_tail": predicted_tails(manifest, args.gpus, args.batch_size),
     }
     if torch.cuda.is_available():  # in its own process: this one holds no GPU memory while the sides run
         subprocess.run([sys.executable, __file__, "--json", str(work / "gpus.json"), "check-gpus"], check=True)
