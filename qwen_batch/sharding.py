@@ -16,8 +16,10 @@ the split balances predicted GPU time:
 The split is built per group of rows that can share a batch (same size, steps, guidance and inputs):
 pieces are dealt out heaviest first, each to the shard with the least predicted time so far
 (longest-processing-time-first), then rows are moved off the slowest shard while that lowers its
-predicted time, counting the batches each shard ends up with. Two deals are tried, in whole batches
-and in single rows, and the one whose slowest shard is predicted faster is kept.
+predicted time, counting the batches each shard ends up with: one row or one batch at a time, or two
+pieces for one (two full batches of 1664x928 rows can trade places with three smaller batches). Two
+deals are tried, in whole batches and in single rows, and the one whose slowest shard is predicted
+faster is kept.
 
 The split is a pure function of the manifest's valid rows, the shard count and the batch size: every
 shard process, and the fan-out parent, computes the same one without talking to each other. Keep the
@@ -28,8 +30,9 @@ they land in, because resume looks at the shared output folder, not at the shard
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -46,8 +49,13 @@ DEFAULT_EDIT_SIZE = 1024  # an edit row without a size gets about 1024x1024
 # to the per-size seconds per image of a 1-GPU and a 2-GPU run on H100s (bf16, eager, 50 steps), whose
 # batches of 1 to 4 rows differ (docs/scale-out.md): 0.02 s a forward next to a row's 0.17 s.
 BATCH_OVERHEAD = 0.12
-# Row moves tried after the first deal, at most (a few per group and shard pair in practice).
-MAX_MOVES = 10_000
+# Exchanges made after a deal, at most: a few per group and shard pair are enough for a few shards;
+# with hundreds of shards of few rows each, later exchanges gain little and each costs a search.
+MOVES_PER_SPLIT = 20_000
+MIN_MOVES = 200
+TARGETS = 8  # the slowest shard gives work to this many of the lightest shards, at most
+COMPOUND_TARGETS = 3  # and trades pieces (one for one, two for one) with this many of them
+EXCHANGE_LIMIT = 2_000  # compound exchanges tried per pair of shards, at most about this many
 
 
 def _forward_cost(tokens: int) -> float:
@@ -117,39 +125,91 @@ def _deal(groups: list[_Group], shards: int, batch_size: int, unit: int) -> None
     pieces.sort(key=lambda piece: (-piece[0], piece[1]))
     for group in groups:
         group.counts = [0] * shards
+    loads = [(0.0, shard) for shard in range(shards)]  # a heap of (predicted time so far, shard)
     for _, index, size in pieces:
-        loads = _shard_loads(groups, shards, batch_size)
-        shard = min(range(shards), key=lambda s: (loads[s], s))
-        groups[index].counts[shard] += size
+        load, shard = heapq.heappop(loads)
+        group = groups[index]
+        have = group.counts[shard]
+        group.counts[shard] = have + size
+        heapq.heappush(loads, (load + group.load(have + size, batch_size) - group.load(have, batch_size), shard))
 
 
-def _best_move(groups: list[_Group], loads: list[float], batch_size: int) -> tuple[int, int, int, int] | None:
-    """Rows of one group moved off the slowest shard to another, lowering the slower of the two the most."""
-    slowest = max(range(len(loads)), key=lambda s: (loads[s], -s))
+def _pieces(group: _Group, count: int, batch_size: int) -> list[int]:
+    """Row counts worth moving off a shard that holds `count` rows of the group: one row, a batch, the partial one."""
+    return sorted({1, min(count, batch_size), count % batch_size} - {0}) if count else []
+
+
+def _exchanges(groups: list[_Group], source: int, target: int, batch_size: int, compound: bool) -> Iterator[tuple]:
+    """Rows moved between two shards: one piece from source to target or, when `compound`, up to two
+    pieces there and one back (two full batches can trade places with one that costs as much)."""
+    there = [(g, k) for g, group in enumerate(groups) for k in _pieces(group, group.counts[source], batch_size)]
+    back = [(g, -k) for g, group in enumerate(groups) for k in _pieces(group, group.counts[target], batch_size)]
+    # Pairs and triples grow with the square and cube of the pieces: tried only while that stays small
+    # (a manifest of a few sizes and step counts); with many groups, single moves balance well enough.
+    swaps = compound and len(there) * len(back) <= EXCHANGE_LIMIT
+    triples = swaps and len(there) ** 2 * len(back) <= 2 * EXCHANGE_LIMIT
+    for index, first in enumerate(there):
+        yield (first,)
+        for returned in back if swaps else ():
+            yield first, returned
+        for second in there[index + 1 :] if triples else ():
+            yield first, second
+            for returned in back:
+                yield first, second, returned
+
+
+def _loads_after(
+    groups: list[_Group], loads: list[float], source: int, target: int, exchange: tuple, batch_size: int
+) -> tuple[float, float, dict[int, int]] | None:
+    moved: dict[int, int] = {}
+    for index, count in exchange:
+        moved[index] = moved.get(index, 0) + count
+    source_load, target_load = loads[source], loads[target]
+    for index, count in moved.items():
+        group = groups[index]
+        have, has = group.counts[source], group.counts[target]
+        if count > have or -count > has:
+            return None
+        source_load += group.load(have - count, batch_size) - group.load(have, batch_size)
+        target_load += group.load(has + count, batch_size) - group.load(has, batch_size)
+    return source_load, target_load, moved
+
+
+def _best_exchange(groups: list[_Group], loads: list[float], batch_size: int) -> tuple[int, int, dict[int, int]] | None:
+    """The exchange with another shard that lowers the slowest shard's time the most (then adds the least work)."""
+    shards = len(loads)
+    slowest = max(range(shards), key=lambda s: (loads[s], -s))
+    # The lightest shards are where work can go; with hundreds of shards, trying them all costs more
+    # than it finds.
+    lightest = heapq.nsmallest(TARGETS, (s for s in range(shards) if s != slowest), key=lambda s: (loads[s], s))
     best, best_key = None, (loads[slowest], 0.0)
-    for index, group in enumerate(groups):
-        have = group.counts[slowest]
-        for count in range(1, min(have, batch_size) + 1):
-            off = group.load(have, batch_size) - group.load(have - count, batch_size)
-            for target in range(len(loads)):
-                if target == slowest:
-                    continue
-                on = group.load(group.counts[target] + count, batch_size) - group.load(group.counts[target], batch_size)
-                worse = max(loads[slowest] - off, loads[target] + on)
-                key = (worse, on - off)  # then the move that adds the least work overall
-                if key < best_key and worse < loads[slowest] * (1 - 1e-12):
-                    best, best_key = (index, slowest, target, count), key
+    for rank, target in enumerate(lightest):
+        # Compound exchanges only with the few lightest shards: they are where the work can go, and the
+        # number of compound exchanges grows with the cube of the groups.
+        for exchange in _exchanges(groups, slowest, target, batch_size, compound=rank < COMPOUND_TARGETS):
+            after = _loads_after(groups, loads, slowest, target, exchange, batch_size)
+            if after is None:
+                continue
+            source_load, target_load, moved = after
+            key = (max(source_load, target_load), source_load + target_load - loads[slowest] - loads[target])
+            if key < best_key and key[0] < loads[slowest] * (1 - 1e-12):
+                best, best_key = (slowest, target, moved), key
     return best
 
 
 def _improve(groups: list[_Group], shards: int, batch_size: int) -> None:
-    for _ in range(MAX_MOVES):
-        move = _best_move(groups, _shard_loads(groups, shards, batch_size), batch_size)
-        if move is None:
+    # Each exchange lowers the slowest shard and leaves the other below where it was: no cycles.
+    loads = _shard_loads(groups, shards, batch_size)
+    for _ in range(max(MIN_MOVES, MOVES_PER_SPLIT // shards)):
+        exchange = _best_exchange(groups, loads, batch_size)
+        if exchange is None:
             return
-        index, source, target, count = move
-        groups[index].counts[source] -= count
-        groups[index].counts[target] += count
+        source, target, moved = exchange
+        for index, count in moved.items():
+            groups[index].counts[source] -= count
+            groups[index].counts[target] += count
+        for shard in (source, target):
+            loads[shard] = sum(group.load(group.counts[shard], batch_size) for group in groups)
 
 
 def assign_shards(requests: Sequence[Request], shards: int, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, int]:

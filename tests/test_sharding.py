@@ -103,13 +103,13 @@ def test_a_batch_costs_more_than_its_rows_so_the_split_keeps_batches_whole():
 
 def test_the_split_is_never_slower_than_dealing_rows_one_by_one_and_cuts_fewer_batches():
     fewer = 0
-    for rows, shards in [(26, 2), (26, 4), (26, 8), (32, 2), (64, 4), (200, 8), (1000, 8)]:
+    for rows, shards in [(26, 2), (26, 4), (26, 8), (32, 2), (64, 4), (200, 8), (1000, 8), (10_000, 100)]:
         requests = mixed(rows, seed=rows)
         by_row = row_by_row_split(requests, shards)
         split = assign_shards(requests, shards)
         assert max(shard_costs(requests, split, shards)) <= max(shard_costs(requests, by_row, shards)) * (1 + 1e-9)
         fewer += batches(requests, split) < batches(requests, by_row)
-    assert fewer >= 3  # e.g. 26 mixed rows on 8 GPUs: 12 batches instead of 21
+    assert fewer >= 3  # e.g. 26 mixed rows on 8 GPUs: 15 batches instead of 21
 
 
 def test_the_split_plans_for_the_batch_size_it_is_given():
