@@ -149,9 +149,8 @@ def merge_like_the_fanout(manifest: Path, output: Path):
     from qwen_batch.results import ResultStore
     from qwen_batch.storage import Folder
 
-    store = ResultStore(Folder(str(output)))
-    records, parts = store.previous_records()
-    return store.merge(read_manifest(str(manifest)), records, parts)
+    table, _ = ResultStore(Folder(str(output))).merge_parts(read_manifest(str(manifest)))
+    return table
 
 
 def timed_run(manifest: Path, output: Path, gpus: int, args, work: Path) -> dict:

@@ -143,9 +143,7 @@ def merge_shards(params: FanoutParameters, since: datetime) -> dict[str, Any]:
     """Fold every shard's part files into results.parquet: one row per manifest row, in manifest order."""
     manifest = read_manifest(params.manifest, params.storage_options())
     output = Folder(params.output, params.storage_options())
-    store = ResultStore(output)
-    records, parts = store.previous_records()
-    table = store.merge(manifest, records, parts)
+    table, parts = ResultStore(output).merge_parts(manifest)
     rows = table.select(["id", "prompt", "status", "error", "finished_at"]).to_pylist()
     statuses = Counter(row["status"] for row in rows)
     fresh = [row for row in rows if row["status"] == OK and row["finished_at"] >= since]

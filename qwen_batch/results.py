@@ -161,6 +161,12 @@ class ResultStore:
     def existing_images(self) -> set[str]:
         return {posixpath.basename(name) for name in self.output.list_files(IMAGES_FOLDER, ".png")}
 
+    def merge_parts(self, manifest: Manifest) -> tuple[pa.Table, list[str]]:
+        """Fold results.parquet and every part file into one results.parquet (the fan-out's last step);
+        the merged table and the part files folded in."""
+        records, parts = self.previous_records()
+        return self.merge(manifest, records, parts), parts
+
     def merge(self, manifest: Manifest, records: dict[str, Record], folded_parts: list[str]) -> pa.Table:
         """Write results.parquet: exactly one row per manifest row, in manifest order."""
         by_index: dict[int, Record] = {}
