@@ -38,7 +38,6 @@ from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import MAX_PROBLEMS_SHOWN, SAMPLE_IMAGES, RowsFailed, artifact_key, number, publish_report
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
 from qwen_batch.manifest import read_manifest
-from qwen_batch.memory_modes import DEFAULT_BATCH_SIZE
 from qwen_batch.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
 from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
 from qwen_batch.storage import Folder
@@ -55,11 +54,10 @@ class ShardsFailed(Exception):
 def check_manifest(params: FanoutParameters) -> list[int]:
     """Validate the manifest before any shard starts; the number of valid rows per shard."""
     manifest = read_manifest(params.manifest, params.storage_options())
-    split_batch = params.batch_size or DEFAULT_BATCH_SIZE  # as each shard's engine plans the split
-    assignment = assign_shards(manifest.requests, params.shards, split_batch)
+    assignment = assign_shards(manifest.requests, params.shards, params.batch_size)  # as each shard's engine does
     counts = Counter(assignment.values())
     sizes = [counts.get(index, 0) for index in range(params.shards)]
-    costs = shard_costs(manifest.requests, assignment, params.shards, split_batch)
+    costs = shard_costs(manifest.requests, assignment, params.shards, params.batch_size)
     get_run_logger().info(
         "manifest %s: %d rows, %d valid, %d invalid; valid rows per shard: %s; shards balanced by predicted "
         "GPU time, predicted idle tail %.1f%%",

@@ -19,7 +19,7 @@ from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.input_image import DEFAULT_MAX_PIXELS
 from qwen_batch.manifest import EDIT, IMAGES_COLUMN, Manifest, Request, read_manifest
-from qwen_batch.memory_modes import DEFAULT_BATCH_SIZE, Placement, RunMemory, plan_run_memory
+from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
 from qwen_batch.model_source import (
     DENOISER_COMPONENTS,
     ENCODER_COMPONENTS,
@@ -177,9 +177,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     model_identity = source.identity(components)
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
     previous, _ = store.previous_records()
-    # The split plans for the batch size asked for; every shard, and the fan-out parent, computes the same.
-    split_batch = config.batch_size or DEFAULT_BATCH_SIZE
-    shards = assign_shards(manifest.requests, config.shard_count, split_batch) if config.is_shard else {}
+    shards = assign_shards(manifest.requests, config.shard_count, config.batch_size) if config.is_shard else {}
     mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
     done = _done_ids(mine, fingerprints, store, previous)
     todo = [request for request in mine if request.id not in done]

@@ -212,10 +212,15 @@ def _improve(groups: list[_Group], shards: int, batch_size: int) -> None:
             loads[shard] = sum(group.load(group.counts[shard], batch_size) for group in groups)
 
 
-def assign_shards(requests: Sequence[Request], shards: int, batch_size: int = DEFAULT_BATCH_SIZE) -> dict[str, int]:
-    """Row id -> shard (0..shards-1), balancing predicted time in whole batches; deterministic for a manifest."""
+def assign_shards(requests: Sequence[Request], shards: int, batch_size: int | None = None) -> dict[str, int]:
+    """Row id -> shard (0..shards-1), balancing predicted time in whole batches; deterministic for a manifest.
+
+    `batch_size` is the run's --batch-size; None (left to the memory planner) plans for the default,
+    so every shard and the fan-out parent, given the same setting, compute the same split.
+    """
     if shards < 1:
         raise ValueError(f"shards must be 1 or more, not {shards}")
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
     groups = _groups(requests, shards)
@@ -241,9 +246,10 @@ def assign_shards(requests: Sequence[Request], shards: int, batch_size: int = DE
 
 
 def shard_costs(
-    requests: Sequence[Request], assignment: dict[str, int], shards: int, batch_size: int = DEFAULT_BATCH_SIZE
+    requests: Sequence[Request], assignment: dict[str, int], shards: int, batch_size: int | None = None
 ) -> list[float]:
     """Each shard's predicted time (its rows, and the batches they make), to report the balance."""
+    batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     groups = _groups(requests, shards)
     for group in groups:
         for request in group.rows:
