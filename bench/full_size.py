@@ -118,6 +118,12 @@ def build_vae(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: i
         return AutoencoderKLQwenImage().eval()  # the library defaults are the released configuration
 
 
+def _tiny_transformer_config() -> dict[str, Any]:
+    from diffusers import QwenImageTransformer2DModel
+
+    return dict(QwenImageTransformer2DModel.load_config(ensure_tiny_model(), subfolder="transformer"))
+
+
 def tiny_tokenizer_and_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer
@@ -205,6 +211,7 @@ def full_size_source(
             timings["build_seconds"] = timings.get("build_seconds", 0.0) + time.perf_counter() - started
         return pipe
 
-    source = ModelSource(name=name, location=f"memory:{name}", loader=loader)
+    config = dict(_tiny_transformer_config() if tiny else TRANSFORMER_CONFIG)  # adapters are checked against it
+    source = ModelSource(name=name, location=f"memory:{name}", loader=loader, config=config)
     register_model(source)
     return source

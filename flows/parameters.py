@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from qwen_batch.adapters import MAX_LORA_SCALE, MAX_LORAS_PER_ROW, MIN_LORA_SCALE, run_lora
 from qwen_batch.engine import DEFAULT_MODEL, RunConfig
+from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT
 from qwen_batch.storage import StorageOptions, s3_storage_options
 
 EXAMPLE_MANIFEST = "prompts/example.parquet"
@@ -27,6 +29,19 @@ def _check_shard(value: str) -> str:
     if not 0 <= index < count:
         raise ValueError(f"shard {value}: K must be from 0 to N - 1 (e.g. 0/2 and 1/2)")
     return value
+
+
+class LoraParameter(BaseModel):
+    """One run-wide LoRA adapter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        description="The adapter's .safetensors file on the worker (relative to its working directory) or a URL "
+        "such as s3://bucket/loras/style.safetensors; diffusers, kohya, ComfyUI or DiffSynth keys.",
+    )
+    scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="How strongly it applies.")
 
 
 class JobParameters(BaseModel):
@@ -100,6 +115,19 @@ class JobParameters(BaseModel):
         ge=1,
         description="Edit manifests: input images with more pixels are refused (decompression bombs).",
     )
+    loras: list[LoraParameter] = Field(
+        [],
+        max_length=MAX_LORAS_PER_ROW,
+        description="LoRA adapters fused for the rows whose 'loras' column is empty, each {path, scale}: e.g. a "
+        "Lightning LoRA with scheduler_shift 3 for 8-step rows. docs/manifest.md.",
+    )
+    scheduler_shift: float | None = Field(
+        None,
+        gt=MIN_SCHEDULER_SHIFT,
+        le=MAX_SCHEDULER_SHIFT,
+        description="A fixed sampling shift for the rows whose 'scheduler_shift' column is empty; 3 for the "
+        "Lightning LoRAs (with true_cfg_scale 1 and 8 or 4 steps). Empty: the model's own schedule.",
+    )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."
     )
@@ -152,6 +180,8 @@ class BatchParameters(JobParameters):
             allowed_inputs=tuple(self.allow_inputs),
             max_input_pixels=self.max_input_pixels,
             memory_mode=self.memory_mode,
+            loras=tuple(run_lora(lora.path, lora.scale, "loras") for lora in self.loras),
+            scheduler_shift=self.scheduler_shift,
         )
 
 

@@ -151,6 +151,8 @@ def denoise(plan: RunPlan, chunk: list[Request], progress: ArtifactProgress, ind
         "failed": stats.failed,
         "seconds": stats.seconds,
         "peak_gpu_gib": stats.peak_gpu_gib,
+        "adapter_fuses": stats.adapter_fuses,
+        "adapter_seconds": stats.adapter_seconds,
         "samples": samples[:SAMPLE_IMAGES],
     }
 
@@ -164,6 +166,8 @@ def finalize_run(plan: RunPlan, encoded: dict[str, Any], chunks: list[dict[str, 
         failed=sum(chunk["failed"] for chunk in chunks),
         seconds=sum(chunk["seconds"] for chunk in chunks),
         peak_gpu_gib=max(peaks) if peaks else None,
+        adapter_fuses=sum(chunk["adapter_fuses"] for chunk in chunks),
+        adapter_seconds=sum(chunk["adapter_seconds"] for chunk in chunks),
     )
     started = time.perf_counter()
     report = run_report(finalize(plan, EncodeStats(**encoded), denoised))
@@ -194,6 +198,8 @@ def run_report(summary: Summary) -> dict[str, Any]:
         "denoise_seconds": summary.denoise.seconds,
         "encode_peak_gpu_gib": summary.encode.peak_gpu_gib,
         "denoise_peak_gpu_gib": summary.denoise.peak_gpu_gib,
+        "adapter_fuses": summary.denoise.adapter_fuses,
+        "adapter_seconds": summary.denoise.adapter_seconds,
         "texts_encoded": summary.encode.encoded,
         "texts_cached": summary.encode.cached,
         "output": summary.output,
@@ -218,6 +224,7 @@ def summary_metrics(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("peak GPU memory, encode (GiB)", number(report["encode_peak_gpu_gib"], missing=no_gpu)),
         ("peak GPU memory, denoise (GiB)", number(report["denoise_peak_gpu_gib"], missing=no_gpu)),
         ("texts encoded / from cache", f"{report['texts_encoded']} / {report['texts_cached']}"),
+        ("adapter sets fused / seconds", f"{report['adapter_fuses']} / {number(report['adapter_seconds'])}"),
     ]
 
 

@@ -1,4 +1,4 @@
-"""`qwen-batch`: run, validate and tiny-model, without a server.
+"""`qwen-batch`: run, validate, plan, tiny-model and tiny-lora, without a server.
 
 Exit codes: 0 every row ok or skipped; 1 some rows invalid or failed (the summary lists them);
 2 usage or manifest-level errors (nothing was generated). Heavy imports happen inside the commands,
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="edit manifests: refuse input images of more pixels than this (decompression bombs; default 50 MP)",
     )
+    _add_sampling_flags(run)
     _add_memory_flags(run)
     _add_storage_flags(run)
     _add_output_flags(run)
@@ -125,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     _add_output_flags(tiny)
+
+    tiny_lora = commands.add_parser(
+        "tiny-lora",
+        help="write a random LoRA adapter for a model (to try adapters with a tiny model)",
+        description="Write a random LoRA (safetensors) for every linear layer of the model's transformer blocks, "
+        "in the key layout of diffusers, kohya, ComfyUI or DiffSynth. Reads the model's config only.",
+    )
+    tiny_lora.add_argument(
+        "model", metavar="MODEL", help="a diffusers model folder, or tiny / tiny-edit / tiny-edit-plus"
+    )
+    tiny_lora.add_argument("output", metavar="OUT.safetensors")
+    tiny_lora.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
+    tiny_lora.add_argument(
+        "--format", choices=_lora_formats(), default="diffusers", help="key layout (default diffusers)"
+    )
+    tiny_lora.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_output_flags(tiny_lora)
     return parser
 
 
@@ -159,6 +177,35 @@ def _add_input_flags(parser: argparse.ArgumentParser) -> None:
         metavar="PREFIX",
         help="edit manifests: also read input images under PREFIX (a folder path or URL such as "
         "s3://bucket/inputs/); by default only the manifest's own folder is allowed. Repeatable.",
+    )
+
+
+def _lora_formats() -> tuple[str, ...]:
+    from qwen_batch.tiny_lora import FORMATS
+
+    return FORMATS
+
+
+def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "Adapters and sampling",
+        "Run-wide values for the rows whose 'loras' or 'scheduler_shift' column is empty (docs/manifest.md).",
+    )
+    group.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="a LoRA adapter (.safetensors path or URL; diffusers, kohya, ComfyUI or DiffSynth keys) fused for "
+        "those rows, at SCALE (default 1.0). Repeatable.",
+    )
+    group.add_argument(
+        "--scheduler-shift",
+        type=float,
+        default=None,
+        metavar="S",
+        help="sample with a fixed shift S instead of the model's size-dependent one; the Lightning LoRAs "
+        "want 3, for rows with true_cfg_scale 1 and 8 or 4 steps",
     )
 
 
@@ -224,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _validate(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "tiny-lora":
+            return _tiny_lora(args)
         return _tiny_model(args)
     except QwenBatchError as error:
         print(f"qwen-batch: error: {error}", file=sys.stderr)
@@ -234,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from qwen_batch.adapters import parse_lora_option
     from qwen_batch.engine import RunConfig, run
     from qwen_batch.progress import ProgressBars, show_library_progress_bars
 
@@ -254,6 +304,8 @@ def _run(args: argparse.Namespace) -> int:
         storage_options=_storage_options(args),
         task=args.task,
         allowed_inputs=tuple(args.allow_inputs),
+        loras=tuple(parse_lora_option(option) for option in args.lora),
+        scheduler_shift=args.scheduler_shift,
         **({"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}),
     )
     if args.model == "tiny" and not args.quiet:
@@ -295,6 +347,10 @@ def format_summary(summary) -> str:
             ),
         ),
     ]
+    if summary.denoise.adapter_fuses:
+        rows.append(
+            ("adapters", f"{summary.denoise.adapter_fuses} sets fused, {seconds(summary.denoise.adapter_seconds)}")
+        )
     for stage, stats in (("encode", summary.encode), ("denoise", summary.denoise)):
         if stats.peak_gpu_gib is not None:
             rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
@@ -342,6 +398,14 @@ def _tiny_model(args: argparse.Namespace) -> int:
     folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
     pipeline = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit-Plus"}[args.task]
     print(f"wrote a tiny random-weight {pipeline} pipeline to {folder}")
+    return EXIT_OK
+
+
+def _tiny_lora(args: argparse.Namespace) -> int:
+    from qwen_batch.tiny_lora import write_tiny_lora
+
+    path = write_tiny_lora(args.model, args.output, rank=args.rank, layout=args.format, seed=args.seed)
+    print(f"wrote a random rank-{args.rank} LoRA ({args.format} keys) for {args.model} to {path}")
     return EXIT_OK
 
 

@@ -10,6 +10,11 @@ same arithmetic, so a row's image does not depend on what shares its batch:
   of two calls, and their combination is rescaled per token to the conditional norm, as diffusers does.
 Only the transformer, VAE and scheduler are loaded (`text_encoder=None, tokenizer=None`).
 
+What a batch is keyed on besides shapes (`Request.batch_key`) is applied before it runs, in one place
+(`ImageGenerator._prepare`): its LoRA adapters are fused into the weights (`qwen_batch.fusion`), and
+a row with a `scheduler_shift` samples with the model's scheduler config set to that fixed shift
+(`base_shift = max_shift = ln(shift)`, `shift_terminal = None`: the Lightning recipe with 3).
+
 Edit models (Qwen-Image-Edit, Edit-Plus) run the same loop with the input images' cached latents
 appended to each row's noise tokens (`image_latents`), as `QwenImageEditPipeline` does; only the
 noise tokens' prediction is kept.
@@ -21,7 +26,8 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.device import release_memory
-from qwen_batch.memory_modes import Placement, place_transformer, place_vae
+from qwen_batch.fusion import AdapterFusion
+from qwen_batch.memory_modes import FP8, Placement, QuantizedWeights, place_transformer, place_vae
 from qwen_batch.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -45,9 +51,15 @@ class ImageGenerator:
         self.source, self.device, self.dtype = source, device, dtype
         self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
         self.placement = placement or Placement()
-        kernel = use_batch_attention(self.pipe.transformer, device, dtype)  # before compiling: it is traced
-        self.memory_mode = place_transformer(self.pipe.transformer, self.placement, device, dtype)
+        transformer = self.pipe.transformer
+        kernel = use_batch_attention(transformer, device, dtype)  # before compiling: it is traced
+        # fp8 with adapters: the bf16 weights stay on the host, to fuse adapters in bf16 (qwen_batch.fusion).
+        keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
+        self.memory_mode = place_transformer(transformer, self.placement, device, dtype)
         self.memory_mode += f"; padded batches attend through {kernel}"
+        self.fusion = AdapterFusion(self.pipe, QuantizedWeights.after_placement(transformer, keep, device))
+        del keep
+        self._schedulers = {None: self.pipe.scheduler}
         place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
         # The latents' normalization, as the pipelines apply it before decoding: made once, not per batch.
@@ -79,11 +91,12 @@ class ImageGenerator:
 
         keys = {request.batch_key for request in requests}
         if len(keys) != 1:
-            raise ValueError(f"a batch must share size, steps and guidance; got {sorted(keys)}")
+            raise ValueError(f"a batch must share size, steps, guidance, adapters and shift; got {len(keys)} kinds")
         first = requests[0]
-        width, height, steps, guidance = first.batch_key
+        width, height, steps, guidance = first.width, first.height, first.num_inference_steps, first.true_cfg_scale
         use_cfg = first.uses_cfg
-        pipe, transformer, scheduler = self.pipe, self.pipe.transformer, self.pipe.scheduler
+        scheduler = self._prepare(first)
+        pipe, transformer = self.pipe, self.pipe.transformer
         batch = len(requests)
 
         with torch.inference_mode():
@@ -144,6 +157,14 @@ class ImageGenerator:
             # 5. Decode.
             return self._decode(latents, width, height)
 
+    def _prepare(self, request: Request):
+        """Apply what the batch is keyed on besides shapes: fuse its adapters; return its scheduler."""
+        self.fusion.use(request.loras)
+        shift = request.scheduler_shift
+        if shift not in self._schedulers:
+            self._schedulers[shift] = fixed_shift_scheduler(self.pipe.scheduler, shift)
+        return self._schedulers[shift]
+
     def _noise(self, seed: int, width: int, height: int) -> torch.Tensor:
         """`randn_tensor((1, 1, C, H/8, W/8))` from the row's own CPU generator, packed: the pipelines' draw
         (they draw on the host too, with a CPU generator, and then copy)."""
@@ -171,8 +192,18 @@ class ImageGenerator:
         return DecodedImages((images * 255).round().to(torch.uint8))
 
     def close(self) -> None:
-        del self.pipe
+        del self.pipe, self.fusion, self._schedulers  # the fusion holds the pipeline and weight copies
         release_memory(self.device)
+
+
+def fixed_shift_scheduler(scheduler, shift: float):
+    """The model's scheduler with a fixed sampling shift at every size: its config with
+    `base_shift = max_shift = ln(shift)` and no terminal stretch (Qwen-Image-Lightning's published config)."""
+    import math
+
+    return type(scheduler).from_config(
+        scheduler.config, base_shift=math.log(shift), max_shift=math.log(shift), shift_terminal=None
+    )
 
 
 def _pad_embeddings(

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.input_image import DEFAULT_MAX_PIXELS
-from qwen_batch.manifest import EDIT, IMAGES_COLUMN, Manifest, Request, read_manifest
+from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
 from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
 from qwen_batch.model_source import (
     DENOISER_COMPONENTS,
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from qwen_batch.denoise import ImageGenerator
 
 log = logging.getLogger(__name__)
+T = TypeVar("T", Request, EditRow)
 
 DEFAULT_MODEL = "tiny"
 CACHE_FOLDER = "cache"
@@ -71,8 +74,12 @@ class RunConfig:
     memory_mode: str = "auto"  # auto | bf16 | fp8 | offload | sequential
     compile: str = "auto"  # auto (when enough images repay it) | on | off
     compile_cache: str | None = None  # default: $QWEN_BATCH_HOME/compile-cache
+    # For rows that name none: LoRA adapters (--lora) and a fixed sampling shift (--scheduler-shift).
+    loras: tuple[LoraRef, ...] = ()
+    scheduler_shift: float | None = None
 
     def __post_init__(self) -> None:
+        self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift)  # checks them
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.encode_batch_size < 1:
@@ -127,6 +134,8 @@ class DenoiseStats:
     seconds: float = 0.0
     storage_wait_seconds: float = 0.0  # of `seconds`, spent waiting for image and result writes
     peak_gpu_gib: float | None = None
+    adapter_fuses: int = 0  # adapter sets fused into the weights (once per set when batches are ordered)
+    adapter_seconds: float = 0.0  # of `seconds`, spent switching adapter sets
     records: list[Record] = field(default_factory=list)
 
 
@@ -160,12 +169,15 @@ def plan_run(config: RunConfig) -> RunPlan:
     Loads no model. A manifest-level error is raised before anything is written; a missing bucket
     or denied access to the output or cache is raised before any model loads.
     """
-    manifest = read_manifest(config.manifest, config.storage_options, config.task, tuple(config.allowed_inputs))
+    manifest = read_manifest(
+        config.manifest, config.storage_options, config.task, tuple(config.allowed_inputs), config.row_defaults
+    )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model(_model_for(config.model, manifest))
     pipeline_class = pipeline_class_name(source)
     _check_model_fits(manifest, source, pipeline_class)
+    manifest = _with_adapters(manifest, source, config.storage_options)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
@@ -240,6 +252,28 @@ def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: s
         )
 
 
+def _with_adapters(manifest: Manifest, source: ModelSource, storage_options: StorageOptions) -> Manifest:
+    """Read and check every adapter the rows name (`qwen_batch.adapters.resolve_adapters`): a row whose
+    adapter cannot be used becomes invalid with the reason; the others carry their files' SHA-256."""
+    urls = [ref.url for request in manifest.requests for ref in request.loras]
+    if not urls:
+        return manifest
+    resolved = resolve_adapters(urls, storage_options, transformer_layout(source))
+    requests, invalid = [], list(manifest.invalid)
+    for request in manifest.requests:
+        problems = [
+            f"loras[{position}] {resolved.problems[ref.url]}"
+            for position, ref in enumerate(request.loras)
+            if ref.url in resolved.problems
+        ]
+        if problems:
+            invalid.append(InvalidRow(request.index, request.id, "; ".join(problems), request.parameters()))
+            continue
+        loras = tuple(replace(ref, sha256=resolved.sha256[ref.url]) for ref in request.loras)
+        requests.append(replace(request, loras=loras))
+    return replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
+
+
 def _done_ids(
     requests: list[Request], fingerprints: dict[str, str], store: ResultStore, records: dict[str, Record]
 ) -> set[str]:
@@ -293,12 +327,21 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
     )
 
 
-def make_batches(requests: list[Request], batch_size: int) -> list[list[Request]]:
-    """Rows that share size, steps and guidance, in chunks of `batch_size`, in manifest order."""
-    groups: dict[tuple[int, int, int, float], list[Request]] = {}
-    for request in requests:
-        groups.setdefault(request.batch_key, []).append(request)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
+    """Rows (or edit rows) that share a batch key, in chunks of `batch_size`, in manifest order, except that
+    the batches of one adapter set run one after another: each set is fused once per run, not per batch."""
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(item.batch_key, []).append(item)
+    first_seen: dict[tuple[LoraRef, ...], int] = {}
+    for key in groups:
+        first_seen.setdefault(_loras_of(groups[key][0]), len(first_seen))
+    ordered = sorted(groups.values(), key=lambda group: first_seen[_loras_of(group[0])])  # stable
+    return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
+
+
+def _loras_of(item: Request | EditRow) -> tuple[LoraRef, ...]:
+    return (item.request if isinstance(item, EditRow) else item).loras
 
 
 def denoise_stage(
@@ -314,6 +357,7 @@ def denoise_stage(
     reset_peak_memory(plan.device)
     generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
     writer = BatchWriter(plan.output, plan.store)
+    fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     progress.start("denoise", len(requests), "images")
     try:
         if plan.is_edit:
@@ -329,18 +373,23 @@ def denoise_stage(
         progress.finish()
         writer.close()
         stats.storage_wait_seconds = writer.wait_seconds
+        stats.adapter_fuses = generator.fusion.stats.fuses - fusion_before[0]
+        stats.adapter_seconds = generator.fusion.stats.seconds - fusion_before[1]
     memory = gpu_memory_gib(plan.device)
     stats.peak_gpu_gib = memory[1] if memory else None
     stats.generated = sum(record.status == OK for record in stats.records)
     stats.failed = sum(record.status == FAILED for record in stats.records)
     stats.seconds = time.perf_counter() - started
     log.info(
-        "denoise: %d images, %d failed, %.1f s (%.2f s per image, %.1f s waiting on storage)",
+        "denoise: %d images, %d failed, %.1f s (%.2f s per image, %.1f s waiting on storage, %d adapter sets "
+        "fused in %.1f s)",
         stats.generated,
         stats.failed,
         stats.seconds,
         stats.seconds / max(len(requests), 1),
         stats.storage_wait_seconds,
+        stats.adapter_fuses,
+        stats.adapter_seconds,
     )
     return stats
 
@@ -358,19 +407,15 @@ def _edit_batches(
 ) -> list[list[EditRow]]:
     """Edit rows grouped by output size, schedule, guidance and input grids, from the cache's notes
     (a few bytes per input); a row whose input could not be used fails here with stage 1's reason."""
-    groups: dict[tuple[Any, ...], list[EditRow]] = {}
-    failed = []
+    rows, failed = [], []
     for request in requests:
         try:
-            row = conditions.resolve(request)
+            rows.append(conditions.resolve(request))
         except QwenBatchError as error:
             failed.append(_failure(plan, request, error))
-            continue
-        groups.setdefault(row.batch_key, []).append(row)
     if failed:
         writer.submit_failures(failed)
-    size = plan.batch_size
-    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+    return make_batches(rows, plan.batch_size)
 
 
 def _generate_batch(

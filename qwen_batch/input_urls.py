@@ -1,8 +1,8 @@
-"""Where an edit manifest's input images may come from.
+"""Where the files a manifest names (edit rows' input images, any row's LoRA adapters) may come from.
 
-An edit row names its input image by URL: a path relative to the manifest, an absolute local path,
+An edit row names its input image (and any row its adapters) by URL: a path relative to the manifest, an absolute local path,
 `file://...`, `s3://...` or any other fsspec URL. A manifest is data that someone else may have
-written, so qwen-batch reads input images only from allowed locations: by default the manifest's own
+written, so qwen-batch reads such files only from allowed locations: by default the manifest's own
 folder (and below), plus the prefixes the operator allows explicitly (`--allow-inputs`). A row that
 names anything else (`file:///etc/passwd` in a manifest on S3, `../../secrets.png`, a symbolic link
 out of the manifest's folder, another bucket) is invalid, with the reason, before any model loads.
@@ -67,10 +67,11 @@ class InputPolicy:
         base = manifest_folder(manifest_url)
         return cls(base=base, allowed=(base, *(canonical(prefix) for prefix in extra_prefixes)))
 
-    def resolve(self, raw: str) -> str:
-        """The canonical URL of an input named in the manifest, or `InputLocationError` saying why not."""
+    def resolve(self, raw: str, what: str = "input image") -> str:
+        """The canonical URL of an input (`what`: an input image, an adapter) named in the manifest, or
+        `InputLocationError` saying why not."""
         if not raw or not raw.strip():
-            raise InputLocationError("is empty; give the URL or path of the input image")
+            raise InputLocationError(f"is empty; give the URL or path of the {what}")
         if "\x00" in raw:
             raise InputLocationError(f"{raw!r} contains a NUL byte")
         protocol, _ = _split(raw)
@@ -85,7 +86,7 @@ class InputPolicy:
         if not any(_is_within(resolved, prefix) and _same_kind(resolved, prefix) for prefix in self.allowed):
             places = ", ".join(self.allowed)
             raise InputLocationError(
-                f"{raw!r} is outside the allowed input locations ({places}); move the image under the "
+                f"{raw!r} is outside the allowed input locations ({places}); move the {what} under the "
                 "manifest's folder or allow its location with --allow-inputs PREFIX"
             )
         return resolved

@@ -22,7 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qwen_batch.errors import ManifestError, StorageError
+from qwen_batch.adapters import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
+from qwen_batch.errors import ConfigError, ManifestError, StorageError
 from qwen_batch.input_urls import InputLocationError, InputPolicy
 from qwen_batch.storage import read_url
 
@@ -35,6 +36,10 @@ MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 16
 DEFAULT_STEPS, MIN_STEPS, MAX_STEPS = 50, 2, 200
 DEFAULT_TRUE_CFG_SCALE, MIN_TRUE_CFG_SCALE, MAX_TRUE_CFG_SCALE = 4.0, 0.0, 50.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# A fixed sampling shift (Lightning's recipe is 3): sigma' = s * sigma / (1 + (s - 1) * sigma).
+MIN_SCHEDULER_SHIFT, MAX_SCHEDULER_SHIFT = 0.0, 100.0  # exclusive, inclusive
+LORAS_COLUMN = "loras"
+LORA_STRUCT = pa.struct([pa.field("path", pa.string()), pa.field("scale", pa.float64())])
 
 # The columns qwen-batch understands; any other column is carried unchanged into the results.
 MANIFEST_SCHEMA = pa.schema(
@@ -47,6 +52,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("num_inference_steps", pa.int64()),
         pa.field("true_cfg_scale", pa.float64()),
+        pa.field(LORAS_COLUMN, pa.list_(LORA_STRUCT)),  # [{path, scale}]; see docs/manifest.md
+        pa.field("scheduler_shift", pa.float64()),
     ]
 )
 # Edit manifests name their input image(s) in one of these columns instead (see docs/manifest.md).
@@ -57,7 +64,7 @@ TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
 TEXT_COLUMNS = ("id", "prompt", "negative_prompt")
 INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps")
-FLOAT_COLUMNS = ("true_cfg_scale",)
+FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift")
 # Columns the results add; a manifest may not bring its own, or the two would be confused.
 RESERVED_COLUMNS = (
     "status",
@@ -98,6 +105,8 @@ class Request:
     num_inference_steps: int
     true_cfg_scale: float
     images: tuple[str, ...] = ()  # edit rows: the input images' canonical URLs
+    loras: tuple[LoraRef, ...] = ()  # adapters fused for this row, with their scales (and file hashes)
+    scheduler_shift: float | None = None  # a fixed sampling shift; None: the model's own schedule
 
     @property
     def task(self) -> str:
@@ -108,9 +117,17 @@ class Request:
         return self.true_cfg_scale > 1.0
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
-        """Rows sharing this key can share a batch: same latent shape, same schedule, same guidance."""
-        return (self.width, self.height, self.num_inference_steps, self.true_cfg_scale)
+    def batch_key(self) -> tuple[Any, ...]:
+        """Rows sharing this key can share a batch: same latent shape, same schedule, same guidance, and
+        the same adapters and sampling shift (what is applied to the model before the batch runs)."""
+        return (
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.true_cfg_scale,
+            self.loras,
+            self.scheduler_shift,
+        )
 
     @property
     def texts(self) -> tuple[str, ...]:
@@ -127,9 +144,41 @@ class Request:
             "num_inference_steps": self.num_inference_steps,
             "true_cfg_scale": self.true_cfg_scale,
         }
-        if self.images:  # only edits: text-to-image fingerprints stay what they were
+        # Only when used: the fingerprints of rows without them stay what they were.
+        if self.images:
             parameters["images"] = list(self.images)
+        if self.loras:
+            parameters[LORAS_COLUMN] = [ref.parameters() for ref in self.loras]
+        if self.scheduler_shift is not None:
+            parameters["scheduler_shift"] = self.scheduler_shift
         return parameters
+
+
+def check_scheduler_shift(shift: float, label: str = "scheduler_shift") -> float:
+    shift = float(shift)
+    if not (math.isfinite(shift) and MIN_SCHEDULER_SHIFT < shift <= MAX_SCHEDULER_SHIFT):
+        raise ValueError(
+            f"{label} {shift} is out of range: use a number above {MIN_SCHEDULER_SHIFT:g} and at most "
+            f"{MAX_SCHEDULER_SHIFT:g} (3 is the Lightning recipe's)"
+        )
+    return shift
+
+
+@dataclass(frozen=True)
+class RowDefaults:
+    """Run-wide values (--lora, --scheduler-shift) for rows that leave those columns empty."""
+
+    loras: tuple[LoraRef, ...] = ()
+    scheduler_shift: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.loras) > MAX_LORAS_PER_ROW:
+            raise ConfigError(f"{len(self.loras)} --lora options: use at most {MAX_LORAS_PER_ROW}")
+        if self.scheduler_shift is not None:
+            try:
+                check_scheduler_shift(self.scheduler_shift, "--scheduler-shift")
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +228,13 @@ def read_manifest(
     storage_options: dict[str, Any] | None = None,
     task: str | None = None,
     allowed_inputs: tuple[str, ...] = (),
+    defaults: RowDefaults | None = None,
 ) -> Manifest:
     """Read and validate a Parquet manifest from any fsspec URL. Raises `ManifestError`.
 
     `task` (generate or edit) defaults to what the columns say; `allowed_inputs` are the prefixes
-    besides the manifest's folder that an edit row's input images may come from.
+    besides the manifest's folder that an edit row's input images and any row's adapters may come
+    from; `defaults` fill the rows that name no adapters or sampling shift.
     """
     try:
         data = read_url(url, storage_options)
@@ -198,11 +249,15 @@ def read_manifest(
             f"{url}: not a readable Parquet file ({error}). Write the manifest with "
             "pandas.DataFrame.to_parquet or pyarrow.parquet.write_table."
         ) from error
-    return validate_table(table, url, task=task, allowed_inputs=allowed_inputs)
+    return validate_table(table, url, task=task, allowed_inputs=allowed_inputs, defaults=defaults)
 
 
 def validate_table(
-    table: pa.Table, url: str = "<table>", task: str | None = None, allowed_inputs: tuple[str, ...] = ()
+    table: pa.Table,
+    url: str = "<table>",
+    task: str | None = None,
+    allowed_inputs: tuple[str, ...] = (),
+    defaults: RowDefaults | None = None,
 ) -> Manifest:
     task = _check_task(table, url, task)
     _check_columns(table, url, task)
@@ -210,18 +265,17 @@ def validate_table(
     wanted = MANIFEST_SCHEMA.names + ([IMAGE_COLUMN, IMAGES_COLUMN] if task == EDIT else [])
     columns = {name: table.column(name).to_pylist() for name in wanted if name in table.column_names}
     _check_unique_ids(columns["id"], url)
-    policy = None
-    if task == EDIT:
-        try:
-            policy = InputPolicy.for_manifest(url, allowed_inputs)
-        except InputLocationError as error:
-            raise ManifestError(f"--allow-inputs: {error}") from error
+    try:
+        policy = InputPolicy.for_manifest(url, allowed_inputs)
+    except InputLocationError as error:
+        raise ManifestError(f"--allow-inputs: {error}") from error
+    rules = _RowRules(policy=policy, edit=task == EDIT, defaults=defaults or RowDefaults())
 
     requests: list[Request] = []
     invalid: list[InvalidRow] = []
     for index in range(table.num_rows):
         values = {name: column[index] for name, column in columns.items()}
-        outcome = _validate_row(index, values, policy)
+        outcome = _validate_row(index, values, rules)
         (requests if isinstance(outcome, Request) else invalid).append(outcome)
     return Manifest(url=url, table=table, requests=requests, invalid=invalid, task=task)
 
@@ -267,6 +321,8 @@ def _check_columns(table: pa.Table, url: str, task: str = GENERATE) -> None:
         )
     if task == EDIT:
         _check_image_columns(table, url)
+    if LORAS_COLUMN in names:
+        _check_loras_column(table, url)
     for name in names:
         kind = table.schema.field(name).type
         if name in TEXT_COLUMNS and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
@@ -325,6 +381,36 @@ def _check_image_columns(table: pa.Table, url: str) -> None:
             )
 
 
+def _check_loras_column(table: pa.Table, url: str) -> None:
+    kind = table.schema.field(LORAS_COLUMN).type
+    if not _is_lora_list(kind):
+        raise ManifestError(
+            f"{url}: column {LORAS_COLUMN!r} has type {kind}; it must be a list of structs {{path: string, scale: "
+            "number} per row, as pandas writes [{'path': 'style.safetensors', 'scale': 0.8}]."
+        )
+
+
+def _is_lora_list(kind: pa.DataType) -> bool:
+    """list<struct<path: string, scale: number>>, or what pyarrow infers when every value is null or empty."""
+    types = pa.types
+    if types.is_null(kind):
+        return True
+    if not (types.is_list(kind) or types.is_large_list(kind)):
+        return False
+    item = kind.value_type
+    if types.is_null(item):
+        return True
+    if not types.is_struct(item):
+        return False
+    fields = {item.field(i).name: item.field(i).type for i in range(item.num_fields)}
+    path, scale = fields.get("path", pa.null()), fields.get("scale", pa.null())
+    return (
+        set(fields) <= {"path", "scale"}
+        and (types.is_string(path) or types.is_large_string(path) or types.is_null(path))
+        and (types.is_integer(scale) or types.is_floating(scale) or types.is_null(scale))
+    )
+
+
 def _check_unique_ids(ids: list[str | None], url: str) -> None:
     rows_by_id: dict[str, list[int]] = defaultdict(list)
     for index, row_id in enumerate(ids):
@@ -346,7 +432,14 @@ class _RowProblem(Exception):
     pass
 
 
-def _validate_row(index: int, values: dict[str, Any], policy: InputPolicy | None = None) -> Request | InvalidRow:
+@dataclass(frozen=True)
+class _RowRules:
+    policy: InputPolicy  # where input images and adapters may come from
+    edit: bool
+    defaults: RowDefaults
+
+
+def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Request | InvalidRow:
     """Resolve defaults and check every field; all of a row's problems are reported together."""
     problems: list[str] = []
     resolved: dict[str, Any] = {}
@@ -373,18 +466,58 @@ def _validate_row(index: int, values: dict[str, Any], policy: InputPolicy | None
         problems.append("prompt is empty; give the row a prompt or remove it")
     negative = values.get("negative_prompt")
     resolved["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
-    if policy is not None:
-        check("images", lambda: _input_images(values, policy))
+    if rules.edit:
+        check("images", lambda: _input_images(values, rules.policy))
     # An edit row without a size takes its input image's aspect ratio (resolved in stage 2).
-    default_size = None if policy is not None else DEFAULT_SIZE
+    default_size = None if rules.edit else DEFAULT_SIZE
     check("width", lambda: _size(values, "width", default_size))
     check("height", lambda: _size(values, "height", default_size))
     check("seed", lambda: _seed(values, row_id))
     check("num_inference_steps", lambda: _steps(values))
     check("true_cfg_scale", lambda: _true_cfg_scale(values))
+    check("loras", lambda: _loras(values, rules))
+    check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
     if problems:
         return InvalidRow(index=index, id=row_id, reason="; ".join(problems), parameters=resolved)
     return Request(index=index, id=row_id, **resolved)
+
+
+def _loras(values: dict[str, Any], rules: _RowRules) -> tuple[LoraRef, ...]:
+    listed = values.get(LORAS_COLUMN)
+    if not listed:
+        return rules.defaults.loras
+    if len(listed) > MAX_LORAS_PER_ROW:
+        raise _RowProblem(f"{LORAS_COLUMN} has {len(listed)} adapters; use at most {MAX_LORAS_PER_ROW}")
+    refs = []
+    for position, item in enumerate(listed):
+        label = f"{LORAS_COLUMN}[{position}]"
+        path = (item or {}).get("path")
+        if path is None or not path.strip():
+            raise _RowProblem(f"{label}.path is empty; give the adapter's .safetensors path or URL")
+        scale = (item or {}).get("scale")
+        try:
+            scale = check_scale(DEFAULT_LORA_SCALE if scale is None else scale, f"{label}.scale")
+            url = rules.policy.resolve(path, what="adapter")
+        except InputLocationError as error:
+            raise _RowProblem(f"{label}.path {error}") from error
+        except ValueError as error:
+            raise _RowProblem(str(error)) from error
+        refs.append(LoraRef(url=url, scale=scale))
+    urls = [ref.url for ref in refs]
+    repeated = next((url for url in urls if urls.count(url) > 1), None)
+    if repeated:
+        raise _RowProblem(f"{LORAS_COLUMN} lists {repeated} more than once; list it once, with the scales added up")
+    return tuple(refs)
+
+
+def _scheduler_shift(values: dict[str, Any], defaults: RowDefaults) -> float | None:
+    shift = values.get("scheduler_shift")
+    if shift is None:
+        return defaults.scheduler_shift
+    try:
+        return check_scheduler_shift(shift)
+    except ValueError as error:
+        raise _RowProblem(str(error)) from error
 
 
 def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...]:

@@ -50,6 +50,8 @@ class Placement:
     compile: bool = False
     vae_tiling: bool = False
     compile_cache: str | None = None  # None: $QWEN_BATCH_HOME/compile-cache
+    # The run fuses LoRA adapters: fp8 then keeps its layers' bf16 weights on the host (QuantizedWeights).
+    adapters: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in PLACEMENT_MODES:
@@ -152,6 +154,86 @@ def use_compile_cache(folder: str | None) -> Path:
     return path
 
 
+@dataclass
+class QuantizedWeights:
+    """The bf16 weights of a transformer's fp8 layers, kept on the host so that adapters can be fused in
+    bf16 and the fused layers quantized again (peft cannot fuse into float8 weights, and quantizing a
+    fused fp8 weight twice would compound the rounding). Costs host RAM: 2 bytes per quantized weight."""
+
+    originals: dict[str, torch.Tensor]  # layer name -> bf16 weight on the host
+    kind: str  # "torchao" (fp8 matmuls) or "storage" (layerwise casting)
+    device: str
+
+    @classmethod
+    def capture(cls, transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The blocks' linear weights before placement (references: placement moves or casts copies)."""
+        import torch
+
+        return {
+            name: module.weight.data
+            for name, module in transformer.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks.")
+        }
+
+    @classmethod
+    def after_placement(
+        cls, transformer: torch.nn.Module, captured: dict[str, torch.Tensor], device: str
+    ) -> QuantizedWeights | None:
+        quantized = {
+            name: weight.to("cpu")
+            for name, weight in captured.items()
+            if _is_fp8(transformer.get_submodule(name).weight)
+        }
+        if not quantized:
+            return None
+        kind = (
+            "storage"
+            if any(_is_fp8_storage(transformer.get_submodule(name).weight) for name in quantized)
+            else "torchao"
+        )
+        return cls(originals=quantized, kind=kind, device=device)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.originals)
+
+    def install_originals(self, transformer: torch.nn.Module, names: set[str]) -> None:
+        """Put the original (bf16) weights of `names` back: on the GPU if they fit beside what is there,
+        else on the host (peft then fuses there, slower, and `requantize` moves them)."""
+        import torch
+
+        needed = sum(self.originals[name].nbytes for name in names)
+        place = self.device
+        if (
+            self.device.startswith("cuda")
+            and torch.cuda.mem_get_info(torch.device(self.device))[0] < needed + 2 * 2**30
+        ):
+            place = "cpu"
+        for name in names:
+            module = transformer.get_submodule(name)
+            module.weight = torch.nn.Parameter(self.originals[name].to(place, copy=True), requires_grad=False)
+
+    def requantize(self, transformer: torch.nn.Module, names: set[str]) -> None:
+        import torch
+
+        if self.kind == "torchao":
+            _quantize_fp8(transformer, self.device, lambda module, name: name in names)
+            return
+        for name in names:
+            transformer.get_submodule(name).to(self.device, dtype=torch.float8_e4m3fn)
+
+
+def _is_fp8_storage(weight: torch.Tensor) -> bool:
+    import torch
+
+    return weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _is_fp8(weight: torch.Tensor) -> bool:
+    """A float8 weight: stored as such (layerwise casting) or a torchao quantized tensor."""
+    return _is_fp8_storage(weight) or type(weight).__module__.startswith("torchao")
+
+
 def _fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:
     import torch
 
@@ -162,14 +244,16 @@ def _fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:
     )
 
 
-def _quantize_fp8(transformer: torch.nn.Module, device: str) -> None:
+def _quantize_fp8(transformer: torch.nn.Module, device: str, only=None) -> None:
+    """torchao fp8 (dynamic per-row activation scales, per-row weight scales) for the blocks' linears,
+    or for those of them `only(module, name)` accepts."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     # `device=`: each linear moves to the GPU, then is quantized, so the bf16 copy never has to fit.
     quantize_(
         transformer,
         Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-        filter_fn=_fp8_linear_filter,
+        filter_fn=lambda module, name: _fp8_linear_filter(module, name) and (only is None or only(module, name)),
         device=device,
     )
     transformer.to(device)
@@ -270,6 +354,7 @@ def plan_run_memory(
         raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
     if compile not in COMPILE_CHOICES:
         raise ConfigError(f"--compile {compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
+    adapters = any(request.loras for request in requests)
     if not device.startswith("cuda"):
         if mode in (OFFLOAD, SEQUENTIAL):
             raise ConfigError(
@@ -278,7 +363,7 @@ def plan_run_memory(
         chosen = RESIDENT if mode == "auto" else mode
         return RunMemory(
             encoder_mode=chosen,
-            denoiser=Placement(chosen, compile=compile == "on", compile_cache=compile_cache),
+            denoiser=Placement(chosen, compile=compile == "on", compile_cache=compile_cache, adapters=adapters),
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
             encode_batch_size=encode_batch_size,
         )
@@ -301,9 +386,21 @@ def plan_run_memory(
         and (denoise.mode == RESIDENT or plan.machine.fp8_compute)
         and len(requests) >= COMPILE_MIN_IMAGES
     )
+    if adapters and denoise.mode == SEQUENTIAL:
+        raise ConfigError(
+            "rows with LoRA adapters cannot run with --memory-mode sequential (accelerate's per-layer hooks "
+            "would have to be rebuilt at every adapter switch): use --memory-mode offload, which streams the "
+            "fused weights from host RAM"
+        )
     return RunMemory(
         encoder_mode=plan.encode.mode,
-        denoiser=Placement(denoise.mode, compile=compiled, vae_tiling=denoise.vae_tiling, compile_cache=compile_cache),
+        denoiser=Placement(
+            denoise.mode,
+            compile=compiled,
+            vae_tiling=denoise.vae_tiling,
+            compile_cache=compile_cache,
+            adapters=adapters,
+        ),
         batch_size=denoise.batch_size,
         encode_batch_size=plan.encode.batch_size,
         plan=plan,

@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ModelError
 
@@ -48,6 +48,8 @@ class ModelSource:
     # Builds the pipeline instead of `from_pretrained` (same arguments as `load_pipeline`): models made
     # in memory, e.g. the full-size random-weight model of the GPU benchmarks (see `register_model`).
     loader: Callable[..., QwenImagePipeline] | None = field(default=None, compare=False, repr=False)
+    # The transformer's config for a model built by `loader` (a model on disk or the hub has its own).
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_tiny(self) -> bool:
@@ -74,6 +76,19 @@ class ModelSource:
                 if file.is_file():
                     digest.update(_file_signature(folder, file))
         return digest.hexdigest()[:24]
+
+    def transformer_config(self) -> dict[str, Any]:
+        """The transformer's `config.json`, without loading weights (a hub model's is downloaded if needed)."""
+        if self.loader is not None:
+            if self.config is None:
+                raise ModelError(f"model {self.name!r} is built in memory without a transformer config")
+            return dict(self.config)
+        from diffusers import QwenImageTransformer2DModel
+
+        try:
+            return dict(QwenImageTransformer2DModel.load_config(self.location, subfolder="transformer"))
+        except (OSError, ValueError) as error:
+            raise _cannot_load(self, error) from error
 
 
 SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")

@@ -10,6 +10,8 @@ import io
 import json
 from typing import TYPE_CHECKING, Any
 
+from qwen_batch.adapters import LoraRef
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -18,18 +20,29 @@ JSON_KEY = "qwen_batch"
 
 
 def parameters_text(metadata: dict[str, Any]) -> str:
-    """`prompt\\nNegative prompt: ...\\nSteps: 50, CFG scale: 4.0, Seed: 1, Size: 1024x1024, Model: ...`"""
-    settings = ", ".join(
-        [
-            f"Steps: {metadata['num_inference_steps']}",
-            "Sampler: FlowMatchEulerDiscrete",
-            f"CFG scale: {metadata['true_cfg_scale']}",
-            f"Seed: {metadata['seed']}",
-            f"Size: {metadata['width']}x{metadata['height']}",
-            f"Model: {metadata['model']}",
-        ]
-    )
-    return f"{metadata['prompt']}\nNegative prompt: {metadata['negative_prompt']}\n{settings}"
+    """`prompt\\nNegative prompt: ...\\nSteps: 50, CFG scale: 4.0, Seed: 1, Size: 1024x1024, Model: ...`
+
+    Adapters as image tools write them: `<lora:name:scale>` after the prompt, and
+    `Lora hashes: "name: hash"` with the first 10 hex digits of the file's SHA-256 (what Civitai and
+    others look adapters up by)."""
+    settings = [
+        f"Steps: {metadata['num_inference_steps']}",
+        "Sampler: FlowMatchEulerDiscrete",
+        f"CFG scale: {metadata['true_cfg_scale']}",
+        f"Seed: {metadata['seed']}",
+        f"Size: {metadata['width']}x{metadata['height']}",
+        f"Model: {metadata['model']}",
+    ]
+    if metadata.get("scheduler_shift") is not None:
+        settings.insert(2, f"Schedule shift: {metadata['scheduler_shift']}")
+    prompt = metadata["prompt"]
+    loras = metadata.get("loras") or []
+    if loras:
+        names = [LoraRef(lora["path"]).name for lora in loras]
+        prompt += " " + " ".join(f"<lora:{name}:{lora['scale']:g}>" for name, lora in zip(names, loras, strict=True))
+        hashes = ", ".join(f"{name}: {lora.get('sha256', '')[:10]}" for name, lora in zip(names, loras, strict=True))
+        settings.append(f'Lora hashes: "{hashes}"')
+    return f"{prompt}\nNegative prompt: {metadata['negative_prompt']}\n{', '.join(settings)}"
 
 
 def encode_png(image: Image.Image, metadata: dict[str, Any]) -> bytes:

@@ -7,7 +7,8 @@ any earlier `results.parquet` into a new `results.parquet` with exactly one row 
 next merge folds the same records again.
 
 Each record carries a fingerprint of everything that determines its image (model, prompt, negative
-prompt, size, seed, steps, guidance): resume skips a row only when an `ok` record with the same
+prompt, size, seed, steps, guidance, and where used the adapters' file hashes and scales and the
+sampling shift): resume skips a row only when an `ok` record with the same
 fingerprint exists and its image is still there.
 """
 
@@ -26,8 +27,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qwen_batch.adapters import LoraRef
 from qwen_batch.errors import NotFoundError, StorageError
-from qwen_batch.manifest import EDIT, MANIFEST_SCHEMA, Manifest, Request
+from qwen_batch.manifest import EDIT, LORAS_COLUMN, MANIFEST_SCHEMA, Manifest, Request
 from qwen_batch.storage import Folder
 
 RESULTS_FILE = "results.parquet"
@@ -36,7 +38,16 @@ IMAGES_FOLDER = "images"
 
 OK, INVALID, FAILED = "ok", "invalid", "failed"
 
-PARAMETER_FIELDS = [field for field in MANIFEST_SCHEMA if field.name != "id"]
+# The adapters as used: each one's URL, scale and the SHA-256 of its file.
+LORA_FIELD = pa.field(
+    LORAS_COLUMN,
+    pa.list_(
+        pa.struct([pa.field("path", pa.string()), pa.field("scale", pa.float64()), pa.field("sha256", pa.string())])
+    ),
+)
+PARAMETER_FIELDS = [
+    LORA_FIELD if field.name == LORAS_COLUMN else field for field in MANIFEST_SCHEMA if field.name != "id"
+]
 # Edit rows only: the input images (canonical URLs) and their content hashes, in the row's order.
 INPUT_FIELDS = [
     pa.field("input_images", pa.list_(pa.string())),
@@ -69,6 +80,8 @@ class Record:
     seed: int | None = None
     num_inference_steps: int | None = None
     true_cfg_scale: float | None = None
+    loras: list[dict[str, Any]] | None = None  # [{path, scale, sha256}]
+    scheduler_shift: float | None = None
     input_images: list[str] | None = None
     input_sha256: list[str] | None = None
     status: str = FAILED
@@ -210,4 +223,7 @@ def _newer(candidate: Record, current: Record) -> bool:
 
 def _known_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     names = {field.name for field in PARAMETER_FIELDS}
-    return {name: value for name, value in parameters.items() if name in names}
+    known = {name: value for name, value in parameters.items() if name in names}
+    if known.get(LORAS_COLUMN) is not None:  # an invalid row's adapters, as far as they were resolved
+        known[LORAS_COLUMN] = [ref.parameters() if isinstance(ref, LoraRef) else ref for ref in known[LORAS_COLUMN]]
+    return known

@@ -1,7 +1,10 @@
-"""Helpers for building manifests in tests."""
+"""Helpers for building manifests in tests, and the diffusers baselines of the correctness contract."""
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,3 +43,29 @@ def diffusers_reference(pipe, request):
         true_cfg_scale=request.true_cfg_scale,
         generator=torch.Generator("cpu").manual_seed(request.seed),
     ).images[0]
+
+
+@contextlib.contextmanager
+def diffusers_adapters(pipe, request) -> Iterator[None]:
+    """A diffusers pipeline set up for a row as the adapter contract says: the row's adapters loaded through
+    `load_lora_weights` and weighted with `set_adapters(names, weights)`, and, for a `scheduler_shift`, the
+    scheduler built from the model's config with `base_shift = max_shift = ln(shift)`, `shift_terminal=None`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    names = [f"row_adapter_{position}" for position in range(len(request.loras))]
+    for name, ref in zip(names, request.loras, strict=True):
+        pipe.load_lora_weights(ref.url, adapter_name=name)
+    if names:
+        pipe.set_adapters(names, [ref.scale for ref in request.loras])
+    original = pipe.scheduler
+    if request.scheduler_shift is not None:
+        shift = math.log(request.scheduler_shift)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            original.config, base_shift=shift, max_shift=shift, shift_terminal=None
+        )
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+        if names:
+            pipe.delete_adapters(names)

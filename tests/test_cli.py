@@ -24,6 +24,8 @@ RESULT_COLUMNS = [
     "seed",
     "num_inference_steps",
     "true_cfg_scale",
+    "loras",  # null: no adapter
+    "scheduler_shift",  # null: the model's own schedule
     "category",  # carried from the manifest
     "status",
     "image",
