@@ -14,6 +14,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -103,7 +104,11 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves_and_only_a_row_that_neve
     rows = results(output)
     for row_id in ("r0", "r1", "r2"):
         assert rows[row_id]["status"] == "ok"
-        assert rows[row_id]["sha256"] == reference[row_id]["sha256"], "a row's image does not depend on its batch"
+        # Within the correctness contract's 2/255 (tests/test_contract.py), not bit for bit: the CPU's
+        # matmul kernels may block a batch of 4 and a batch of 1 differently on some processors.
+        with Image.open(rows[row_id]["image"]) as alone, Image.open(reference[row_id]["image"]) as batched:
+            difference = np.abs(np.asarray(alone, dtype=np.int16) - np.asarray(batched, dtype=np.int16))
+        assert difference.max() <= 2, "a row's image does not depend on its batch"
     assert rows["huge"]["status"] == "failed"
     assert rows["huge"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     printed = capsys.readouterr().out
