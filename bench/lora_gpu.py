@@ -1,0 +1,446 @@
+"""LoRA adapters and few-step (Lightning) sampling at full size, on one GPU, in one process.
+
+    python bench/lora_gpu.py lightning --variants bf16 --json OUT.jsonl    # recipes, then qwen-batch
+    python bench/lora_gpu.py lightning --variants fp8 --skip-recipes --json OUT.jsonl
+    python bench/lora_gpu.py switching --json OUT.jsonl                     # 64 rows, 4 adapter sets
+    python bench/lora_gpu.py lightning --tiny                               # a dry run on the CPU
+
+Full-size random weights (bench/full_size.py) and random rank-64 adapters on every linear layer of the
+transformer blocks (qwen_batch.tiny_lora, diffusers layout, bf16: 1.2 GB each, as large as a real
+rank-64 Qwen-Image LoRA). Speed transfers to the released weights; pictures do not.
+
+`lightning`, 1024x1024, the Lightning recipe (8 steps, true_cfg_scale 1, fixed shift 3), one adapter:
+1. diffusers' recipe: `QwenImagePipeline` resident, the adapter through `load_lora_weights` (unfused,
+   as the Lightning model card loads it), the scheduler built with `base_shift = max_shift = ln 3` and
+   `shift_terminal = None`, one `pipe()` per prompt; wall time per image, measured at 8 steps;
+2. the common 50-step recipe (true CFG 4, negative " ", no adapter) on the same pipeline: its
+   forwards timed at a few steps and extrapolated to 50 (as bench/qwen_image_gpu.py does);
+3. qwen-batch, each variant (bf16 or fp8, regional compile, batches of 4) through its own stages on a
+   manifest of the same prompts and seeds: a first pass over one batch compiles and fuses (timed and
+   reported apart), then a second pass over the other rows is the steady state, wall time per image.
+Ratios are against (1) and (2) of this process.
+
+`switching`: 64 rows over 4 adapter sets in shuffled order (512x512, 2 steps, true CFG 1, compile on):
+how many fuses, how long switching took, whether a switch recompiled a block (dynamo's graph count
+after the first batch; run with TORCH_LOGS=recompiles for the reasons), and, on the loaded model,
+diffusers' in-place `fuse_lora`/`unfuse_lora` against qwen-batch's restore from a copy: time and exactness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from bench.full_size import FULL_SIZE_MODEL, TRANSFORMER_CONFIG, build_pipeline, full_size_source
+from bench.qwen_image_gpu import ForwardTimer, free_gpu, gpu_peak_gib, matmul_tflops, prompts, versions, write
+
+LIGHTNING = {"steps": 8, "true_cfg_scale": 1.0, "shift": 3.0}
+CFG_STEPS_RUN, FULL_STEPS = 4, 50
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_adapters(folder: Path, count: int, rank: int, tiny: bool) -> list[Path]:
+    """Random adapters in the diffusers layout: made on the GPU, saved as bf16 safetensors."""
+    from qwen_batch.adapters import layout_of_config
+    from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora
+
+    if tiny:
+        from qwen_batch.adapters import transformer_layout
+        from qwen_batch.model_source import resolve_model
+
+        layout, device, dtype = transformer_layout(resolve_model("tiny")), "cpu", torch.float32
+    else:
+        layout, device, dtype = layout_of_config(TRANSFORMER_CONFIG), "cuda", torch.bfloat16
+    paths = []
+    for index in range(count):
+        path = folder / f"adapter{index}.safetensors"
+        if not path.exists():
+            factors = random_factors(layout, rank, seed=index, dtype=dtype, device=device)
+            tensors = {key: value.cpu() for key, value in lora_state_dict(factors, "diffusers").items()}
+            write_lora(tensors, path, "diffusers")
+        paths.append(path)
+    return paths
+
+
+def write_manifest(path: Path, count: int, size: int, steps: int, cfg: float, shift: float | None, loras, texts=None):
+    """`loras(i)`: the adapters of row i, as [{path, scale}]; `texts`: the prompts (default: varied)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qwen_batch.manifest import MANIFEST_SCHEMA
+
+    texts = texts or prompts(count)
+    rows = [
+        {
+            "id": f"p{i:03d}",
+            "prompt": texts[i],
+            "width": size,
+            "height": size,
+            "seed": 1000 + i,
+            "num_inference_steps": steps,
+            "true_cfg_scale": cfg,
+            "scheduler_shift": shift,
+            "loras": loras(i),
+        }
+        for i in range(count)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), path)
+    return path
+
+
+# --- the recipes --------------------------------------------------------------------------------------
+
+
+def recipes(args, adapter: Path) -> dict:
+    """(1) diffusers' Lightning recipe and (2) the 50-step CFG recipe, on one resident pipeline."""
+    from qwen_batch.denoise import fixed_shift_scheduler
+
+    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    started = time.perf_counter()
+    if args.tiny:
+        from diffusers import QwenImagePipeline
+
+        from qwen_batch.model_source import ensure_tiny_model
+
+        pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=dtype)
+    else:
+        pipe = build_pipeline(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    result = {"run": "recipes", **versions(), "size": args.size, "load_s": round(time.perf_counter() - started, 1)}
+    texts = prompts(args.prompts)
+    base_scheduler = pipe.scheduler
+
+    def call(prompt: str, seed: int, steps: int, cfg: float):
+        return pipe(
+            prompt=prompt,
+            negative_prompt=" ",
+            true_cfg_scale=cfg,
+            num_inference_steps=steps,
+            width=args.size,
+            height=args.size,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+
+    # (1) Lightning: adapter loaded (not fused), fixed shift 3, 8 steps, one forward a step.
+    started = time.perf_counter()
+    pipe.load_lora_weights(str(adapter), adapter_name="lightning")
+    synchronize()
+    result["lightning_lora_load_s"] = round(time.perf_counter() - started, 2)
+    pipe.scheduler = fixed_shift_scheduler(base_scheduler, LIGHTNING["shift"])
+    call(texts[0], 0, 2, 1.0)  # warm-up
+    timer = ForwardTimer(pipe.transformer)
+    walls = []
+    for index, prompt in enumerate(texts):
+        synchronize()
+        started = time.perf_counter()
+        call(prompt, 1000 + index, LIGHTNING["steps"], LIGHTNING["true_cfg_scale"])
+        synchronize()
+        walls.append(time.perf_counter() - started)
+    forwards = timer.seconds()
+    timer.remove()
+    result["lightning"] = {
+        "seconds_per_image": round(statistics.median(walls), 3),
+        "walls": [round(wall, 3) for wall in walls],
+        "forward_s": round(statistics.median(forwards), 4),
+        "images_per_hour": round(3600 / statistics.median(walls), 1),
+    }
+
+    # (2) The 50-step CFG recipe, no adapter: forwards timed over a few steps, extrapolated to 50.
+    pipe.unload_lora_weights()
+    pipe.scheduler = base_scheduler
+    call(texts[0], 0, 2, 4.0)  # warm-up without the adapter
+    timer = ForwardTimer(pipe.transformer)
+    walls = []
+    for index, prompt in enumerate(texts[:2]):
+        synchronize()
+        started = time.perf_counter()
+        call(prompt, 1000 + index, CFG_STEPS_RUN, 4.0)
+        synchronize()
+        walls.append(time.perf_counter() - started)
+    forward = statistics.median(timer.seconds())
+    timer.remove()
+    rest = statistics.median(walls) - forward * 2 * CFG_STEPS_RUN
+    per_image = forward * 2 * FULL_STEPS + rest
+    result["cfg50"] = {
+        "seconds_per_image": round(per_image, 2),
+        "extrapolated_from_steps": CFG_STEPS_RUN,
+        "forward_s": round(forward, 4),
+        "images_per_hour": round(3600 / per_image, 1),
+    }
+    result["peak_gpu_gib"] = gpu_peak_gib()
+    pipe = None
+    free_gpu()
+    return result
+
+
+# --- qwen-batch ---------------------------------------------------------------------------------------
+
+
+def engine(args, adapter: Path, mode: str, work: Path) -> dict:
+    """qwen-batch's stages on the Lightning manifest: a warm-up pass (compile, fuse), then the steady pass."""
+    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, load_generator, plan_run, release_generator
+
+    device = "cpu" if args.tiny else "cuda"
+    plan_holder = {}
+    full_size_source(
+        on_host=lambda stage: plan_holder["plan"].memory.denoiser.mode != "bf16" and stage == "denoise",
+        device=device,
+        tiny=args.tiny,
+    )
+    count = args.prompts + args.batch_size
+    manifest = write_manifest(
+        work / "lightning.parquet",
+        count,
+        args.size,
+        LIGHTNING["steps"],
+        LIGHTNING["true_cfg_scale"],
+        LIGHTNING["shift"],
+        lambda i: [{"path": str(adapter), "scale": 1.0}],
+    )
+    config = RunConfig(
+        manifest=str(manifest),
+        output=str(work / f"out-{mode}"),
+        model=FULL_SIZE_MODEL,
+        batch_size=args.batch_size,
+        device=device,
+        memory_mode=mode,
+        compile="off" if args.tiny else "on",
+        compile_cache=str(work / f"compile-{mode}"),
+        cache=str(work / "cache"),
+    )
+    result = {"run": "qwen-batch", "variant": mode, **versions(), "size": args.size, "batch_size": args.batch_size}
+    started = time.perf_counter()
+    plan = plan_run(config)
+    plan_holder["plan"] = plan
+    result["plan_s (adapter read, hash, check)"] = round(time.perf_counter() - started, 2)
+    encode_stage(plan)
+    started = time.perf_counter()
+    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+    synchronize()
+    result["load_s"] = round(time.perf_counter() - started, 1)
+    result["placed"] = generator.memory_mode
+    warm, steady = plan.todo[: args.batch_size], plan.todo[args.batch_size :]
+    first = denoise_stage(plan, warm)
+    result["first_pass"] = {
+        "images": first.generated,
+        "seconds (compile + fuse + one batch)": round(first.seconds, 1),
+        "fuse_seconds": round(first.adapter_seconds, 2),
+        "adapter_fuses": first.adapter_fuses,
+    }
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timer = ForwardTimer(generator.pipe.transformer)
+    second = denoise_stage(plan, steady)
+    forwards = timer.seconds()
+    timer.remove()
+    per_image = second.seconds / max(second.generated, 1)
+    result["steady"] = {
+        "images": second.generated,
+        "failed": second.failed,
+        "seconds": round(second.seconds, 2),
+        "seconds_per_image": round(per_image, 3),
+        "images_per_hour": round(3600 / per_image, 1),
+        "forward_s (batch)": round(statistics.median(forwards), 4) if forwards else None,
+        "adapter_fuses": second.adapter_fuses,
+        "peak_gpu_gib": second.peak_gpu_gib,
+    }
+    release_generator()
+    free_gpu()
+    return result
+
+
+def run_lightning(args) -> None:
+    work = Path(args.work or tempfile.mkdtemp(prefix="lora-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    (adapter,) = make_adapters(work, 1, args.rank, args.tiny)
+    summary = {"run": "lightning-summary", **versions(), "matmul_tflops": matmul_tflops(), "rank": args.rank}
+    if not args.skip_recipes:
+        recipe = recipes(args, adapter)
+        write(recipe, args.json)
+        summary["diffusers_lightning_s"] = recipe["lightning"]["seconds_per_image"]
+        summary["diffusers_cfg50_s"] = recipe["cfg50"]["seconds_per_image"]
+    for mode in args.variants.split(","):
+        result = engine(args, adapter, mode, work)
+        seconds = result["steady"]["seconds_per_image"]
+        if "diffusers_lightning_s" in summary:
+            result["vs_diffusers_lightning"] = round(summary["diffusers_lightning_s"] / seconds, 3)
+            result["vs_cfg50_recipe"] = round(summary["diffusers_cfg50_s"] / seconds, 2)
+        write(result, args.json)
+        summary[f"qwen_batch_{mode}_s"] = seconds
+        summary[f"vs_diffusers_lightning_{mode}"] = result.get("vs_diffusers_lightning")
+        summary[f"vs_cfg50_recipe_{mode}"] = result.get("vs_cfg50_recipe")
+    write(summary, args.json)
+
+
+# --- switching ----------------------------------------------------------------------------------------
+
+
+def run_switching(args) -> None:
+    import torch._dynamo.utils
+
+    from qwen_batch.engine import (
+        RunConfig,
+        denoise_stage,
+        encode_stage,
+        load_generator,
+        make_batches,
+        plan_run,
+        release_generator,
+    )
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="lora-switch-"))
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.tiny else "cuda"
+    adapters = make_adapters(work, 4, args.rank, args.tiny)
+    full_size_source(device=device, tiny=args.tiny)
+    assignment = [index % 4 for index in range(args.rows)]
+    random.Random(0).shuffle(assignment)
+    manifest = write_manifest(
+        work / "switching.parquet",
+        args.rows,
+        args.size,
+        args.steps,
+        1.0,
+        None,
+        lambda i: [{"path": str(adapters[assignment[i]]), "scale": 1.0}],
+        # One prompt for every row: every batch has the same shapes, so a new graph can only be a recompile.
+        texts=prompts(1) * args.rows,
+    )
+    config = RunConfig(
+        manifest=str(manifest),
+        output=str(work / f"out-switching-{args.mode}"),  # each mode generates every row (no resume)
+        model=FULL_SIZE_MODEL,
+        batch_size=args.batch_size,
+        device=device,
+        memory_mode=args.mode,
+        compile="off" if args.tiny else args.compile,
+        cache=str(work / "cache"),
+    )
+    result = {"run": "switching", **versions(), "rows": args.rows, "sets": 4, "size": args.size, "mode": args.mode}
+    result["compile"] = config.compile
+    result["order"] = "".join(str(index) for index in assignment)
+    started = time.perf_counter()
+    plan = plan_run(config)
+    result["plan_s (4 adapters read, hashed, checked)"] = round(time.perf_counter() - started, 2)
+    encode_stage(plan)
+    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+    batches = make_batches(plan.todo, plan.batch_size)  # the run's order: each set's batches together
+    first_batch = denoise_stage(plan, batches[0])  # compiles
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    rest = denoise_stage(plan, [row for batch in batches[1:] for row in batch])
+    graphs_after = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    stats = generator.fusion.stats
+    result.update(
+        batches=-(-args.rows // args.batch_size),
+        adapter_fuses=first_batch.adapter_fuses + rest.adapter_fuses,
+        switching_seconds=round(first_batch.adapter_seconds + rest.adapter_seconds, 2),
+        seconds_per_switch=round(stats.seconds / max(stats.switches, 1), 2),
+        switching_parts_seconds={
+            "read, hash-check, convert": round(stats.read_seconds, 2),
+            "restore originals": round(stats.restore_seconds, 2),
+            "diffusers load, set_adapters, fuse, unload": round(stats.fuse_seconds, 2),
+            "fp8: install bf16, quantize again": round(stats.requantize_seconds, 2),
+        },
+        new_graphs_after_first_batch=graphs_after - graphs_before,
+        images=first_batch.generated + rest.generated,
+        failed=first_batch.failed + rest.failed,
+        denoise_seconds=round(first_batch.seconds + rest.seconds, 2),
+    )
+    if generator.fusion.quantized is None:  # diffusers cannot fuse into fp8 weights: nothing to compare
+        result["fuse_in_place_vs_restore"] = compare_unfuse(generator, adapters[0])
+    write(result, args.json)
+    release_generator()
+    free_gpu()
+
+
+def compare_unfuse(generator, adapter: Path) -> dict:
+    """diffusers' own round trip (load, fuse_lora, unfuse_lora: subtracts the delta again) against
+    qwen-batch's (fuse, then restore the copy): seconds, and how far each leaves the weights."""
+    from qwen_batch.adapters import LoraRef
+
+    pipe, transformer = generator.pipe, generator.pipe.transformer
+    generator.fusion.use(())
+    names = [name for name in generator.fusion.layout if name.startswith("transformer_blocks.")]
+    before = {
+        name: transformer.get_submodule(name).weight.detach().clone() for name in names[:: max(len(names) // 64, 1)]
+    }
+
+    def drift() -> dict:
+        worst = max(
+            (transformer.get_submodule(name).weight - weight).abs().max().item() for name, weight in before.items()
+        )
+        changed = sum(
+            not torch.equal(transformer.get_submodule(name).weight, weight) for name, weight in before.items()
+        )
+        return {"max_abs_weight_change": worst, "layers_changed": f"{changed} of {len(before)} sampled"}
+
+    with torch.no_grad():
+        pipe.load_lora_weights(str(adapter), adapter_name="round_trip")
+        synchronize()
+        started = time.perf_counter()
+        pipe.fuse_lora(components=["transformer"], adapter_names=["round_trip"])
+        synchronize()
+        fuse = time.perf_counter() - started
+        started = time.perf_counter()
+        pipe.unfuse_lora(components=["transformer"])
+        synchronize()
+        unfuse = time.perf_counter() - started
+        pipe.unload_lora_weights()
+        diffusers_round_trip = {"fuse_s": round(fuse, 3), "unfuse_s": round(unfuse, 3), **drift()}
+        for weight, name in zip(before.values(), before, strict=True):
+            transformer.get_submodule(name).weight.copy_(weight)
+    ref = LoraRef(str(adapter), 1.0, hashlib.sha256(adapter.read_bytes()).hexdigest())
+    started = time.perf_counter()
+    generator.fusion.use((ref,))
+    synchronize()
+    fuse = time.perf_counter() - started
+    started = time.perf_counter()
+    generator.fusion.use(())
+    synchronize()
+    restore = time.perf_counter() - started
+    ours = {"switch_in_s (read, load, fuse)": round(fuse, 3), "restore_s": round(restore, 3), **drift()}
+    return {"diffusers_fuse_unfuse": diffusers_round_trip, "qwen_batch_fuse_restore": ours}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    lightning = commands.add_parser("lightning")
+    lightning.add_argument("--variants", default="bf16", help="qwen-batch memory modes, comma-separated: bf16,fp8")
+    lightning.add_argument("--prompts", type=int, default=8, help="images timed per recipe and steady pass")
+    lightning.add_argument("--skip-recipes", action="store_true")
+    switching = commands.add_parser("switching")
+    switching.add_argument("--rows", type=int, default=64)
+    switching.add_argument("--steps", type=int, default=2)
+    switching.add_argument("--mode", default="bf16")
+    switching.add_argument("--compile", default="on", choices=("on", "off"))
+    for command in (lightning, switching):
+        command.add_argument("--size", type=int, default=1024 if command is lightning else 512)
+        command.add_argument("--batch-size", type=int, default=4)
+        command.add_argument("--rank", type=int, default=64)
+        command.add_argument("--work", help="folder for adapters, manifests, caches and images")
+        command.add_argument("--json", help="append results as JSON lines to this file")
+        command.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.size, args.rank = 256, 4
+        args.prompts = min(getattr(args, "prompts", 2), 2)
+    {"lightning": run_lightning, "switching": run_switching}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
