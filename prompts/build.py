@@ -5,7 +5,7 @@
 Each `NAME.jsonl` becomes `NAME.parquet`, with the columns qwen-batch knows typed as its schema says
 (`qwen_batch.manifest.MANIFEST_SCHEMA`, plus the edit manifests' `image` and `images`) and any other
 column (here `category`) carried as is. The edit manifests' input images in `edit/` are drawn first
-(`build_edit.py`).
+(`build_edit.py`), and the example adapters in `loras/` written (`build_loras.py`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ def build(source: Path) -> Path:
 
 if __name__ == "__main__":
     from build_edit import draw_inputs  # prompts/ is on the path: it is this script's folder
+    from build_loras import write_adapters
 
-    for path in draw_inputs():
+    for path in [*draw_inputs(), *write_adapters()]:
         print(f"wrote {path}")
     for source in sorted(HERE.glob("*.jsonl")):
         print(f"wrote {build(source)}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -129,7 +130,9 @@ class AdapterFusion:
         for state_dict in tensors:
             name = f"{ADAPTER_NAME_PREFIX}{self._loaded}"
             self._loaded += 1
-            self.pipe.load_lora_weights(state_dict, adapter_name=name)
+            with warnings.catch_warnings():  # several adapters in one model is what a set is
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                self.pipe.load_lora_weights(state_dict, adapter_name=name)
             names.append(name)
         with torch.no_grad():
             self.pipe.set_adapters(names, adapter_weights=[ref.scale for ref in adapters])

@@ -427,3 +427,17 @@ def test_a_pickled_adapter_is_never_unpickled(tmp_path, tiny_model):
     summary = run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu"))
     assert summary.invalid == 1 and not marker.exists()
     assert json.dumps(summary.problems).count("not a safetensors file") == 1
+
+
+@pytest.mark.parametrize(
+    ("manifest", "invalid"), [("lora_example.parquet", {"not-a-safetensors"}), ("edit_lora_example.parquet", set())]
+)
+def test_the_example_manifests_adapters_fit_the_tiny_models(manifest, invalid, tiny_model, tmp_path):
+    """prompts/loras/ holds adapters for the tiny models: rebuilt tiny models must still take them
+    (python prompts/build.py writes them again)."""
+    from pathlib import Path
+
+    examples = Path(__file__).parents[1] / "prompts"
+    plan = plan_run(RunConfig(str(examples / manifest), str(tmp_path / "out"), device="cpu"))
+    assert {row.id for row in plan.manifest.invalid} == invalid, [row.reason for row in plan.manifest.invalid]
+    assert all(request.loras or request.id.endswith("plain") for request in plan.todo)

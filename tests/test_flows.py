@@ -79,6 +79,27 @@ def test_each_shard_run_gets_the_job_and_its_shard():
     assert shard.run_config().shard_index == 2 and shard.run_config().shard_count == 3
 
 
+def test_adapters_and_shift_reach_the_run_and_every_shard(tmp_path, monkeypatch):
+    from qwen_batch.adapters import LoraRef
+
+    monkeypatch.chdir(tmp_path)  # a relative path is the worker's, from its working directory
+    loras = [{"path": "loras/lightning.safetensors", "scale": 1.0}, {"path": "s3://b/style.safetensors", "scale": 0.5}]
+    fanout = FanoutParameters(loras=loras, scheduler_shift=3.0, shards=2)
+    shard = BatchParameters(**fanout.shard_parameters(1))
+    config = shard.run_config()
+    assert config.loras == (
+        LoraRef(str(tmp_path / "loras/lightning.safetensors"), 1.0),
+        LoraRef("s3://b/style.safetensors", 0.5),
+    )
+    assert config.scheduler_shift == 3.0
+    with pytest.raises(ValidationError, match="scale"):
+        BatchParameters(loras=[{"path": "x.safetensors", "scale": 20}])
+    with pytest.raises(ValidationError, match="scheduler_shift"):
+        BatchParameters(scheduler_shift=0)
+    with pytest.raises(ValidationError, match="extra"):
+        BatchParameters(loras=[{"path": "x.safetensors", "weight": 1}])
+
+
 def test_storage_settings_are_options_never_credentials():
     params = BatchParameters(s3_endpoint_url="http://minio:9000", s3_profile="batch")
     assert params.storage_options() == {"s3": {"endpoint_url": "http://minio:9000", "profile": "batch"}}
