@@ -71,7 +71,7 @@ def make_adapters(folder: Path, count: int, rank: int, tiny: bool) -> list[Path]
         if not path.exists():
             factors = random_factors(layout, rank, seed=index, dtype=dtype, device=device)
             tensors = {key: value.cpu() for key, value in lora_state_dict(factors, "diffusers").items()}
-            write_lora(tensors, path, "diffusers")
+            write_lora(tensors, path)
         paths.append(path)
     return paths
 

@@ -83,12 +83,14 @@ def lora_state_dict(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], la
     return {key: tensor.contiguous() for key, tensor in tensors.items()}
 
 
-def write_lora(tensors: Mapping[str, torch.Tensor], path: str | Path, layout: str) -> Path:
+def write_lora(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(dict(tensors), str(path), metadata={"format": "pt", "written_by": f"qwen-batch tiny-lora ({layout})"})
+    # One metadata entry: safetensors writes several in a random order, and the same adapter should be
+    # the same bytes (its SHA-256 is in every row's fingerprint).
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
     return path
 
 
@@ -105,4 +107,4 @@ def write_tiny_lora(
     from qwen_batch.model_source import resolve_model
 
     factors = random_factors(transformer_layout(resolve_model(model)), rank, seed, strength)
-    return write_lora(lora_state_dict(factors, layout), path, layout)
+    return write_lora(lora_state_dict(factors, layout), path)

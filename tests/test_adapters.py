@@ -175,9 +175,9 @@ def write_bad_adapters(folder):
     (folder / "a-folder.safetensors").mkdir()
     other_model = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320)}
     other_model["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"] = torch.zeros(320, 4)
-    write_lora(other_model, folder / "sdxl.safetensors", "kohya")
+    write_lora(other_model, folder / "sdxl.safetensors")
     bigger = {name: (2 * inputs, outputs) for name, (inputs, outputs) in _tiny_layout().items()}
-    write_lora(lora_state_dict(random_factors(bigger, 4), "diffusers"), folder / "bigger.safetensors", "diffusers")
+    write_lora(lora_state_dict(random_factors(bigger, 4), "diffusers"), folder / "bigger.safetensors")
     write_tiny_lora("tiny", folder / "good.safetensors")
 
 
@@ -441,3 +441,10 @@ def test_the_example_manifests_adapters_fit_the_tiny_models(manifest, invalid, t
     plan = plan_run(RunConfig(str(examples / manifest), str(tmp_path / "out"), device="cpu"))
     assert {row.id for row in plan.manifest.invalid} == invalid, [row.reason for row in plan.manifest.invalid]
     assert all(request.loras or request.id.endswith("plain") for request in plan.todo)
+
+
+def test_the_same_seed_writes_the_same_adapter_bytes(tmp_path, tiny_model):
+    """Its SHA-256 is in every row's fingerprint: a rebuilt example adapter must not regenerate rows."""
+    first = write_tiny_lora("tiny", tmp_path / "a.safetensors", layout="comfyui", seed=5).read_bytes()
+    second = write_tiny_lora("tiny", tmp_path / "b.safetensors", layout="comfyui", seed=5).read_bytes()
+    assert first == second
