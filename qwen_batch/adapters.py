@@ -241,7 +241,7 @@ def _targets(converted: dict[str, torch.Tensor], layout: Layout) -> set[str]:
             f"matches {where} of this model's transformer (e.g. {unmatched[0]!r}): it is an adapter for another "
             "model or layout; Qwen-Image LoRAs name layers such as transformer_blocks.0.attn.to_q"
         )
-    for module, found in shapes.items():
+    for module, found in sorted(shapes.items()):
         in_features, out_features = layout[module]
         down, up = found.get(".lora_A.weight"), found.get(".lora_B.weight")
         if down is None or up is None:
