@@ -17,11 +17,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# The main job on the embedded defaults: the Prefect flow on Prefect's embedded server, the example
-# manifest, the tiny random-weight model, local disk (out/demo). Same as the CLI:
-# .venv/bin/qwen-batch run prompts/example.parquet --output out/demo
+# The main job on the embedded defaults: the Prefect flow on Prefect's embedded server, the demo
+# manifest (seven rows; one invalid on purpose, so it is reported and skipped and the exit code stays 0),
+# the tiny random-weight model, local disk (out/demo). Same as the CLI:
+# .venv/bin/qwen-batch run prompts/demo.parquet --output out/demo
 demo: install
-	$(BIN)/python flows/qwen_image_batch.py
+	$(BIN)/python flows/qwen_image_batch.py --allow-invalid-rows
 
 # docs/img/prefect-*.png: a flow run in the Prefect UI, in headless Chromium (apt-get install chromium).
 screenshots: install

@@ -44,7 +44,7 @@ def test_the_ui_form_is_the_model_flat_with_every_field_described_and_limited(fl
     assert (limited["minimum"], limited["maximum"], properties["batch_size"]["default"]) == (1, 64, None)
     assert properties["dtype"]["enum"] == ["auto", "bf16", "fp32"]
     assert properties["device"]["pattern"] == r"^(auto|cpu|cuda(:\d+)?)$"
-    assert properties["manifest"]["default"] == "prompts/example.parquet"
+    assert properties["manifest"]["default"] == "prompts/demo.parquet"
 
 
 def test_shard_parameters_are_checked_by_the_schema_and_by_the_model():
