@@ -109,9 +109,11 @@ class PrefectStack:
 
     # -- the CLI and the API -----------------------------------------------------------------------
 
-    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """`prefect ARGS` from the repository root, against this server."""
-        return subprocess.run([PREFECT, *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+    def prefect(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """`prefect ARGS` from the repository root, against this server (with `env` added)."""
+        return subprocess.run(
+            [PREFECT, *args], cwd=REPO, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout
+        )
 
     def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         response = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)

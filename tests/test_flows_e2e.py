@@ -315,3 +315,50 @@ def test_the_demo_shows_the_features_and_resumes(stack, tmp_path, capsys):
         assert f"skipped (already done)          {len(requests)}" in capsys.readouterr().out
     statuses = {row["id"]: row["status"] for row in results(output)}
     assert statuses.pop("bad-size") == "invalid" and set(statuses.values()) == {"ok"}
+
+
+def test_the_kubernetes_pools_and_deployments_come_from_the_repository_files(stack):
+    """deployments/k8s/job-template.json and deployments/prefect-k8s.yaml, as docs/prefect.md uses them:
+    the pools are created from the template, `prefect deploy` registers the three deployments, and a
+    job rendered as a Kubernetes worker renders it has one GPU (none for the fan-out parent), the image,
+    the cache volumes and the S3 settings from a secret, never from parameters."""
+    from prefect.utilities.templating import apply_values
+
+    template = REPO / "deployments" / "k8s" / "job-template.json"
+    for pool in ("gpu-k8s", "control-k8s"):
+        created = stack.prefect(
+            "work-pool", "create", pool, "--type", "kubernetes", "--base-job-template", str(template)
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+    image = "registry.example.com/qwen-batch:ci"
+    deployed = stack.prefect(
+        "deploy", "--all", "--prefect-file", "deployments/prefect-k8s.yaml", QWEN_BATCH_IMAGE=image
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+
+    deployments = {d["name"]: d for d in stack.api("POST", "/deployments/filter", {}) if d["name"].endswith("-k8s")}
+    assert set(deployments) == {"nightly-k8s", "shard-k8s", "fanout-k8s"}
+    assert deployments["fanout-k8s"]["parameters"]["shard_deployment"] == "qwen-image-batch/shard-k8s"
+
+    def job(name: str) -> dict:
+        deployment = deployments[name]
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/qwen-batch"}}
+        ]
+        pool = stack.api("GET", f"/work_pools/{deployment['work_pool_name']}")["base_job_template"]
+        values = {key: spec.get("default") for key, spec in pool["variables"]["properties"].items()}
+        values |= deployment["job_variables"]
+        return apply_values(pool["job_configuration"], values)["job_manifest"]["spec"]["template"]["spec"]
+
+    for name, gpus in (("nightly-k8s", 1), ("shard-k8s", 1), ("fanout-k8s", 0)):
+        pod = job(name)
+        (container,) = pod["containers"]
+        assert container["image"] == image, name
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus, name
+        assert container["envFrom"] == [{"secretRef": {"name": "qwen-batch-s3", "optional": True}}]
+        claims = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]}
+        assert claims["models"] == "qwen-batch-models" and claims["compile-cache"] == "qwen-batch-compile-cache"
+        mounts = {mount["mountPath"] for mount in container["volumeMounts"]}
+        assert {"/cache/huggingface", "/cache/compile"} <= mounts
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert not [key for key in deployments[name]["parameters"] if "key" in key or "secret" in key]
