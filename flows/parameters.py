@@ -201,6 +201,21 @@ class FanoutParameters(JobParameters):
         SHARD_DEPLOYMENT, pattern=r"^[^/]+/[^/]+$", description="The deployment that runs one shard: FLOW/DEPLOYMENT."
     )
     poll_seconds: float = Field(10.0, ge=0.5, le=600, description="How often to check on the shard runs.")
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="The GPU memory of each shard's worker, in GiB. Given, the parent plans the shards as "
+        "`qwen-batch plan --gpus SHARDS --gpus-per-host 1` does: every shard gets the same memory mode and batch size, "
+        "and the report predicts the images per hour. Empty: each shard plans for the GPU it lands on.",
+    )
+    host_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        le=65536,
+        description="With gpu_memory_gib: the host RAM each shard's worker may use, in GiB (a pod's memory limit). "
+        "Empty: not a limit.",
+    )
 
     def shard_parameters(self, index: int) -> dict[str, Any]:
         """The parameters of the run of shard `index` (a BatchParameters)."""

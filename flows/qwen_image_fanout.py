@@ -37,13 +37,16 @@ from prefect.utilities.hashing import file_hash
 from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import MAX_PROBLEMS_SHOWN, SAMPLE_IMAGES, RowsFailed, artifact_key, number, publish_report
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
-from qwen_batch.manifest import read_manifest
+from qwen_batch.fleet import plan_fleet
+from qwen_batch.manifest import Manifest, read_manifest
+from qwen_batch.planner import Job, Machine
 from qwen_batch.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
 from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
 from qwen_batch.storage import Folder
 
 FLOW_NAME = "qwen-image-fanout"
 NOT_STARTED_WARNING_SECONDS = 600
+UNLIMITED_HOST_GIB = 1e6  # host_memory_gib left empty: plan as if host RAM were no limit
 
 
 class ShardsFailed(Exception):
@@ -51,9 +54,12 @@ class ShardsFailed(Exception):
 
 
 @task(name="check manifest", **TASK_OPTIONS, **STORAGE_RETRIES)
-def check_manifest(params: FanoutParameters) -> list[int]:
-    """Validate the manifest before any shard starts; the number of valid rows per shard."""
+def check_manifest(params: FanoutParameters) -> tuple[FanoutParameters, list[int], dict[str, Any]]:
+    """Validate the manifest before any shard starts; with the workers' GPU size, plan the shards (their
+    memory mode and batch size, in the parameters returned). The number of valid rows per shard, and
+    the plan's prediction."""
     manifest = read_manifest(params.manifest, params.storage_options())
+    params, prediction = plan_fleet_for(params, manifest)
     assignment = assign_shards(manifest.requests, params.shards, params.batch_size)  # as each shard's engine does
     counts = Counter(assignment.values())
     sizes = [counts.get(index, 0) for index in range(params.shards)]
@@ -68,7 +74,31 @@ def check_manifest(params: FanoutParameters) -> list[int]:
         ", ".join(f"{index}/{params.shards}: {size}" for index, size in enumerate(sizes)),
         100 * idle_tail(costs),
     )
-    return sizes
+    return params, sizes, prediction
+
+
+def plan_fleet_for(params: FanoutParameters, manifest: Manifest) -> tuple[FanoutParameters, dict[str, Any]]:
+    """`qwen-batch plan --gpus SHARDS --gpus-per-host 1` for the manifest's largest rows, when the workers'
+    GPU size is given: the shards then share the plan's memory mode and batch size (the split is made in
+    whole batches of it, so every shard must use the same)."""
+    if params.gpu_memory_gib is None:
+        return params, {}
+    host = params.host_memory_gib or UNLIMITED_HOST_GIB
+    job = Job.for_requests(manifest.requests, manifest.task, params.batch_size)
+    fleet = plan_fleet(Machine(gpu_gib=params.gpu_memory_gib, host_gib=host), job, params.shards, params.memory_mode, 1)
+    get_run_logger().info("plan for the shards:\n%s", fleet.report())
+    planned = params.model_copy(
+        update={
+            "memory_mode": fleet.chosen.mode,
+            "batch_size": params.batch_size or fleet.chosen.plan.denoise.batch_size,
+        }
+    )
+    low, high = fleet.chosen.images_per_hour
+    return planned, {
+        "mode": fleet.chosen.mode,
+        "batch_size": planned.batch_size,
+        "images_per_hour": f"{low:,.0f}-{high:,.0f}",
+    }
 
 
 def start_shards(params: FanoutParameters) -> list[FlowRun]:
@@ -173,7 +203,9 @@ def merge_shards(params: FanoutParameters, since: datetime) -> dict[str, Any]:
     return report
 
 
-def publish_shards(params: FanoutParameters, runs: list[FlowRun], sizes: list[int], report: dict[str, Any]) -> None:
+def publish_shards(
+    params: FanoutParameters, runs: list[FlowRun], sizes: list[int], report: dict[str, Any], prediction: dict[str, Any]
+) -> None:
     """The shards table, then the summary, problems and samples of the merged results."""
     create_table_artifact(
         table=[
@@ -203,6 +235,11 @@ def publish_shards(params: FanoutParameters, runs: list[FlowRun], sizes: list[in
         ("images per hour, all shards together", number(report["generated"] / wall * 3600 if wall else None, 0)),
         ("seconds from the first shard's start to the last one's end", number(wall)),
     ]
+    if prediction:
+        metrics += [
+            ("planned per shard: memory mode, batch size", f"{prediction['mode']}, {prediction['batch_size']}"),
+            ("images per hour predicted (H100-class GPUs)", prediction["images_per_hour"]),
+        ]
     publish_report(
         FLOW_NAME, "0/1", metrics, report, Folder(params.output, params.storage_options()), report["samples"]
     )
@@ -224,10 +261,10 @@ def rerun_command(params: FanoutParameters, index: int) -> str:
 def qwen_image_fanout(params: FanoutParameters) -> dict[str, Any]:
     """Generate a manifest's images on several workers at once, then merge their results."""
     since = datetime.now(timezone.utc)
-    sizes = check_manifest(params)
+    params, sizes, prediction = check_manifest(params)
     runs = wait_for_shards(start_shards(params), params.poll_seconds)
     report = merge_shards(params, since)
-    publish_shards(params, runs, sizes, report)
+    publish_shards(params, runs, sizes, report, prediction)
 
     failed = [index for index, run in enumerate(runs) if not (run.state and run.state.is_completed())]
     for index in failed:

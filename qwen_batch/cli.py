@@ -108,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="whether the GPU has fp8 matmuls (compute capability 8.9 or newer; default: detected, else yes)",
     )
+    plan.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="plan a fan-out over N such GPUs, one shard process each: the mode per GPU, the images per hour of "
+        "all of them, and how the options compare (e.g. fp8 on each of 2 x 24 GiB, or bf16 with offload)",
+    )
+    plan.add_argument(
+        "--gpus-per-host",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --gpus: how many of the GPUs share one host's RAM (default: all of them)",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     _add_output_flags(plan)
 
@@ -388,7 +403,16 @@ def _plan(args: argparse.Namespace) -> int:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
     job = Job(width=args.width, height=args.height, steps=args.steps, task=args.task, batch_size=args.batch_size)
     plan = plan_memory(machine, job, args.memory_mode)
-    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
+    if args.gpus is None:
+        print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
+        return EXIT_OK
+    from qwen_batch.fleet import plan_fleet
+
+    fleet = plan_fleet(machine, job, args.gpus, args.memory_mode, args.gpus_per_host)
+    if args.json:
+        print(json.dumps({"per_gpu": fleet.chosen.plan.to_dict(), "fleet": fleet.to_dict()}, indent=1))
+    else:
+        print(f"{fleet.chosen.plan.report()}\n{fleet.report()}")
     return EXIT_OK
 
 

@@ -367,17 +367,7 @@ def plan_run_memory(
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
             encode_batch_size=encode_batch_size,
         )
-    # Plan for the largest image (edit rows without a size come out at about 1024x1024).
-    largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
-    job = Job(
-        width=(largest.width if largest else None) or 1024,
-        height=(largest.height if largest else None) or 1024,
-        steps=max((r.num_inference_steps for r in requests), default=50),
-        true_cfg=any(r.uses_cfg for r in requests) or not requests,
-        task=task,
-        batch_size=batch_size,
-        compile=compile != "off",
-    )
+    job = Job.for_requests(requests, task, batch_size, compile=compile != "off")
     plan = plan_memory(detect_machine(device), job, mode, encode_batch_size)
     denoise = plan.denoise
     compiled = compile == "on" or (

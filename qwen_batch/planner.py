@@ -115,6 +115,23 @@ class Job:
     text_tokens: int = TYPICAL_TEXT_TOKENS
     compile: bool = True
 
+    @classmethod
+    def for_requests(
+        cls, requests: list, task: str = "generate", batch_size: int | None = None, compile: bool = True
+    ) -> Job:
+        """The job to plan for a set of manifest rows: their largest image (an edit row without a size
+        comes out at about 1024x1024), their most steps, CFG if any row uses it."""
+        largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
+        return cls(
+            width=(largest.width if largest else None) or 1024,
+            height=(largest.height if largest else None) or 1024,
+            steps=max((r.num_inference_steps for r in requests), default=50),
+            true_cfg=any(r.uses_cfg for r in requests) or not requests,
+            task=task,
+            batch_size=batch_size,
+            compile=compile,
+        )
+
     @property
     def image_tokens(self) -> int:
         tokens = (self.width // 16) * (self.height // 16)
