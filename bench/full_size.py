@@ -149,6 +149,19 @@ def build_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, **
     )
 
 
+def resident_pipeline(tiny: bool = False):
+    """The common recipe's pipeline, every component resident: full size on the GPU in bf16, or the tiny
+    model on the CPU in fp32 (a benchmark's dry run)."""
+    if tiny:
+        from diffusers import QwenImagePipeline
+
+        pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
+    else:
+        pipe = build_pipeline("cuda", torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class EmulatedGpu:
     """Cap this process's GPU memory to emulate a smaller card (`set_per_process_memory_fraction`).
 

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from bench.full_size import FULL_SIZE_MODEL, TRANSFORMER_CONFIG, build_pipeline, full_size_source
+from bench.full_size import FULL_SIZE_MODEL, TRANSFORMER_CONFIG, full_size_source, resident_pipeline
 from bench.qwen_image_gpu import ForwardTimer, free_gpu, gpu_peak_gib, matmul_tflops, prompts, versions, write
 
 LIGHTNING = {"steps": 8, "true_cfg_scale": 1.0, "shift": 3.0}
@@ -109,17 +109,8 @@ def recipes(args, adapter: Path) -> dict:
     """(1) diffusers' Lightning recipe and (2) the 50-step CFG recipe, on one resident pipeline."""
     from qwen_batch.denoise import fixed_shift_scheduler
 
-    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
     started = time.perf_counter()
-    if args.tiny:
-        from diffusers import QwenImagePipeline
-
-        from qwen_batch.model_source import ensure_tiny_model
-
-        pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=dtype)
-    else:
-        pipe = build_pipeline(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = resident_pipeline(args.tiny)
     result = {"run": "recipes", **versions(), "size": args.size, "load_s": round(time.perf_counter() - started, 1)}
     texts = prompts(args.prompts)
     base_scheduler = pipe.scheduler

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from bench.full_size import FULL_SIZE_MODEL, EmulatedGpu, build_pipeline, full_size_source
+from bench.full_size import FULL_SIZE_MODEL, EmulatedGpu, full_size_source, resident_pipeline
 from qwen_batch.planner import GPU_MEMORY_ENV, forward_flops
 
 FULL_STEPS = 50
@@ -336,20 +336,11 @@ def run_recipe(args) -> None:
 
 def recipe_result(args) -> dict:
     device = "cpu" if args.tiny else "cuda"
-    dtype = torch.float32 if args.tiny else torch.bfloat16
     result = {"run": "recipe", **versions(), "steps_run": args.steps, "width": args.size, "height": args.size}
     result["matmul_tflops"] = matmul_tflops()
     result["host_to_gpu_gbps"] = host_to_gpu_gbps()
     started = time.perf_counter()
-    if args.tiny:
-        from diffusers import QwenImagePipeline
-
-        from qwen_batch.model_source import ensure_tiny_model
-
-        pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=dtype)
-    else:
-        pipe = build_pipeline(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = resident_pipeline(args.tiny)
     result["load_s"] = round(time.perf_counter() - started, 1)
     texts = prompts(args.prompts)
 
