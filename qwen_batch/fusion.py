@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen_batch.adapters import LoraRef, adapter_targets, module_layout
@@ -51,7 +51,6 @@ class FusionStats:
     restore_seconds: float = 0.0  # putting the original weights back
     fuse_seconds: float = 0.0  # diffusers: load_lora_weights, set_adapters, fuse_lora, unload_lora_weights
     requantize_seconds: float = 0.0  # fp8: installing the bf16 weights and quantizing the fused ones
-    sets: list[tuple[LoraRef, ...]] = field(default_factory=list)
 
 
 class AdapterFusion:
@@ -91,8 +90,6 @@ class AdapterFusion:
         self.stats.switches += 1
         self.stats.fuses += bool(adapters)
         self.stats.seconds += time.perf_counter() - started
-        if adapters:
-            self.stats.sets.append(adapters)
         log.info(
             "adapters: %s in %.2f s",
             ", ".join(f"{ref.name} x{ref.scale:g}" for ref in adapters) or "none (original weights)",
