@@ -25,6 +25,15 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
     return path
 
 
+def pixels(source):
+    """An image file (path or buffer) as `[height, width, 3]` int16 RGB, for per-pixel differences."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(source) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
 def small_row(row_id: str, prompt: str, **overrides) -> dict:
     """A row that is cheap on the tiny model: 256x256, 2 steps."""
     return {"id": row_id, "prompt": prompt, "width": 256, "height": 256, "num_inference_steps": 2, **overrides}

@@ -29,14 +29,9 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
 from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
-from tests.support import diffusers_adapters, diffusers_reference, small_row, write_manifest
+from tests.support import diffusers_adapters, diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
-
-
-def pixels(source) -> np.ndarray:
-    with Image.open(source) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def lora(path: str, scale: float = 1.0) -> dict:

@@ -11,11 +11,10 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from tests.support import diffusers_reference, small_row, write_manifest
+from tests.support import diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -27,11 +26,6 @@ ROWS = [
     small_row("nocfg", "a lighthouse in a storm", true_cfg_scale=1.0, seed=4),
     small_row("wide", "a desert caravan at sunset", width=384, height=256, seed=5),
 ]
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,9 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.model_source import resolve_model
 from qwen_batch.png import read_png_metadata
+from tests.support import pixels
 
 TOLERANCE = 2  # of 255
-
-
-def pixels(source) -> np.ndarray:
-    with Image.open(source) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def make_input(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> Path:

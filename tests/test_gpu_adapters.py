@@ -15,21 +15,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from qwen_batch.engine import RunConfig, release_generator, run
 from qwen_batch.memory_modes import fp8_compute_available
 from qwen_batch.tiny_lora import write_tiny_lora
-from tests.support import small_row, write_manifest
+from tests.support import pixels, small_row, write_manifest
 
 pytestmark = pytest.mark.gpu
 
 PROMPT = "A red fox running through a snowy birch forest under a full moon"
-
-
-def pixels(path) -> np.ndarray:
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 @pytest.fixture(scope="module")

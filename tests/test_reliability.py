@@ -24,7 +24,7 @@ from qwen_batch.cli import main
 from qwen_batch.storage import Folder
 from tests.crash_trials import MAX_ROWS_IN_FLIGHT, ROWS, TRIALS, run_crash_trial
 from tests.faults import FaultyFileSystem, cli_process, recording_generate
-from tests.support import small_row, write_manifest
+from tests.support import pixels, small_row, write_manifest
 
 REPOSITORY = Path(__file__).parents[1]
 
@@ -106,8 +106,7 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves_and_only_a_row_that_neve
         assert rows[row_id]["status"] == "ok"
         # Within the correctness contract's 2/255 (tests/test_contract.py), not bit for bit: the CPU's
         # matmul kernels may block a batch of 4 and a batch of 1 differently on some processors.
-        with Image.open(rows[row_id]["image"]) as alone, Image.open(reference[row_id]["image"]) as batched:
-            difference = np.abs(np.asarray(alone, dtype=np.int16) - np.asarray(batched, dtype=np.int16))
+        difference = np.abs(pixels(rows[row_id]["image"]) - pixels(reference[row_id]["image"]))
         assert difference.max() <= 2, "a row's image does not depend on its batch"
     assert rows["huge"]["status"] == "failed"
     assert rows["huge"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
