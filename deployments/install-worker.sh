@@ -6,7 +6,7 @@
 #   deployments/install-worker.sh VENV [TORCH REQUIREMENT...]     (default: torch)
 #
 # TORCH_INDEX_URL: the index of the torch build for your CUDA (https://download.pytorch.org/whl/cu130);
-# EXTRAS: the project's extras (default gpu: torchao, for fp8 compute).
+# EXTRAS: the project's extras (default gpu: torchao, for fp8 compute; the image adds fast: FlashAttention-4).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:?usage: deployments/install-worker.sh VENV [TORCH REQUIREMENT...]}

@@ -4,36 +4,45 @@ Batched CFG puts prompts of different lengths into one forward (the negative " "
 prompt), so the text is zero-padded and masked. Handing that mask to diffusers' transformer costs a
 host-device synchronization in every forward (`compute_text_seq_len_from_mask` builds a tensor from a
 Python int on the GPU), which stalls the step loop once per step. `BatchAttention` takes the mask
-through `attention_kwargs` instead, straight to the attention of each block, where it is applied
-exactly as diffusers applies it: the transformer never sees it, and RoPE is the same (it depends on
-the padded length only).
+through `attention_kwargs` instead, straight to the attention of each block: the transformer never
+sees it, and RoPE is the same (it depends on the padded length only).
 
 Two kernels for a padded batch:
 - `sdpa`: diffusers' own joint mask through `scaled_dot_product_attention` (cuDNN or memory-efficient
-  kernels take masks; FlashAttention does not).
-- `varlen`: each row laid out `[image tokens, its text, padding]` instead of `[text, padding, image]`,
-  so its real tokens are one contiguous run, attended with `torch.nn.attention.varlen.varlen_attn`
-  (FlashAttention over packed sequences, no mask). A row's padding forms a run of its own: its
-  outputs are garbage, as they are under the mask, and never reach a real token.
-Both give the masked arithmetic up to the order of the terms in each softmax sum. Which is faster
-depends on the GPU and library versions (docs/benchmarks.md): `ATTENTION_KERNEL` holds the measured
-choice. A batch with no padding takes diffusers' unmasked path either way.
+  kernels take masks; FlashAttention does not). Runs everywhere.
+- `fa4`: each row laid out `[image tokens, its text, padding]` instead of `[text, padding, image]`, so
+  its real tokens are a prefix of the row; FlashAttention-4 (`pip install qwen-batch[fast]`) attends
+  within each row's prefix (`seqused`), skipping padding tiles entirely instead of computing and then
+  masking them (on an H200 2.58 ms a layer against 4.21 ms for 8 rows: docs/benchmarks.md). Chosen
+  automatically on Hopper or newer when `flash_attn.cute` imports; elsewhere `prefix_attention` runs a
+  masked SDPA with the same contract, so the layout is tested on any machine.
+Both give the masked arithmetic up to the order of the terms in each softmax sum. A batch with no
+padding takes diffusers' unmasked path either way (cuDNN's flash kernel, which FlashAttention-4 does
+not beat on unmasked batches). `QWEN_BATCH_ATTENTION=sdpa` forces the portable kernel.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from typing import TYPE_CHECKING
 
+import torch
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
 )
 
 if TYPE_CHECKING:
-    import torch
+    from collections.abc import Callable
 
-KERNELS = ("sdpa", "varlen")
-ATTENTION_KERNEL = "sdpa"  # measured on an H100, torch 2.11 (docs/benchmarks.md); "varlen" where it wins
+log = logging.getLogger(__name__)
+
+KERNELS = ("sdpa", "fa4")
+ATTENTION_ENV = "QWEN_BATCH_ATTENTION"
+# "auto": fa4 where FlashAttention-4 runs, else sdpa. Benchmarks set a kernel here to compare them.
+ATTENTION_KERNEL = "auto"
 
 
 class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
@@ -41,7 +50,7 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
     `[rows, text tokens]`, each row's real tokens first) through the transformer's `attention_kwargs`.
 
     The projections, QK norms and RoPE are diffusers' (their order and arithmetic unchanged); under
-    `varlen` only the layout of the joint sequence and the attention call differ.
+    `fa4` only the layout of the joint sequence and the attention call differ.
     """
 
     def __init__(self, kernel: str = "sdpa"):
@@ -61,11 +70,9 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
         text_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if text_mask is None or self.kernel == "sdpa":
-            # Nothing padded (SDPA takes FlashAttention), or diffusers' masked path with our mask.
+            # Nothing padded (SDPA takes cuDNN's flash kernel), or diffusers' masked path with our mask.
             mask = text_mask if text_mask is not None else encoder_hidden_states_mask
             return super().__call__(attn, hidden_states, encoder_hidden_states, mask, attention_mask, image_rotary_emb)
-        import torch
-        from torch.nn.attention.varlen import varlen_attn
 
         head_dim = attn.inner_dim // attn.heads
         img_query, img_key, img_value = (
@@ -90,57 +97,92 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
 
-        # [image, text, padding] per row, flattened to one packed sequence of `rows * length` tokens.
-        rows, image_tokens = hidden_states.shape[:2]
-        length = image_tokens + encoder_hidden_states.shape[1]
+        # [image, text, padding] per row: `[rows, tokens, heads, head_dim]`, FlashAttention's own layout
+        # (no transposes), each row's real tokens a prefix of `lengths[row]`.
+        image_tokens = hidden_states.shape[1]
         query, key, value = (
-            torch.cat([image, text], dim=1).flatten(0, 1)
+            torch.cat([image, text], dim=1)
             for image, text in ((img_query, txt_query), (img_key, txt_key), (img_value, txt_value))
         )
-        boundaries = run_boundaries(text_mask, image_tokens)
-        joint = varlen_attn(query, key, value, boundaries, boundaries, length, length)
-        joint = joint.view(rows, length, -1).to(query.dtype)
+        lengths = (text_mask.sum(dim=1) + image_tokens).to(torch.int32)
+        joint = prefix_attention(query, key, value, lengths).flatten(2, 3)
 
-        img_attn_output = attn.to_out[0](joint[:, :image_tokens].contiguous())
+        img_attn_output = attn.to_out[0](joint[:, :image_tokens])
         if len(attn.to_out) > 1:
             img_attn_output = attn.to_out[1](img_attn_output)  # dropout
-        txt_attn_output = attn.to_add_out(joint[:, image_tokens:].contiguous())
+        txt_attn_output = attn.to_add_out(joint[:, image_tokens:])
         return img_attn_output, txt_attn_output
 
 
-def run_boundaries(text_mask: torch.Tensor, image_tokens: int) -> torch.Tensor:
-    """Cumulative run boundaries (int32, `2 * rows + 1`) of the packed sequence: per row, a run of its
-    image and real text tokens, then a run of its padding (empty where the row is not padded).
-    Computed on the device from the mask, so building them never waits for the GPU."""
-    import torch
+@torch.library.custom_op("qwen_batch::prefix_attention", mutates_args=())
+def prefix_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention within each row's prefix: `[rows, tokens, heads, head_dim]` in and out, row r's
+    first `lengths[r]` (int32) tokens attending to each other only; the outputs past a prefix are zero.
 
-    length = image_tokens + text_mask.shape[1]
-    real = image_tokens + text_mask.sum(dim=1)
-    runs = torch.stack([real, length - real], dim=1).flatten()
-    return torch.nn.functional.pad(runs.cumsum(0), (1, 0)).to(torch.int32)
+    FlashAttention-4 where it runs (its kernel skips the tiles past a prefix), otherwise SDPA with the
+    equivalent mask. A custom op, so a compiled block keeps one graph around a kernel dynamo cannot
+    trace. Zero past the prefix rather than left unwritten: padding tokens feed the next layer's
+    values, and a tile of keys reads them (weighted by zero, but 0 x NaN is NaN).
+    """
+    forward = _flash_attention_4() if query.is_cuda else None
+    if forward is not None:
+        out = torch.zeros_like(query)
+        forward(query, key, value, seqused_q=lengths, seqused_k=lengths, out=out)
+        return out
+    return _masked_prefix_attention(query, key, value, lengths)
 
 
-def varlen_available(device: str, dtype: torch.dtype) -> bool:
-    """FlashAttention's conditions: CUDA, compute capability 8.0+, half precision, and a torch with
-    `varlen_attn` (2.9+)."""
-    import torch
+@prefix_attention.register_fake
+def _(query, key, value, lengths):
+    return torch.empty_like(query)
 
+
+def _masked_prefix_attention(query, key, value, lengths):
+    positions = torch.arange(query.shape[1], device=query.device)
+    inside = positions[None, :] < lengths[:, None].to(positions.dtype)  # [rows, tokens]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(tensor.transpose(1, 2) for tensor in (query, key, value)), attn_mask=inside[:, None, None, :]
+    ).transpose(1, 2)
+    return out * inside[:, :, None, None].to(out.dtype)
+
+
+@functools.cache
+def _flash_attention_4() -> Callable | None:
+    """FlashAttention-4's forward (`flash-attn-4`, CuTe DSL kernels compiled at first use), or None."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_fwd
+    except ImportError:
+        return None
+    return _flash_attn_fwd
+
+
+def fa4_available(device: str, dtype: torch.dtype) -> bool:
+    """FlashAttention-4's conditions for this model: CUDA, compute capability 9.0+ (its Hopper and
+    Blackwell kernels), half precision, and `flash-attn-4` installed."""
     if not device.startswith("cuda") or not torch.cuda.is_available() or dtype not in (torch.bfloat16, torch.float16):
         return False
-    if torch.cuda.get_device_capability(torch.device(device)) < (8, 0):
+    if torch.cuda.get_device_capability(torch.device(device)) < (9, 0):
         return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _flash_attention_4() is not None
 
 
 def choose_kernel(device: str, dtype: torch.dtype) -> str:
-    """The kernel for padded batches: `ATTENTION_KERNEL` where it can run, else `sdpa`."""
-    if ATTENTION_KERNEL == "varlen" and varlen_available(device, dtype):
-        return "varlen"
-    return "sdpa"
+    """The kernel for padded batches: `$QWEN_BATCH_ATTENTION` or `ATTENTION_KERNEL` (`auto`, `sdpa`,
+    `fa4`); `auto` takes fa4 where it runs. Asking for fa4 where it cannot run is an error, not a
+    silent fallback."""
+    wanted = os.environ.get(ATTENTION_ENV) or ATTENTION_KERNEL
+    if wanted not in (*KERNELS, "auto"):
+        raise ValueError(f"{ATTENTION_ENV}={wanted!r}: use auto, {', '.join(KERNELS)}")
+    if wanted == "auto":
+        return "fa4" if fa4_available(device, dtype) else "sdpa"
+    if wanted == "fa4" and not fa4_available(device, dtype):
+        raise ValueError(
+            "attention kernel fa4 needs a CUDA GPU of compute capability 9.0+ (Hopper, Blackwell), bf16 or "
+            "fp16, and FlashAttention-4 (pip install 'qwen-batch[fast]'); use sdpa here"
+        )
+    return wanted
 
 
 def use_batch_attention(

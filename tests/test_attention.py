@@ -1,12 +1,16 @@
 """The text mask through `attention_kwargs` (qwen_batch/attention.py) is diffusers' masked arithmetic,
-bit for bit on the CPU, without handing the mask to the transformer (which syncs with the GPU)."""
+bit for bit on the CPU, without handing the mask to the transformer (which syncs with the GPU); the
+`fa4` layout (each row's real tokens a prefix, attended by `prefix_attention`) gives the same images
+up to rounding. Where FlashAttention-4 is absent (here) `prefix_attention` runs its masked SDPA
+equivalent, so the layout, the prefix lengths and the zeroed padding are tested on any machine; the
+GPU tests (tests/test_gpu_speed_paths.py) run the real kernel."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from qwen_batch.attention import BatchAttention, choose_kernel, use_batch_attention
+from qwen_batch.attention import ATTENTION_ENV, BatchAttention, choose_kernel, prefix_attention, use_batch_attention
 
 
 def _transformer(tiny_model):
@@ -42,7 +46,7 @@ def test_the_mask_through_attention_kwargs_gives_diffusers_masked_output_exactly
     transformer = _transformer(tiny_model)
     hidden, text, mask = _inputs(transformer.config.joint_attention_dim)
     stock = _run(transformer, hidden, text, encoder_hidden_states_mask=mask)
-    assert use_batch_attention(transformer, "cpu", torch.float32) == "sdpa"  # varlen is CUDA-only
+    assert use_batch_attention(transformer, "cpu", torch.float32) == "sdpa"  # fa4 needs a Hopper GPU
     assert isinstance(transformer.transformer_blocks[0].attn.processor, BatchAttention)
     ours = _run(transformer, hidden, text, attention_kwargs={"text_mask": mask})
     assert torch.equal(ours, stock)
@@ -50,7 +54,38 @@ def test_the_mask_through_attention_kwargs_gives_diffusers_masked_output_exactly
     assert not torch.allclose(_run(transformer, hidden, text, attention_kwargs={"text_mask": None}), stock)
 
 
-def test_an_unknown_kernel_is_refused_and_the_cpu_never_gets_varlen():
+def test_the_fa4_layout_gives_the_masked_output_and_padding_never_leaks(tiny_model):
+    transformer = _transformer(tiny_model)
+    hidden, text, mask = _inputs(transformer.config.joint_attention_dim)
+    stock = _run(transformer, hidden, text, encoder_hidden_states_mask=mask)
+    use_batch_attention(transformer, "cpu", torch.float32, kernel="fa4")
+    ours = _run(transformer, hidden, text, attention_kwargs={"text_mask": mask})
+    torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)  # the order of the softmax terms only
+    # Whatever the padded positions hold, the real tokens' output does not move.
+    poisoned = torch.where(mask[..., None], text, torch.full_like(text, 1e4))
+    assert torch.equal(_run(transformer, hidden, poisoned, attention_kwargs={"text_mask": mask}), ours)
+
+
+def test_prefix_attention_attends_within_each_prefix_and_zeroes_the_rest():
+    generator = torch.Generator("cpu").manual_seed(0)
+    query, key, value = (torch.randn(3, 10, 2, 8, generator=generator) for _ in range(3))
+    lengths = torch.tensor([10, 4, 1], dtype=torch.int32)
+    out = prefix_attention(query, key, value, lengths)
+    for row, length in enumerate(lengths.tolist()):
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            *(tensor[row : row + 1, :length].transpose(1, 2) for tensor in (query, key, value))
+        ).transpose(1, 2)
+        torch.testing.assert_close(out[row : row + 1, :length], alone)
+        assert torch.count_nonzero(out[row, length:]) == 0
+
+
+def test_kernel_choice_refuses_what_cannot_run_here(monkeypatch):
     with pytest.raises(ValueError, match="attention kernel 'flash3'"):
         BatchAttention("flash3")
-    assert choose_kernel("cpu", torch.bfloat16) == "sdpa"
+    assert choose_kernel("cpu", torch.bfloat16) == "sdpa"  # auto: FlashAttention-4 needs a Hopper GPU
+    monkeypatch.setenv(ATTENTION_ENV, "fa4")
+    with pytest.raises(ValueError, match=r"compute capability 9\.0"):
+        choose_kernel("cpu", torch.bfloat16)
+    monkeypatch.setenv(ATTENTION_ENV, "flash3")
+    with pytest.raises(ValueError, match="QWEN_BATCH_ATTENTION='flash3'"):
+        choose_kernel("cpu", torch.bfloat16)
