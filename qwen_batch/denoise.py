@@ -6,8 +6,9 @@ same arithmetic, so a row's image does not depend on what shares its batch:
   the shape and dtype the pipeline draws for a single image;
 - the prompts of a batch are zero-padded to a common length and masked, so a row attends only to
   its own tokens;
-- with true CFG the conditional and unconditional passes are one batched forward (2B rows) instead
-  of two calls, and their combination is rescaled per token to the conditional norm, as diffusers does.
+- with true CFG the conditional and unconditional passes of the whole batch run as one forward (2B
+  rows) or, where that is faster (`CFG_LAYOUT`), as two of B rows each, instead of two calls per image;
+  their combination is rescaled per token to the conditional norm, as diffusers does.
 Only the transformer, VAE and scheduler are loaded (`text_encoder=None, tokenizer=None`).
 
 What a batch is keyed on besides shapes (`Request.batch_key`) is applied before it runs, in one place
@@ -27,7 +28,14 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
-from qwen_batch.memory_modes import FP8, Placement, QuantizedWeights, place_transformer, place_vae
+from qwen_batch.memory_modes import (
+    FP8,
+    Placement,
+    QuantizedWeights,
+    place_transformer,
+    place_vae,
+    weights_stay_put,
+)
 from qwen_batch.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -38,6 +46,14 @@ if TYPE_CHECKING:
 
 
 TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddings)
+# With true CFG: "joint" runs the conditional and unconditional rows in one forward, the negatives
+# padded to the prompts' length; "split" runs them as two forwards, each padded to its own length (the
+# negatives, all " ", then need no mask at all). "auto" picks by the attention kernel, as measured on
+# an H200 (docs/benchmarks.md): under SDPA the mask is what costs, and split is 3.2% faster per image;
+# under FlashAttention-4 padding costs almost nothing, and joint's larger forward is 1.5% faster. Only
+# where the weights stay put: offload streams them and fp8 storage casts them once per forward, which
+# split would do twice.
+CFG_LAYOUT = "auto"
 
 
 class ImageGenerator:
@@ -56,7 +72,9 @@ class ImageGenerator:
         # fp8 with adapters: the bf16 weights stay on the host, to fuse adapters in bf16 (qwen_batch.fusion).
         keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
         self.memory_mode = place_transformer(transformer, self.placement, device, dtype)
-        self.memory_mode += f"; padded batches attend through {kernel}"
+        split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
+        self.cfg_layout = CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint"
+        self.memory_mode += f"; padded batches attend through {kernel}; CFG halves {self.cfg_layout}"
         self.fusion = AdapterFusion(self.pipe, QuantizedWeights.after_placement(transformer, keep, device))
         del keep
         self._schedulers = {None: self.pipe.scheduler}
@@ -100,16 +118,20 @@ class ImageGenerator:
         batch = len(requests)
 
         with torch.inference_mode():
-            # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask.
+            # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask (or, split,
+            # each half padded to its own length), as (first row, rows, embeddings, mask) per forward.
             texts = list(prompt_embeds) + (list(negative_embeds) if use_cfg else [])
-            embeds, mask = _pad_embeddings(texts, self.device, self.dtype)
+            groups = [texts[:batch], texts[batch:]] if use_cfg and self.cfg_layout == "split" else [texts]
+            conditions, first_row = [], 0
+            for group in groups:
+                conditions.append((first_row, len(group), *_pad_embeddings(group, self.device, self.dtype)))
+                first_row += len(group)
 
             # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
             latents = to_device(
                 torch.cat([self._noise(request.seed, width, height) for request in requests]), self.device
             )
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
-            img_shapes = [[patches, *image_shapes]] * embeds.shape[0]
             condition = None
             if image_latents is not None:
                 condition = to_device(torch.stack(list(image_latents)).to(self.dtype), self.device)
@@ -134,17 +156,21 @@ class ImageGenerator:
                 model_input = torch.cat([latents, latents]) if use_cfg else latents
                 if condition is not None:
                     model_input = torch.cat([model_input, condition], dim=1)
-                timestep = t.expand(model_input.shape[0]).to(latents.dtype)
-                prediction = transformer(
-                    hidden_states=model_input,
-                    timestep=timestep / 1000,
-                    encoder_hidden_states=embeds,
-                    # The mask goes to the attention directly (qwen_batch.attention): given to the
-                    # transformer, it would cost a host sync per step.
-                    attention_kwargs={"text_mask": mask},
-                    img_shapes=img_shapes,
-                    return_dict=False,
-                )[0]
+                timestep = t.expand(model_input.shape[0]).to(latents.dtype) / 1000
+                predictions = [
+                    transformer(
+                        hidden_states=model_input[first : first + rows],
+                        timestep=timestep[first : first + rows],
+                        encoder_hidden_states=embeds,
+                        # The mask goes to the attention directly (qwen_batch.attention): given to the
+                        # transformer, it would cost a host sync per step.
+                        attention_kwargs={"text_mask": mask},
+                        img_shapes=[[patches, *image_shapes]] * rows,
+                        return_dict=False,
+                    )[0]
+                    for first, rows, embeds, mask in conditions
+                ]
+                prediction = predictions[0] if len(predictions) == 1 else torch.cat(predictions)
                 prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
                 if use_cfg:
                     conditional, unconditional = prediction[:batch], prediction[batch:]

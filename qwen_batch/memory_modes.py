@@ -40,6 +40,9 @@ RESIDENT, FP8, OFFLOAD, SEQUENTIAL = "bf16", "fp8", "offload", "sequential"
 PLACEMENT_MODES = (RESIDENT, FP8, OFFLOAD, SEQUENTIAL)
 FP8_KEPT_BF16 = (r"img_mlp\.net\.2$",)  # inside the blocks; all layers outside them stay bf16 too
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# bf16 on a GPU: the feed-forwards' GELU in cuBLASLt's GEMM epilogue (qwen_batch.gelu_epilogue).
+# Benchmarks turn it off to measure what it gives.
+GELU_EPILOGUE = True
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ def fp8_compute_available(device: str) -> bool:
     return True
 
 
+def weights_stay_put(mode: str, device: str) -> bool:
+    """Whether a forward uses the transformer's weights where they lie: not streamed from host RAM
+    (offload, sequential), not cast per layer (fp8 storage without fp8 matmuls)."""
+    return mode == RESIDENT or (mode == FP8 and fp8_compute_available(device))
+
+
 def place_transformer(transformer: torch.nn.Module, placement: Placement, device: str, dtype: torch.dtype) -> str:
     """Move a (CPU-loaded) QwenImageTransformer2DModel to `device` in `placement.mode`; compile it when
     asked. Returns what was done, in words, for the log."""
@@ -81,6 +90,10 @@ def place_transformer(transformer: torch.nn.Module, placement: Placement, device
     if mode == RESIDENT:
         transformer.to(device)
         done = f"resident in {str(dtype).removeprefix('torch.')}"
+        if GELU_EPILOGUE and device.startswith("cuda"):
+            from qwen_batch.gelu_epilogue import fuse_gelu_epilogues
+
+            done += f"; GELU fused into {fuse_gelu_epilogues(transformer)} GEMMs"
     elif mode == FP8:
         if fp8_compute_available(device):
             _quantize_fp8(transformer, device)

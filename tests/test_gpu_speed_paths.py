@@ -1,9 +1,12 @@
 """On a CUDA GPU (`pytest -m gpu`): the fast paths of stage 2 keep the arithmetic and never wait.
 
-- Batch attention (qwen_batch/attention.py) takes the text mask past the transformer; its `varlen`
-  kernel replaces the mask with packed FlashAttention runs: each kernel's output must be as close to
-  an fp32 masked reference as diffusers' own bf16 masked path is, eagerly and compiled, and a row must
-  come out the same padded or alone.
+- Batch attention (qwen_batch/attention.py) takes the text mask past the transformer; its `fa4`
+  kernel replaces the mask with FlashAttention-4 over each row's prefix of real tokens: each kernel's
+  output must be as close to an fp32 masked reference as diffusers' own bf16 masked path is, eagerly
+  and compiled, and a row must come out the same padded or alone. (fa4 tests skip where
+  `flash-attn-4` is not installed.)
+- The feed-forwards' GELU in cuBLASLt's GEMM epilogue (qwen_batch/gelu_epilogue.py) is as close to
+  fp32 as diffusers' separate GELU is, and survives regional compilation.
 - `ImageGenerator.generate` must not make the host wait for the GPU anywhere (inputs from pinned
   memory, schedule on the host, images copied back behind the next batch): checked with
   `torch.cuda.set_sync_debug_mode("error")`, which raises at any synchronizing CUDA call.
@@ -14,9 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_batch.attention import KERNELS, BatchAttention, use_batch_attention
+from qwen_batch.attention import KERNELS, BatchAttention, _flash_attention_4, prefix_attention, use_batch_attention
 
 pytestmark = pytest.mark.gpu
+
+
+def _kernels():
+    for kernel in KERNELS:
+        installed = kernel != "fa4" or _flash_attention_4() is not None
+        yield pytest.param(kernel, marks=pytest.mark.skipif(not installed, reason="flash-attn-4 is not installed"))
+
 
 ROWS, IMAGE_GRID, TEXT = 4, (1, 16, 16), 64
 TEXT_LENGTHS = (64, 40, 7, 1)  # the last rows: a short prompt, the negative " "
@@ -73,7 +83,7 @@ def _error(output: torch.Tensor, reference: torch.Tensor) -> float:
     return ((output - reference).norm() / reference.norm()).item()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", list(_kernels()))
 def test_batch_attention_is_as_close_to_fp32_as_the_masked_bf16_path(kernel):
     reference = _forward(_transformer(torch.float32), *_inputs(torch.float32))
     stock = _forward(_transformer(torch.bfloat16), *_inputs(torch.bfloat16))
@@ -94,7 +104,7 @@ def test_batch_attention_is_as_close_to_fp32_as_the_masked_bf16_path(kernel):
     assert torch.equal(_forward(model, hidden, text, mask, timestep), ours)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", list(_kernels()))
 def test_a_row_comes_out_the_same_padded_in_a_batch_or_alone(kernel):
     model = _transformer(torch.bfloat16)
     use_batch_attention(model, "cuda", torch.bfloat16, kernel)
@@ -107,7 +117,7 @@ def test_a_row_comes_out_the_same_padded_in_a_batch_or_alone(kernel):
         assert _error(batched[row : row + 1], alone) <= 2 * _error(alone, reference[row : row + 1]) + 1e-3, row
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", list(_kernels()))
 def test_batch_attention_compiles_into_the_regional_graph(kernel):
     model = _transformer(torch.bfloat16)
     use_batch_attention(model, "cuda", torch.bfloat16, kernel)
@@ -115,6 +125,45 @@ def test_batch_attention_compiles_into_the_regional_graph(kernel):
     model.compile_repeated_blocks(fullgraph=True)  # fullgraph: a graph break here would raise
     compiled = _forward(model, *_inputs(torch.bfloat16))
     assert _error(compiled, eager) < 5e-3
+
+
+@pytest.mark.skipif(_flash_attention_4() is None, reason="flash-attn-4 is not installed")
+def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
+    """Qwen-Image's heads (24 x 128), 4096 image tokens and text of different lengths: FlashAttention-4
+    against the masked SDPA it replaces, in fp32, and zeros past every prefix."""
+    generator = torch.Generator("cuda").manual_seed(0)
+    rows, tokens = 4, 4096 + 128
+    query, key, value = (
+        torch.randn(rows, tokens, 24, 128, device="cuda", generator=generator).to(torch.bfloat16) for _ in range(3)
+    )
+    lengths = torch.tensor([4096 + 128, 4096 + 77, 4096 + 5, 4096 + 1], dtype=torch.int32, device="cuda")
+    out = prefix_attention(query, key, value, lengths).float()
+    positions = torch.arange(tokens, device="cuda")
+    inside = positions[None, :] < lengths[:, None]
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        *(tensor.float().transpose(1, 2) for tensor in (query, key, value)), attn_mask=inside[:, None, None, :]
+    ).transpose(1, 2)
+    for row, length in enumerate(lengths.tolist()):
+        assert _error(out[row, :length], reference[row, :length]) < 1e-2, row
+        assert torch.count_nonzero(out[row, length:]) == 0, row
+
+
+def test_the_gelu_epilogue_is_as_close_to_fp32_as_diffusers_gelu_and_compiles():
+    from qwen_batch.gelu_epilogue import GeluEpilogue, fuse_gelu_epilogues
+
+    reference = _forward(_transformer(torch.float32), *_inputs(torch.float32))
+    stock = _forward(_transformer(torch.bfloat16), *_inputs(torch.bfloat16))
+    model = _transformer(torch.bfloat16)
+    assert fuse_gelu_epilogues(model) == 2 * len(model.transformer_blocks)  # img_mlp and txt_mlp
+    assert isinstance(model.transformer_blocks[0].img_mlp.net[0], GeluEpilogue)
+    assert "transformer_blocks.0.img_mlp.net.0.proj.weight" in model.state_dict()  # adapters find it
+    fused = _forward(model, *_inputs(torch.bfloat16))
+    stock_error, fused_error = _error(stock, reference), _error(fused, reference)
+    print(f"relative error vs fp32: diffusers GELU {stock_error:.2e}, epilogue {fused_error:.2e}")
+    assert not torch.equal(fused, stock)  # the epilogue ran (it rounds once, not twice)
+    assert fused_error <= 1.5 * stock_error + 1e-4
+    model.compile_repeated_blocks(fullgraph=True)
+    assert _error(_forward(model, *_inputs(torch.bfloat16)), fused) < 5e-3
 
 
 def test_generating_a_batch_never_makes_the_host_wait_for_the_gpu(tiny_model):
