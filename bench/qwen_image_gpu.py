@@ -422,19 +422,14 @@ def write_manifest(path: Path, count: int, steps: int, size: int) -> Path:
 
 
 def run_engine(args) -> None:
-    with attention_path(args.attention):
+    with levers(attention=args.attention):
         write(engine_result(args), args.json)
 
 
 def engine_result(args) -> dict:
     from qwen_batch.engine import (
         RunConfig,
-        denoise_stage,
         encode_stage,
-        finalize,
-        load_generator,
-        plan_run,
-        release_generator,
     )
 
     device = "cpu" if args.tiny else "cuda"
@@ -468,13 +463,44 @@ def engine_result(args) -> dict:
     result = {"run": "engine", "label": args.label, **versions(), "steps_run": args.steps}
     result.update({"width": args.size, "height": args.size, "emulated_gpu_gib": args.gpu_gib, "prompts": args.prompts})
     result["planned_for_gib"] = args.plan_gib or args.gpu_gib
+    plan = planned(config, result)
+    if plan is None:
+        return result
+    plan_holder["plan"] = plan
+
+    # Stage 1: encode (loads, encodes, frees the text encoder).
+    rss = RssPeak()
+    timings.clear()
+    encode = encode_stage(plan)
+    result["encode"] = {
+        "texts": encode.encoded,
+        "seconds_with_load_and_free": round(encode.seconds, 2),
+        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+        "peak_gpu_gib": encode.peak_gpu_gib,
+        "peak_host_gib": rss.stop(),
+    }
+
+    # Stage 2: load (build + placement) then denoise, timed apart.
+    result.update(timed_denoise(plan, encode, timings, args.steps))
+    per_image = result.get("denoise", {}).get("seconds_per_image_at_50_steps")
+    if per_image:
+        result["seconds_per_image_at_50_steps"] = per_image
+        result["extrapolated"] = args.steps != FULL_STEPS
+        result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
+    return result
+
+
+def planned(config, result: dict):
+    """`plan_run(config)` with what it decided added to `result`; None, with the error in `result`, when
+    it refuses the run (a refusal is a result too)."""
+    from qwen_batch.engine import plan_run
+
     started = time.perf_counter()
     try:
         plan = plan_run(config)
-    except Exception as error:  # a refusal is a result too
+    except Exception as error:
         result.update(error=f"{type(error).__name__}: {error}", plan_seconds=round(time.perf_counter() - started, 2))
-        return result
-    plan_holder["plan"] = plan
+        return None
     memory = plan.memory
     if memory.plan is not None:
         result["plan"] = {
@@ -491,20 +517,18 @@ def engine_result(args) -> dict:
         }
     result["mode"], result["compile"] = memory.denoiser.mode, memory.denoiser.compile
     result["batch_size"], result["encoder_mode"] = memory.batch_size, memory.encoder_mode
+    result["encode_batch_size"] = memory.encode_batch_size
+    return plan
 
-    # Stage 1: encode (loads, encodes, frees the text encoder).
-    rss = RssPeak()
-    timings.clear()
-    encode = encode_stage(plan)
-    result["encode"] = {
-        "texts": encode.encoded,
-        "seconds_with_load_and_free": round(encode.seconds, 2),
-        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
-        "peak_gpu_gib": encode.peak_gpu_gib,
-        "peak_host_gib": rss.stop(),
-    }
 
-    # Stage 2: load (build + placement) then denoise, timed apart.
+def timed_denoise(plan, encode, timings: dict[str, float], steps: int) -> dict:
+    """Stage 2 exactly as `qwen-batch run` drives it (load, then denoise, then finalize), timed apart:
+    the fields of a result line. `denoise.seconds_per_image_at_50_steps` is the denoise stage alone,
+    extrapolated from `steps` (the median forward times the forwards of 50 steps, plus the measured
+    per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards."""
+    from qwen_batch.engine import denoise_stage, finalize, load_generator, release_generator
+
+    memory = plan.memory
     rss = RssPeak()
     timings.clear()
     if torch.cuda.is_available():
@@ -514,12 +538,14 @@ def engine_result(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     load_seconds = time.perf_counter() - started
-    result["denoise_load"] = {
-        "seconds": round(load_seconds, 2),
-        "build_seconds": round(timings.get("build_seconds", 0.0), 2),
-        "placement_seconds": round(load_seconds - timings.get("build_seconds", 0.0), 2),
-        "peak_gpu_gib": gpu_peak_gib(),
-        "placed": generator.memory_mode,
+    result = {
+        "denoise_load": {
+            "seconds": round(load_seconds, 2),
+            "build_seconds": round(timings.get("build_seconds", 0.0), 2),
+            "placement_seconds": round(load_seconds - timings.get("build_seconds", 0.0), 2),
+            "peak_gpu_gib": gpu_peak_gib(),
+            "placed": generator.memory_mode,
+        }
     }
     timer = ForwardTimer(generator.pipe.transformer)
     batches_timer = BatchTimer()
@@ -542,8 +568,12 @@ def engine_result(args) -> dict:
         figures = forward_figures(timer, skip=2)
         batches = -(-denoise.generated // memory.batch_size)
         overhead = (denoise.seconds - figures["total_forward_s"]) / batches  # noise, scheduler, decode, writes
-        per_image = (figures["forward_s"] * FULL_STEPS + overhead) / (denoise.generated / batches)
+        # Two forwards per step when CFG's halves run apart (CFG_LAYOUT "split"); their median is then
+        # about the mean of the two kinds, as both come equally often.
+        figures["forwards_per_step"] = round(figures["forwards"] / (steps * batches))
+        forwards = figures["forward_s"] * figures["forwards_per_step"] * FULL_STEPS
         result.update(figures)
+        result["dit_image_tokens"] = timer.shapes[0][1]
         result["denoise"] = {
             "images": denoise.generated,
             "seconds": round(denoise.seconds, 2),
@@ -557,16 +587,13 @@ def engine_result(args) -> dict:
                 / max(denoise.seconds - figures["first_forward_s"], 1e-9),
                 3,
             ),
+            "seconds_per_image_at_50_steps": round((forwards + overhead) / (denoise.generated / batches), 2),
         }
         result["gpu_busy"] = {**batches_timer.figures(), **utilization.figures(*batches_timer.host_window())}
-        result["seconds_per_image_at_50_steps"] = round(per_image, 2)
-        result["extrapolated"] = args.steps != FULL_STEPS
-        result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
         if memory.plan is not None:
-            predicted = memory.plan.denoise.peak_gpu_gib
             result["planner_holds"] = bool(
                 denoise.peak_gpu_gib is not None
-                and denoise.peak_gpu_gib <= predicted
+                and denoise.peak_gpu_gib <= memory.plan.denoise.peak_gpu_gib
                 and (encode.peak_gpu_gib or 0) <= memory.plan.encode.peak_gpu_gib
             )
     result["exit_code"] = summary.exit_code if summary else None
@@ -578,16 +605,23 @@ def engine_result(args) -> dict:
 
 # --- (a) and (b) in one process -------------------------------------------------------------------------
 
-# Engine variants `versus` can run after the recipe: (memory mode, compile, batch size, attention
-# kernel for padded batches; None: qwen_batch.attention's default).
+# Engine variants `versus` can run after the recipe: memory mode, compile, batch size, and the levers
+# left at the engine's defaults unless named (see `levers`).
 VARIANTS = {
-    "bf16-eager": ("bf16", "off", 4, None),
-    "bf16-compile": ("bf16", "on", 4, None),
-    "bf16-compile-sdpa": ("bf16", "on", 4, "sdpa"),
-    "bf16-compile-varlen": ("bf16", "on", 4, "varlen"),
-    "fp8-compile-b1": ("fp8", "on", 1, None),
-    "fp8-compile-b2": ("fp8", "on", 2, None),
-    "fp8-compile-b4": ("fp8", "on", 4, None),
+    "bf16-eager": ("bf16", "off", 4, {}),
+    "bf16-compile": ("bf16", "on", 4, {}),
+    "bf16-compile-b8": ("bf16", "on", 8, {}),
+    "bf16-compile-sdpa": ("bf16", "on", 4, {"attention": "sdpa"}),
+    "bf16-compile-fa4": ("bf16", "on", 4, {"attention": "fa4"}),
+    "bf16-compile-nogelu": ("bf16", "on", 4, {"gelu_epilogue": False}),
+    "bf16-compile-split": ("bf16", "on", 4, {"cfg_layout": "split"}),
+    # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
+    "bf16-compile-before": ("bf16", "on", 4, {"attention": "sdpa", "gelu_epilogue": False, "cfg_layout": "joint"}),
+    "fp8-compile-b1": ("fp8", "on", 1, {}),
+    "fp8-compile-b2": ("fp8", "on", 2, {}),
+    "fp8-compile-b4": ("fp8", "on", 4, {}),
+    "fp8-compile-b8": ("fp8", "on", 8, {}),
+    "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),
 }
 
 
@@ -596,17 +630,36 @@ def run_versus(args) -> None:
     each variant's speed as a ratio to the recipe measured here, and its images against the recipe's
     (and against the first variant's)."""
     work = Path(args.work or tempfile.mkdtemp(prefix="qwen-versus-"))
-    recipe_images = work / "recipe"
-    recipe = recipe_result(argparse.Namespace(**{**vars(args), "images": str(recipe_images)}))
-    recipe["label"] = "recipe"
-    write(recipe, args.json)
-    first_images, summary = None, {}
-    for label in args.variants.split(","):
-        mode, compile_, batch_size, attention = VARIANTS[label]
+
+    def run_recipe(images: Path | None) -> dict:
+        return recipe_result(argparse.Namespace(**{**vars(args), "images": str(images) if images else None}))
+
+    def run_engine(label: str, mode: str, compile_: str, batch_size: int) -> dict:
         engine_args = {**vars(args), "mode": mode, "compile": compile_, "batch_size": batch_size, "label": label}
         engine_args.update(gpu_gib=None, plan_gib=None, work=str(work / label), output=None)
-        with attention_path(attention):
-            result = engine_result(argparse.Namespace(**engine_args))
+        return engine_result(argparse.Namespace(**engine_args))
+
+    versus(run_recipe, run_engine, args.variants.split(","), work, args.json)
+
+
+def versus(run_recipe, run_engine, labels: list[str], work: Path, json_path: str | None, **summary) -> None:
+    """The recipe, then each engine variant (`VARIANTS`), then the recipe again, in this one process:
+    each variant's speed as a ratio to the recipe before it and to the mean of both recipe runs, and its
+    images against the recipe's (`work/recipe`) and the first variant's (`work/LABEL/out/images`).
+    `run_recipe(images folder or None)` and `run_engine(label, mode, compile, batch size)` return result
+    lines; `summary` goes into the last line."""
+    for label in labels:
+        if label not in VARIANTS:
+            raise SystemExit(f"unknown variant {label!r}: use {', '.join(VARIANTS)}")
+    recipe_images = work / "recipe"
+    recipe = run_recipe(recipe_images)
+    recipe["label"] = "recipe"
+    write(recipe, json_path)
+    first_images, seconds = None, {}
+    for label in labels:
+        mode, compile_, batch_size, settings = VARIANTS[label]
+        with levers(**settings):
+            result = run_engine(label, mode, compile_, batch_size)
         if "seconds_per_image_at_50_steps" in result:
             result["vs_recipe_same_process"] = round(
                 recipe["seconds_per_image_at_50_steps"] / result["seconds_per_image_at_50_steps"], 3
@@ -616,42 +669,62 @@ def run_versus(args) -> None:
         if first_images is not None:
             result["vs_first_variant_images"] = image_differences(first_images, images)
         first_images = first_images or images
-        write(result, args.json)
-        summary[label] = result.get("seconds_per_image_at_50_steps")
+        write(result, json_path)
+        seconds[label] = result.get("seconds_per_image_at_50_steps")
     # The recipe once more at the end: a GPU that slows as it warms up would otherwise flatter the
     # recipe, which ran first. Each variant's ratio is also given against the mean of both recipe runs.
-    after = recipe_result(argparse.Namespace(**{**vars(args), "images": None}))
+    after = run_recipe(None)
     after["label"] = "recipe-after"
-    write(after, args.json)
-    recipe_seconds = statistics.mean([recipe["seconds_per_image_at_50_steps"], after["seconds_per_image_at_50_steps"]])
+    write(after, json_path)
+    before_and_after = [recipe["seconds_per_image_at_50_steps"], after["seconds_per_image_at_50_steps"]]
+    recipe_seconds = statistics.mean(before_and_after)
     write(
         {
             "run": "versus-summary",
+            **summary,
             **versions(),
-            "recipe_seconds_per_image_at_50": [
-                recipe["seconds_per_image_at_50_steps"],
-                after["seconds_per_image_at_50_steps"],
-            ],
-            "seconds_per_image_at_50": summary,
+            "recipe_seconds_per_image_at_50": before_and_after,
+            "recipe_peak_gpu_gib": recipe.get("peak_gpu_gib"),
+            "seconds_per_image_at_50": seconds,
             "vs_recipe_mean_of_both": {
-                label: round(recipe_seconds / seconds, 3) for label, seconds in summary.items() if seconds
+                label: round(recipe_seconds / value, 3) for label, value in seconds.items() if value
             },
         },
-        args.json,
+        json_path,
     )
 
 
 @contextlib.contextmanager
-def attention_path(kernel: str | None):
-    """Force the engine's attention kernel for padded batches (`sdpa`, `varlen`); None keeps the default."""
-    import qwen_batch.attention as attention
+def levers(
+    attention: str | None = None,
+    gelu_epilogue: bool | None = None,
+    cfg_layout: str | None = None,
+):
+    """Set the engine's speed levers for one run (None keeps its default): the attention kernel for
+    padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`)."""
+    import qwen_batch.attention as attention_module
+    import qwen_batch.denoise as denoise_module
+    import qwen_batch.memory_modes as memory_modes
 
-    original = attention.ATTENTION_KERNEL
-    attention.ATTENTION_KERNEL = kernel or original
+    settings = [
+        (attention_module, "ATTENTION_KERNEL", attention),
+        (memory_modes, "GELU_EPILOGUE", gelu_epilogue),
+        (denoise_module, "CFG_LAYOUT", cfg_layout),
+    ]
+    originals = [getattr(module, name) for module, name, _ in settings]
+    for module, name, value in settings:
+        if value is not None:
+            setattr(module, name, value)
     try:
         yield
     finally:
-        attention.ATTENTION_KERNEL = original
+        for (module, name, _), original in zip(settings, originals, strict=True):
+            setattr(module, name, original)
+
+
+def attention_path(kernel: str | None):
+    """Force the engine's attention kernel for padded batches (`sdpa`, `fa4`); None keeps the default."""
+    return levers(attention=kernel)
 
 
 def image_differences(a: Path, b: Path) -> dict:
@@ -694,13 +767,13 @@ def run_attention(args) -> None:
     padded = torch.ones(rows, text, dtype=torch.bool, device="cuda")
     padded[rows // 2 :, 8:] = False  # the unconditional half: a short negative prompt
     timestep = torch.full((rows,), 0.5, device="cuda", dtype=torch.bfloat16)
-    stock, sdpa, varlen = QwenDoubleStreamAttnProcessor2_0(), BatchAttention("sdpa"), BatchAttention("varlen")
+    stock, sdpa, fa4 = QwenDoubleStreamAttnProcessor2_0(), BatchAttention("sdpa"), BatchAttention("fa4")
     # name: (processor, backend, mask through the transformer, mask through attention_kwargs)
     paths = {
         "diffusers, no mask": (stock, None, None, None),
         "diffusers, mask (SDPA picks)": (stock, None, padded, None),
         "qwen-batch sdpa, mask via attention_kwargs": (sdpa, None, None, padded),
-        "qwen-batch varlen (packed, no mask)": (varlen, None, None, padded),
+        "qwen-batch fa4 (each row's prefix, no mask)": (fa4, None, None, padded),
     }
     if not args.compile:  # backends are chosen at trace time: forcing them per call means eager
         paths |= {
@@ -768,7 +841,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = commands.choices["recipe"]
     recipe.add_argument("--images", help="save the recipe's images here (for compare)")
     versus = commands.choices["versus"]
-    versus.add_argument("--variants", default="bf16-compile-sdpa,bf16-compile", help=", ".join(VARIANTS))
+    versus.add_argument("--variants", default="bf16-compile-sdpa-nogelu,bf16-compile", help=", ".join(VARIANTS))
     versus.add_argument("--compile-cache", help="inductor cache folder shared between runs")
     versus.add_argument("--work", help="folder for manifests, caches and images")
     engine = commands.choices["engine"]
@@ -781,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.add_argument("--work", help="folder for the manifest and caches")
     engine.add_argument("--output", help="output folder (default: WORK/out)")
     engine.add_argument("--label", default="")
-    engine.add_argument("--attention", choices=("sdpa", "varlen"), help="kernel for padded batches")
+    engine.add_argument("--attention", choices=("sdpa", "fa4"), help="kernel for padded batches")
     attention = commands.add_parser("attention")
     attention.add_argument("--rows", type=int, default=4)
     attention.add_argument("--rounds", type=int, default=4)
