@@ -9,12 +9,18 @@ through qwen-batch's own engine, exactly as the CLI does for a model on disk. Th
 scheduler's configuration come from the tiny model (its scheduler config is the released one; its
 tokenizer's ids fit the real 152,064-token vocabulary), so nothing needs the network.
 
+The edit models (`task` "edit": `QwenImageEditPipeline`, as Qwen/Qwen-Image-Edit; "edit-plus":
+`QwenImageEditPlusPipeline`, as Qwen/Qwen-Image-Edit-2509) have the same transformer, VL encoder and
+VAE; their `Qwen2VLProcessor` comes from the tiny edit model, whose image-processing configuration is
+the released one (14-pixel patches merged 2x2, temporal patch 2, 3,136 to 12,845,056 pixels).
+
 Kept free of Prefect and S3: the GPU machine has neither.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,6 +30,12 @@ import torch
 from qwen_batch.model_source import ModelSource, ensure_tiny_model, register_model
 
 FULL_SIZE_MODEL = "full-size-random"
+# The model name `full_size_source(task=...)` registers, per task of `qwen_batch.tiny_model.TINY_MODEL_TASKS`.
+FULL_SIZE_MODELS = {
+    "generate": FULL_SIZE_MODEL,
+    "edit": "full-size-random-edit",
+    "edit-plus": "full-size-random-edit-plus",
+}
 
 # QwenImageTransformer2DModel as released (Qwen/Qwen-Image transformer/config.json).
 TRANSFORMER_CONFIG = {
@@ -118,46 +130,63 @@ def build_vae(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: i
         return AutoencoderKLQwenImage().eval()  # the library defaults are the released configuration
 
 
-def _tiny_transformer_config() -> dict[str, Any]:
+def _tiny_transformer_config(task: str = "generate") -> dict[str, Any]:
     from diffusers import QwenImageTransformer2DModel
 
-    return dict(QwenImageTransformer2DModel.load_config(ensure_tiny_model(), subfolder="transformer"))
+    return dict(QwenImageTransformer2DModel.load_config(ensure_tiny_model(task), subfolder="transformer"))
 
 
-def tiny_tokenizer_and_scheduler():
+def pipeline_class(task: str = "generate"):
+    """The diffusers pipeline class of `task` ("generate", "edit" or "edit-plus")."""
+    import diffusers
+
+    from qwen_batch.tiny_model import TINY_MODEL_TASKS
+
+    return getattr(diffusers, TINY_MODEL_TASKS[task])
+
+
+def tiny_tokenizer_and_scheduler(task: str = "generate"):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import AutoTokenizer
 
-    folder = ensure_tiny_model()
+    folder = ensure_tiny_model(task)  # an edit model's vocabulary also covers the edit template
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
     return tokenizer, scheduler
 
 
-def build_pipeline(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, **components: None):
-    """A full-size `QwenImagePipeline` on `device`; components passed as None are not built."""
-    from diffusers import QwenImagePipeline
+def tiny_processor(task: str = "edit"):
+    """The tiny edit model's `Qwen2VLProcessor`: no weights, the released image-processing configuration."""
+    from transformers import Qwen2VLProcessor
 
-    tokenizer, scheduler = tiny_tokenizer_and_scheduler()
-    wanted = {name for name in ("text_encoder", "tokenizer", "transformer", "vae") if name not in components}
-    return QwenImagePipeline(
+    return Qwen2VLProcessor.from_pretrained(ensure_tiny_model(task) / "processor")
+
+
+def build_pipeline(
+    device: str = "cuda", dtype: torch.dtype = torch.bfloat16, task: str = "generate", **components: None
+):
+    """A full-size pipeline of `task` on `device`; components passed as None are not built."""
+    tokenizer, scheduler = tiny_tokenizer_and_scheduler(task)
+    names = ("text_encoder", "tokenizer", "transformer", "vae") + (("processor",) if task != "generate" else ())
+    wanted = {name for name in names if name not in components}
+    extra = {"processor": tiny_processor(task) if "processor" in wanted else None} if task != "generate" else {}
+    return pipeline_class(task)(
         scheduler=scheduler,
         tokenizer=tokenizer if "tokenizer" in wanted else None,
         text_encoder=build_text_encoder(tokenizer, device, dtype) if "text_encoder" in wanted else None,
         transformer=build_transformer(device, dtype) if "transformer" in wanted else None,
         vae=build_vae(device, dtype) if "vae" in wanted else None,
+        **extra,
     )
 
 
-def resident_pipeline(tiny: bool = False):
-    """The common recipe's pipeline, every component resident: full size on the GPU in bf16, or the tiny
-    model on the CPU in fp32 (a benchmark's dry run)."""
+def resident_pipeline(tiny: bool = False, task: str = "generate"):
+    """The common recipe's pipeline of `task`, every component resident: full size on the GPU in bf16, or
+    the tiny model on the CPU in fp32 (a benchmark's dry run)."""
     if tiny:
-        from diffusers import QwenImagePipeline
-
-        pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=torch.float32)
+        pipe = pipeline_class(task).from_pretrained(ensure_tiny_model(task), dtype=torch.float32)
     else:
-        pipe = build_pipeline("cuda", torch.bfloat16)
+        pipe = build_pipeline("cuda", torch.bfloat16, task)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -189,10 +218,12 @@ def full_size_source(
     on_host: Callable[[str], bool] = lambda stage: False,
     device: str = "cuda",
     timings: dict[str, float] | None = None,
-    name: str = FULL_SIZE_MODEL,
+    name: str | None = None,
     tiny: bool = False,
+    task: str = "generate",
 ) -> ModelSource:
-    """Register and return a model source that builds the full-size random model.
+    """Register and return a model source that builds the full-size random model of `task` ("generate",
+    "edit" or "edit-plus"; named `FULL_SIZE_MODELS[task]` unless `name` is given).
 
     `on_host(stage)` ("encode" or "denoise") says, at load time, whether to hand the modules over in host RAM (as `from_pretrained`
     does), for memory modes that place weights themselves (fp8 quantizes layer by layer; offload pins
@@ -206,11 +237,12 @@ def full_size_source(
         started = time.perf_counter()
         gpu.lift()
         if tiny:
-            from diffusers import QwenImagePipeline
-
-            pipe = QwenImagePipeline.from_pretrained(ensure_tiny_model(), dtype=dtype, **components)
+            cls = pipeline_class(task)
+            accepted = inspect.signature(cls.__init__).parameters  # `processor` only for the edit models
+            wanted = {key: value for key, value in components.items() if key in accepted}
+            pipe = cls.from_pretrained(ensure_tiny_model(task), dtype=dtype, **wanted)
         else:
-            pipe = build_pipeline(device, dtype, **components)
+            pipe = build_pipeline(device, dtype, task, **components)
         if on_host("encode" if "transformer" in components else "denoise"):
             for module in (pipe.text_encoder, pipe.transformer, pipe.vae):
                 if module is not None:
@@ -224,7 +256,9 @@ def full_size_source(
             timings["build_seconds"] = timings.get("build_seconds", 0.0) + time.perf_counter() - started
         return pipe
 
-    config = dict(_tiny_transformer_config() if tiny else TRANSFORMER_CONFIG)  # adapters are checked against it
-    source = ModelSource(name=name, location=f"memory:{name}", loader=loader, config=config)
+    name = name or FULL_SIZE_MODELS[task]
+    config = dict(_tiny_transformer_config(task) if tiny else TRANSFORMER_CONFIG)  # adapters are checked against it
+    kind = pipeline_class(task).__name__
+    source = ModelSource(name=name, location=f"memory:{name}", loader=loader, config=config, pipeline_class=kind)
     register_model(source)
     return source

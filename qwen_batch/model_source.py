@@ -50,6 +50,8 @@ class ModelSource:
     loader: Callable[..., QwenImagePipeline] | None = field(default=None, compare=False, repr=False)
     # The transformer's config for a model built by `loader` (a model on disk or the hub has its own).
     config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    # The pipeline class of a model built by `loader` (one on disk or the hub names it in model_index.json).
+    pipeline_class: str = "QwenImagePipeline"
 
     @property
     def is_tiny(self) -> bool:
@@ -99,7 +101,12 @@ def pipeline_class_name(source: ModelSource) -> str:
     import json
 
     if source.loader is not None:
-        return "QwenImagePipeline"  # models built in memory are text-to-image
+        name = source.pipeline_class  # a model built in memory says which it is
+        if name not in SUPPORTED_PIPELINES:
+            raise ModelError(
+                f"model {source.name!r} is a {name}; qwen-batch runs {', '.join(SUPPORTED_PIPELINES)} models"
+            )
+        return name
     folder = source.local_folder
     try:
         if folder is not None:

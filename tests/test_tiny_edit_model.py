@@ -243,3 +243,22 @@ def test_resolve_model_builds_each_edit_flavour_once(name, task, monkeypatch):
     assert resolve_model(name).location != str(folder)
     # Text to image is its own model.
     assert resolve_model("tiny").location != str(folder)
+
+
+def test_a_model_built_in_memory_names_its_pipeline_and_an_unknown_one_is_refused():
+    """Benchmarks build full-size edit models in memory (bench/full_size.py): such a source says which
+    pipeline it is, as model_index.json does for a model on disk; one qwen-batch cannot run is refused."""
+    from qwen_batch.errors import ModelError
+    from qwen_batch.model_source import ModelSource, pipeline_class_name
+
+    def build(dtype, **components):
+        raise AssertionError("not loaded to name its pipeline")
+
+    edit = ModelSource(name="memory-edit", location="memory:edit", loader=build, pipeline_class="QwenImageEditPipeline")
+    assert pipeline_class_name(edit) == "QwenImageEditPipeline"
+    assert (
+        pipeline_class_name(ModelSource(name="memory-t2i", location="memory:t2i", loader=build)) == "QwenImagePipeline"
+    )
+    video = ModelSource(name="memory-video", location="memory:video", loader=build, pipeline_class="WanPipeline")
+    with pytest.raises(ModelError, match=r"memory-video.*WanPipeline"):
+        pipeline_class_name(video)
