@@ -114,6 +114,7 @@ class Job:
     batch_size: int | None = None  # None: chosen by the plan
     text_tokens: int = TYPICAL_TEXT_TOKENS
     compile: bool = True
+    input_images: int = 1  # edits: input images per row (Edit-Plus takes several; each rides along as latents)
 
     @classmethod
     def for_requests(
@@ -123,6 +124,7 @@ class Job:
         comes out at about 1024x1024), their most steps, CFG if any row uses it."""
         largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
         return cls(
+            input_images=max((len(r.images) for r in requests), default=1) or 1,
             width=(largest.width if largest else None) or 1024,
             height=(largest.height if largest else None) or 1024,
             steps=max((r.num_inference_steps for r in requests), default=50),
@@ -135,7 +137,10 @@ class Job:
     @property
     def image_tokens(self) -> int:
         tokens = (self.width // 16) * (self.height // 16)
-        return 2 * tokens if self.task == "edit" else tokens  # an edit's input image latents ride along
+        # An edit's input images' latents ride along, each about the output's size (the pipelines resize
+        # every input to about the output's area): 8,192 tokens for Edit at 1024x1024, 12,288 for Edit-Plus
+        # with two inputs (measured, docs/benchmarks.md).
+        return (1 + self.input_images) * tokens if self.task == "edit" else tokens
 
     @property
     def tokens(self) -> int:

@@ -62,6 +62,22 @@ def test_bigger_images_and_edits_need_more_memory_and_time():
     assert small.seconds_per_image[0] < large.seconds_per_image[0] < edit.seconds_per_image[0]
 
 
+def test_edit_plus_inputs_count_in_the_plan_and_the_h200_figures_fall_inside_it():
+    """Each input image's latents ride along in the DiT's sequence: Edit-Plus with two inputs is 12,288
+    image tokens a row against Edit's 8,192. Measured at full size on an H200, bf16 compiled, batches of
+    4 (bench/results/edit_h200.jsonl): Edit 41.0 s per image, Edit-Plus 61.2 s, denoise peak 42.5 GiB."""
+    from qwen_batch.manifest import Request
+
+    machine = Machine(gpu_gib=141, host_gib=128)
+    rows = [Request(0, "a", "make it blue", " ", 1024, 1024, 0, 50, 4.0, images=("a.png", "b.png"))]
+    assert Job.for_requests(rows, "edit").input_images == 2
+    edit = plan_memory(machine, Job(task="edit", batch_size=4)).denoise
+    plus = plan_memory(machine, Job(task="edit", batch_size=4, input_images=2)).denoise
+    assert edit.peak_gpu_gib < plus.peak_gpu_gib and edit.peak_gpu_gib >= 42.5
+    assert edit.seconds_per_image[0] <= 41.0 <= edit.seconds_per_image[1]
+    assert plus.seconds_per_image[0] <= 61.2 <= plus.seconds_per_image[1]
+
+
 def test_too_little_host_ram_for_offload_is_refused_with_the_numbers():
     with pytest.raises(DoesNotFitError) as refused:
         plan_memory(Machine(gpu_gib=16, host_gib=32), Job())
