@@ -155,6 +155,13 @@ def _flash_attention_4() -> Callable | None:
         from flash_attn.cute.interface import _flash_attn_fwd
     except ImportError:
         return None
+    except Exception as error:  # installed but broken (its CUDA libraries, say): run, on SDPA, and say why
+        log.warning(
+            "flash-attn-4 is installed but does not load (%s: %s): padded batches attend through SDPA",
+            type(error).__name__,
+            error,
+        )
+        return None
     return _flash_attn_fwd
 
 

@@ -89,3 +89,24 @@ def test_kernel_choice_refuses_what_cannot_run_here(monkeypatch):
     monkeypatch.setenv(ATTENTION_ENV, "flash3")
     with pytest.raises(ValueError, match="QWEN_BATCH_ATTENTION='flash3'"):
         choose_kernel("cpu", torch.bfloat16)
+
+
+def test_a_broken_flash_attention_4_install_falls_back_to_sdpa_and_says_why(monkeypatch, caplog):
+    """Installed but unloadable (a CUDA library missing, say): the run goes on through SDPA with a
+    warning naming the error, instead of failing on its first batch."""
+    import sys
+    import types
+
+    import qwen_batch.attention as attention
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise OSError("libcute_dsl_runtime.so: cannot open shared object file")
+
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", Broken("flash_attn.cute.interface"))
+    attention._flash_attention_4.cache_clear()
+    try:
+        assert attention._flash_attention_4() is None
+    finally:
+        attention._flash_attention_4.cache_clear()
+    assert "flash-attn-4 is installed but does not load (OSError: libcute_dsl_runtime.so" in caplog.text
