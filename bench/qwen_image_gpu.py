@@ -722,11 +722,6 @@ def levers(
             setattr(module, name, original)
 
 
-def attention_path(kernel: str | None):
-    """Force the engine's attention kernel for padded batches (`sdpa`, `fa4`); None keeps the default."""
-    return levers(attention=kernel)
-
-
 def image_differences(a: Path, b: Path) -> dict:
     from PIL import Image
 
