@@ -105,7 +105,7 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
             for image, text in ((img_query, txt_query), (img_key, txt_key), (img_value, txt_value))
         )
         lengths = (text_mask.sum(dim=1) + image_tokens).to(torch.int32)
-        joint = prefix_attention(query, key, value, lengths).flatten(2, 3)
+        joint = prefix_attention(query, key, value, lengths, image_tokens).flatten(2, 3)
 
         img_attn_output = attn.to_out[0](joint[:, :image_tokens])
         if len(attn.to_out) > 1:
@@ -116,10 +116,12 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
 
 @torch.library.custom_op("qwen_batch::prefix_attention", mutates_args=())
 def prefix_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, shortest: int = 0
 ) -> torch.Tensor:
     """Softmax attention within each row's prefix: `[rows, tokens, heads, head_dim]` in and out, row r's
     first `lengths[r]` (int32) tokens attending to each other only; the outputs past a prefix are zero.
+    `shortest`: a length no prefix is shorter than (the image tokens), so only the tokens after it need
+    zeroing beforehand.
 
     FlashAttention-4 where it runs (its kernel skips the tiles past a prefix), otherwise SDPA with the
     equivalent mask. A custom op, so a compiled block keeps one graph around a kernel dynamo cannot
@@ -128,14 +130,15 @@ def prefix_attention(
     """
     forward = _flash_attention_4() if query.is_cuda else None
     if forward is not None:
-        out = torch.zeros_like(query)
+        out = torch.empty_like(query)
+        out[:, shortest:].zero_()  # FlashAttention-4 writes each prefix only
         forward(query, key, value, seqused_q=lengths, seqused_k=lengths, out=out)
         return out
     return _masked_prefix_attention(query, key, value, lengths)
 
 
 @prefix_attention.register_fake
-def _(query, key, value, lengths):
+def _(query, key, value, lengths, shortest=0):
     return torch.empty_like(query)
 
 

@@ -43,6 +43,14 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # bf16 on a GPU: the feed-forwards' GELU in cuBLASLt's GEMM epilogue (qwen_batch.gelu_epilogue).
 # Benchmarks turn it off to measure what it gives.
 GELU_EPILOGUE = True
+# Inductor options for the compiled blocks (`torch.compile(options=...)`). Coordinate-descent tuning of
+# Inductor's own fused kernels (norms, modulation, RoPE, gates): on an H200, 0.1239 -> 0.1221 s per
+# row-forward (-1.5%) for about 5 s more compile (docs/benchmarks.md). torchao turns it on for fp8.
+COMPILE_OPTIONS: dict[str, object] = {"coordinate_descent_tuning": True}
+# fp8 scales: "row" (one per activation row and weight row) or "tensor" (one per tensor, cuBLAS's
+# plain fp8 GEMM; coarser, so more rounding where a row's range differs from the tensor's).
+FP8_GRANULARITY = "row"
+FP8_SCALE_FLOOR = 1e-12  # see _quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,10 @@ def place_transformer(transformer: torch.nn.Module, placement: Placement, device
     elif mode == FP8:
         if fp8_compute_available(device):
             _quantize_fp8(transformer, device)
-            done = "fp8 through torchao (dynamic activation, per-row scales), img_mlp.net.2 and embedders in bf16"
+            done = (
+                f"fp8 through torchao (dynamic activation, per-{FP8_GRANULARITY} scales), img_mlp.net.2 and "
+                "embedders in bf16"
+            )
         else:
             _fp8_storage(transformer, dtype)
             transformer.to(device)
@@ -114,7 +125,7 @@ def place_transformer(transformer: torch.nn.Module, placement: Placement, device
         else:
             use_compile_cache(placement.compile_cache)
             # Regional: the 60 identical blocks share one compiled graph, so compiling costs one block.
-            transformer.compile_repeated_blocks(fullgraph=True)
+            transformer.compile_repeated_blocks(fullgraph=True, options=dict(COMPILE_OPTIONS) or None)
             done += f"; blocks compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
     return done
 
@@ -258,14 +269,21 @@ def _fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:
 
 
 def _quantize_fp8(transformer: torch.nn.Module, device: str, only=None) -> None:
-    """torchao fp8 (dynamic per-row activation scales, per-row weight scales) for the blocks' linears,
-    or for those of them `only(module, name)` accepts."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    """torchao fp8 (dynamic activation scales and weight scales, per row or per tensor as
+    `FP8_GRANULARITY` says) for the blocks' linears, or for those of them `only(module, name)` accepts."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    granularity = {"row": PerRow, "tensor": PerTensor}[FP8_GRANULARITY]()
+    # A floor under each scale's absolute maximum: an all-zero row (the zeroed attention output of a
+    # padding token under FlashAttention-4, qwen_batch.attention) would otherwise get scale 0 and turn
+    # into 0/0 = NaN, which then reaches every real token through the next layer's keys and values.
+    # Measured on an H200: torchao 0.17 per-row, a zero row comes out NaN without it, zero with it.
+    # Any real activation's maximum is far above the floor, so it changes nothing else.
 
     # `device=`: each linear moves to the GPU, then is quantized, so the bf16 copy never has to fit.
     quantize_(
         transformer,
-        Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+        Float8DynamicActivationFloat8WeightConfig(granularity=granularity, activation_value_lb=FP8_SCALE_FLOOR),
         filter_fn=lambda module, name: _fp8_linear_filter(module, name) and (only is None or only(module, name)),
         device=device,
     )

@@ -130,14 +130,17 @@ def test_batch_attention_compiles_into_the_regional_graph(kernel):
 @pytest.mark.skipif(_flash_attention_4() is None, reason="flash-attn-4 is not installed")
 def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
     """Qwen-Image's heads (24 x 128), 4096 image tokens and text of different lengths: FlashAttention-4
-    against the masked SDPA it replaces, in fp32, and zeros past every prefix."""
+    against the masked SDPA it replaces, in fp32, and zeros past every prefix (the output buffer is
+    zeroed past the image tokens only: memory left full of NaN by a freed tensor must not show)."""
     generator = torch.Generator("cuda").manual_seed(0)
     rows, tokens = 4, 4096 + 128
     query, key, value = (
         torch.randn(rows, tokens, 24, 128, device="cuda", generator=generator).to(torch.bfloat16) for _ in range(3)
     )
     lengths = torch.tensor([4096 + 128, 4096 + 77, 4096 + 5, 4096 + 1], dtype=torch.int32, device="cuda")
-    out = prefix_attention(query, key, value, lengths).float()
+    poison = torch.full_like(query, float("nan"))
+    del poison  # the caching allocator hands this block to the output next
+    out = prefix_attention(query, key, value, lengths, 4096).float()
     positions = torch.arange(tokens, device="cuda")
     inside = positions[None, :] < lengths[:, None]
     reference = torch.nn.functional.scaled_dot_product_attention(
@@ -146,6 +149,29 @@ def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
     for row, length in enumerate(lengths.tolist()):
         assert _error(out[row, :length], reference[row, :length]) < 1e-2, row
         assert torch.count_nonzero(out[row, length:]) == 0, row
+
+
+@pytest.mark.parametrize("kernel", list(_kernels()))
+def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
+    """torchao fp8 with dynamic per-row scales on a padded batch. Under fa4 a padding token's attention
+    output is exactly zero, and a zero row must not get scale 0 (0/0 = NaN, which the next layer's
+    keys and values then carry to every token): measured on an H200, the images came out flat."""
+    from qwen_batch.memory_modes import _quantize_fp8, fp8_compute_available
+
+    if not fp8_compute_available("cuda"):
+        pytest.skip("fp8 matmuls need compute capability 8.9+ and torchao")
+    reference = _transformer(torch.bfloat16)
+    use_batch_attention(reference, "cuda", torch.bfloat16, kernel=kernel)
+    expected = _forward(reference, *_inputs(torch.bfloat16))
+    model = _transformer(torch.bfloat16)
+    _quantize_fp8(model, "cuda")
+    use_batch_attention(model, "cuda", torch.bfloat16, kernel=kernel)
+    for compiled in (False, True):
+        if compiled:
+            model.compile_repeated_blocks(fullgraph=True)
+        output = _forward(model, *_inputs(torch.bfloat16))
+        assert torch.isfinite(output).all(), f"compiled={compiled}"
+        assert _error(output, expected) < 0.25, f"compiled={compiled}"  # fp8 rounding, not garbage (~1)
 
 
 def test_the_gelu_epilogue_is_as_close_to_fp32_as_diffusers_gelu_and_compiles():

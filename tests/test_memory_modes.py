@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from qwen_batch.cli import main
 from qwen_batch.denoise import TEXT_BUCKET, _pad_embeddings
@@ -115,4 +117,8 @@ def test_every_mode_generates_on_the_gpu(tmp_path, tiny_model, mode):
     manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "a cat"), small_row("b", "a dog")])
     output = tmp_path / mode
     assert main(["run", str(manifest), "-o", str(output), "--device", "cuda", "--memory-mode", mode, "-q"]) == 0
-    assert [row["status"] for row in pq.read_table(output / "results.parquet").to_pylist()] == ["ok", "ok"]
+    rows = pq.read_table(output / "results.parquet").to_pylist()
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    for row in rows:  # a NaN anywhere in the batch decodes to a flat image
+        with Image.open(row["image"]) as image:
+            assert np.asarray(image).std() > 5, f"{mode}: flat (NaN) image for row {row['id']}"
