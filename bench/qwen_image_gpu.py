@@ -615,13 +615,47 @@ VARIANTS = {
     "bf16-compile-fa4": ("bf16", "on", 4, {"attention": "fa4"}),
     "bf16-compile-nogelu": ("bf16", "on", 4, {"gelu_epilogue": False}),
     "bf16-compile-split": ("bf16", "on", 4, {"cfg_layout": "split"}),
+    # Inductor's coordinate-descent tuning of its own kernels: the default since it was measured (torchao
+    # turns it on for fp8 anyway); -nocdt is the engine without it.
+    "bf16-compile-cdt": ("bf16", "on", 4, {"compile_options": {"coordinate_descent_tuning": True}}),
+    "bf16-compile-nocdt": ("bf16", "on", 4, {"compile_options": {}}),
+    # Triton GEMM templates autotuned against cuBLAS, with elementwise epilogues fused into the winners.
+    "bf16-compile-autotune": (
+        "bf16",
+        "on",
+        4,
+        {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
+    ),
+    # Autotuning among cuBLAS's own choices only: `addmm` with the bias expanded (what Inductor emits
+    # otherwise) or with the bias as cuBLASLt's epilogue (`bias_addmm`), which the full autotune picked
+    # for the MLP's down projection (3.05 against 3.26 ms). No Triton GEMMs.
+    "bf16-compile-aten-autotune": (
+        "bf16",
+        "on",
+        4,
+        {
+            "compile_options": {
+                "max_autotune": True,
+                "max_autotune_gemm_backends": "ATEN",
+                "coordinate_descent_tuning": True,
+            }
+        },
+    ),
+    "bf16-compile-bucket16": ("bf16", "on", 4, {"text_bucket": 16}),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
-    "bf16-compile-before": ("bf16", "on", 4, {"attention": "sdpa", "gelu_epilogue": False, "cfg_layout": "joint"}),
+    "bf16-compile-before": (
+        "bf16",
+        "on",
+        4,
+        {"attention": "sdpa", "gelu_epilogue": False, "cfg_layout": "joint", "compile_options": {}},
+    ),
     "fp8-compile-b1": ("fp8", "on", 1, {}),
     "fp8-compile-b2": ("fp8", "on", 2, {}),
     "fp8-compile-b4": ("fp8", "on", 4, {}),
     "fp8-compile-b8": ("fp8", "on", 8, {}),
     "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),
+    "fp8-compile-b4-tensor": ("fp8", "on", 4, {"fp8_granularity": "tensor"}),
+    "fp8-compile-b8-tensor": ("fp8", "on", 8, {"fp8_granularity": "tensor"}),
 }
 
 
@@ -699,9 +733,13 @@ def levers(
     attention: str | None = None,
     gelu_epilogue: bool | None = None,
     cfg_layout: str | None = None,
+    compile_options: dict | None = None,
+    text_bucket: int | None = None,
+    fp8_granularity: str | None = None,
 ):
     """Set the engine's speed levers for one run (None keeps its default): the attention kernel for
-    padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`)."""
+    padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`),
+    Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`."""
     import qwen_batch.attention as attention_module
     import qwen_batch.denoise as denoise_module
     import qwen_batch.memory_modes as memory_modes
@@ -710,6 +748,9 @@ def levers(
         (attention_module, "ATTENTION_KERNEL", attention),
         (memory_modes, "GELU_EPILOGUE", gelu_epilogue),
         (denoise_module, "CFG_LAYOUT", cfg_layout),
+        (memory_modes, "COMPILE_OPTIONS", compile_options),
+        (denoise_module, "TEXT_BUCKET", text_bucket),
+        (memory_modes, "FP8_GRANULARITY", fp8_granularity),
     ]
     originals = [getattr(module, name) for module, name, _ in settings]
     for module, name, value in settings:
@@ -814,6 +855,47 @@ def run_attention(args) -> None:
     write(results, args.json)
 
 
+def run_linear(args) -> None:
+    """The blocks' GEMM shapes at `rows` rows of 4,096 image tokens, compiled, per weight format: bf16,
+    torchao fp8 with per-row scales (the fp8 mode's default) and with per-tensor scales. The
+    activation's dynamic quantization is inside each timed call, as in the model. Median of rounds."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+
+    tokens = args.rows * 4096
+    # (in, out): attention q/k/v/out projections, the MLP's 4x expansion and its way back.
+    shapes = [(3072, 3072), (3072, 12288), (12288, 3072)]
+    formats = {"bf16": None, "fp8-row": PerRow, "fp8-tensor": PerTensor}
+    results = {"run": "linear", **versions(), "tokens": tokens, "ms": {}, "tflops": {}}
+    for inputs, outputs in shapes:
+        x = torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16)
+        for name, granularity in formats.items():
+            linear = torch.nn.Linear(inputs, outputs, device="cuda", dtype=torch.bfloat16)
+            if granularity is not None:
+                config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity())
+                quantize_(linear, config)
+            compiled = torch.compile(linear, fullgraph=True)
+            times = []
+            with torch.inference_mode():
+                for round_ in range(args.rounds + 1):
+                    compiled(x)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(10):
+                        compiled(x)
+                    end.record()
+                    end.synchronize()
+                    if round_:
+                        times.append(start.elapsed_time(end) / 10)
+            ms = statistics.median(times)
+            key = f"{inputs}x{outputs} {name}"
+            results["ms"][key] = round(ms, 3)
+            results["tflops"][key] = round(2 * tokens * inputs * outputs / ms / 1e9, 1)
+            print(f"{key}: {ms:.3f} ms, {results['tflops'][key]} TFLOP/s", flush=True)
+            del linear, compiled
+            torch._dynamo.reset()
+    write(results, args.json)
+
+
 # --- image differences --------------------------------------------------------------------------------
 
 
@@ -836,7 +918,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = commands.choices["recipe"]
     recipe.add_argument("--images", help="save the recipe's images here (for compare)")
     versus = commands.choices["versus"]
-    versus.add_argument("--variants", default="bf16-compile-sdpa-nogelu,bf16-compile", help=", ".join(VARIANTS))
+    versus.add_argument("--variants", default="bf16-compile-before,bf16-compile", help=", ".join(VARIANTS))
     versus.add_argument("--compile-cache", help="inductor cache folder shared between runs")
     versus.add_argument("--work", help="folder for manifests, caches and images")
     engine = commands.choices["engine"]
@@ -855,6 +937,10 @@ def main(argv: list[str] | None = None) -> None:
     attention.add_argument("--rounds", type=int, default=4)
     attention.add_argument("--compile", action="store_true", help="regional compile first (fewer paths)")
     attention.add_argument("--json")
+    linear = commands.add_parser("linear")
+    linear.add_argument("--rows", type=int, default=8)
+    linear.add_argument("--rounds", type=int, default=5)
+    linear.add_argument("--json")
     compare = commands.add_parser("compare")
     compare.add_argument("a")
     compare.add_argument("b")
@@ -867,6 +953,7 @@ def main(argv: list[str] | None = None) -> None:
         "versus": run_versus,
         "compare": run_compare,
         "attention": run_attention,
+        "linear": run_linear,
     }
     commands[args.command](args)
 
