@@ -642,6 +642,21 @@ VARIANTS = {
         },
     ),
     "bf16-compile-bucket16": ("bf16", "on", 4, {"text_bucket": 16}),
+    # The text stream packed to its real tokens (qwen_batch.packed_text) instead of padded.
+    "bf16-compile-pack": ("bf16", "on", 4, {"pack_text": True}),
+    "bf16-compile-aten-autotune-pack": (
+        "bf16",
+        "on",
+        4,
+        {
+            "compile_options": {
+                "max_autotune": True,
+                "max_autotune_gemm_backends": "ATEN",
+                "coordinate_descent_tuning": True,
+            },
+            "pack_text": True,
+        },
+    ),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
     "bf16-compile-before": (
         "bf16",
@@ -736,10 +751,12 @@ def levers(
     compile_options: dict | None = None,
     text_bucket: int | None = None,
     fp8_granularity: str | None = None,
+    pack_text: bool | None = None,
 ):
     """Set the engine's speed levers for one run (None keeps its default): the attention kernel for
     padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`),
-    Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`."""
+    Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`,
+    the text stream packed to its real tokens (under FlashAttention-4)."""
     import qwen_batch.attention as attention_module
     import qwen_batch.denoise as denoise_module
     import qwen_batch.memory_modes as memory_modes
@@ -751,6 +768,7 @@ def levers(
         (memory_modes, "COMPILE_OPTIONS", compile_options),
         (denoise_module, "TEXT_BUCKET", text_bucket),
         (memory_modes, "FP8_GRANULARITY", fp8_granularity),
+        (denoise_module, "PACK_TEXT", pack_text),
     ]
     originals = [getattr(module, name) for module, name, _ in settings]
     for module, name, value in settings:

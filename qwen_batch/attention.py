@@ -15,7 +15,9 @@ Two kernels for a padded batch:
   within each row's prefix (`seqused`), skipping padding tiles entirely instead of computing and then
   masking them (on an H200 2.58 ms a layer against 4.21 ms for 8 rows: docs/benchmarks.md). Chosen
   automatically on Hopper or newer when `flash_attn.cute` imports; elsewhere `prefix_attention` runs a
-  masked SDPA with the same contract, so the layout is tested on any machine.
+  masked SDPA with the same contract, so the layout is tested on any machine. Under `fa4` the text
+  can also come packed (`text_index`, qwen_batch.packed_text): real tokens only, one sequence for
+  the batch; it is scattered into the joint layout for attention and gathered back after.
 Both give the masked arithmetic up to the order of the terms in each softmax sum. A batch with no
 padding takes diffusers' unmasked path either way (cuDNN's flash kernel, which FlashAttention-4 does
 not beat on unmasked batches). `QWEN_BATCH_ATTENTION=sdpa` forces the portable kernel.
@@ -34,6 +36,8 @@ from diffusers.models.transformers.transformer_qwenimage import (
     apply_rotary_emb_qwen,
 )
 
+from qwen_batch.packed_text import pack, packed_positions, unpack
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -47,7 +51,8 @@ ATTENTION_KERNEL = "auto"
 
 class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
     """Qwen-Image's double-stream attention, with the batch's text mask given as `text_mask` (bool,
-    `[rows, text tokens]`, each row's real tokens first) through the transformer's `attention_kwargs`.
+    `[rows, text tokens]`, each row's real tokens first) through the transformer's `attention_kwargs`,
+    and under `fa4` optionally `text_index` (the text stream comes packed, `[1, real tokens, dim]`).
 
     The projections, QK norms and RoPE are diffusers' (their order and arithmetic unchanged); under
     `fa4` only the layout of the joint sequence and the attention call differ.
@@ -68,7 +73,10 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         text_mask: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if text_index is not None and (text_mask is None or self.kernel != "fa4"):
+            raise ValueError("packed text (text_index) needs the fa4 kernel and the padded layout's text_mask")
         if text_mask is None or self.kernel == "sdpa":
             # Nothing padded (SDPA takes cuDNN's flash kernel), or diffusers' masked path with our mask.
             mask = text_mask if text_mask is not None else encoder_hidden_states_mask
@@ -90,12 +98,20 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
             txt_query = attn.norm_added_q(txt_query)
         if attn.norm_added_k is not None:
             txt_key = attn.norm_added_k(txt_key)
+        rows, text_tokens = text_mask.shape
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
+            if text_index is not None:  # each packed token at its position within its own row
+                txt_freqs = txt_freqs[packed_positions(text_index, text_tokens)]
             img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
             img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
             txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
             txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+
+        if text_index is not None:
+            txt_query, txt_key, txt_value = (
+                unpack(tensor, text_index, rows, text_tokens) for tensor in (txt_query, txt_key, txt_value)
+            )
 
         # [image, text, padding] per row: `[rows, tokens, heads, head_dim]`, FlashAttention's own layout
         # (no transposes), each row's real tokens a prefix of `lengths[row]`.
@@ -110,7 +126,8 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
         img_attn_output = attn.to_out[0](joint[:, :image_tokens])
         if len(attn.to_out) > 1:
             img_attn_output = attn.to_out[1](img_attn_output)  # dropout
-        txt_attn_output = attn.to_add_out(joint[:, image_tokens:])
+        txt_joint = joint[:, image_tokens:]
+        txt_attn_output = attn.to_add_out(txt_joint if text_index is None else pack(txt_joint, text_index))
         return img_attn_output, txt_attn_output
 
 

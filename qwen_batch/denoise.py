@@ -54,6 +54,10 @@ TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddin
 # where the weights stay put: offload streams them and fp8 storage casts them once per forward, which
 # split would do twice.
 CFG_LAYOUT = "auto"
+# Under FlashAttention-4, a padded batch's text stream can run packed: its layers then see the rows'
+# real tokens only (qwen_batch.packed_text). Off until its speed is measured on a GPU (benchmarks turn
+# it on: docs/benchmarks.md); its images are the padded path's (tests/test_contract.py).
+PACK_TEXT = False
 
 
 class ImageGenerator:
@@ -63,18 +67,24 @@ class ImageGenerator:
         import torch
 
         from qwen_batch.attention import use_batch_attention
+        from qwen_batch.packed_text import share_timestep_modulation
 
         self.source, self.device, self.dtype = source, device, dtype
         self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
         self.placement = placement or Placement()
         transformer = self.pipe.transformer
         kernel = use_batch_attention(transformer, device, dtype)  # before compiling: it is traced
+        self.pack_text = PACK_TEXT and kernel == "fa4"
+        if self.pack_text:
+            share_timestep_modulation(transformer)
         # fp8 with adapters: the bf16 weights stay on the host, to fuse adapters in bf16 (qwen_batch.fusion).
         keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
         self.memory_mode = place_transformer(transformer, self.placement, device, dtype)
         split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
         self.cfg_layout = CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint"
         self.memory_mode += f"; padded batches attend through {kernel}; CFG halves {self.cfg_layout}"
+        if self.pack_text:
+            self.memory_mode += "; text stream packed"
         self.fusion = AdapterFusion(self.pipe, QuantizedWeights.after_placement(transformer, keep, device))
         del keep
         self._schedulers = {None: self.pipe.scheduler}
@@ -119,12 +129,12 @@ class ImageGenerator:
 
         with torch.inference_mode():
             # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask (or, split,
-            # each half padded to its own length), as (first row, rows, embeddings, mask) per forward.
+            # each half padded to its own length), as (first row, rows, text, attention kwargs) per forward.
             texts = list(prompt_embeds) + (list(negative_embeds) if use_cfg else [])
             groups = [texts[:batch], texts[batch:]] if use_cfg and self.cfg_layout == "split" else [texts]
             conditions, first_row = [], 0
             for group in groups:
-                conditions.append((first_row, len(group), *_pad_embeddings(group, self.device, self.dtype)))
+                conditions.append((first_row, len(group), *self._text_condition(group)))
                 first_row += len(group)
 
             # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
@@ -164,11 +174,11 @@ class ImageGenerator:
                         encoder_hidden_states=embeds,
                         # The mask goes to the attention directly (qwen_batch.attention): given to the
                         # transformer, it would cost a host sync per step.
-                        attention_kwargs={"text_mask": mask},
+                        attention_kwargs=text_kwargs,
                         img_shapes=[[patches, *image_shapes]] * rows,
                         return_dict=False,
                     )[0]
-                    for first, rows, embeds, mask in conditions
+                    for first, rows, embeds, text_kwargs in conditions
                 ]
                 prediction = predictions[0] if len(predictions) == 1 else torch.cat(predictions)
                 prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
@@ -182,6 +192,20 @@ class ImageGenerator:
 
             # 5. Decode.
             return self._decode(latents, width, height)
+
+    def _text_condition(self, embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """One forward's text on the device, and the attention kwargs that go with it: padded with a
+        mask (`text_mask`, None when no row is padded), or packed with its place in that padded layout
+        (`text_index`, qwen_batch.packed_text) where the text stream runs packed."""
+        from qwen_batch.packed_text import pack_text
+
+        length = _padded_length(embeddings)
+        if length is None or not self.pack_text:
+            embeds, mask = _pad_embeddings(embeddings, self.device, self.dtype)
+            return embeds, {"text_mask": mask}
+        packed, mask, index = pack_text(embeddings, length, self.dtype)
+        text_kwargs = {"text_mask": to_device(mask, self.device), "text_index": to_device(index, self.device)}
+        return to_device(packed, self.device), text_kwargs
 
     def _prepare(self, request: Request):
         """Apply what the batch is keyed on besides shapes: fuse its adapters; return its scheduler."""
@@ -244,9 +268,7 @@ def _pad_embeddings(
     """
     import torch
 
-    longest = max(embedding.shape[0] for embedding in embeddings)
-    if any(embedding.shape[0] != longest for embedding in embeddings):
-        longest = -(-longest // TEXT_BUCKET) * TEXT_BUCKET
+    longest = _padded_length(embeddings) or embeddings[0].shape[0]
     hidden = embeddings[0].shape[1]
     stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype)  # built on the host, sent once
     mask = torch.zeros(len(embeddings), longest, dtype=torch.bool)
@@ -256,6 +278,15 @@ def _pad_embeddings(
     if all(embedding.shape[0] == longest for embedding in embeddings):
         return to_device(stacked, device), None
     return to_device(stacked, device), to_device(mask, device)
+
+
+def _padded_length(embeddings: Sequence[torch.Tensor]) -> int | None:
+    """The batch's padded text length (the longest, rounded up to TEXT_BUCKET), or None when every row
+    has the same length and nothing is padded."""
+    lengths = {embedding.shape[0] for embedding in embeddings}
+    if len(lengths) == 1:
+        return None
+    return -(-max(lengths) // TEXT_BUCKET) * TEXT_BUCKET
 
 
 def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:

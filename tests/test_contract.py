@@ -73,18 +73,24 @@ def test_rows_really_differ(runs):
     assert fox.std() > 5
 
 
-@pytest.mark.parametrize("lever", ["fa4 layout", "split CFG"])
+@pytest.mark.parametrize("lever", ["fa4 layout, text packed", "fa4 layout, text padded", "split CFG"])
 def test_speed_levers_change_no_image(runs, tmp_path, monkeypatch, lever):
     """The throughput levers (docs/benchmarks.md) keep the contract: FlashAttention-4's layout (each
-    row's real tokens a prefix; its masked stand-in here, as the CPU has no FlashAttention-4) and CFG's
-    halves as two forwards each give the same images as the default path."""
+    row's real tokens a prefix; its masked stand-in here, as the CPU has no FlashAttention-4), with the
+    text stream packed (its default there) or padded, and CFG's halves as two forwards each give the
+    same images as the default path."""
     import qwen_batch.attention
     import qwen_batch.denoise
+    import qwen_batch.packed_text
 
+    packed = []
     if lever == "split CFG":
         monkeypatch.setattr(qwen_batch.denoise, "CFG_LAYOUT", "split")
     else:
         monkeypatch.setattr(qwen_batch.attention, "fa4_available", lambda device, dtype: True)
+        monkeypatch.setattr(qwen_batch.denoise, "PACK_TEXT", lever.endswith("packed"))
+        pack_text = qwen_batch.packed_text.pack_text
+        monkeypatch.setattr(qwen_batch.packed_text, "pack_text", lambda *args: packed.append(1) or pack_text(*args))
     manifest, outputs = runs
     summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))
     assert summary.generated == len(ROWS)
@@ -92,3 +98,4 @@ def test_speed_levers_change_no_image(runs, tmp_path, monkeypatch, lever):
         reference = pixels(outputs[4] / "images" / f"{row['id']}.png")
         ours = pixels(tmp_path / "out" / "images" / f"{row['id']}.png")
         assert np.abs(ours - reference).max() <= TOLERANCE, row["id"]
+    assert bool(packed) == (lever == "fa4 layout, text packed")

@@ -151,6 +151,48 @@ def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
         assert torch.count_nonzero(out[row, length:]) == 0, row
 
 
+@pytest.mark.skipif(_flash_attention_4() is None, reason="flash-attn-4 is not installed")
+def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
+    """FlashAttention-4 with the text stream packed (qwen_batch.packed_text) against the same kernel on
+    padded text, in bf16, eagerly and compiled; then a batch of other text lengths, which the compiled
+    blocks meet with a new packed length."""
+    from qwen_batch.packed_text import pack_text, share_timestep_modulation
+
+    hidden, text, _, _ = _inputs(torch.bfloat16)
+    timestep = torch.full((ROWS,), 0.6, device="cuda", dtype=torch.bfloat16)  # a batch shares its timestep
+
+    def packed_inputs(lengths):
+        embeddings = [text[row, :length].cpu() for row, length in enumerate(lengths)]
+        packed, packed_mask, index = pack_text(embeddings, TEXT, torch.bfloat16)
+        return packed.cuda(), packed_mask.cuda(), index.cuda()
+
+    def run(model, encoder_hidden_states, text_kwargs):
+        with torch.inference_mode():
+            return model(
+                hidden_states=hidden,
+                timestep=timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_kwargs=text_kwargs,
+                img_shapes=[[IMAGE_GRID]] * ROWS,
+                return_dict=False,
+            )[0].float()
+
+    padded_model = _transformer(torch.bfloat16)
+    use_batch_attention(padded_model, "cuda", torch.bfloat16, kernel="fa4")
+    model = _transformer(torch.bfloat16)
+    use_batch_attention(model, "cuda", torch.bfloat16, kernel="fa4")
+    share_timestep_modulation(model)
+    for step, lengths in enumerate((TEXT_LENGTHS, TEXT_LENGTHS, (33, 64, 2, 1))):
+        if step == 1:
+            model.compile_repeated_blocks(fullgraph=True)  # fullgraph: a graph break here would raise
+        row_mask = torch.arange(TEXT, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+        padded_text = text * row_mask[..., None]
+        expected = run(padded_model, padded_text, {"text_mask": row_mask})
+        packed, packed_mask, index = packed_inputs(lengths)
+        output = run(model, packed, {"text_mask": packed_mask, "text_index": index})
+        assert _error(output, expected) < 5e-3, (step, lengths)
+
+
 @pytest.mark.parametrize("kernel", list(_kernels()))
 def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
     """torchao fp8 with dynamic per-row scales on a padded batch. Under fa4 a padding token's attention

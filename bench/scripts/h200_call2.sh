@@ -7,7 +7,7 @@ source "$(dirname "$0")/fast_env.sh"
 source "$(dirname "$0")/common.sh"
 TAIL=30 step python3 -m pytest -q -m gpu -p no:cacheprovider -W ignore::SyntaxWarning -rs -s tests/test_gpu_speed_paths.py tests/test_attention.py
 step $B versus --steps $S --prompts ${PROMPTS:-8} --compile-cache $W/cc --work $W/vs --json $J \
-  --variants ${BF16_VARIANTS:-bf16-compile-before,bf16-compile-nocdt,bf16-compile,bf16-compile-aten-autotune}
+  --variants ${BF16_VARIANTS:-bf16-compile-before,bf16-compile,bf16-compile-pack,bf16-compile-aten-autotune,bf16-compile-aten-autotune-pack}
 step $B engine --label busy-200 --mode bf16 --compile on --compile-cache $W/cc --batch-size 4 --prompts 200 \
   --steps ${BUSY_STEPS:-2} --work $W/busy --json $J
 echo "=== done $(date +%T)"

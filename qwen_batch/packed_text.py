@@ -1,0 +1,71 @@
+"""A batch's text stream packed: only the rows' real tokens go through the text stream's layers.
+
+A batch pads its prompts to one length (`denoise._pad_embeddings`), and with true CFG the short
+negative prompts pad the most: in the H200 benchmark's batches about four fifths of the text slots are
+padding. FlashAttention-4 skips them in attention (qwen_batch.attention), but the text stream's own
+layers would still run on every slot, at an image token's cost: its q/k/v and output projections, its
+feed-forward, norms and modulation. Packed, the batch's text is one sequence `[1, real tokens,
+hidden]`, and `text_index` gives each token's place in the padded `[rows, text tokens]` layout that
+the joint attention still uses: the attention scatters the text into it and gathers the result back.
+
+Outside attention, one thing in a block depends on the row: the text's modulation, computed from each
+row's timestep embedding. Every row of a batch is at the same timestep (the engine steps a batch in
+lockstep), so the first row's serves all; `share_timestep_modulation` makes the blocks' `txt_mod` use
+it, which also leaves unpacked batches as they were. The images are the padded path's up to the
+rounding of GEMMs over fewer rows (`tests/test_attention.py`, `tests/test_contract.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pack_text(
+    embeddings: Sequence[torch.Tensor], padded_length: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row i's `[tokens_i, hidden]` embeddings as one `[1, sum of tokens_i, hidden]` sequence on the
+    host, with the mask of the padded layout (`[rows, padded_length]`, each row's tokens first) and
+    `text_index`: each packed token's flat position `row * padded_length + token` in that layout."""
+    lengths = [embedding.shape[0] for embedding in embeddings]
+    if max(lengths) > padded_length:
+        raise ValueError(f"a row has {max(lengths)} text tokens, more than the padded length {padded_length}")
+    packed = torch.cat([embedding.to(device="cpu", dtype=dtype) for embedding in embeddings])[None]
+    index = torch.cat([torch.arange(length) + row * padded_length for row, length in enumerate(lengths)])
+    mask = torch.arange(padded_length)[None, :] < torch.tensor(lengths)[:, None]
+    return packed, mask, index
+
+
+def unpack(packed: torch.Tensor, text_index: torch.Tensor, rows: int, padded_length: int) -> torch.Tensor:
+    """`[1, tokens, ...]` packed -> `[rows, padded_length, ...]`, zeros in the padding."""
+    flat = packed.new_zeros(rows * padded_length, *packed.shape[2:]).index_copy(0, text_index, packed[0])
+    return flat.unflatten(0, (rows, padded_length))
+
+
+def pack(padded: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+    """`[rows, padded_length, ...]` -> `[1, tokens, ...]`: the real tokens, in row order."""
+    return padded.flatten(0, 1).index_select(0, text_index)[None]
+
+
+def packed_positions(text_index: torch.Tensor, padded_length: int) -> torch.Tensor:
+    """Each packed token's position within its own row (for the text's rotary embedding)."""
+    return text_index % padded_length
+
+
+class FirstRowModulation(torch.nn.Sequential):
+    """A block's `txt_mod` (SiLU, Linear) fed the first row's timestep embedding only, so its
+    `[1, 6 * dim]` shift, scale and gate broadcast over packed text as over padded rows. Valid because
+    every row of a batch is at the same timestep. A class swap: the module tree, its parameter names
+    (which adapters target) and weights stay as they are."""
+
+    def forward(self, temb: torch.Tensor) -> torch.Tensor:
+        return super().forward(temb[:1])
+
+
+def share_timestep_modulation(transformer: torch.nn.Module) -> int:
+    """Make every block's `txt_mod` a `FirstRowModulation`; returns how many. Before compiling."""
+    blocks = [block for block in transformer.transformer_blocks if type(block.txt_mod) is torch.nn.Sequential]
+    for block in blocks:
+        block.txt_mod.__class__ = FirstRowModulation
+    return len(blocks)

@@ -1,0 +1,97 @@
+"""The packed text stream (qwen_batch/packed_text.py): a padded batch's text runs through the text
+stream's layers as its real tokens only, and the transformer's output is the padded path's. On the CPU
+the `fa4` layout runs `prefix_attention`'s masked stand-in; tests/test_gpu_speed_paths.py runs the
+real kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_batch.attention import BatchAttention, use_batch_attention
+from qwen_batch.denoise import _pad_embeddings
+from qwen_batch.packed_text import FirstRowModulation, pack, pack_text, share_timestep_modulation, unpack
+
+LENGTHS = (9, 4, 1)  # a prompt, a shorter one, a negative " "
+PADDED = 16
+
+
+def _embeddings(hidden: int) -> list[torch.Tensor]:
+    generator = torch.Generator("cpu").manual_seed(0)
+    return [torch.randn(length, hidden, generator=generator) for length in LENGTHS]
+
+
+def test_each_packed_token_goes_where_the_padded_layout_has_it():
+    embeddings = _embeddings(8)
+    packed, mask, index = pack_text(embeddings, PADDED, torch.float32)
+    assert packed.shape == (1, sum(LENGTHS), 8)
+    assert mask.tolist() == [[token < length for token in range(PADDED)] for length in LENGTHS]
+    padded = torch.zeros(len(LENGTHS), PADDED, 8)
+    for row, embedding in enumerate(embeddings):
+        padded[row, : len(embedding)] = embedding
+    assert torch.equal(unpack(packed, index, len(LENGTHS), PADDED), padded)
+    assert torch.equal(pack(padded, index), packed)
+    with pytest.raises(ValueError, match="more than the padded length 8"):
+        pack_text(embeddings, 8, torch.float32)
+
+
+def _transformer(tiny_model):
+    from diffusers import QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(tiny_model, subfolder="transformer").eval()
+    use_batch_attention(transformer, "cpu", torch.float32, kernel="fa4")
+    return transformer
+
+
+def _run(transformer, hidden, text, text_kwargs):
+    rows = hidden.shape[0]
+    with torch.inference_mode():
+        return transformer(
+            hidden_states=hidden,
+            timestep=torch.full((rows,), 0.6),  # a batch steps in lockstep: one timestep for every row
+            encoder_hidden_states=text,
+            attention_kwargs=text_kwargs,
+            img_shapes=[[(1, 4, 4)]] * rows,
+            return_dict=False,
+        )[0]
+
+
+def test_the_packed_text_stream_gives_the_padded_output_from_real_tokens_only(tiny_model):
+    transformer = _transformer(tiny_model)
+    embeddings = _embeddings(transformer.config.joint_attention_dim)
+    hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
+    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    padded = _run(transformer, hidden, text, {"text_mask": mask})
+
+    assert share_timestep_modulation(transformer) == len(transformer.transformer_blocks)
+    packed, mask, index = pack_text(embeddings, mask.shape[1], torch.float32)
+    seen = []
+    transformer.transformer_blocks[0].txt_mlp.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    ours = _run(transformer, hidden, packed, {"text_mask": mask, "text_index": index})
+    assert seen[0].shape[:2] == (1, sum(LENGTHS))  # the feed-forward saw the real tokens, no padding
+    torch.testing.assert_close(ours, padded, rtol=1e-5, atol=1e-5)
+    # And the index matters: the same tokens put in each other's places give something else.
+    assert not torch.allclose(
+        _run(transformer, hidden, packed, {"text_mask": mask, "text_index": index.flip(0)}), padded
+    )
+
+
+def test_sharing_the_timestep_modulation_changes_no_name_and_no_unpacked_output(tiny_model):
+    transformer = _transformer(tiny_model)
+    names = list(transformer.state_dict())
+    embeddings = [embedding[:4] for embedding in _embeddings(transformer.config.joint_attention_dim)[:2]]
+    hidden = torch.randn(2, 16, 64, generator=torch.Generator("cpu").manual_seed(1))
+    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    assert mask is None  # equal lengths: diffusers' unmasked path
+    before = _run(transformer, hidden, text, {"text_mask": None})
+    share_timestep_modulation(transformer)
+    assert isinstance(transformer.transformer_blocks[0].txt_mod, FirstRowModulation)
+    assert list(transformer.state_dict()) == names  # adapters and checkpoints find every weight
+    torch.testing.assert_close(_run(transformer, hidden, text, {"text_mask": None}), before, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_text_needs_the_fa4_layout():
+    with pytest.raises(ValueError, match="needs the fa4 kernel"):
+        BatchAttention("sdpa")(
+            None, None, None, text_mask=torch.ones(1, 1, dtype=torch.bool), text_index=torch.zeros(1)
+        )
