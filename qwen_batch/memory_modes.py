@@ -279,7 +279,6 @@ def _quantize_fp8(transformer: torch.nn.Module, device: str, only=None) -> None:
     # into 0/0 = NaN, which then reaches every real token through the next layer's keys and values.
     # Measured on an H200: torchao 0.17 per-row, a zero row comes out NaN without it, zero with it.
     # Any real activation's maximum is far above the floor, so it changes nothing else.
-
     # `device=`: each linear moves to the GPU, then is quantized, so the bf16 copy never has to fit.
     quantize_(
         transformer,

@@ -77,7 +77,7 @@ def test_rows_really_differ(runs):
 def test_speed_levers_change_no_image(runs, tmp_path, monkeypatch, lever):
     """The throughput levers (docs/benchmarks.md) keep the contract: FlashAttention-4's layout (each
     row's real tokens a prefix; its masked stand-in here, as the CPU has no FlashAttention-4), with the
-    text stream packed (its default there) or padded, and CFG's halves as two forwards each give the
+    text stream packed to its real tokens or padded, and CFG's halves as two forwards each give the
     same images as the default path."""
     import qwen_batch.attention
     import qwen_batch.denoise
