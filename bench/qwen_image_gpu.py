@@ -481,13 +481,45 @@ def engine_result(args) -> dict:
     }
 
     # Stage 2: load (build + placement) then denoise, timed apart.
-    result.update(timed_denoise(plan, encode, timings, args.steps))
+    result.update(timed_denoise(plan, encode, timings, args.steps, trace=getattr(args, "trace", None)))
     per_image = result.get("denoise", {}).get("seconds_per_image_at_50_steps")
     if per_image:
         result["seconds_per_image_at_50_steps"] = per_image
         result["extrapolated"] = args.steps != FULL_STEPS
         result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
     return result
+
+
+def gpu_gaps(profiler, least_ms: float = 0.05, listed: int = 12) -> dict:
+    """Where the GPU ran no kernel during a profiled stage: the time between kernels (merged over
+    streams), its sum over gaps of at least `least_ms`, and the longest gaps with the kernels on
+    either side, which name the host work the GPU waited for."""
+    kernels = sorted(
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in profiler.events()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not kernels:
+        return {"kernels": 0}
+    gaps, busy_until, before = [], kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.append(((start - busy_until) / 1000, before, name))
+        if end >= busy_until:
+            busy_until, before = end, name
+    span_ms = (busy_until - kernels[0][0]) / 1000
+    counted = [gap for gap in gaps if gap[0] >= least_ms]
+    return {
+        "kernels": len(kernels),
+        "span_ms": round(span_ms, 1),
+        "idle_ms": round(sum(gap[0] for gap in gaps), 1),
+        f"idle_ms_in_gaps_of_{least_ms}_ms_or_more": round(sum(gap[0] for gap in counted), 1),
+        "busy_fraction": round(1 - sum(gap[0] for gap in gaps) / max(span_ms, 1e-9), 4),
+        "longest": [
+            {"ms": round(ms, 2), "after": after[:80], "before": next_[:80]}
+            for ms, after, next_ in sorted(counted, reverse=True)[:listed]
+        ],
+    }
 
 
 def planned(config, result: dict):
@@ -521,11 +553,13 @@ def planned(config, result: dict):
     return plan
 
 
-def timed_denoise(plan, encode, timings: dict[str, float], steps: int) -> dict:
+def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: str | None = None) -> dict:
     """Stage 2 exactly as `qwen-batch run` drives it (load, then denoise, then finalize), timed apart:
     the fields of a result line. `denoise.seconds_per_image_at_50_steps` is the denoise stage alone,
     extrapolated from `steps` (the median forward times the forwards of 50 steps, plus the measured
-    per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards."""
+    per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards.
+    `trace`: profile the denoise stage (torch.profiler), write its Chrome trace there and add where
+    the GPU sat idle (`gpu_gaps`) to the result; timings are then the profiler's, not the plain run's."""
     from qwen_batch.engine import denoise_stage, finalize, load_generator, release_generator
 
     memory = plan.memory
@@ -551,6 +585,13 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int) -> dict:
     batches_timer = BatchTimer()
     utilization = GpuUtilization()
     error = None
+    profiler = None
+    if trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        profiler = torch.profiler.profile(activities=activities)
+        profiler.start()
     try:
         denoise = denoise_stage(plan)
     except Exception as failure:  # an out-of-memory is a result too
@@ -559,6 +600,10 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int) -> dict:
     finally:
         batches_timer.remove()
         utilization.stop()
+        if profiler is not None:
+            profiler.stop()
+            profiler.export_chrome_trace(trace)
+            result["gpu_gaps"] = gpu_gaps(profiler)
     summary = finalize(plan, encode, denoise) if denoise else None
     result["peak_host_gib_denoise"] = rss.stop()
     if error or not denoise or denoise.failed:
@@ -950,6 +995,7 @@ def main(argv: list[str] | None = None) -> None:
     engine.add_argument("--output", help="output folder (default: WORK/out)")
     engine.add_argument("--label", default="")
     engine.add_argument("--attention", choices=("sdpa", "fa4"), help="kernel for padded batches")
+    engine.add_argument("--trace", help="profile the denoise stage: Chrome trace here, GPU idle gaps in the result")
     attention = commands.add_parser("attention")
     attention.add_argument("--rows", type=int, default=4)
     attention.add_argument("--rounds", type=int, default=4)
