@@ -10,4 +10,7 @@ step $B versus --steps $S --prompts ${PROMPTS:-8} --compile-cache $W/cc --work $
   --variants ${BF16_VARIANTS:-bf16-compile-before,bf16-compile,bf16-compile-pack,bf16-compile-aten-autotune,bf16-compile-aten-autotune-pack}
 step $B engine --label busy-200 --mode bf16 --compile on --compile-cache $W/cc --batch-size 4 --prompts 200 \
   --steps ${BUSY_STEPS:-2} --work $W/busy --json $J
+# TRACE=1: also a profiled 12-prompt run, whose result line lists the GPU's idle gaps (the trace stays there).
+[ -n "${TRACE:-}" ] && step $B engine --label trace --mode bf16 --compile on --compile-cache $W/cc --batch-size 4 \
+  --prompts 12 --steps 2 --trace /tmp/trace.json --work $W/trace --json $J
 echo "=== done $(date +%T)"
