@@ -919,44 +919,76 @@ def run_attention(args) -> None:
 
 
 def run_linear(args) -> None:
-    """The blocks' GEMM shapes at `rows` rows of 4,096 image tokens, compiled, per weight format: bf16,
-    torchao fp8 with per-row scales (the fp8 mode's default) and with per-tensor scales. The
-    activation's dynamic quantization is inside each timed call, as in the model. Median of rounds."""
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
-
+    """The blocks' GEMM shapes at `rows` rows of 4,096 image tokens, per way of running them: bf16
+    through Inductor (what a compiled block does with a plain Linear: `addmm` with the bias expanded),
+    bf16 with the bias as cuBLASLt's epilogue (`addmm` with a 1-D bias), for the MLP's expansion also
+    with GELU (Inductor's separate kernel against cuBLASLt's GELU epilogue, the engine's), and torchao
+    fp8 with per-row scales (the fp8 mode's) and per-tensor scales, compiled, the activation's dynamic
+    quantization inside each call as in the model. Median of rounds."""
     tokens = args.rows * 4096
-    # (in, out): attention q/k/v/out projections, the MLP's 4x expansion and its way back.
-    shapes = [(3072, 3072), (3072, 12288), (12288, 3072)]
-    formats = {"bf16": None, "fp8-row": PerRow, "fp8-tensor": PerTensor}
     results = {"run": "linear", **versions(), "tokens": tokens, "ms": {}, "tflops": {}}
-    for inputs, outputs in shapes:
+    # (in, out): attention q/k/v/out projections, the MLP's 4x expansion and its way back.
+    for inputs, outputs in [(3072, 3072), (3072, 12288), (12288, 3072)]:
         x = torch.randn(tokens, inputs, device="cuda", dtype=torch.bfloat16)
-        for name, granularity in formats.items():
-            linear = torch.nn.Linear(inputs, outputs, device="cuda", dtype=torch.bfloat16)
-            if granularity is not None:
-                config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity())
-                quantize_(linear, config)
-            compiled = torch.compile(linear, fullgraph=True)
-            times = []
-            with torch.inference_mode():
-                for round_ in range(args.rounds + 1):
-                    compiled(x)
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for _ in range(10):
-                        compiled(x)
-                    end.record()
-                    end.synchronize()
-                    if round_:
-                        times.append(start.elapsed_time(end) / 10)
-            ms = statistics.median(times)
+        linear = torch.nn.Linear(inputs, outputs, device="cuda", dtype=torch.bfloat16)
+        for name in _linear_ways(with_gelu=outputs > inputs):
+            ms = _median_ms(_linear_way(name, linear), x, args.rounds)
             key = f"{inputs}x{outputs} {name}"
             results["ms"][key] = round(ms, 3)
             results["tflops"][key] = round(2 * tokens * inputs * outputs / ms / 1e9, 1)
             print(f"{key}: {ms:.3f} ms, {results['tflops'][key]} TFLOP/s", flush=True)
-            del linear, compiled
             torch._dynamo.reset()
     write(results, args.json)
+
+
+def _linear_ways(with_gelu: bool) -> list[str]:
+    gelu = ["bf16+GELU Inductor", "bf16+GELU epilogue"] if with_gelu else []
+    return ["bf16 Inductor", "bf16 bias epilogue", *gelu, "fp8-row", "fp8-tensor"]
+
+
+def _linear_way(name: str, linear: torch.nn.Linear):
+    """`linear` run one of `_linear_ways`: a callable of the input."""
+    weight, bias = linear.weight, linear.bias
+    if name == "bf16 Inductor":
+        return torch.compile(linear, fullgraph=True)
+    if name == "bf16 bias epilogue":
+        return lambda x: torch.addmm(bias, x, weight.t())
+    if name == "bf16+GELU Inductor":
+        return torch.compile(lambda x: torch.nn.functional.gelu(linear(x), approximate="tanh"), fullgraph=True)
+    if name == "bf16+GELU epilogue":
+        return lambda x: torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    from torchao.quantization import PerRow, PerTensor
+
+    granularity = {"fp8-row": PerRow, "fp8-tensor": PerTensor}[name]()
+    return torch.compile(_fp8_linear(linear, granularity), fullgraph=True)
+
+
+def _fp8_linear(linear: torch.nn.Linear, granularity) -> torch.nn.Linear:
+    """A torchao fp8 copy of `linear` (dynamic activation scales, as the fp8 mode quantizes)."""
+    import copy
+
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+
+    quantized = copy.deepcopy(linear)
+    quantize_(quantized, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
+    return quantized
+
+
+def _median_ms(call, x: torch.Tensor, rounds: int) -> float:
+    """Median over `rounds` of ten back-to-back calls, after one warm-up (and compile) call per round."""
+    times = []
+    with torch.inference_mode():
+        for round_ in range(rounds + 1):
+            call(x)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                call(x)
+            end.record()
+            end.synchronize()
+            if round_:
+                times.append(start.elapsed_time(end) / 10)
+    return statistics.median(times)
 
 
 # --- image differences --------------------------------------------------------------------------------
