@@ -650,6 +650,11 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
 
 # --- (a) and (b) in one process -------------------------------------------------------------------------
 
+# Autotuning among cuBLAS's own choices only: `addmm` as Inductor lowers it, or with the bias as
+# cuBLASLt's epilogue (`bias_addmm`), which the full autotune picked for the MLP's down projection (3.05
+# against 3.26 ms on an H200). No Triton GEMMs.
+ATEN_AUTOTUNE = {"max_autotune": True, "max_autotune_gemm_backends": "ATEN", "coordinate_descent_tuning": True}
+
 # Engine variants `versus` can run after the recipe: memory mode, compile, batch size, and the levers
 # left at the engine's defaults unless named (see `levers`).
 VARIANTS = {
@@ -671,20 +676,12 @@ VARIANTS = {
         4,
         {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
     ),
-    # Autotuning among cuBLAS's own choices only: `addmm` with the bias expanded (what Inductor emits
-    # otherwise) or with the bias as cuBLASLt's epilogue (`bias_addmm`), which the full autotune picked
-    # for the MLP's down projection (3.05 against 3.26 ms). No Triton GEMMs.
+    # cuBLAS-only autotune (ATEN_AUTOTUNE), without and with the packed text stream.
     "bf16-compile-aten-autotune": (
         "bf16",
         "on",
         4,
-        {
-            "compile_options": {
-                "max_autotune": True,
-                "max_autotune_gemm_backends": "ATEN",
-                "coordinate_descent_tuning": True,
-            }
-        },
+        {"compile_options": ATEN_AUTOTUNE},
     ),
     "bf16-compile-bucket16": ("bf16", "on", 4, {"text_bucket": 16}),
     # The text stream packed to its real tokens (qwen_batch.packed_text) instead of padded.
@@ -693,14 +690,7 @@ VARIANTS = {
         "bf16",
         "on",
         4,
-        {
-            "compile_options": {
-                "max_autotune": True,
-                "max_autotune_gemm_backends": "ATEN",
-                "coordinate_descent_tuning": True,
-            },
-            "pack_text": True,
-        },
+        {"compile_options": ATEN_AUTOTUNE, "pack_text": True},
     ),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
     "bf16-compile-before": (
@@ -920,7 +910,7 @@ def run_attention(args) -> None:
 
 def run_linear(args) -> None:
     """The blocks' GEMM shapes at `rows` rows of 4,096 image tokens, per way of running them: bf16
-    through Inductor (what a compiled block does with a plain Linear: `addmm` with the bias expanded),
+    through Inductor (what a compiled block does with a plain Linear),
     bf16 with the bias as cuBLASLt's epilogue (`addmm` with a 1-D bias), for the MLP's expansion also
     with GELU (Inductor's separate kernel against cuBLASLt's GELU epilogue, the engine's), and torchao
     fp8 with per-row scales (the fp8 mode's) and per-tensor scales, compiled, the activation's dynamic
