@@ -1,9 +1,10 @@
 # Sourced by the GPU benchmark scripts here: output folder, environment, a time-boxed `step` runner
 # (one device command may run 10 minutes: later steps are skipped, not cut off), the host's memory.
+# QWEN_BATCH_HOME and J may be set per script when two run at once on two GPUs (h200_pair.sh).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export QWEN_BATCH_HOME=/tmp/qbh PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
-B="python3 bench/qwen_image_gpu.py"; J=$OUT/results.jsonl; W=/tmp/qbw; S=${STEPS:-6}
+export QWEN_BATCH_HOME=${QWEN_BATCH_HOME:-/tmp/qbh} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
+B="python3 bench/qwen_image_gpu.py"; J=${J:-$OUT/results.jsonl}; W=/tmp/qbw; S=${STEPS:-6}
 deadline=$(( $(date +%s) + ${BUDGET:-560} ))
 step() { local left=$(( deadline - $(date +%s) )); if [ $left -lt 20 ]; then echo "SKIP (time) $*"; return; fi
   echo "=== $(date +%T) [$left s left] $*"; timeout $left "$@" 2>&1 | grep -v "Loading\|it/s\]\|SyntaxWarning\|Configuration class" | tail -n ${TAIL:-25}; }
