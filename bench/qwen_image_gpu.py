@@ -676,33 +676,29 @@ VARIANTS = {
         4,
         {"compile_options": {"max_autotune": True, "coordinate_descent_tuning": True}},
     ),
-    # cuBLAS-only autotune (ATEN_AUTOTUNE), without and with the packed text stream.
-    "bf16-compile-aten-autotune": (
-        "bf16",
-        "on",
-        4,
-        {"compile_options": ATEN_AUTOTUNE},
-    ),
+    # cuBLAS-only autotune (ATEN_AUTOTUNE), with the packed text stream (the default since process h200-7).
+    "bf16-compile-aten-autotune": ("bf16", "on", 4, {"compile_options": ATEN_AUTOTUNE}),
     "bf16-compile-bucket16": ("bf16", "on", 4, {"text_bucket": 16}),
-    # The text stream packed to its real tokens (qwen_batch.packed_text) instead of padded.
+    # The text stream padded, as before packing (qwen_batch.packed_text) became the default; -pack is the
+    # default named, as measured in process h200-7.
+    "bf16-compile-nopack": ("bf16", "on", 4, {"pack_text": False}),
     "bf16-compile-pack": ("bf16", "on", 4, {"pack_text": True}),
-    "bf16-compile-aten-autotune-pack": (
-        "bf16",
-        "on",
-        4,
-        {"compile_options": ATEN_AUTOTUNE, "pack_text": True},
-    ),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
     "bf16-compile-before": (
         "bf16",
         "on",
         4,
-        {"attention": "sdpa", "gelu_epilogue": False, "cfg_layout": "joint", "compile_options": {}},
+        {"attention": "sdpa", "gelu_epilogue": False, "cfg_layout": "joint", "compile_options": {}, "pack_text": False},
     ),
     "fp8-compile-b1": ("fp8", "on", 1, {}),
     "fp8-compile-b2": ("fp8", "on", 2, {}),
     "fp8-compile-b4": ("fp8", "on", 4, {}),
     "fp8-compile-b8": ("fp8", "on", 8, {}),
+    "fp8-compile-b4-nopack": ("fp8", "on", 4, {"pack_text": False}),
+    # Every block linear in fp8, the image MLP's last one too (FP8_KEPT_BF16 emptied): a third of the
+    # image stream's GEMM FLOPs that the fp8 mode keeps in bf16 for quality (qwen_batch/memory_modes.py).
+    # Measured to know what that protection costs, not a mode of the engine.
+    "fp8-compile-b4-all": ("fp8", "on", 4, {"fp8_kept_bf16": ()}),
     "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),
     "fp8-compile-b4-tensor": ("fp8", "on", 4, {"fp8_granularity": "tensor"}),
     "fp8-compile-b8-tensor": ("fp8", "on", 8, {"fp8_granularity": "tensor"}),
@@ -787,11 +783,12 @@ def levers(
     text_bucket: int | None = None,
     fp8_granularity: str | None = None,
     pack_text: bool | None = None,
+    fp8_kept_bf16: tuple | None = None,
 ):
     """Set the engine's speed levers for one run (None keeps its default): the attention kernel for
     padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`),
     Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`,
-    the text stream packed to its real tokens (under FlashAttention-4)."""
+    the text stream packed to its real tokens (under FlashAttention-4), the block linears fp8 keeps in bf16."""
     import qwen_batch.attention as attention_module
     import qwen_batch.denoise as denoise_module
     import qwen_batch.memory_modes as memory_modes
@@ -804,6 +801,7 @@ def levers(
         (denoise_module, "TEXT_BUCKET", text_bucket),
         (memory_modes, "FP8_GRANULARITY", fp8_granularity),
         (denoise_module, "PACK_TEXT", pack_text),
+        (memory_modes, "FP8_KEPT_BF16", fp8_kept_bf16),
     ]
     originals = [getattr(module, name) for module, name, _ in settings]
     for module, name, value in settings:

@@ -105,14 +105,11 @@ def place_transformer(transformer: torch.nn.Module, placement: Placement, device
     elif mode == FP8:
         if fp8_compute_available(device):
             _quantize_fp8(transformer, device)
-            done = (
-                f"fp8 through torchao (dynamic activation, per-{FP8_GRANULARITY} scales), img_mlp.net.2 and "
-                "embedders in bf16"
-            )
+            done = f"fp8 through torchao (dynamic activation, per-{FP8_GRANULARITY} scales), {_kept_bf16()} in bf16"
         else:
             _fp8_storage(transformer, dtype)
             transformer.to(device)
-            done = "fp8 storage, bf16 compute (layerwise casting), img_mlp.net.2 and embedders in bf16"
+            done = f"fp8 storage, bf16 compute (layerwise casting), {_kept_bf16()} in bf16"
     elif mode == OFFLOAD:
         _group_offload(transformer, device, offload_type="block_level")
         done = "group offload: blocks streamed from pinned host RAM, one block ahead"
@@ -256,6 +253,12 @@ def _is_fp8_storage(weight: torch.Tensor) -> bool:
 def _is_fp8(weight: torch.Tensor) -> bool:
     """A float8 weight: stored as such (layerwise casting) or a torchao quantized tensor."""
     return _is_fp8_storage(weight) or type(weight).__module__.startswith("torchao")
+
+
+def _kept_bf16() -> str:
+    """What fp8 leaves in bf16, for the placement line: the kept block linears and the embedders."""
+    kept = [pattern.removesuffix("$").replace("\\.", ".") for pattern in FP8_KEPT_BF16]
+    return " and ".join([*kept, "embedders"]) if kept else "embedders"
 
 
 def _fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:

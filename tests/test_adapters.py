@@ -29,7 +29,7 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
 from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
-from tests.support import diffusers_adapters, diffusers_reference, pixels, small_row, write_manifest
+from tests.support import diffusers_adapters, diffusers_reference, fa4_layout, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -92,6 +92,19 @@ def test_rows_with_adapters_and_shifts_match_diffusers_alone_and_batched(runs, t
         for batch_size, output in outputs.items():
             ours = pixels(output / "images" / f"{request.id}.png")
             assert np.abs(ours - reference).max() <= TOLERANCE, (request.id, batch_size)
+
+
+def test_adapters_fuse_the_same_with_the_text_stream_packed(runs, tmp_path, monkeypatch):
+    """Packing swaps the class of each block's text modulation (qwen_batch.packed_text); the adapters,
+    which target those modules by name too, still fuse into them: every row as on the padded path."""
+    manifest, outputs, _ = runs
+    packs = fa4_layout(monkeypatch, packed=True)
+    summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))
+    assert summary.exit_code == 0 and summary.generated == len(ROWS), summary.problems
+    assert packs
+    for row in ROWS:
+        ours = pixels(tmp_path / "out" / "images" / f"{row['id']}.png")
+        assert np.abs(ours - pixels(outputs[4] / "images" / f"{row['id']}.png")).max() <= TOLERANCE, row["id"]
 
 
 def test_the_same_adapter_in_every_layout_makes_the_same_image(runs):

@@ -14,7 +14,7 @@ import torch
 
 from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from tests.support import diffusers_reference, pixels, small_row, write_manifest
+from tests.support import diffusers_reference, fa4_layout, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -79,18 +79,13 @@ def test_speed_levers_change_no_image(runs, tmp_path, monkeypatch, lever):
     row's real tokens a prefix; its masked stand-in here, as the CPU has no FlashAttention-4), with the
     text stream packed to its real tokens or padded, and CFG's halves as two forwards each give the
     same images as the default path."""
-    import qwen_batch.attention
     import qwen_batch.denoise
-    import qwen_batch.packed_text
 
     packed = []
     if lever == "split CFG":
         monkeypatch.setattr(qwen_batch.denoise, "CFG_LAYOUT", "split")
     else:
-        monkeypatch.setattr(qwen_batch.attention, "fa4_available", lambda device, dtype: True)
-        monkeypatch.setattr(qwen_batch.denoise, "PACK_TEXT", lever.endswith("packed"))
-        pack_text = qwen_batch.packed_text.pack_text
-        monkeypatch.setattr(qwen_batch.packed_text, "pack_text", lambda *args: packed.append(1) or pack_text(*args))
+        packed = fa4_layout(monkeypatch, packed=lever.endswith("packed"))
     manifest, outputs = runs
     summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))
     assert summary.generated == len(ROWS)

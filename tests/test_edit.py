@@ -24,7 +24,7 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.model_source import resolve_model
 from qwen_batch.png import read_png_metadata
-from tests.support import pixels
+from tests.support import fa4_layout, pixels
 
 TOLERANCE = 2  # of 255
 
@@ -131,6 +131,20 @@ def test_edit_rows_match_diffusers_edit_pipeline_alone_and_batched(edit_runs):
             ours = pixels(output / "images" / f"{request.id}.png")
             assert ours.shape == reference.shape, (request.id, batch_size)
             assert np.abs(ours - reference).max() <= TOLERANCE, (request.id, batch_size)
+
+
+def test_edit_rows_with_the_text_stream_packed_are_the_padded_ones(edit_runs, tmp_path, monkeypatch):
+    """The default under FlashAttention-4: edit rows' text (instruction plus the VL tokens of the input,
+    conditional and negative of different lengths) runs packed to its real tokens, and the images are
+    those of the padded path."""
+    manifest, outputs = edit_runs
+    packs = fa4_layout(monkeypatch, packed=True)
+    summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=3, device="cpu"))
+    assert summary.exit_code == 0 and summary.generated == len(ROWS), summary.problems
+    assert packs
+    for row in ROWS:
+        ours = pixels(tmp_path / "out" / "images" / f"{row['id']}.png")
+        assert np.abs(ours - pixels(outputs[3] / "images" / f"{row['id']}.png")).max() <= TOLERANCE, row["id"]
 
 
 def test_edit_outputs_differ_and_follow_the_input_size(edit_runs):
