@@ -6,6 +6,7 @@
 # nvidia-cutlass-dsl-libs-core beside the other wheels of its shared folder, so it is unzipped (with
 # Python's zipfile: the image has no unzip).
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+export CALL_START=${CALL_START:-$(date +%s)}  # common.sh's BUDGET counts from here, installs included
 if [ -d .whl ] && [ ! -d /tmp/site/diffusers ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi

@@ -3,6 +3,7 @@
 # GPU with its own home and results file: every ratio is still the recipe against the engine in one
 # process on one H200, and a session's 30 device minutes hold twice the runs. The host's CPUs are
 # shared, so GPU-busy figures (busy-200, TRACE) run alone: AFTER="..." runs once both are done.
+# BUDGET (560) is the whole call's, from its start: both commands and AFTER share that one deadline.
 #   bash bench/scripts/h200_pair.sh "BF16_VARIANTS=... BUSY_STEPS=0 bash bench/scripts/h200_call2.sh" \
 #                                   "FP8_VARIANTS=... bash bench/scripts/h200_call3.sh"
 # Results: $OUT/results-gpu0.jsonl, -gpu1.jsonl (AFTER's in results.jsonl), logs $OUT/gpu0.log, gpu1.log.
