@@ -94,3 +94,18 @@ def fa4_layout(monkeypatch, packed: bool) -> list:
     monkeypatch.setattr(qwen_batch.denoise, "PACK_TEXT", packed)
     monkeypatch.setattr(qwen_batch.packed_text, "pack_text", lambda *args: packs.append(1) or pack_text(*args))
     return packs
+
+
+def differing_images(ids, ours: Path, reference: Path, tolerance: int) -> dict[str, int]:
+    """Of the images `<id>.png` in two output folders, those more than `tolerance` (of 255) apart
+    at some pixel, with that largest difference; empty when every pair matches."""
+    import numpy as np
+
+    differences = {}
+    for image_id in ids:
+        largest = int(
+            np.abs(pixels(ours / "images" / f"{image_id}.png") - pixels(reference / "images" / f"{image_id}.png")).max()
+        )
+        if largest > tolerance:
+            differences[image_id] = largest
+    return differences

@@ -29,7 +29,15 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
 from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
-from tests.support import diffusers_adapters, diffusers_reference, fa4_layout, pixels, small_row, write_manifest
+from tests.support import (
+    differing_images,
+    diffusers_adapters,
+    diffusers_reference,
+    fa4_layout,
+    pixels,
+    small_row,
+    write_manifest,
+)
 
 TOLERANCE = 2  # of 255
 
@@ -102,9 +110,7 @@ def test_adapters_fuse_the_same_with_the_text_stream_packed(runs, tmp_path, monk
     summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))
     assert summary.exit_code == 0 and summary.generated == len(ROWS), summary.problems
     assert packs
-    for row in ROWS:
-        ours = pixels(tmp_path / "out" / "images" / f"{row['id']}.png")
-        assert np.abs(ours - pixels(outputs[4] / "images" / f"{row['id']}.png")).max() <= TOLERANCE, row["id"]
+    assert not differing_images([row["id"] for row in ROWS], tmp_path / "out", outputs[4], TOLERANCE)
 
 
 def test_the_same_adapter_in_every_layout_makes_the_same_image(runs):
