@@ -1,10 +1,11 @@
 # Sourced by the GPU benchmark scripts here: output folder, environment, a time-boxed `step` runner
 # (one device command may run 10 minutes: later steps are skipped, not cut off), the host's memory.
-# QWEN_BATCH_HOME and J may be set per script when two run at once on two GPUs (h200_pair.sh).
+# QWEN_BATCH_HOME, J and W (work folders, compile caches) may be set per script when two run at once on
+# two GPUs (h200_pair.sh).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export QWEN_BATCH_HOME=${QWEN_BATCH_HOME:-/tmp/qbh} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 DIFFUSERS_VERBOSITY=error TRANSFORMERS_VERBOSITY=error
-B="python3 bench/qwen_image_gpu.py"; J=${J:-$OUT/results.jsonl}; W=/tmp/qbw; S=${STEPS:-6}
+B="python3 bench/qwen_image_gpu.py"; J=${J:-$OUT/results.jsonl}; W=${W:-/tmp/qbw}; S=${STEPS:-6}
 # BUDGET: seconds from the device call's start (CALL_START, set by the first script that runs; nested
 # scripts inherit it, so they share the one deadline), installs included.
 export CALL_START=${CALL_START:-$(date +%s)}; deadline=$(( CALL_START + ${BUDGET:-560} ))
