@@ -952,13 +952,16 @@ def _linear_way(name: str, linear: torch.nn.Linear):
 
 
 def _fp8_linear(linear: torch.nn.Linear, granularity) -> torch.nn.Linear:
-    """A torchao fp8 copy of `linear` (dynamic activation scales, as the fp8 mode quantizes)."""
+    """A torchao fp8 copy of `linear` (dynamic activation scales, floored, as the fp8 mode quantizes)."""
     import copy
 
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
+    from qwen_batch.memory_modes import FP8_SCALE_FLOOR
+
     quantized = copy.deepcopy(linear)
-    quantize_(quantized, Float8DynamicActivationFloat8WeightConfig(granularity=granularity))
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, activation_value_lb=FP8_SCALE_FLOOR)
+    quantize_(quantized, config)
     return quantized
 
 

@@ -12,7 +12,9 @@ Outside attention, one thing in a block depends on the row: the text's modulatio
 row's timestep embedding. Every row of a batch is at the same timestep (the engine steps a batch in
 lockstep), so the first row's serves all; `share_timestep_modulation` makes the blocks' `txt_mod` use
 it, which also leaves unpacked batches as they were. The images are the padded path's up to the
-rounding of GEMMs over fewer rows (`tests/test_attention.py`, `tests/test_contract.py`).
+rounding of GEMMs over fewer rows (`tests/test_packed_text.py`; end to end for text to image, edits
+and adapters in `tests/test_contract.py`, `test_edit.py`, `test_adapters.py`; on the GPU with the real
+kernel in `tests/test_gpu_speed_paths.py`).
 """
 
 from __future__ import annotations
