@@ -699,6 +699,7 @@ VARIANTS = {
     # image stream's GEMM FLOPs that the fp8 mode keeps in bf16 for quality (qwen_batch/memory_modes.py).
     # Measured to know what that protection costs, not a mode of the engine.
     "fp8-compile-b4-all": ("fp8", "on", 4, {"fp8_kept_bf16": ()}),
+    "fp8-compile-b8-all": ("fp8", "on", 8, {"fp8_kept_bf16": ()}),
     "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),
     "fp8-compile-b4-tensor": ("fp8", "on", 4, {"fp8_granularity": "tensor"}),
     "fp8-compile-b8-tensor": ("fp8", "on", 8, {"fp8_granularity": "tensor"}),
