@@ -67,7 +67,7 @@ class ImageGenerator:
         import torch
 
         from qwen_batch.attention import use_batch_attention
-        from qwen_batch.packed_text import share_timestep_modulation
+        from qwen_batch.packed_text import compile_once_for_every_packed_length, share_timestep_modulation
 
         self.source, self.device, self.dtype = source, device, dtype
         self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
@@ -77,6 +77,7 @@ class ImageGenerator:
         self.pack_text = PACK_TEXT and kernel == "fa4"
         if self.pack_text:
             share_timestep_modulation(transformer)
+            compile_once_for_every_packed_length(transformer)
         # fp8 with adapters: the bf16 weights stay on the host, to fuse adapters in bf16 (qwen_batch.fusion).
         keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
         self.memory_mode = place_transformer(transformer, self.placement, device, dtype)

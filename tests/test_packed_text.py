@@ -10,15 +10,23 @@ import torch
 
 from qwen_batch.attention import BatchAttention, use_batch_attention
 from qwen_batch.denoise import _pad_embeddings
-from qwen_batch.packed_text import FirstRowModulation, pack, pack_text, share_timestep_modulation, unpack
+from qwen_batch.packed_text import (
+    FirstRowModulation,
+    compile_once_for_every_packed_length,
+    pack,
+    pack_text,
+    share_timestep_modulation,
+    unpack,
+)
 
 LENGTHS = (9, 4, 1)  # a prompt, a shorter one, a negative " "
 PADDED = 16
 
 
-def _embeddings(hidden: int) -> list[torch.Tensor]:
+def _embeddings(hidden: int, length: int | None = None) -> list[torch.Tensor]:
+    """One embedding per row of LENGTHS, each that row's length or `length` tokens long."""
     generator = torch.Generator("cpu").manual_seed(0)
-    return [torch.randn(length, hidden, generator=generator) for length in LENGTHS]
+    return [torch.randn(length or row_length, hidden, generator=generator) for row_length in LENGTHS]
 
 
 def test_each_packed_token_goes_where_the_padded_layout_has_it():
@@ -74,6 +82,37 @@ def test_the_packed_text_stream_gives_the_padded_output_from_real_tokens_only(ti
     assert not torch.allclose(
         _run(transformer, hidden, packed, {"text_mask": mask, "text_index": index.flip(0)}), padded
     )
+
+
+def test_the_blocks_compile_once_for_every_packed_text_length(tiny_model):
+    """Each packed batch brings a new text length (the sum of its rows' real tokens); a recompile at the
+    second batch stalls the GPU for 20-55 s at full size. Compiled once, every batch still gets the
+    eager output."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    transformer = _transformer(tiny_model)
+    share_timestep_modulation(transformer)
+    eager = [_run(transformer, *batch) for batch in _packed_batches(transformer)]
+    compile_once_for_every_packed_length(transformer)
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    transformer.compile_repeated_blocks(fullgraph=True, backend=counter)
+    for batch, expected in zip(_packed_batches(transformer), eager, strict=True):
+        torch.testing.assert_close(_run(transformer, *batch), expected, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1  # one graph for the 60 blocks (here 2) and every length
+
+
+def _packed_batches(transformer):
+    """Three packed batches of three rows, each with its own total text length."""
+    hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
+    for lengths in (LENGTHS, (7, 3, 2), (12, 1, 1)):
+        embeddings = [
+            embedding[:length]
+            for embedding, length in zip(_embeddings(transformer.config.joint_attention_dim, 12), lengths, strict=True)
+        ]
+        packed, mask, index = pack_text(embeddings, PADDED, torch.float32)
+        yield hidden, packed, {"text_mask": mask, "text_index": index}
 
 
 def test_sharing_the_timestep_modulation_changes_no_name_and_no_unpacked_output(tiny_model):
