@@ -85,9 +85,9 @@ def test_the_packed_text_stream_gives_the_padded_output_from_real_tokens_only(ti
 
 
 def test_the_blocks_compile_once_for_every_packed_text_length(tiny_model):
-    """Each packed batch brings a new text length (the sum of its rows' real tokens); a recompile at the
-    second batch stalls the GPU for 20-55 s at full size. Compiled once, every batch still gets the
-    eager output."""
+    """Each packed batch brings a new text length (the sum of its rows' real tokens), and some a new
+    padded layout; a recompile stalls the GPU for 20-55 s at full size. Compiled once, every batch
+    still gets the eager output."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -104,14 +104,15 @@ def test_the_blocks_compile_once_for_every_packed_text_length(tiny_model):
 
 
 def _packed_batches(transformer):
-    """Three packed batches of three rows, each with its own total text length."""
+    """Three packed batches of three rows, each with its own total text length; the last one's longest
+    prompt also pads the batch to another bucket."""
     hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
-    for lengths in (LENGTHS, (7, 3, 2), (12, 1, 1)):
+    for lengths, padded in ((LENGTHS, PADDED), ((7, 3, 2), PADDED), ((20, 1, 1), 2 * PADDED)):
         embeddings = [
             embedding[:length]
-            for embedding, length in zip(_embeddings(transformer.config.joint_attention_dim, 12), lengths, strict=True)
+            for embedding, length in zip(_embeddings(transformer.config.joint_attention_dim, 20), lengths, strict=True)
         ]
-        packed, mask, index = pack_text(embeddings, PADDED, torch.float32)
+        packed, mask, index = pack_text(embeddings, padded, torch.float32)
         yield hidden, packed, {"text_mask": mask, "text_index": index}
 
 
