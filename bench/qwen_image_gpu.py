@@ -695,9 +695,9 @@ VARIANTS = {
     "fp8-compile-b4": ("fp8", "on", 4, {}),
     "fp8-compile-b8": ("fp8", "on", 8, {}),
     "fp8-compile-b4-nopack": ("fp8", "on", 4, {"pack_text": False}),
-    # Every block linear in fp8, the image MLP's last one too (FP8_KEPT_BF16 emptied): a third of the
-    # image stream's GEMM FLOPs that the fp8 mode keeps in bf16 for quality (qwen_batch/memory_modes.py).
-    # Measured to know what that protection costs, not a mode of the engine.
+    # Every block linear in fp8, the image MLP's last one too (FP8_KEPT_BF16 emptied, which is what
+    # `--fp8-every-linear` does through Placement.fp8_kept_bf16): a third of the image stream's GEMM FLOPs
+    # that the fp8 mode keeps in bf16 for quality by default (qwen_batch/memory_modes.py).
     "fp8-compile-b4-all": ("fp8", "on", 4, {"fp8_kept_bf16": ()}),
     "fp8-compile-b8-all": ("fp8", "on", 8, {"fp8_kept_bf16": ()}),
     "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),

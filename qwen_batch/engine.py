@@ -72,6 +72,7 @@ class RunConfig:
     max_input_pixels: int = DEFAULT_MAX_PIXELS  # larger input images are refused (decompression bombs)
     # How the models use GPU memory (see qwen_batch.memory_modes and qwen_batch.planner).
     memory_mode: str = "auto"  # auto | bf16 | fp8 | offload | sequential
+    fp8_every_linear: bool = False  # under fp8, the image MLP's last linear in fp8 too (faster, riskier)
     compile: str = "auto"  # auto (when enough images repay it) | on | off
     compile_cache: str | None = None  # default: $QWEN_BATCH_HOME/compile-cache
     # For rows that name none: LoRA adapters (--lora) and a fixed sampling shift (--scheduler-shift).
@@ -203,6 +204,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         device,
         todo,
         task=manifest.task,
+        fp8_every_linear=config.fp8_every_linear,
     )
     return RunPlan(
         config=config,
@@ -541,6 +543,7 @@ def load_generator(
     if key not in _loaded:
         release_generator()
         _loaded[key] = ImageGenerator(source, device, dtype, placement)
+        log.info("denoise: transformer %s", _loaded[key].memory_mode)
         memory = gpu_memory_gib(device)
         if memory:
             log.info("denoise: transformer and VAE loaded: %.2f GiB allocated on %s", memory[0], device)

@@ -72,11 +72,14 @@ def test_unknown_and_invalid_parameters_fail_before_the_flow_runs_naming_the_fie
 
 
 def test_each_shard_run_gets_the_job_and_its_shard():
-    fanout = FanoutParameters(manifest="s3://b/m.parquet", output="s3://b/out", shards=3, batch_size=2, cache="c")
+    fanout = FanoutParameters(
+        manifest="s3://b/m.parquet", output="s3://b/out", shards=3, batch_size=2, cache="c", fp8_every_linear=True
+    )
     shard = BatchParameters(**fanout.shard_parameters(2))
     assert shard.shard == "2/3" and shard.is_shard
     assert shard.job_fields() == fanout.job_fields()
-    assert shard.run_config().shard_index == 2 and shard.run_config().shard_count == 3
+    config = shard.run_config()
+    assert config.shard_index == 2 and config.shard_count == 3 and config.fp8_every_linear
 
 
 def test_adapters_and_shift_reach_the_run_and_every_shard(tmp_path, monkeypatch):

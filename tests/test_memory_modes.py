@@ -60,6 +60,26 @@ def test_fp8_stores_block_linears_in_fp8_but_keeps_the_sensitive_ones(tiny_model
     assert 0 < relative < 0.1, relative
 
 
+def test_fp8_every_linear_puts_the_image_mlps_last_linear_in_fp8_too(tiny_model):
+    reference = _forward(_transformer(tiny_model))
+    guarded = _transformer(tiny_model)
+    place_transformer(guarded, Placement("fp8"), "cpu", torch.float32)
+    transformer = _transformer(tiny_model)
+    done = place_transformer(transformer, Placement("fp8", fp8_every_linear=True), "cpu", torch.float32)
+    assert "img_mlp" not in done and "embedders in bf16" in done  # the placement line says what stays
+    assert transformer.transformer_blocks[0].img_mlp.net[2].weight.dtype == torch.float8_e4m3fn
+    assert transformer.img_in.weight.dtype == torch.float32 and transformer.proj_out.weight.dtype == torch.float32
+    output = _forward(transformer)
+    assert not torch.equal(output, _forward(guarded))
+    relative = (output - reference).norm() / reference.norm()
+    assert 0 < relative < 0.1, relative
+
+
+def test_fp8_every_linear_outside_fp8_says_it_does_nothing(caplog):
+    Placement("bf16", fp8_every_linear=True)
+    assert "applies to the fp8 mode only: the transformer runs in bf16" in caplog.text
+
+
 @pytest.mark.parametrize("mode", ["offload", "sequential"])
 def test_offload_modes_move_weights_not_arithmetic(tiny_model, mode):
     reference = _forward(_transformer(tiny_model))
@@ -96,12 +116,17 @@ def test_compile_cache_goes_to_the_folder_asked_for_else_under_the_home(tmp_path
     assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "cc")
 
 
-def test_run_in_fp8_on_the_cpu_writes_images(tmp_path, tiny_model, capsys):
+@pytest.mark.parametrize("every_linear", [False, True])
+def test_run_in_fp8_on_the_cpu_writes_images(tmp_path, tiny_model, capsys, caplog, every_linear):
     manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "a cat"), small_row("b", "a dog")])
     output = tmp_path / "out"
-    assert main(["run", str(manifest), "-o", str(output), "--device", "cpu", "--memory-mode", "fp8", "-q"]) == 0
+    flags = ["--memory-mode", "fp8", "-q"] + (["--fp8-every-linear"] if every_linear else [])
+    with caplog.at_level("INFO", logger="qwen_batch.engine"):
+        assert main(["run", str(manifest), "-o", str(output), "--device", "cpu", *flags]) == 0
     rows = pq.read_table(output / "results.parquet").to_pylist()
     assert [row["status"] for row in rows] == ["ok", "ok"]
+    placed = [record.getMessage() for record in caplog.records if "denoise: transformer fp8" in record.getMessage()]
+    assert len(placed) == 1 and ("img_mlp.net.2" in placed[0]) is not every_linear, placed
 
 
 def test_offload_on_the_cpu_is_a_usage_error(tmp_path, tiny_model, capsys):
@@ -112,11 +137,12 @@ def test_offload_on_the_cpu_is_a_usage_error(tmp_path, tiny_model, capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["bf16", "fp8", "offload", "sequential"])
+@pytest.mark.parametrize("mode", ["bf16", "fp8", "fp8 --fp8-every-linear", "offload", "sequential"])
 def test_every_mode_generates_on_the_gpu(tmp_path, tiny_model, mode):
     manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "a cat"), small_row("b", "a dog")])
-    output = tmp_path / mode
-    assert main(["run", str(manifest), "-o", str(output), "--device", "cuda", "--memory-mode", mode, "-q"]) == 0
+    output = tmp_path / mode.split()[0]
+    flags = ["--memory-mode", *mode.split(), "-q"]
+    assert main(["run", str(manifest), "-o", str(output), "--device", "cuda", *flags]) == 0
     rows = pq.read_table(output / "results.parquet").to_pylist()
     assert [row["status"] for row in rows] == ["ok", "ok"]
     for row in rows:  # a NaN anywhere in the batch decodes to a flat image
