@@ -155,8 +155,10 @@ def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
 def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
     """FlashAttention-4 with the text stream packed (qwen_batch.packed_text) against the same kernel on
     padded text, in bf16, eagerly and compiled; then a batch of other text lengths, which the compiled
-    blocks meet with a new packed length."""
-    from qwen_batch.packed_text import pack_text, share_timestep_modulation
+    blocks meet with a new packed length and must not recompile for (the engine's marking)."""
+    import torch._dynamo
+
+    from qwen_batch.packed_text import compile_once_for_every_packed_length, pack_text, share_timestep_modulation
 
     hidden, text, _, _ = _inputs(torch.bfloat16)
     timestep = torch.full((ROWS,), 0.6, device="cuda", dtype=torch.bfloat16)  # a batch shares its timestep
@@ -182,6 +184,7 @@ def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
     model = _transformer(torch.bfloat16)
     use_batch_attention(model, "cuda", torch.bfloat16, kernel="fa4")
     share_timestep_modulation(model)
+    compile_once_for_every_packed_length(model)
     for step, lengths in enumerate((TEXT_LENGTHS, TEXT_LENGTHS, (33, 64, 2, 1))):
         if step == 1:
             model.compile_repeated_blocks(fullgraph=True)  # fullgraph: a graph break here would raise
@@ -189,7 +192,8 @@ def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
         padded_text = text * row_mask[..., None]
         expected = run(padded_model, padded_text, {"text_mask": row_mask})
         packed, packed_mask, index = packed_inputs(lengths)
-        output = run(model, packed, {"text_mask": packed_mask, "text_index": index})
+        with torch._dynamo.config.patch(error_on_recompile=step == 2):
+            output = run(model, packed, {"text_mask": packed_mask, "text_index": index})
         assert _error(output, expected) < 5e-3, (step, lengths)
 
 
