@@ -11,7 +11,9 @@ the joint attention still uses: the attention scatters the text into it and gath
 Outside attention, one thing in a block depends on the row: the text's modulation, computed from each
 row's timestep embedding. Every row of a batch is at the same timestep (the engine steps a batch in
 lockstep), so the first row's serves all; `share_timestep_modulation` makes the blocks' `txt_mod` use
-it, which also leaves unpacked batches as they were. The images are the padded path's up to the
+it, which also leaves unpacked batches as they were. A packed batch's text length changes from batch
+to batch, so the compiled blocks take it as symbolic from the start (`compile_once_for_every_packed_length`)
+instead of recompiling while the GPU waits. The images are the padded path's up to the
 rounding of GEMMs over fewer rows (`tests/test_packed_text.py`; end to end for text to image, edits
 and adapters in `tests/test_contract.py`, `test_edit.py`, `test_adapters.py`; on the GPU with the real
 kernel in `tests/test_gpu_speed_paths.py`).
