@@ -116,6 +116,34 @@ def _packed_batches(transformer):
         yield hidden, packed, {"text_mask": mask, "text_index": index}
 
 
+def test_a_run_compiles_the_blocks_once_over_batches_of_any_text_length(tmp_path, tiny_model, monkeypatch):
+    """The engine end to end, as under FlashAttention-4 on the CPU: three batches of packed text, the
+    second padded to another bucket, compiled (Dynamo, no code generation) once."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from qwen_batch.engine import RunConfig, run
+    from tests.support import fa4_layout, small_row, write_manifest
+
+    packs = fa4_layout(monkeypatch, packed=True)
+    counter = CompileCounterWithBackend("eager")
+    compile_module = torch.nn.Module.compile
+
+    def compile_with_counter(module, *args, **kwargs):
+        return compile_module(module, *args, **{**kwargs, "options": None, "backend": counter})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_with_counter)
+    sentence = "a red fox runs through deep snow under a pale winter sun near a frozen lake"
+    words = sentence.split()
+    prompts = [words[: 3 + (row * 5) % 13] * (10 if row == 5 else 1) for row in range(12)]  # row 5: 70+ tokens
+    manifest = write_manifest(
+        tmp_path / "m.parquet", [small_row(f"r{row}", " ".join(prompt)) for row, prompt in enumerate(prompts)]
+    )
+    summary = run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", batch_size=4, compile="on"))
+    assert summary.exit_code == 0 and summary.generated == 12 and len(packs) == 3
+    torch._dynamo.reset()  # the blocks' compiled code stays with this test
+    assert counter.frame_count == 1
+
+
 def test_sharing_the_timestep_modulation_changes_no_name_and_no_unpacked_output(tiny_model):
     transformer = _transformer(tiny_model)
     names = list(transformer.state_dict())
