@@ -683,6 +683,9 @@ VARIANTS = {
     # default named, as measured in process h200-7.
     "bf16-compile-nopack": ("bf16", "on", 4, {"pack_text": False}),
     "bf16-compile-pack": ("bf16", "on", 4, {"pack_text": True}),
+    # RoPE as diffusers' complex multiply, which Inductor leaves to eager kernels (qwen_batch/rotary.py):
+    # the default until session 6 of issue 17.
+    "bf16-compile-complex-rotary": ("bf16", "on", 4, {"real_rotary": False}),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
     "bf16-compile-before": (
         "bf16",
@@ -700,6 +703,7 @@ VARIANTS = {
     # that the fp8 mode keeps in bf16 for quality by default (qwen_batch/memory_modes.py).
     "fp8-compile-b4-all": ("fp8", "on", 4, {"fp8_kept_bf16": ()}),
     "fp8-compile-b8-all": ("fp8", "on", 8, {"fp8_kept_bf16": ()}),
+    "fp8-compile-b4-all-complex-rotary": ("fp8", "on", 4, {"fp8_kept_bf16": (), "real_rotary": False}),
     "fp8-compile-b4-sdpa": ("fp8", "on", 4, {"attention": "sdpa"}),
     "fp8-compile-b4-tensor": ("fp8", "on", 4, {"fp8_granularity": "tensor"}),
     "fp8-compile-b8-tensor": ("fp8", "on", 8, {"fp8_granularity": "tensor"}),
@@ -785,11 +789,13 @@ def levers(
     fp8_granularity: str | None = None,
     pack_text: bool | None = None,
     fp8_kept_bf16: tuple | None = None,
+    real_rotary: bool | None = None,
 ):
     """Set the engine's speed levers for one run (None keeps its default): the attention kernel for
     padded batches (`sdpa`, `fa4`), GELU in its GEMM's epilogue, the CFG layout (`joint`, `split`),
     Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`,
-    the text stream packed to its real tokens (under FlashAttention-4), the block linears fp8 keeps in bf16."""
+    the text stream packed to its real tokens (under FlashAttention-4), the block linears fp8 keeps in bf16,
+    RoPE in real arithmetic (False: diffusers' complex multiply)."""
     import qwen_batch.attention as attention_module
     import qwen_batch.denoise as denoise_module
     import qwen_batch.memory_modes as memory_modes
@@ -803,6 +809,7 @@ def levers(
         (memory_modes, "FP8_GRANULARITY", fp8_granularity),
         (denoise_module, "PACK_TEXT", pack_text),
         (memory_modes, "FP8_KEPT_BF16", fp8_kept_bf16),
+        (attention_module, "REAL_ROTARY", real_rotary),
     ]
     originals = [getattr(module, name) for module, name, _ in settings]
     for module, name, value in settings:

@@ -31,12 +31,14 @@ import os
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import (
     QwenDoubleStreamAttnProcessor2_0,
     apply_rotary_emb_qwen,
 )
 
 from qwen_batch.packed_text import pack, packed_positions, unpack
+from qwen_batch.rotary import apply_rotary
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,6 +49,9 @@ KERNELS = ("sdpa", "fa4")
 ATTENTION_ENV = "QWEN_BATCH_ATTENTION"
 # "auto": fa4 where FlashAttention-4 runs, else sdpa. Benchmarks set a kernel here to compare them.
 ATTENTION_KERNEL = "auto"
+# RoPE in real arithmetic (qwen_batch/rotary.py: Inductor fuses it; diffusers' complex multiply runs as
+# eager kernels inside a compiled block). False: diffusers' own, for benchmarks to compare.
+REAL_ROTARY = True
 
 
 class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
@@ -54,8 +59,9 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
     `[rows, text tokens]`, each row's real tokens first) through the transformer's `attention_kwargs`,
     and under `fa4` optionally `text_index` (the text stream comes packed, `[1, real tokens, dim]`).
 
-    The projections, QK norms and RoPE are diffusers' (their order and arithmetic unchanged); under
-    `fa4` only the layout of the joint sequence and the attention call differ.
+    The projections, QK norms, RoPE and joint attention are diffusers' processor's, in its order and
+    arithmetic (RoPE written in real numbers, which a compiler fuses: qwen_batch/rotary.py); under `fa4`
+    only the layout of the joint sequence and the attention call differ.
     """
 
     def __init__(self, kernel: str = "sdpa"):
@@ -77,11 +83,22 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if text_index is not None and (text_mask is None or self.kernel != "fa4"):
             raise ValueError("packed text (text_index) needs the fa4 kernel and the padded layout's text_mask")
-        if text_mask is None or self.kernel == "sdpa":
-            # Nothing padded (SDPA takes cuDNN's flash kernel), or diffusers' masked path with our mask.
-            mask = text_mask if text_mask is not None else encoder_hidden_states_mask
-            return super().__call__(attn, hidden_states, encoder_hidden_states, mask, attention_mask, image_rotary_emb)
+        if attention_mask is not None:  # as diffusers' processor: the mask comes as the text's
+            raise ValueError("BatchAttention takes the text's mask (text_mask), not a joint attention_mask")
+        mask = text_mask if text_mask is not None else encoder_hidden_states_mask
+        image, text = self._rotated_projections(
+            attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_index, mask
+        )
+        if mask is not None and self.kernel == "fa4":
+            return self._prefix_attention(attn, image, text, mask, text_index)
+        # Nothing padded (SDPA takes cuDNN's flash kernel), or diffusers' masked path with our mask.
+        return self._joint_attention(attn, image, text, mask)
 
+    @staticmethod
+    def _rotated_projections(attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_index, mask):
+        """Query, key and value of the image and of the text, `[rows, tokens, heads, head_dim]` each
+        (packed text: `[1, real tokens, ...]`, its rotary positions those of the padded layout `mask`),
+        QK-normed and rotated as in diffusers' processor."""
         head_dim = attn.inner_dim // attn.heads
         img_query, img_key, img_value = (
             projection(hidden_states).unflatten(-1, (-1, head_dim)) for projection in (attn.to_q, attn.to_k, attn.to_v)
@@ -98,29 +115,54 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
             txt_query = attn.norm_added_q(txt_query)
         if attn.norm_added_k is not None:
             txt_key = attn.norm_added_k(txt_key)
-        rows, text_tokens = text_mask.shape
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
+            if REAL_ROTARY:
+                img_freqs, txt_freqs = torch.view_as_real(img_freqs), torch.view_as_real(txt_freqs)
+                rotate = apply_rotary
+            else:
+                rotate = functools.partial(apply_rotary_emb_qwen, use_real=False)
             if text_index is not None:  # each packed token at its position within its own row
-                txt_freqs = txt_freqs[packed_positions(text_index, text_tokens)]
-            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
-            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
-            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
-            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+                txt_freqs = txt_freqs[packed_positions(text_index, mask.shape[1])]
+            img_query, img_key = rotate(img_query, img_freqs), rotate(img_key, img_freqs)
+            txt_query, txt_key = rotate(txt_query, txt_freqs), rotate(txt_key, txt_freqs)
+        return (img_query, img_key, img_value), (txt_query, txt_key, txt_value)
 
-        if text_index is not None:
-            txt_query, txt_key, txt_value = (
-                unpack(tensor, text_index, rows, text_tokens) for tensor in (txt_query, txt_key, txt_value)
-            )
-
-        # [image, text, padding] per row: `[rows, tokens, heads, head_dim]`, FlashAttention's own layout
-        # (no transposes), each row's real tokens a prefix of `lengths[row]`.
-        image_tokens = hidden_states.shape[1]
-        query, key, value = (
-            torch.cat([image, text], dim=1)
-            for image, text in ((img_query, txt_query), (img_key, txt_key), (img_value, txt_value))
+    def _joint_attention(self, attn, image, text, mask):
+        """diffusers' joint attention: `[text, image]` per row, the text's padding masked out (`mask`
+        `[rows, text tokens]`, or None when nothing is padded)."""
+        text_tokens = text[0].shape[1]
+        if mask is not None:
+            image_mask = torch.ones(mask.shape[0], image[0].shape[1], dtype=torch.bool, device=mask.device)
+            mask = torch.cat([mask, image_mask], dim=1)[:, None, None, :]
+        query, key, value = (torch.cat(pair, dim=1) for pair in zip(text, image, strict=True))
+        joint = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
         )
-        lengths = (text_mask.sum(dim=1) + image_tokens).to(torch.int32)
+        joint = joint.flatten(2, 3).to(query.dtype)
+        img_attn_output = attn.to_out[0](joint[:, text_tokens:].contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)  # dropout
+        return img_attn_output, attn.to_add_out(joint[:, :text_tokens].contiguous())
+
+    @staticmethod
+    def _prefix_attention(attn, image, text, mask, text_index):
+        """`[image, text, padding]` per row: `[rows, tokens, heads, head_dim]`, FlashAttention's own
+        layout (no transposes), each row's real tokens a prefix of `lengths[row]`. Packed text is
+        scattered into that layout here and gathered back after."""
+        rows, text_tokens = mask.shape
+        if text_index is not None:
+            text = tuple(unpack(tensor, text_index, rows, text_tokens) for tensor in text)
+        image_tokens = image[0].shape[1]
+        query, key, value = (torch.cat(pair, dim=1) for pair in zip(image, text, strict=True))
+        lengths = (mask.sum(dim=1) + image_tokens).to(torch.int32)
         joint = prefix_attention(query, key, value, lengths, image_tokens).flatten(2, 3)
 
         img_attn_output = attn.to_out[0](joint[:, :image_tokens])
