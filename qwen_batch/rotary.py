@@ -26,10 +26,12 @@ def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     use_real=False)` returns, in real arithmetic."""
     if freqs.is_complex():
         freqs = torch.view_as_real(freqs)  # a view: [tokens, head_dim / 2, 2]
-    cos_sin = freqs.unsqueeze(1)  # [tokens, 1, head_dim / 2, 2]
-    cos, sin = cos_sin[..., :1], cos_sin[..., 1:]
-    pairs = x.float().unflatten(-1, (-1, 2))  # (a, b) per pair
-    # (-b, a) by a flip and a sign, not by stacking the halves: a stack is a buffer of its own to
-    # Inductor, and this way the rotation stays one pass that writes only its output.
-    swapped = pairs.flip(-1) * torch.tensor((-1.0, 1.0), device=x.device)
-    return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
+    cos, sin = freqs.unsqueeze(1).unbind(-1)  # each [tokens, 1, head_dim / 2]
+    # (a, b) -> (a cos - b sin, b cos + a sin) as (a, b) cos + (b, a) (-sin, sin): a flip of the pairs,
+    # not a stack of their halves, which Inductor would write out as an fp32 buffer of the whole
+    # query; only the small sine pair is stacked. The signs come from the frequencies, not from a
+    # constant tensor, which outside a compiled graph would be a host-to-device copy (and a host
+    # sync) per call.
+    signed_sin = torch.stack((-sin, sin), dim=-1)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    return (pairs * cos[..., None] + pairs.flip(-1) * signed_sin).flatten(-2).type_as(x)
