@@ -69,6 +69,13 @@ class JobParameters(BaseModel):
         description="Qwen/Qwen-Image (a hub id, downloaded once per worker), a diffusers folder on the worker, "
         "or 'tiny': random weights for trying the pipeline (its images are noise).",
     )
+    transformer: str | None = Field(
+        None,
+        description="The transformer from one file on the worker (path) or a URL such as s3://bucket/models/"
+        "qwen-image-Q4_K_M.gguf: safetensors in bf16 or fp8 e4m3fn (ComfyUI's qwen_image_fp8_e4m3fn.safetensors) "
+        "or GGUF (Q8_0 ... Q3_K_M). Copied once per worker; the rest of the model comes from 'model'. Empty: "
+        "the model's own transformer.",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
@@ -97,10 +104,12 @@ class JobParameters(BaseModel):
     dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU, fp32 on the CPU (fp16 overflows in Qwen-Image)."
     )
-    memory_mode: Literal["auto", "bf16", "fp8", "offload", "sequential"] = Field(
+    memory_mode: Literal["auto", "bf16", "fp8", "gguf", "offload", "fp8-offload", "sequential"] = Field(
         "auto",
         description="auto: the plan for the worker's GPU and RAM (qwen-batch plan); bf16 resident; fp8 linears in "
-        "float8; offload: weights streamed from host RAM in large batches; sequential: last resort. docs/memory.md.",
+        "float8; gguf: a GGUF transformer file resident; offload: weights streamed from host RAM in large batches "
+        "(pinned as far as the RAM allows, the rest read from disk); fp8-offload: the same with fp8 weights, half "
+        "the bytes; sequential: last resort. docs/memory.md.",
     )
     fp8_every_linear: bool = Field(
         False,
@@ -175,6 +184,7 @@ class BatchParameters(JobParameters):
             manifest=self.manifest,
             output=self.output,
             model=self.model,
+            transformer=self.transformer or None,
             batch_size=self.batch_size,
             encode_batch_size=self.encode_batch_size,
             device=self.device,

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "for trying the pipeline, its images are noise)",
     )
     run.add_argument(
+        "--transformer",
+        metavar="FILE",
+        help="take the transformer from one file (path or URL): a safetensors file in bf16 or fp8 e4m3fn "
+        "(ComfyUI's qwen_image_fp8_e4m3fn.safetensors) or a GGUF file (Q8_0 ... Q3_K_M); the text encoder, VAE "
+        "and the transformer's config still come from --model (docs/memory.md)",
+    )
+    run.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -103,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--task", choices=("generate", "edit"), default="generate")
     plan.add_argument("--memory-mode", default="auto", choices=_memory_mode_choices(), help="default auto")
     plan.add_argument(
+        "--transformer",
+        metavar="FILE",
+        help="plan for the transformer in this file (safetensors fp8/bf16 or GGUF; only its header is read)",
+    )
+    plan.add_argument(
+        "--disk-gbps",
+        type=float,
+        default=None,
+        metavar="GB/s",
+        help="how fast weights that do not fit host RAM read back from disk at every step (default "
+        "$QWEN_BATCH_DISK_GBPS, else 1; a cloud volume may be far slower)",
+    )
+    plan.add_argument(
         "--fp8-matmul",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -131,7 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the tiny random-weight Qwen-Image model (diffusers format)",
         description="Write a tiny random-weight QwenImagePipeline, loadable with from_pretrained, built offline.",
     )
-    tiny.add_argument("directory", metavar="DIR")
+    tiny.add_argument("directory", metavar="DIR", help="the model folder (with --format: the one file to write)")
+    tiny.add_argument(
+        "--format",
+        choices=("diffusers", *_single_file_formats()),
+        default="diffusers",
+        help="diffusers: the whole model as a folder (default); bf16, fp8 (ComfyUI's layout), gguf-q8_0, gguf-q4_0: "
+        "its transformer as one file, for --transformer (the rest comes from --model tiny)",
+    )
     tiny.add_argument(
         "--task",
         choices=("generate", "edit", "edit-plus"),
@@ -193,6 +220,12 @@ def _add_input_flags(parser: argparse.ArgumentParser) -> None:
         help="edit manifests: also read input images under PREFIX (a folder path or URL such as "
         "s3://bucket/inputs/); by default only the manifest's own folder is allowed. Repeatable.",
     )
+
+
+def _single_file_formats() -> tuple[str, ...]:
+    from qwen_batch.single_file import FORMATS
+
+    return FORMATS
 
 
 def _lora_formats() -> tuple[str, ...]:
@@ -312,6 +345,7 @@ def _run(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         output=args.output,
         model=args.model,
+        transformer=args.transformer,
         batch_size=args.batch_size,
         memory_mode=args.memory_mode,
         fp8_every_linear=args.fp8_every_linear,
@@ -400,15 +434,34 @@ def _plan(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from qwen_batch.planner import Job, Machine, detect_machine, host_memory_gib, plan_memory
+    from qwen_batch.planner import (
+        DISK_GBPS,
+        DISK_SPEED_ENV,
+        Job,
+        Machine,
+        WeightsSummary,
+        _env_number,
+        detect_machine,
+        host_memory_gib,
+        plan_memory,
+    )
 
     if args.gpu_memory is None:
-        machine = detect_machine("cuda", host_gib=args.host_memory)
+        machine = detect_machine("cuda", host_gib=args.host_memory, disk_gbps=args.disk_gbps)
     else:
-        machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib())
+        disk = args.disk_gbps or _env_number(DISK_SPEED_ENV, "GB/s") or DISK_GBPS
+        machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib(), disk_gbps=disk)
     if args.fp8_matmul is not None:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
-    job = Job(width=args.width, height=args.height, steps=args.steps, task=args.task, batch_size=args.batch_size)
+    weights = WeightsSummary.published() if not args.transformer else _planned_weights(args.transformer)
+    job = Job(
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        task=args.task,
+        batch_size=args.batch_size,
+        weights=weights,
+    )
     plan = plan_memory(machine, job, args.memory_mode)
     if args.gpus is None:
         print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
@@ -423,9 +476,25 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _planned_weights(location: str):
+    """A --transformer file as the planner sees it: kind and sizes from its header (nothing loaded)."""
+    from qwen_batch.planner import WeightsSummary
+    from qwen_batch.transformer_source import TransformerWeights, file_tensors, open_transformer_file
+
+    file = open_transformer_file(location)
+    return WeightsSummary.of(TransformerWeights(config={}, tensors=file_tensors(file)[0], file=file))
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from qwen_batch.tiny_model import write_tiny_model
 
+    if args.format != "diffusers":
+        from qwen_batch.model_source import ensure_tiny_model
+        from qwen_batch.single_file import write_model_transformer_file
+
+        path = write_model_transformer_file(ensure_tiny_model(args.task), args.directory, args.format)
+        print(f"wrote the tiny model's transformer as one {args.format} file to {path} (use it with --model tiny)")
+        return EXIT_OK
     folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
     pipeline = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit-Plus"}[args.task]
     print(f"wrote a tiny random-weight {pipeline} pipeline to {folder}")

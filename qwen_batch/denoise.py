@@ -30,16 +30,23 @@ from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
     FP8,
+    FP8_OFFLOAD,
+    OFFLOAD,
     Placement,
     QuantizedWeights,
+    compile_blocks,
     place_transformer,
     place_vae,
     weights_stay_put,
 )
 from qwen_batch.model_source import ModelSource, load_pipeline
+from qwen_batch.pinned_arena import PinnedArena
+from qwen_batch.streamed_load import load_transformer
+from qwen_batch.transformer_source import TransformerFile, denoiser_weights
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import QwenImagePipeline
     from PIL import Image
 
     from qwen_batch.manifest import Request
@@ -63,31 +70,36 @@ PACK_TEXT = True
 class ImageGenerator:
     """The denoising half of a Qwen-Image model, loaded once and reused for every batch."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None):
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str,
+        dtype: torch.dtype,
+        placement: Placement | None = None,
+        transformer_file: TransformerFile | None = None,
+    ):
         import torch
 
         from qwen_batch.attention import use_batch_attention
         from qwen_batch.packed_text import compile_once_for_every_packed_length, share_timestep_modulation
 
         self.source, self.device, self.dtype = source, device, dtype
-        self.pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
         self.placement = placement or Placement()
+        self.pipe, self.memory_mode, quantized = _load_denoiser(source, transformer_file, self.placement, device, dtype)
         transformer = self.pipe.transformer
         kernel = use_batch_attention(transformer, device, dtype)  # before compiling: it is traced
         self.pack_text = PACK_TEXT and kernel == "fa4"
         if self.pack_text:
             share_timestep_modulation(transformer)
             compile_once_for_every_packed_length(transformer)
-        # fp8 with adapters: the bf16 weights stay on the host, to fuse adapters in bf16 (qwen_batch.fusion).
-        keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
-        self.memory_mode = place_transformer(transformer, self.placement, device, dtype)
+        if self.placement.compile:
+            self.memory_mode = compile_blocks(transformer, self.placement, self.memory_mode)
         split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
         self.cfg_layout = CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint"
         self.memory_mode += f"; padded batches attend through {kernel}; CFG halves {self.cfg_layout}"
         if self.pack_text:
             self.memory_mode += "; text stream packed"
-        self.fusion = AdapterFusion(self.pipe, QuantizedWeights.after_placement(transformer, keep, device))
-        del keep
+        self.fusion = AdapterFusion(self.pipe, quantized)
         self._schedulers = {None: self.pipe.scheduler}
         place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
@@ -245,6 +257,31 @@ class ImageGenerator:
     def close(self) -> None:
         del self.pipe, self.fusion, self._schedulers  # the fusion holds the pipeline and weight copies
         release_memory(self.device)
+
+
+def _load_denoiser(
+    source: ModelSource, transformer_file: TransformerFile | None, placement: Placement, device: str, dtype: torch.dtype
+) -> tuple[QwenImagePipeline, str, QuantizedWeights | None]:
+    """The pipeline without its text encoder, the transformer placed as `placement` says (not compiled yet):
+    streamed from its checkpoint files block by block (`qwen_batch.streamed_load`), or, for a model built in
+    memory (the benchmarks' full-size random weights), placed from where it was built. Returns the pipeline,
+    the placement line and, for fp8 with adapters, the way back to the original weights."""
+    import time
+
+    started = time.perf_counter()
+    if source.loader is not None:
+        pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None)
+        transformer = pipe.transformer
+        # fp8 with adapters: references to the host weights, to fuse adapters in bf16 (qwen_batch.fusion).
+        keep = QuantizedWeights.capture(transformer) if placement.adapters and placement.mode == FP8 else {}
+        arena = PinnedArena(placement.pinned_bytes) if placement.mode in (OFFLOAD, FP8_OFFLOAD) else None
+        done = place_transformer(transformer, placement, device, dtype, arena if device.startswith("cuda") else None)
+        return pipe, done, QuantizedWeights.after_placement(transformer, keep, device)
+    weights = denoiser_weights(source, transformer_file)
+    loaded = load_transformer(weights, placement, device, dtype)
+    pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None, transformer=loaded.model)
+    done = f"{loaded.done}; loaded from {weights.label} in {time.perf_counter() - started:.1f} s"
+    return pipe, done, loaded.quantized
 
 
 def fixed_shift_scheduler(scheduler, shift: float):

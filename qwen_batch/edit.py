@@ -29,7 +29,7 @@ from qwen_batch.cache import EmbeddingCache, cache_namespace, key_of
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.encode import MAX_TEXT_TOKENS, EncodeStats
 from qwen_batch.errors import ModelError, QwenBatchError
-from qwen_batch.model_source import ModelSource, load_pipeline
+from qwen_batch.model_source import ModelSource
 from qwen_batch.oom import run_in_halves
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.storage import Folder, StorageOptions, read_url
@@ -138,14 +138,22 @@ def _read_inputs(
 class EditEncoder:
     """The VL encoder, processor and VAE of an edit model, on one device (no transformer)."""
 
-    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype, memory_mode: str = "bf16"):
-        from qwen_batch.memory_modes import place_text_encoder
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str,
+        dtype: torch.dtype,
+        memory_mode: str = "bf16",
+        pinned_bytes: int | None = None,
+    ):
+        from qwen_batch.encode import load_encoder_pipeline
 
         self.device, self.dtype = device, dtype
-        self.pipe = load_pipeline(source, dtype, transformer=None)
-        self.plus = type(self.pipe).__name__ == "QwenImageEditPlusPipeline"
         # The encoder's memory mode is the planner's, as for text-to-image; the VAE is small (127 M).
-        self.memory_mode = place_text_encoder(self.pipe.text_encoder, memory_mode, device, dtype)
+        self.pipe, self.memory_mode = load_encoder_pipeline(
+            source, dtype, memory_mode, device, pinned_bytes, transformer=None
+        )
+        self.plus = type(self.pipe).__name__ == "QwenImageEditPlusPipeline"
         self.pipe.vae.to(device)
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -215,6 +223,7 @@ def encode_edit_inputs(
     batch_size: int = 8,
     progress: Progress | None = None,
     memory_mode: str = "bf16",
+    pinned_bytes: int | None = None,
 ) -> EncodeStats:
     """Stage 1 for edit rows: afterwards every readable row has its tensors in `cache`."""
     progress = progress or Silent()
@@ -253,7 +262,7 @@ def encode_edit_inputs(
             if todo:
                 if encoder is None:
                     reset_peak_memory(device)
-                    encoder = EditEncoder(source, device, dtype, memory_mode)
+                    encoder = EditEncoder(source, device, dtype, memory_mode, pinned_bytes)
                 _encode_rows(encoder, cache, todo, present, stats)
             for row in batch:
                 release(row.request)

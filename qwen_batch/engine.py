@@ -21,7 +21,7 @@ from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.input_image import DEFAULT_MAX_PIXELS
 from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
-from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
+from qwen_batch.memory_modes import Placement, RunMemory, check_mode_for_weights, plan_run_memory
 from qwen_batch.model_source import (
     DENOISER_COMPONENTS,
     ENCODER_COMPONENTS,
@@ -31,10 +31,12 @@ from qwen_batch.model_source import (
     resolve_model,
 )
 from qwen_batch.oom import is_out_of_memory, retry_in_halves
+from qwen_batch.planner import WeightsSummary
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
 from qwen_batch.sharding import assign_shards
 from qwen_batch.storage import Folder, StorageOptions
+from qwen_batch.transformer_source import TransformerFile, file_weights, is_gguf, open_transformer_file
 from qwen_batch.writer import BatchWriter
 
 if TYPE_CHECKING:
@@ -55,6 +57,9 @@ class RunConfig:
     manifest: str
     output: str
     model: str = DEFAULT_MODEL
+    # The transformer from one file (safetensors bf16/fp8 or GGUF; path or URL) instead of the model's
+    # own; the rest of the model (text encoder, VAE, scheduler, the transformer's config) from `model`.
+    transformer: str | None = None
     batch_size: int | None = None  # None: the memory plan's (4 when resident)
     encode_batch_size: int = 16
     device: str = "auto"
@@ -114,6 +119,7 @@ class RunPlan:
     skipped: list[Request]  # rows whose image and result already exist with the same parameters
     pipeline_class: str  # QwenImagePipeline, QwenImageEditPipeline or QwenImageEditPlusPipeline
     memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
+    transformer_file: TransformerFile | None = None  # --transformer, checked and hashed
 
     @property
     def is_edit(self) -> bool:
@@ -178,7 +184,11 @@ def plan_run(config: RunConfig) -> RunPlan:
     source = resolve_model(_model_for(config.model, manifest))
     pipeline_class = pipeline_class_name(source)
     _check_model_fits(manifest, source, pipeline_class)
-    manifest = _with_adapters(manifest, source, config.storage_options)
+    transformer_file = _transformer_file(config, source)
+    transformer_summary = _transformer_weights_summary(source, transformer_file)
+    if transformer_summary is not None:
+        check_mode_for_weights(config.memory_mode, transformer_summary)  # before anything is written
+    manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
@@ -187,7 +197,11 @@ def plan_run(config: RunConfig) -> RunPlan:
         cache_folder.check_writable()
 
     components = ENCODER_COMPONENTS + DENOISER_COMPONENTS + (("processor",) if manifest.task == EDIT else ())
-    model_identity = source.identity(components)
+    if transformer_file is None:
+        model_identity = source.identity(components)
+    else:  # the model's own transformer weights play no part; the file's content does
+        kept = tuple(component for component in components if component != "transformer")
+        model_identity = f"{source.identity(kept)}+{transformer_file.identity}"
     fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
     previous, _ = store.previous_records()
     shards = assign_shards(manifest.requests, config.shard_count, config.batch_size) if config.is_shard else {}
@@ -205,6 +219,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         todo,
         task=manifest.task,
         fp8_every_linear=config.fp8_every_linear,
+        transformer=transformer_summary,
     )
     return RunPlan(
         config=config,
@@ -224,7 +239,24 @@ def plan_run(config: RunConfig) -> RunPlan:
         skipped=skipped,
         pipeline_class=pipeline_class,
         memory=memory,
+        transformer_file=transformer_file,
     )
+
+
+def _transformer_file(config: RunConfig, source: ModelSource) -> TransformerFile | None:
+    """--transformer: found, read and checked against the model's transformer config before anything is
+    written or loaded (a wrong file is a usage error, exit 2)."""
+    if not config.transformer:
+        return None
+    file = open_transformer_file(config.transformer, config.storage_options)
+    file_weights(file, source.transformer_config())  # the architecture check; the weights load in stage 2
+    log.info("transformer: %s (%s, %.1f GB, sha256 %s)", file.location, file.storage, file.size / 1e9, file.sha256)
+    return file
+
+
+def _transformer_weights_summary(source: ModelSource, file: TransformerFile | None) -> WeightsSummary | None:
+    """What the planner needs to know of a --transformer file's weights: their kind and size as stored."""
+    return None if file is None else WeightsSummary.of(file_weights(file, source.transformer_config()))
 
 
 def _model_for(model: str, manifest: Manifest) -> str:
@@ -254,15 +286,25 @@ def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: s
         )
 
 
-def _with_adapters(manifest: Manifest, source: ModelSource, storage_options: StorageOptions) -> Manifest:
+def _with_adapters(
+    manifest: Manifest, source: ModelSource, storage_options: StorageOptions, transformer_file: TransformerFile | None
+) -> Manifest:
     """Read and check every adapter the rows name (`qwen_batch.adapters.resolve_adapters`): a row whose
     adapter cannot be used becomes invalid with the reason; the others carry their files' SHA-256."""
     urls = [ref.url for request in manifest.requests for ref in request.loras]
     if not urls:
         return manifest
-    resolved = resolve_adapters(urls, storage_options, transformer_layout(source))
+    gguf = is_gguf(transformer_file)
+    resolved = resolve_adapters([] if gguf else urls, storage_options, transformer_layout(source))
     requests, invalid = [], list(manifest.invalid)
     for request in manifest.requests:
+        if gguf and request.loras:
+            reason = (
+                f"loras: adapters cannot be fused into the GGUF-quantized transformer {transformer_file.name}; "
+                "run these rows with the model's own (bf16) transformer or an fp8 file"
+            )
+            invalid.append(InvalidRow(request.index, request.id, reason, request.parameters()))
+            continue
         problems = [
             f"loras[{position}] {resolved.problems[ref.url]}"
             for position, ref in enumerate(request.loras)
@@ -315,6 +357,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             batch_size=plan.encode_batch_size,
             progress=progress,
             memory_mode=plan.memory.encoder_mode,
+            pinned_bytes=plan.memory.encoder_pinned_bytes,
         )
     texts = [text for request in requests for text in request.texts]
     return encode_texts(
@@ -326,6 +369,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         batch_size=plan.encode_batch_size,
         progress=progress,
         memory_mode=plan.memory.encoder_mode,
+        pinned_bytes=plan.memory.encoder_pinned_bytes,
     )
 
 
@@ -357,7 +401,7 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file)
     writer = BatchWriter(plan.output, plan.store)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     progress.start("denoise", len(requests), "images")
@@ -397,6 +441,8 @@ def denoise_stage(
 
 
 def _record(plan: RunPlan, request: Request, **outcome: Any) -> Record:
+    if plan.transformer_file is not None:
+        outcome = {**plan.transformer_file.describe(), **outcome}
     return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
 
 
@@ -535,14 +581,18 @@ _loaded: dict[tuple[Any, ...], ImageGenerator] = {}
 
 
 def load_generator(
-    source: ModelSource, device: str, dtype: torch.dtype, placement: Placement | None = None
+    source: ModelSource,
+    device: str,
+    dtype: torch.dtype,
+    placement: Placement | None = None,
+    transformer_file: TransformerFile | None = None,
 ) -> ImageGenerator:
     from qwen_batch.denoise import ImageGenerator
 
-    key = (source.location, device, str(dtype), placement)
+    key = (source.location, device, str(dtype), placement, transformer_file)
     if key not in _loaded:
         release_generator()
-        _loaded[key] = ImageGenerator(source, device, dtype, placement)
+        _loaded[key] = ImageGenerator(source, device, dtype, placement, transformer_file)
         log.info("denoise: transformer %s", _loaded[key].memory_mode)
         memory = gpu_memory_gib(device)
         if memory:

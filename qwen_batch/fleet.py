@@ -16,16 +16,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
-from qwen_batch.planner import DoesNotFitError, Job, Machine, MemoryPlan, plan_memory
+from qwen_batch.planner import LOSSLESS, MODES_FOR, DoesNotFitError, Job, Machine, MemoryPlan, plan_memory
 
 # docs/scale-out.md: 2 x H100, 26 mixed rows at 50 steps, launch to merged results: 1.909x and 1.898x.
 MEASURED_SCALING = {2: 1.904}
 PER_GPU_EFFICIENCY = MEASURED_SCALING[2] / 2
-LOSSLESS = {"bf16": True, "offload": True, "sequential": True, "fp8": False}
 OPTION_LABELS = {
     "bf16": "bf16, resident on each GPU",
     "fp8": "fp8 on each GPU",
+    "gguf": "the GGUF file's weights, resident on each GPU",
     "offload": "bf16 with the weights streamed from host RAM (offload) on each GPU",
+    "fp8-offload": "fp8 weights streamed from host RAM (fp8-offload) on each GPU",
 }
 
 
@@ -101,7 +102,8 @@ def plan_fleet(
         raise ConfigError(f"--gpus-per-host {gpus_per_host}: use 1 or more")
     process = replace(machine, host_gib=machine.host_gib / per_host)  # each process's share of its host
     speedup = scaling(gpus)
-    options = [_option(candidate, process, job, speedup, per_host) for candidate in ("bf16", "fp8", "offload")]
+    candidates = [mode for mode in MODES_FOR[job.weights.kind] if mode != "sequential"]
+    options = [_option(candidate, process, job, speedup, per_host) for candidate in candidates]
     chosen_plan = plan_memory(process, job, mode)  # the one-GPU planner's own choice (or refusal)
     chosen = next((o for o in options if o.mode == chosen_plan.denoise.mode), None)
     chosen = chosen or _option(chosen_plan.denoise.mode, process, job, speedup, per_host)
@@ -176,12 +178,20 @@ def _reasons(chosen: FleetOption, options: list[FleetOption], gpus: int, per_hos
             )
     offload = next((option for option in options if option.mode == "offload"), None)
     if offload is not None and offload.plan is not None:
-        reasons.append(
-            "offload copies the whole bf16 transformer (41 GB) to each GPU at every step and serves a batch "
-            f"of {offload.plan.denoise.batch_size} with it: bound by the host link "
-            f"({_rate(offload.images_per_hour_pcie4)} images/hour at PCIe 4.0 x16; two cards on one consumer "
-            "board often get x8 lanes each, half that link)"
-        )
+        denoise = offload.plan.denoise
+        if denoise.streamed_from_disk_gib:
+            reasons.append(
+                f"offload copies the whole transformer to each GPU at every step and serves a batch of "
+                f"{denoise.batch_size} with it; with each process's share of the RAM, {denoise.streamed_from_disk_gib:.0f} "
+                "GiB of it are read back from disk at every step, which bounds it"
+            )
+        else:
+            reasons.append(
+                "offload copies the whole transformer to each GPU at every step and serves a batch "
+                f"of {denoise.batch_size} with it: bound by the host link "
+                f"({_rate(offload.images_per_hour_pcie4)} images/hour at PCIe 4.0 x16; two cards on one consumer "
+                "board often get x8 lanes each, half that link)"
+            )
         if per_host > 1:
             reasons.append(
                 f"each offload process pins its own copy of the weights: {per_host} processes on a host need "
@@ -189,6 +199,11 @@ def _reasons(chosen: FleetOption, options: list[FleetOption], gpus: int, per_hos
             )
     elif offload is not None:
         reasons.append(f"{offload.label} does not fit: {offload.refused}")
+    if per_host > 1:
+        reasons.append(
+            "loading reads the checkpoint block by block straight to each GPU (no host copy of the model), so "
+            f"the {per_host} processes on a host need no staggering: their RAM above is all they hold, loads included"
+        )
     if gpus > 1:
         reasons.append(
             f"the fan-out scales {speedup:.2f}x over one GPU: measured 1.90x on 2 H100s with load and encode "

@@ -117,7 +117,7 @@ class AdapterFusion:
             self.current = adapters
         stats.fuse_seconds += clock.lap()
         if requantize:
-            self.quantized.requantize(self.transformer, requantize)
+            self.quantized.requantize(self.transformer, requantize, fused=targets if adapters else set())
         stats.requantize_seconds += clock.lap()
 
     def _fuse(self, adapters: tuple[LoraRef, ...], tensors: list[dict[str, torch.Tensor]]) -> None:
@@ -189,7 +189,7 @@ class AdapterFusion:
         if self.quantized:
             with contextlib.suppress(Exception):
                 self.quantized.install_originals(self.transformer, set(quantized))
-                self.quantized.requantize(self.transformer, set(quantized))
+                self.quantized.requantize(self.transformer, set(quantized), fused=set())
         self._changed, self.current = set(), ()
 
 

@@ -62,6 +62,20 @@ class ModelSource:
         path = Path(self.location)
         return path if path.is_dir() else _cached_hub_snapshot(self.location)
 
+    def folder_with(self, components: tuple[str, ...]) -> Path:
+        """The local folder of the model, with these components' files in it: a hub model not downloaded
+        yet gets them (and only them) downloaded now, as `from_pretrained` would."""
+        folder = self.local_folder
+        if folder is not None and all((folder / component).is_dir() for component in components):
+            return folder
+        try:
+            from huggingface_hub import snapshot_download
+
+            patterns = ["model_index.json", *(f"{component}/*" for component in components)]
+            return Path(snapshot_download(self.location, allow_patterns=patterns))
+        except Exception as error:  # offline, unknown repo, no access: say so in one line
+            raise _cannot_load(self, error) from error
+
     def identity(self, components: tuple[str, ...]) -> str:
         """A short content hash of the given components (sub-folders of the diffusers layout)."""
         digest = hashlib.sha256()

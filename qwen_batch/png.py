@@ -33,6 +33,9 @@ def parameters_text(metadata: dict[str, Any]) -> str:
         f"Size: {metadata['width']}x{metadata['height']}",
         f"Model: {metadata['model']}",
     ]
+    if metadata.get("transformer"):  # the transformer came from one file: its name and hash, as for a checkpoint
+        name = metadata["transformer"].rstrip("/").rsplit("/", 1)[-1]
+        settings += [f"Transformer: {name}", f"Transformer hash: {metadata.get('transformer_sha256', '')[:10]}"]
     if metadata.get("scheduler_shift") is not None:
         settings.insert(2, f"Schedule shift: {metadata['scheduler_shift']}")
     prompt = metadata["prompt"]

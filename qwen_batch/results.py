@@ -60,6 +60,8 @@ OUTCOME_FIELDS = [
     pa.field("error", pa.string()),  # empty when ok
     pa.field("warning", pa.string()),  # e.g. prompt truncated to the encoder's limit
     pa.field("model", pa.string()),
+    pa.field("transformer", pa.string()),  # --transformer: the file the transformer came from (else empty)
+    pa.field("transformer_sha256", pa.string()),  # and its SHA-256
     pa.field("sha256", pa.string()),  # of the PNG file
     pa.field("fingerprint", pa.string()),  # of everything that determines the image
     pa.field("seconds", pa.float64()),  # this row's share of its batch's generation time
@@ -89,6 +91,8 @@ class Record:
     error: str = ""
     warning: str = ""
     model: str | None = None
+    transformer: str | None = None
+    transformer_sha256: str | None = None
     sha256: str | None = None
     fingerprint: str | None = None
     seconds: float | None = None

@@ -160,6 +160,27 @@ def read_url(url: str, storage_options: StorageOptions | None = None) -> bytes:
     return with_retries(lambda: fs.cat_file(path), url)
 
 
+def url_info(url: str, storage_options: StorageOptions | None = None) -> dict[str, Any]:
+    """An object's size and version markers (`size`, and `ETag` or `mtime` where the store has them)."""
+    fs, path = _url_to_fs(url, storage_options)
+    return with_retries(lambda: fs.info(path), url)
+
+
+def download(url: str, target: str, storage_options: StorageOptions | None = None) -> None:
+    """Copy one object to a local file, streamed (a 20 GB checkpoint never passes through memory whole),
+    under a temporary name first: `target` exists only once it is complete."""
+    fs, path = _url_to_fs(url, storage_options)
+    directory = os.path.dirname(target)
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(target)}")
+    try:
+        with_retries(lambda: fs.get_file(path, temporary), url)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
 class Folder:
     """A folder at an fsspec URL; paths given to its methods are relative to it, with `/` separators."""
 

@@ -73,6 +73,8 @@ class BatchWriter:
         for request, image, record in zip(requests, images, records, strict=True):
             relative = posixpath.join(IMAGES_FOLDER, f"{request.id}.png")
             metadata = {"id": request.id, **request.parameters(), "model": record.model}
+            if record.transformer:
+                metadata |= {"transformer": record.transformer, "transformer_sha256": record.transformer_sha256}
             if record.input_sha256:
                 metadata["input_sha256"] = record.input_sha256
             try:

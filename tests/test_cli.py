@@ -32,6 +32,8 @@ RESULT_COLUMNS = [
     "error",
     "warning",
     "model",
+    "transformer",
+    "transformer_sha256",
     "sha256",
     "fingerprint",
     "seconds",

@@ -17,15 +17,17 @@ def options(fleet) -> dict:
 
 
 def test_two_24_gib_cards_on_one_host_run_fp8_each_and_say_why_not_offload():
-    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=128), Job(), gpus=2)
+    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=64), Job(), gpus=2)
     assert fleet.chosen.mode == "fp8" and fleet.chosen.plan.denoise.peak_gpu_gib <= 24
+    assert fleet.chosen.host_gib_per_host <= 20  # both processes, their loads included: no staggering needed
     by_mode = options(fleet)
     assert by_mode["bf16"].plan is None and "GPU memory" in by_mode["bf16"].refused
-    # Offload pins the weights once per process: two processes need ~142 GiB of the host's 128.
-    assert by_mode["offload"].plan is None and "host RAM" in by_mode["offload"].refused
-    assert "each of 2 processes on a host gets 64 GiB" in by_mode["offload"].refused
-    one = plan_memory(Machine(gpu_gib=24, host_gib=64), Job()).denoise.seconds_per_image
+    # Offload streams 38 GiB a step per process; with 32 GiB of the host each, part of it comes from disk.
+    assert by_mode["offload"].plan.denoise.streamed_from_disk_gib > 0
+    assert fleet.chosen.images_per_hour[0] > 5 * by_mode["offload"].images_per_hour[0]
+    one = plan_memory(Machine(gpu_gib=24, host_gib=32), Job()).denoise.seconds_per_image
     assert fleet.chosen.images_per_hour == pytest.approx((3600 / one[1] * 1.904, 3600 / one[0] * 1.904), rel=1e-3)
+    assert "need no staggering" in " ".join(fleet.reasons)
 
 
 def test_with_room_for_two_pinned_copies_offload_fits_and_fp8_is_still_faster():
@@ -60,7 +62,7 @@ def test_plan_gpus_on_the_command_line(capsys):
     assert main(["plan", "--gpu-memory", "24", "--host-memory", "192", "--gpus", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["per_gpu"]["denoise"]["mode"] == "fp8" and printed["fleet"]["gpus"] == 2
-    assert {option["mode"] for option in printed["fleet"]["options"]} == {"bf16", "fp8", "offload"}
+    assert {option["mode"] for option in printed["fleet"]["options"]} == {"bf16", "fp8", "offload", "fp8-offload"}
     assert main(["plan", "--gpu-memory", "24", "--host-memory", "192", "--gpus", "2"]) == 0
     report = capsys.readouterr().out
     assert "fleet: 2 x 24 GiB GPU" in report and "why: " in report

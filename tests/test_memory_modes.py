@@ -77,7 +77,7 @@ def test_fp8_every_linear_puts_the_image_mlps_last_linear_in_fp8_too(tiny_model)
 
 def test_fp8_every_linear_outside_fp8_says_it_does_nothing(caplog):
     Placement("bf16", fp8_every_linear=True)
-    assert "applies to the fp8 mode only: the transformer runs in bf16" in caplog.text
+    assert "applies to the fp8 modes only: the transformer runs in bf16" in caplog.text
 
 
 @pytest.mark.parametrize("mode", ["offload", "sequential"])

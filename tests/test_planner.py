@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from qwen_batch.cli import main
+from qwen_batch.errors import ConfigError
 from qwen_batch.planner import DoesNotFitError, Job, Machine, plan_encode, plan_memory
 
 RESULTS = Path(__file__).parents[1] / "bench" / "results" / "qwen_image_gpu_h100.jsonl"
@@ -78,12 +79,49 @@ def test_edit_plus_inputs_count_in_the_plan_and_the_h200_figures_fall_inside_it(
     assert plus.seconds_per_image[0] <= 61.2 <= plus.seconds_per_image[1]
 
 
-def test_too_little_host_ram_for_offload_is_refused_with_the_numbers():
-    with pytest.raises(DoesNotFitError) as refused:
-        plan_memory(Machine(gpu_gib=16, host_gib=32), Job())
-    message = str(refused.value)
-    assert "offload needs about 71 GiB of host RAM; this machine has 32" in message
-    assert "bf16 needs about" in message and "fp8 needs about" in message
+def test_machines_people_rent_are_planned_not_refused():
+    """A 24 GiB card on a 16 GiB VM (g5/g6.xlarge), 16 GiB cards on 32 and 16 GiB hosts: the model is read
+    block by block from its memory-mapped files, so only what streams needs host RAM, and only as far as
+    the RAM allows (docs/memory.md)."""
+    g6 = plan_memory(Machine(gpu_gib=24, host_gib=16), Job())
+    assert g6.denoise.mode == "fp8" and g6.host_gib <= 10  # the issue's target: a 16 GiB node runs it
+    sixteen = plan_memory(Machine(gpu_gib=16, host_gib=32), Job()).denoise
+    assert sixteen.mode == "fp8-offload" and sixteen.streamed_from_disk_gib == 0  # fp8 copy pinned in 32 GiB
+    assert sixteen.host_gib <= 32 * 0.9 and sixteen.pinned_gib > 18
+    lean = plan_memory(Machine(gpu_gib=16, host_gib=16), Job()).denoise
+    assert lean.mode == "offload" and lean.host_gib <= 16 * 0.9 and lean.streamed_from_disk_gib > 30
+    assert any("Q4_K_M GGUF" in note for note in lean.notes)  # and it says what would run faster
+
+
+def test_offload_pins_what_the_ram_allows_and_reads_the_rest_from_disk():
+    roomy = plan_memory(Machine(gpu_gib=12, host_gib=128), Job()).denoise
+    assert roomy.mode == "offload" and roomy.streamed_from_disk_gib == 0
+    assert roomy.host_gib == pytest.approx(38 + 5.75, abs=0.5)  # the weights once, no power-of-two rounding
+    for host in (16, 24):
+        tight = plan_memory(Machine(gpu_gib=8, host_gib=host), Job(), mode="offload").denoise
+        assert tight.host_gib <= host * 0.9 + 0.05
+        assert tight.pinned_gib + tight.streamed_from_disk_gib == pytest.approx(38.0, abs=0.1)
+    slow_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=0.25), Job(), mode="offload").denoise
+    fast_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=4.0), Job(), mode="offload").denoise
+    assert slow_disk.seconds_per_image[0] > 3 * fast_disk.seconds_per_image[0]
+
+
+def test_fp8_offload_needs_its_whole_fp8_copy_in_host_ram():
+    with pytest.raises(DoesNotFitError, match=r"fp8-offload needs about 2[0-9] GiB of host RAM; this machine has 16"):
+        plan_memory(Machine(gpu_gib=16, host_gib=16), Job(), mode="fp8-offload")
+
+
+def test_quantized_files_open_their_own_modes():
+    from qwen_batch.planner import WeightsSummary
+
+    q4 = WeightsSummary.gguf_file("Q4_K_M")
+    assert plan_memory(Machine(gpu_gib=16, host_gib=16), Job(weights=q4)).denoise.mode == "gguf"
+    assert plan_memory(Machine(gpu_gib=8, host_gib=16), Job(weights=q4)).denoise.mode == "offload"
+    fp8_file = WeightsSummary("fp8", int(20.4e9), int(20.4e9) // 60, "qwen_image_fp8_e4m3fn.safetensors")
+    plan = plan_memory(Machine(gpu_gib=24, host_gib=16), Job(weights=fp8_file)).denoise
+    assert plan.mode == "fp8" and "as stored" in plan.how
+    with pytest.raises(ConfigError, match=r"weights are gguf .*use auto, gguf, offload"):
+        plan_memory(Machine(gpu_gib=80, host_gib=128), Job(weights=q4), mode="bf16")
 
 
 def test_a_forced_mode_or_batch_that_does_not_fit_is_refused():
@@ -109,9 +147,7 @@ def test_the_h100_measurements_stayed_under_the_current_predictions():
         plan = plan_memory(machine, job, run["mode"])
         assert run["denoise"]["peak_gpu_gib"] <= plan.denoise.peak_gpu_gib, run["label"]
         assert run["encode"]["peak_gpu_gib"] <= plan_encode(machine, job, run["encoder_mode"]).peak_gpu_gib
-        if run["mode"] == "offload":
-            assert run["peak_host_gib_denoise"] <= plan.denoise.host_gib + 30, run["label"]  # see docs/memory.md
-        checked += 1
+        checked += 1  # host RAM: these runs pinned tensor by tensor (71 GiB); see the H200 runs from disk
     assert checked >= 6
 
 
@@ -119,8 +155,8 @@ def test_plan_command_prints_both_stages_and_exits_2_when_nothing_fits(capsys):
     assert main(["plan", "--gpu-memory", "24", "--host-memory", "64", "-q"]) == 0
     printed = capsys.readouterr().out
     assert "encode: bf16" in printed and "denoise: fp8" in printed and "batch size 1" in printed
-    assert main(["plan", "--gpu-memory", "16", "--host-memory", "32", "-q"]) == 2
-    assert "this machine has 32" in capsys.readouterr().err
+    assert main(["plan", "--gpu-memory", "3", "--host-memory", "32", "-q"]) == 2
+    assert "does not fit a 3 GiB GPU" in capsys.readouterr().err
     assert main(["plan", "--gpu-memory", "16", "--host-memory", "128", "--json", "-q"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["denoise"]["mode"] == "offload" and plan["denoise"]["host_gib"] > 40
