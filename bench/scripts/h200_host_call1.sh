@@ -8,4 +8,5 @@ TAIL=8 step $H write $M --json $J
 TAIL=6 step $C 10 $H tier --model $M --gpu-gib 24 --host-gib 16 --label fp8-24g-in-10g --json $J
 TAIL=6 step $C 10 $H tier --model $M --gpu-gib 80 --host-gib 16 --mode bf16 --prompts 4 --label bf16-80g-in-10g --json $J
 TAIL=6 step $C 32 $H tier --model $M --gpu-gib 16 --host-gib 32 --prompts 3 --label 16g-32g --json $J
+TAIL=12 step python3 -m pytest -q -m gpu -p no:cacheprovider -x tests/test_gpu_weights.py
 rm -rf $M; echo "=== done $(date +%T)"

@@ -10,3 +10,4 @@ H="python3 bench/host_memory.py"; C="bash bench/scripts/in_cgroup.sh"; J=$OUT/ho
 M=${M:-/tmp/qb-model}  # the full-size checkpoint on the machine's 64 GB disk: written, used, deleted per call
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || echo "(page cache not dropped)"; }
 df -h /tmp | tail -1 | tee "$OUT/disk.txt"
+df -h / /tmp "$PWD" 2>/dev/null | tee -a "$OUT/disk.txt"
