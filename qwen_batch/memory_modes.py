@@ -325,7 +325,8 @@ def finish_placement(
     elif mode == GGUF:
         done = "GGUF weights resident, dequantized layer by layer as they are used"
     elif mode in (OFFLOAD, FP8_OFFLOAD):
-        _group_offload(transformer, device, offload_type="block_level", pin_all=arena is None)
+        torchao = any(_fp8_parts(parameter) is not None for parameter in transformer.parameters())
+        _group_offload(transformer, device, offload_type="block_level", pin_all=arena is None, torchao=torchao)
         what = "fp8 (weight-only, per-row scales)" if mode == FP8_OFFLOAD else "as stored"
         where = "pinned host RAM" if arena is None else _pinned_share(arena, transformer)
         done = f"group offload: blocks {what} streamed from {where}, one block ahead"
@@ -559,10 +560,18 @@ def pin_in_place(module: torch.nn.Module) -> None:
     torch.cuda.empty_cache()
 
 
-def _group_offload(module: torch.nn.Module, device: str, offload_type: str, pin_all: bool) -> None:
+def _group_offload(
+    module: torch.nn.Module, device: str, offload_type: str, pin_all: bool, torchao: bool = False
+) -> None:
     """diffusers group offload, one block (or leaf layer) ahead on a side stream. `pin_all`: pin every
     tensor first (the whole model fits the host RAM set aside); otherwise what is not pinned yet is pinned
-    on the fly as it streams (`low_cpu_mem_usage`), a group at a time."""
+    on the fly as it streams (`low_cpu_mem_usage`), a group at a time.
+
+    torchao fp8 weights (fp8-offload, an fp8 file) take diffusers' other path, which keeps a pinned copy of
+    each (`pin_memory()` of a tensor already in the pinned arena is that tensor: nothing is copied): with
+    `low_cpu_mem_usage` diffusers keeps the weight itself as its host copy (torchao's `.cpu()` of a host
+    tensor is the same object), and swapping the GPU copy into the parameter then loses the host one. So
+    such weights must all fit the pinned budget: the planner keeps an fp8 stream whole in host RAM."""
     import torch
     from diffusers.hooks import apply_group_offloading
 
@@ -580,7 +589,7 @@ def _group_offload(module: torch.nn.Module, device: str, offload_type: str, pin_
         use_stream=on_gpu,
         record_stream=on_gpu,
         non_blocking=on_gpu,
-        low_cpu_mem_usage=on_gpu and not pin_all,
+        low_cpu_mem_usage=on_gpu and not pin_all and not torchao,
     )
 
 

@@ -367,15 +367,16 @@ class HostStreaming:
 
 def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> HostStreaming | None:
     """Pin what the host can spare of what streams, read the rest from disk; None when even that does not
-    fit (fp8-offload keeps all of its fp8 copy in host memory: it exists nowhere else)."""
+    fit (fp8 weights stream from pinned memory only: fp8-offload's copy exists nowhere else, and an fp8
+    file's torchao weights take diffusers' fully pinned path)."""
     total, block = streamed_bytes(mode, weights)
     fixed = HOST_BASE_GIB + DIT_LOAD_GIB + PINNED_SLAB_GIB
     staging = STAGING_BLOCKS * block * PINNED_ROUNDING / GiB
     spare = machine.host_usable_gib - fixed
     if total / GiB <= spare:
         return HostStreaming(total, 0, fixed + total / GiB)
-    if mode == "fp8-offload" or spare - staging <= 0:
-        return None
+    if mode == "fp8-offload" or weights.kind == FP8_WEIGHTS or spare - staging <= 0:
+        return None  # fp8 weights stream from pinned host RAM only (qwen_batch.memory_modes._group_offload)
     pinned = int((spare - staging) * GiB)
     return HostStreaming(pinned, total - pinned, fixed + staging + pinned / GiB)
 
