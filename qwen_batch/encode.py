@@ -92,17 +92,32 @@ def load_encoder_pipeline(
     """The pipeline with its text encoder placed in `memory_mode` (other components as `components` say).
     Resident on a GPU, the encoder loads straight to it, a shard at a time (transformers' `device_map`): its
     16.6 GB never pass through host RAM. Other modes read it memory-mapped and place it layer by layer."""
-    import transformers
 
     encoder = None
     if memory_mode == RESIDENT and device.startswith("cuda") and source.loader is None:
-        folder = source.folder_with(ENCODER_COMPONENTS)
-        _, class_name = json.loads((folder / "model_index.json").read_text())["text_encoder"]
-        encoder = getattr(transformers, class_name).from_pretrained(
-            folder, subfolder="text_encoder", dtype=dtype, device_map={"": device}, use_safetensors=True
-        )
+        encoder = _encoder_straight_to(source, device, dtype)
     pipe = load_pipeline(source, dtype, **components, **({"text_encoder": encoder} if encoder is not None else {}))
     return pipe, place_text_encoder(pipe.text_encoder, memory_mode, device, dtype, pinned_bytes)
+
+
+def _encoder_straight_to(source: ModelSource, device: str, dtype: torch.dtype):
+    """The text encoder read from its files to `device` by transformers' own loader (its key mapping, its
+    dtypes), fed tensors that give their file pages back once copied (`ReleasedAfterRead`)."""
+    import transformers
+
+    from qwen_batch.checkpoint_files import ReleasedAfterRead, read_safetensors, safetensors_files
+
+    folder = source.folder_with(ENCODER_COMPONENTS)
+    _, class_name = json.loads((folder / "model_index.json").read_text())["text_encoder"]
+    state = {
+        name: ReleasedAfterRead(stored)
+        for file in safetensors_files(folder / "text_encoder")
+        for name, stored in read_safetensors(file).items()
+    }
+    config = transformers.AutoConfig.from_pretrained(folder / "text_encoder")
+    return getattr(transformers, class_name).from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, device_map={"": device}, use_safetensors=True
+    )
 
 
 def encoder_cache_identity(source: ModelSource, dtype: torch.dtype) -> dict[str, Any]:

@@ -151,8 +151,13 @@ def convert_block(block: torch.nn.Module, prefix: str, placement: Placement, dev
         else:
             _cast_fp8_storage(block, prefix, kept)
     elif mode == FP8_OFFLOAD:
-        quantize_fp8(block, _quantize_on(device), block_linears(block, prefix, kept), weight_only=True)
-        block.to("cpu")
+        from qwen_batch.fp8_linear import quantize_rows, swap_in
+
+        accept, where = block_linears(block, prefix, kept), _quantize_on(device)
+        for name, module in list(block.named_modules()):
+            if accept(module, name):
+                qdata, scale = quantize_rows(module.weight.to(where))
+                swap_in(block, name, qdata, scale, "cpu")
 
 
 def _quantize_on(device: str) -> str:
@@ -238,32 +243,16 @@ def _cast_fp8_storage(block: torch.nn.Module, prefix: str, kept: tuple[str, ...]
 def pin_for_streaming(module: torch.nn.Module, arena: PinnedArena) -> int:
     """Copy `module`'s host tensors into the pinned arena while its budget lasts; the others stay where
     they are (memory-mapped checkpoint pages) and are pinned on the fly when they stream. Returns the
-    bytes pinned. torchao fp8 tensors are pinned through their data and scales."""
+    bytes pinned."""
     pinned = 0
     for parameter in [*module.parameters(), *module.buffers()]:
         if parameter.device.type != "cpu" or parameter.is_pinned():
-            continue
-        inner = _fp8_parts(parameter)
-        if inner is not None:
-            copies = [arena.take(part) for part in inner.values()] if arena.fits(_nbytes(*inner.values())) else None
-            if copies is not None and all(copy is not None for copy in copies):
-                for (attribute, _), copy in zip(inner.items(), copies, strict=True):
-                    setattr(parameter, attribute, copy)
-                pinned += _nbytes(*copies)
             continue
         copy = arena.take(parameter.data)
         if copy is not None:
             parameter.data = copy
             pinned += _nbytes(copy)
     return pinned
-
-
-def _fp8_parts(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
-    """The inner tensors of a torchao fp8 weight (data and scales), or None for a plain tensor."""
-    if not type(tensor).__module__.startswith("torchao") and not type(tensor.data).__module__.startswith("torchao"):
-        return None
-    weight = tensor if type(tensor).__module__.startswith("torchao") else tensor.data
-    return {name: getattr(weight, name) for name in weight.tensor_data_names}
 
 
 def _nbytes(*tensors: torch.Tensor) -> int:
@@ -325,9 +314,8 @@ def finish_placement(
     elif mode == GGUF:
         done = "GGUF weights resident, dequantized layer by layer as they are used"
     elif mode in (OFFLOAD, FP8_OFFLOAD):
-        torchao = any(_fp8_parts(parameter) is not None for parameter in transformer.parameters())
-        _group_offload(transformer, device, offload_type="block_level", pin_all=arena is None, torchao=torchao)
-        what = "fp8 (weight-only, per-row scales)" if mode == FP8_OFFLOAD else "as stored"
+        _group_offload(transformer, device, offload_type="block_level", pin_all=arena is None)
+        what = "in fp8 (per-row scales, dequantized as each layer runs)" if mode == FP8_OFFLOAD else "as stored"
         where = "pinned host RAM" if arena is None else _pinned_share(arena, transformer)
         done = f"group offload: blocks {what} streamed from {where}, one block ahead"
     else:
@@ -349,8 +337,7 @@ def compile_blocks(transformer: torch.nn.Module, placement: Placement, done: str
 
 
 def _pinned_share(arena: PinnedArena, transformer: torch.nn.Module) -> str:
-    blocks = getattr(transformer, BLOCKS)
-    total = sum(_nbytes(*(_fp8_parts(p) or {"": p}).values()) for block in blocks for p in block.parameters())
+    total = sum(_nbytes(parameter) for parameter in transformer.parameters())
     if total and arena.used >= total:
         return f"pinned host RAM ({arena.used / 2**30:.1f} GiB)"
     return (
@@ -560,18 +547,11 @@ def pin_in_place(module: torch.nn.Module) -> None:
     torch.cuda.empty_cache()
 
 
-def _group_offload(
-    module: torch.nn.Module, device: str, offload_type: str, pin_all: bool, torchao: bool = False
-) -> None:
+def _group_offload(module: torch.nn.Module, device: str, offload_type: str, pin_all: bool) -> None:
     """diffusers group offload, one block (or leaf layer) ahead on a side stream. `pin_all`: pin every
     tensor first (the whole model fits the host RAM set aside); otherwise what is not pinned yet is pinned
-    on the fly as it streams (`low_cpu_mem_usage`), a group at a time.
-
-    torchao fp8 weights (fp8-offload, an fp8 file) take diffusers' other path, which keeps a pinned copy of
-    each (`pin_memory()` of a tensor already in the pinned arena is that tensor: nothing is copied): with
-    `low_cpu_mem_usage` diffusers keeps the weight itself as its host copy (torchao's `.cpu()` of a host
-    tensor is the same object), and swapping the GPU copy into the parameter then loses the host one. So
-    such weights must all fit the pinned budget: the planner keeps an fp8 stream whole in host RAM."""
+    on the fly as it streams (`low_cpu_mem_usage`), a group at a time. Streamed weights are plain tensors
+    (fp8 ones in `qwen_batch.fp8_linear.Fp8Linear`): torchao's fp8 tensors cannot move between devices."""
     import torch
     from diffusers.hooks import apply_group_offloading
 
@@ -589,7 +569,7 @@ def _group_offload(
         use_stream=on_gpu,
         record_stream=on_gpu,
         non_blocking=on_gpu,
-        low_cpu_mem_usage=on_gpu and not pin_all and not torchao,
+        low_cpu_mem_usage=on_gpu and not pin_all,
     )
 
 

@@ -181,6 +181,7 @@ class Job:
     compile: bool = True
     input_images: int = 1  # edits: input images per row (Edit-Plus takes several; each rides along as latents)
     weights: WeightsSummary = field(default_factory=WeightsSummary)
+    adapters: bool = False  # rows fuse LoRA adapters: fp8-offload's fp8 copy cannot take a fuse
 
     @classmethod
     def for_requests(
@@ -204,6 +205,7 @@ class Job:
             batch_size=batch_size,
             compile=compile,
             weights=weights or WeightsSummary(),
+            adapters=any(getattr(r, "loras", ()) for r in requests),
         )
 
     @property
@@ -367,16 +369,15 @@ class HostStreaming:
 
 def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> HostStreaming | None:
     """Pin what the host can spare of what streams, read the rest from disk; None when even that does not
-    fit (fp8 weights stream from pinned memory only: fp8-offload's copy exists nowhere else, and an fp8
-    file's torchao weights take diffusers' fully pinned path)."""
+    fit (fp8-offload keeps all of its fp8 copy in host memory: it exists nowhere else)."""
     total, block = streamed_bytes(mode, weights)
     fixed = HOST_BASE_GIB + DIT_LOAD_GIB + PINNED_SLAB_GIB
     staging = STAGING_BLOCKS * block * PINNED_ROUNDING / GiB
     spare = machine.host_usable_gib - fixed
     if total / GiB <= spare:
         return HostStreaming(total, 0, fixed + total / GiB)
-    if mode == "fp8-offload" or weights.kind == FP8_WEIGHTS or spare - staging <= 0:
-        return None  # fp8 weights stream from pinned host RAM only (qwen_batch.memory_modes._group_offload)
+    if mode == "fp8-offload" or spare - staging <= 0:
+        return None
     pinned = int((spare - staging) * GiB)
     return HostStreaming(pinned, total - pinned, fixed + staging + pinned / GiB)
 
@@ -485,7 +486,13 @@ def plan_denoise(machine: Machine, job: Job, mode: str = "auto") -> StagePlan:
             f"--memory-mode {mode}: the transformer's weights are {kind} ({job.weights.label}); with them use "
             f"auto, {', '.join(MODES_FOR[kind])}"
         )
+    if mode == "fp8-offload" and job.adapters:
+        raise ConfigError(
+            "rows with LoRA adapters cannot run with --memory-mode fp8-offload (its fp8 copy of the weights cannot "
+            "take a fuse): use --memory-mode offload or auto"
+        )
     candidates = MODES_FOR[kind] if mode == "auto" else (mode,)
+    candidates = tuple(c for c in candidates if not (job.adapters and c == "fp8-offload"))
     tried: list[str] = []
     streaming: list[StagePlan] = []
     for candidate in candidates:

@@ -90,8 +90,10 @@ def load_transformer(
         module = model.get_submodule(prefix) if prefix else model
         for name in names:
             stored = weights.tensors[name]
-            value = _materialize(name, stored, weights, home, dtype, fp8_matmuls)
+            value = _materialize(name, stored, weights, home, dtype, fp8_matmuls, plain_fp8=streams)
             _assign(model, name, value)
+        if streams and kind == FP8_KIND:  # streamed fp8 weights: plain tensors in an Fp8Linear each
+            _swap_in_fp8_linears(model, names, weights)
         if prefix.startswith(f"{BLOCKS}.") and kind == FLOAT:
             convert_block(module, prefix, placement, device, dtype)
         if arena is not None:  # the embedders first (the root: its blocks are still empty), then each block
@@ -149,20 +151,45 @@ def _groups(model: torch.nn.Module, tensors: Mapping[str, StoredTensor]) -> Iter
 
 
 def _materialize(
-    name: str, stored: StoredTensor, weights: TransformerWeights, home: str, dtype: torch.dtype, fp8_matmuls: bool
+    name: str,
+    stored: StoredTensor,
+    weights: TransformerWeights,
+    home: str,
+    dtype: torch.dtype,
+    fp8_matmuls: bool,
+    plain_fp8: bool = False,
 ) -> torch.Tensor:
     """One stored tensor as the model will hold it, on `home`. A float tensor in the run's dtype, copied
     (on the CPU a tensor already in that dtype stays a view of the file: nothing copied); a GGUF weight as
-    its quantized bytes; an fp8 linear weight of a block as a torchao fp8 tensor; any other fp8 tensor upcast."""
+    its quantized bytes; an fp8 linear weight of a block as a torchao fp8 tensor (`plain_fp8`: as it is, for
+    an `Fp8Linear`); any other fp8 tensor upcast."""
     view = stored.tensor()
     if stored.is_quantized:
         return view.to(home)
     if stored.storage == "F8_E4M3":
         scale = weights.scales.get(name, 1.0)
         if name.startswith(f"{BLOCKS}.") and name.endswith(".weight"):
+            if plain_fp8:
+                return view.to(home)
             return stored_fp8_weight(view.to(home), scale, dtype, fp8_matmuls and home != "cpu")
         return (view.to(home, dtype=dtype) * scale).to(dtype)
     return view.to(home, dtype=dtype)
+
+
+def _swap_in_fp8_linears(model: torch.nn.Module, names: list[str], weights: TransformerWeights) -> None:
+    """The linear layers among `names` whose weights the file holds in fp8 become `Fp8Linear`s (one scale per
+    row: the file's per-tensor scale, repeated)."""
+    import torch
+
+    from qwen_batch.fp8_linear import swap_in
+
+    for name in names:
+        if weights.tensors[name].storage != "F8_E4M3" or not name.endswith(".weight"):
+            continue
+        layer = name.removesuffix(".weight")
+        weight = model.get_submodule(layer).weight.data
+        scale = torch.full((weight.shape[0], 1), weights.scales.get(name, 1.0), dtype=torch.float32)
+        swap_in(model, layer, weight, scale, weight.device.type)
 
 
 def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
