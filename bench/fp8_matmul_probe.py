@@ -11,12 +11,13 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 from qwen_batch.memory_modes import _fp8_config
 
 
-def probe(rows: int, features: int = 3072, out: int = 3072, bias: bool = True) -> str:
+def probe(rows: int, features: int = 3072, out: int = 3072, bias: bool = True, flat: bool = False, dtype=None) -> str:
     from torchao.quantization import quantize_
 
     linear = torch.nn.Linear(features, out, bias=bias, device="cuda", dtype=torch.bfloat16)
     quantize_(linear, _fp8_config())
-    x = torch.randn(1, rows, features, device="cuda", dtype=torch.bfloat16)
+    shape = (rows, features) if flat else (1, rows, features)
+    x = torch.randn(*shape, device="cuda", dtype=dtype or torch.bfloat16)
     try:
         with torch.inference_mode():
             linear(x)
@@ -26,8 +27,9 @@ def probe(rows: int, features: int = 3072, out: int = 3072, bias: bool = True) -
         return str(error).split("\n")[0][:90]
 
 
-for cap in (None, 24):
-    if cap:
-        torch.cuda.set_per_process_memory_fraction(cap * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    for rows in (1, 6, 11, 16, 27, 64, 4096):
-        print(f"cap {cap} rows {rows}: bias {probe(rows)}; no bias {probe(rows, bias=False)}", flush=True)
+for out in (3072, 12288, 18432):
+    for rows in (1, 2, 6, 16, 4096):
+        flat = probe(rows, out=out, flat=True)
+        fp32 = probe(rows, out=out, flat=True, dtype=torch.float32)
+        print(f"N {out} rows {rows}: 3-D {probe(rows, out=out)}; 2-D {flat}; 2-D fp32 input {fp32}", flush=True)
+print(f"K 12288 rows 6: {probe(6, features=12288)}", flush=True)
