@@ -1,5 +1,10 @@
-"""Which shapes torchao's fp8 linear (dynamic per-row, as qwen-batch's fp8 mode) runs eagerly, with the GPU
-capped and not: device call 3 of issue 26 saw `CUBLAS_STATUS_NOT_SUPPORTED` from `torch._scaled_mm` at 24 GiB."""
+"""Which shapes torchao's fp8 linear (dynamic per-row, as qwen-batch's fp8 mode) runs eagerly.
+
+Issue 26's tiers saw `CUBLAS_STATUS_NOT_SUPPORTED` from `torch._scaled_mm` in fp8 (eager and compiled). On an
+H200 (session 7, call 4) every 3,072-input shape ran (outputs 3,072, 12,288, 18,432; 1 to 4,096 rows; 2-D and
+3-D; float32 inputs) and 12,288 inputs with 6 rows failed: the text MLP's down-projection on a short text.
+`qwen_batch.denoise.FP8_TEXT_MULTIPLE` pads the text stream to a multiple of 16 under fp8; this script's last
+lines say which row counts work at 12,288 inputs (not yet run)."""
 
 import sys
 from pathlib import Path
@@ -32,4 +37,5 @@ for out in (3072, 12288, 18432):
         flat = probe(rows, out=out, flat=True)
         fp32 = probe(rows, out=out, flat=True, dtype=torch.float32)
         print(f"N {out} rows {rows}: 3-D {probe(rows, out=out)}; 2-D {flat}; 2-D fp32 input {fp32}", flush=True)
-print(f"K 12288 rows 6: {probe(6, features=12288)}", flush=True)
+for rows in (1, 6, 15, 16, 17, 32, 64, 4096):  # the text MLP's down-projection, the one call 4 saw fail
+    print(f"K 12288 rows {rows}: {probe(rows, features=12288)}", flush=True)

@@ -35,6 +35,7 @@ from qwen_batch.memory_modes import (
     Placement,
     QuantizedWeights,
     compile_blocks,
+    fp8_compute_available,
     place_transformer,
     place_vae,
     weights_stay_put,
@@ -53,6 +54,12 @@ if TYPE_CHECKING:
 
 
 TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddings)
+# Under fp8 matmuls the text stream is padded (and masked) to a multiple of this many tokens even when every
+# row has the same length. On an H200 (torch 2.11, torchao 0.17, cuBLASLt) the fp8 GEMM of the text MLP's
+# down-projection (12,288 inputs) with 6 rows failed with CUBLAS_STATUS_NOT_SUPPORTED, which stopped eager and
+# compiled fp8 alike when a batch's text was short and unpadded (SDPA, CFG halves apart: the negative prompt " "
+# is a few tokens); 3,072-input layers ran at every row count tried (bench/fp8_matmul_probe.py, docs/memory.md).
+FP8_TEXT_MULTIPLE = 16
 # With true CFG: "joint" runs the conditional and unconditional rows in one forward, the negatives
 # padded to the prompts' length; "split" runs them as two forwards, each padded to its own length (the
 # negatives, all " ", then need no mask at all). "auto" picks by the attention kernel, as measured on
@@ -94,6 +101,8 @@ class ImageGenerator:
             compile_once_for_every_packed_length(transformer)
         if self.placement.compile:
             self.memory_mode = compile_blocks(transformer, self.placement, self.memory_mode)
+        fp8_matmuls = self.placement.mode == FP8 and fp8_compute_available(device)
+        self.text_multiple = FP8_TEXT_MULTIPLE if fp8_matmuls else 1
         split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
         self.cfg_layout = CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint"
         self.memory_mode += f"; padded batches attend through {kernel}; CFG halves {self.cfg_layout}"
@@ -212,9 +221,9 @@ class ImageGenerator:
         (`text_index`, qwen_batch.packed_text) where the text stream runs packed."""
         from qwen_batch.packed_text import pack_text
 
-        length = _padded_length(embeddings)
+        length = _padded_length(embeddings, self.text_multiple)
         if length is None or not self.pack_text:
-            embeds, mask = _pad_embeddings(embeddings, self.device, self.dtype)
+            embeds, mask = _pad_embeddings(embeddings, self.device, self.dtype, self.text_multiple)
             return embeds, {"text_mask": mask}
         packed, mask, index = pack_text(embeddings, length, self.dtype)
         text_kwargs = {"text_mask": to_device(mask, self.device), "text_index": to_device(index, self.device)}
@@ -295,18 +304,19 @@ def fixed_shift_scheduler(scheduler, shift: float):
 
 
 def _pad_embeddings(
-    embeddings: Sequence[torch.Tensor], device: str, dtype: torch.dtype
+    embeddings: Sequence[torch.Tensor], device: str, dtype: torch.dtype, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack `[tokens, hidden]` embeddings into `[rows, max_tokens, hidden]` plus a mask.
 
     The mask is None when no row is padded: the pipeline passes None in that case too, and it lets
     the attention take its fastest path. When rows are padded anyway, the padding goes up to a multiple
     of TEXT_BUCKET tokens: masked keys get zero attention weight, so the images are the same, and a
-    compiled transformer meets a few text lengths instead of one per batch (no recompiles).
+    compiled transformer meets a few text lengths instead of one per batch (no recompiles). `multiple`:
+    rows of one length are padded too, to a multiple of it (FP8_TEXT_MULTIPLE).
     """
     import torch
 
-    longest = _padded_length(embeddings) or embeddings[0].shape[0]
+    longest = _padded_length(embeddings, multiple) or embeddings[0].shape[0]
     hidden = embeddings[0].shape[1]
     stacked = torch.zeros(len(embeddings), longest, hidden, dtype=dtype)  # built on the host, sent once
     mask = torch.zeros(len(embeddings), longest, dtype=torch.bool)
@@ -318,12 +328,13 @@ def _pad_embeddings(
     return to_device(stacked, device), to_device(mask, device)
 
 
-def _padded_length(embeddings: Sequence[torch.Tensor]) -> int | None:
+def _padded_length(embeddings: Sequence[torch.Tensor], multiple: int = 1) -> int | None:
     """The batch's padded text length (the longest, rounded up to TEXT_BUCKET), or None when every row
-    has the same length and nothing is padded."""
+    has the same length, a multiple of `multiple`, and nothing is padded."""
     lengths = {embedding.shape[0] for embedding in embeddings}
     if len(lengths) == 1:
-        return None
+        (length,) = lengths
+        return None if length % multiple == 0 else -(-length // multiple) * multiple
     return -(-max(lengths) // TEXT_BUCKET) * TEXT_BUCKET
 
 

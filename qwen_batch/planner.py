@@ -79,10 +79,14 @@ CUDA_CONTEXT_GIB = 0.6  # a real card's memory the allocator never sees
 
 # --- Host RAM ----------------------------------------------------------------------------------------
 HOST_BASE_GIB = 4.0  # the Python process with torch, diffusers and CUDA loaded, and its working memory
-# Loading: the streamed loader holds one block's file pages (0.7 GB in bf16) and a block in flight;
-# transformers loads the text encoder to the GPU one shard (up to 5 GB of pages) at a time.
+# Loading: the streamed loader holds one block's file pages (0.7 GB in bf16) and a block in flight; the bf16
+# text encoder goes to the GPU tensor by tensor, each one's pages given back once copied. Measured on an H200
+# from disk (bench/results/host_memory_h200.jsonl): peak RSS 2.3 GiB loading the transformer in bf16 or fp8,
+# 4.9-5.1 GiB encoding with the bf16 encoder. An fp8 or offloaded encoder is read memory-mapped by
+# transformers and placed layer by layer: 6.6 GiB of its file pages were resident at the peak (7.2 GiB RSS).
 DIT_LOAD_GIB = 1.5
 ENCODER_LOAD_GIB = 5.0
+ENCODER_MAPPED_LOAD_GIB = 3.5
 # What offload pins on the fly for blocks beyond its budget: a few blocks, rounded up to powers of two
 # by PyTorch's pinned allocator.
 STAGING_BLOCKS = 3
@@ -101,8 +105,10 @@ FORWARD_SECONDS = {
     ("fp8-storage", True): 0.286,
 }
 # Weights dequantized as they are used (GGUF; fp8 weight-only): the whole model once per forward, whatever
-# the batch, on top of the bf16 compute. An estimate until measured (docs/memory.md).
-DEQUANT_SECONDS_PER_FORWARD = {GGUF_WEIGHTS: 0.10, FP8_WEIGHTS: 0.03}
+# the batch, on top of the bf16 compute. Measured on an H200, eager, 1024x1024 (bench/results/
+# host_memory_h200.jsonl): a Q4_K forward of 4 rows took 1.05-1.13 s against 4 x 0.186 s in bf16 (0.31-0.39 s
+# more); fp8-offload's forward of 6 rows 1.32 s against 6 x 0.186 (0.20 s more, streaming waits included).
+DEQUANT_SECONDS_PER_FORWARD = {GGUF_WEIGHTS: 0.35, FP8_WEIGHTS: 0.20}
 REFERENCE_TOKENS = 4096 + 128
 H100_HOST_LINK_GBPS = 55.0  # pinned host-to-GPU copies, measured (PCIe 5.0 x16)
 PCIE4_HOST_LINK_GBPS = 25.0  # PCIe 4.0 x16 in practice (32 GB/s on paper)
@@ -397,7 +403,7 @@ def encode_host_gib(mode: str = "bf16", machine: Machine | None = None) -> float
     if mode == "bf16":
         return HOST_BASE_GIB + ENCODER_LOAD_GIB
     if mode == "fp8":
-        return HOST_BASE_GIB + DIT_LOAD_GIB
+        return HOST_BASE_GIB + ENCODER_MAPPED_LOAD_GIB
     machine = machine or Machine(gpu_gib=None, host_gib=1e6)
     weights = (ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS) * 2 / GiB
     spare = machine.host_usable_gib - HOST_BASE_GIB - DIT_LOAD_GIB

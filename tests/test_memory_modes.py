@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.denoise import TEXT_BUCKET, _pad_embeddings
+from qwen_batch.denoise import FP8_TEXT_MULTIPLE, TEXT_BUCKET, _pad_embeddings
 from qwen_batch.memory_modes import (
     COMPILE_CACHE_ENV,
     Placement,
@@ -106,6 +106,16 @@ def test_ragged_text_is_padded_to_a_bucket_and_even_text_is_not_masked():
     assert ragged.shape[1] == 2 * TEXT_BUCKET and mask.sum(dim=1).tolist() == [3, 70]
     even, no_mask = _pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32)
     assert even.shape[1] == 5 and no_mask is None
+
+
+def test_under_fp8_matmuls_even_short_text_is_padded_to_a_multiple_of_16():
+    """cuBLASLt refused the fp8 GEMM of the text MLP's 12,288-wide down-projection for 6 rows (H200)."""
+    short, mask = _pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    assert short.shape[1] == 16 and mask.sum(dim=1).tolist() == [5, 5]
+    exact, no_mask = _pad_embeddings([torch.ones(32, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    assert exact.shape[1] == 32 and no_mask is None
+    ragged, _ = _pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    assert ragged.shape[1] == 2 * TEXT_BUCKET
 
 
 def test_compile_cache_goes_to_the_folder_asked_for_else_under_the_home(tmp_path, monkeypatch, qwen_batch_home):

@@ -169,3 +169,39 @@ def test_plan_with_sizes_given_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("False")
+
+
+H200_TIERS = Path(__file__).parents[1] / "bench" / "results" / "host_memory_h200.jsonl"
+
+
+def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
+    """The runs of bench/host_memory.py (the model read from its files, each in a cgroup of its RAM): every
+    stage's peak RSS under the planner's host RAM for it, the denoise peak under its GPU prediction, and the
+    seconds per image inside the band for the batch that ran. Call 2 ran code since replaced (the text
+    encoder's shards all mapped at once, fp8 streamed as torchao tensors): its lines are history."""
+    from qwen_batch.planner import WeightsSummary
+
+    runs = [json.loads(line) for line in H200_TIERS.read_text().splitlines()]
+    checked = 0
+    for run in runs:
+        if run["run"] != "tier" or run["device_call"] < 3:
+            continue
+        weights = WeightsSummary()
+        if run["transformer"]:
+            size = next(r["gb"] for r in runs if r["run"] == "write-file" and r["path"] == run["transformer"])
+            weights = WeightsSummary("gguf", int(size * 1e9), int(size * 1e9) // 60, "Q4_K")
+        machine = Machine(gpu_gib=run["gpu_gib"], host_gib=run["host_gib"])
+        compiled = "compiled" in run["label"]  # the bench's default is --compile off
+        plan = plan_memory(machine, Job(weights=weights, compile=compiled))
+        assert run["encode"]["peak_rss_gib"] <= plan.encode.host_gib, run["label"]
+        for stage in ("denoise_load", "denoise"):
+            assert run[stage]["peak_rss_gib"] <= plan.denoise.host_gib, (run["label"], stage)
+        assert run["denoise"]["peak_gpu_gib"] <= plan.denoise.peak_gpu_gib, run["label"]
+        assert run["vm_hwm_gib"] <= max(plan.encode.host_gib, plan.denoise.host_gib), run["label"]
+        if "seconds_per_image_at_50_steps" in run:
+            batch = min(run["prompts"], plan.denoise.batch_size)
+            job = Job(weights=weights, batch_size=batch, compile=compiled)
+            low, high = plan_memory(machine, job).denoise.seconds_per_image
+            assert low <= run["seconds_per_image_at_50_steps"] <= high, run["label"]
+        checked += 1
+    assert checked >= 5
