@@ -83,6 +83,11 @@ def plan_fleet_for(params: FanoutParameters, manifest: Manifest) -> tuple[Fanout
     whole batches of it, so every shard must use the same)."""
     if params.gpu_memory_gib is None:
         return params, {}
+    if params.transformer:
+        # The fleet plan is made for the model's own weights; a transformer file (fp8, GGUF) has modes of its
+        # own, which each shard plans from the file's header when it starts (identical GPUs plan alike).
+        get_run_logger().info("plan for the shards: each plans for the transformer file %s itself", params.transformer)
+        return params, {}
     host = params.host_memory_gib or UNLIMITED_HOST_GIB
     job = Job.for_requests(manifest.requests, manifest.task, params.batch_size)
     fleet = plan_fleet(Machine(gpu_gib=params.gpu_memory_gib, host_gib=host), job, params.shards, params.memory_mode, 1)

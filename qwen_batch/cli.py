@@ -440,8 +440,8 @@ def _plan(args: argparse.Namespace) -> int:
         Job,
         Machine,
         WeightsSummary,
-        _env_number,
         detect_machine,
+        env_number,
         host_memory_gib,
         plan_memory,
     )
@@ -449,7 +449,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.gpu_memory is None:
         machine = detect_machine("cuda", host_gib=args.host_memory, disk_gbps=args.disk_gbps)
     else:
-        disk = args.disk_gbps or _env_number(DISK_SPEED_ENV, "GB/s") or DISK_GBPS
+        disk = args.disk_gbps or env_number(DISK_SPEED_ENV, "GB/s") or DISK_GBPS
         machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib(), disk_gbps=disk)
     if args.fp8_matmul is not None:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)

@@ -114,8 +114,9 @@ def _encoder_straight_to(source: ModelSource, device: str, dtype: torch.dtype):
         for file in safetensors_files(folder / "text_encoder")
         for name, stored in read_safetensors(file).items()
     }
-    config = transformers.AutoConfig.from_pretrained(folder / "text_encoder")
-    return getattr(transformers, class_name).from_pretrained(
+    model_class = getattr(transformers, class_name)
+    config = model_class.config_class.from_json_file(folder / "text_encoder" / "config.json")
+    return model_class.from_pretrained(
         None, config=config, state_dict=state, dtype=dtype, device_map={"": device}, use_safetensors=True
     )
 

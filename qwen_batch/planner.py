@@ -777,7 +777,8 @@ HOST_MEMORY_ENV = "QWEN_BATCH_HOST_MEMORY_GIB"  # plan for this much host RAM (a
 DISK_SPEED_ENV = "QWEN_BATCH_DISK_GBPS"  # how fast weights read back from the checkpoint's disk
 
 
-def _env_number(name: str, unit: str) -> float | None:
+def env_number(name: str, unit: str) -> float | None:
+    """A number from the environment variable `name` (None when unset); ConfigError naming it when not a number."""
     if not os.environ.get(name):
         return None
     try:
@@ -793,7 +794,7 @@ def detect_machine(
     $QWEN_BATCH_HOST_MEMORY_GIB) override what is detected."""
     import torch
 
-    gpu_gib = gpu_gib if gpu_gib is not None else _env_number(GPU_MEMORY_ENV, "GiB")
+    gpu_gib = gpu_gib if gpu_gib is not None else env_number(GPU_MEMORY_ENV, "GiB")
     name, fp8 = "", True
     if device.startswith("cuda") and torch.cuda.is_available():
         index = torch.device(device).index or 0
@@ -802,8 +803,8 @@ def detect_machine(
         fp8 = (properties.major, properties.minor) >= (8, 9)
         if gpu_gib is None:
             gpu_gib = properties.total_memory / GiB
-    host_gib = host_gib if host_gib is not None else _env_number(HOST_MEMORY_ENV, "GiB")
-    disk_gbps = disk_gbps if disk_gbps is not None else _env_number(DISK_SPEED_ENV, "GB/s")
+    host_gib = host_gib if host_gib is not None else env_number(HOST_MEMORY_ENV, "GiB")
+    disk_gbps = disk_gbps if disk_gbps is not None else env_number(DISK_SPEED_ENV, "GB/s")
     return Machine(
         gpu_gib=gpu_gib,
         host_gib=host_gib if host_gib is not None else host_memory_gib(),

@@ -86,3 +86,19 @@ def test_the_fanout_gives_every_shard_the_planned_mode_and_batch(tmp_path):
     shard = BatchParameters(**planned.shard_parameters(1))
     assert (shard.memory_mode, shard.batch_size) == ("fp8", 1) == (prediction["mode"], prediction["batch_size"])
     assert prediction["images_per_hour"]
+
+
+def test_with_a_transformer_file_the_fanout_leaves_the_mode_to_each_shard(tmp_path):
+    """The fleet plan is made for the model's own weights; a GGUF or fp8 file has modes of its own."""
+    from prefect.logging import disable_run_logger
+
+    from flows.parameters import FanoutParameters
+    from flows.qwen_image_fanout import plan_fleet_for
+    from qwen_batch.manifest import read_manifest
+    from tests.support import write_manifest
+
+    manifest = read_manifest(str(write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox"}])))
+    params = FanoutParameters(manifest=str(tmp_path / "m.parquet"), shards=2, gpu_memory_gib=16, transformer="q4.gguf")
+    with disable_run_logger():
+        planned, prediction = plan_fleet_for(params, manifest)
+    assert planned.memory_mode == "auto" and prediction == {}

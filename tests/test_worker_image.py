@@ -36,7 +36,7 @@ def test_the_image_installs_through_the_script_that_ci_runs():
     assert len(installs) == 1 and "deployments/install-worker.sh" in installs[0]
     assert "deployments/install-worker.sh" in (REPO / ".ci" / "run").read_text()
     script = (REPO / "deployments" / "install-worker.sh").read_text()
-    assert "constraints.txt" in script and "compileall" in script and "[${EXTRAS:-gpu}]" in script
+    assert "constraints.txt" in script and "compileall" in script and "[${EXTRAS:-gpu,gguf}]" in script
 
 
 def test_the_image_runs_as_a_user_and_keeps_its_caches_on_volumes():
