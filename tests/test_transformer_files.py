@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -300,3 +301,47 @@ def test_safetensors_header_offsets_are_checked_against_the_file(tmp_path, files
     (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(data[8 + length :]))
     with pytest.raises(CheckpointError, match="is truncated"):
         read_safetensors(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssFile from /proc")
+def test_loading_gives_each_blocks_file_pages_back(tmp_path):
+    """Read from a bf16 checkpoint into fp32, the model's bytes all pass through the mapped files' pages: the
+    loader hands each block's pages back once it is copied, so the file pages the process holds stay about a
+    block, not the checkpoint (transformers and diffusers' from_pretrained keep them all until the end)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_batch.memory_modes import Placement
+    from qwen_batch.streamed_load import load_transformer
+    from qwen_batch.transformer_source import published_weights
+
+    with torch.device("cpu"):
+        model = QwenImageTransformer2DModel(
+            num_layers=4,
+            attention_head_dim=64,
+            num_attention_heads=12,
+            joint_attention_dim=768,
+            axes_dims_rope=(16, 24, 24),
+        ).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model" / "transformer", max_shard_size="100MB")
+    checkpoint = sum(f.stat().st_size for f in (tmp_path / "model" / "transformer").glob("*.safetensors"))
+    del model
+    weights = published_weights(tmp_path / "model", dict(model_config(tmp_path / "model")))
+    before = rss_file()
+    loaded = load_transformer(weights, Placement("bf16"), "cpu", torch.float32)
+    held = rss_file() - before
+    block = checkpoint / 4
+    assert held < 1.5 * block, (held, checkpoint)
+    assert loaded.model.transformer_blocks[3].attn.to_q.weight.dtype == torch.float32
+
+
+def model_config(folder):
+    from diffusers import QwenImageTransformer2DModel
+
+    return QwenImageTransformer2DModel.load_config(folder, subfolder="transformer")
+
+
+def rss_file() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    return 0
