@@ -58,8 +58,10 @@ TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddin
 # row has the same length. On an H200 (torch 2.11, torchao 0.17, cuBLASLt) the fp8 GEMM of the text MLP's
 # down-projection (12,288 inputs) with 6 rows failed with CUBLAS_STATUS_NOT_SUPPORTED, which stopped eager and
 # compiled fp8 alike when a batch's text was short and unpadded (SDPA, CFG halves apart: the negative prompt " "
-# is a few tokens); 3,072-input layers ran at every row count tried (bench/fp8_matmul_probe.py, docs/memory.md).
-FP8_TEXT_MULTIPLE = 16
+# is a few tokens); 3,072-input layers ran at every row count tried, and packed text of hundreds of tokens ran
+# in earlier sessions (bench/fp8_matmul_probe.py, docs/memory.md). Which row counts work at 12,288 inputs was
+# not probed: a whole bucket is the safe side, and padded batches already use it (no new compiled shapes).
+FP8_TEXT_MULTIPLE = TEXT_BUCKET
 # With true CFG: "joint" runs the conditional and unconditional rows in one forward, the negatives
 # padded to the prompts' length; "split" runs them as two forwards, each padded to its own length (the
 # negatives, all " ", then need no mask at all). "auto" picks by the attention kernel, as measured on

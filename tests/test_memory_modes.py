@@ -108,12 +108,12 @@ def test_ragged_text_is_padded_to_a_bucket_and_even_text_is_not_masked():
     assert even.shape[1] == 5 and no_mask is None
 
 
-def test_under_fp8_matmuls_even_short_text_is_padded_to_a_multiple_of_16():
+def test_under_fp8_matmuls_even_short_text_is_padded_to_a_whole_bucket():
     """cuBLASLt refused the fp8 GEMM of the text MLP's 12,288-wide down-projection for 6 rows (H200)."""
     short, mask = _pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
-    assert short.shape[1] == 16 and mask.sum(dim=1).tolist() == [5, 5]
-    exact, no_mask = _pad_embeddings([torch.ones(32, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
-    assert exact.shape[1] == 32 and no_mask is None
+    assert short.shape[1] == TEXT_BUCKET and mask.sum(dim=1).tolist() == [5, 5]
+    exact, no_mask = _pad_embeddings([torch.ones(128, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    assert exact.shape[1] == 128 and no_mask is None
     ragged, _ = _pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
     assert ragged.shape[1] == 2 * TEXT_BUCKET
 
