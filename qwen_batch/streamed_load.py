@@ -13,13 +13,13 @@ that are not where they belong.
 The same loop reads every source: the published diffusers layout (its shards), one safetensors file in
 bf16/fp16/fp32 or fp8 (taken as stored: the fp8 bytes become torchao fp8 tensors with the file's scales),
 and GGUF files (their quantized bytes become diffusers' `GGUFParameter`s in its `GGUFLinear` layers,
-exactly as `from_single_file` builds them). On the CPU a bf16 layout loaded this way equals diffusers'
-`from_pretrained` bit for bit (tests/test_streamed_load.py).
+exactly as `from_single_file` builds them). Streamed (offload), an fp8 file's weights stay plain fp8 tensors
+in an `Fp8Linear` (`qwen_batch.fp8_linear` says why). On the CPU a bf16 layout loaded this way equals
+diffusers' `from_pretrained` bit for bit (tests/test_transformer_files.py).
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,9 +29,7 @@ from qwen_batch.memory_modes import (
     BLOCKS,
     FP8,
     FP8_OFFLOAD,
-    GGUF,
     OFFLOAD,
-    RESIDENT,
     SEQUENTIAL,
     Placement,
     QuantizedWeights,
@@ -42,6 +40,7 @@ from qwen_batch.memory_modes import (
     stored_fp8_weight,
 )
 from qwen_batch.pinned_arena import PinnedArena
+from qwen_batch.planner import MODES_FOR
 from qwen_batch.transformer_source import FLOAT, GGUF_KIND, TransformerWeights
 from qwen_batch.transformer_source import FP8 as FP8_KIND
 
@@ -49,15 +48,6 @@ if TYPE_CHECKING:
     import torch
 
     from qwen_batch.checkpoint_files import StoredTensor
-
-log = logging.getLogger(__name__)
-
-# The modes each kind of stored weights can run in (what `--memory-mode` may ask for with such a file).
-MODES_FOR = {
-    FLOAT: (RESIDENT, FP8, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL),
-    FP8_KIND: (FP8, OFFLOAD),
-    GGUF_KIND: (GGUF, OFFLOAD),
-}
 
 
 @dataclass
