@@ -30,18 +30,16 @@ from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
     FP8,
-    FP8_OFFLOAD,
-    OFFLOAD,
     Placement,
     QuantizedWeights,
     compile_blocks,
     fp8_compute_available,
     place_transformer,
     place_vae,
+    streaming_arena,
     weights_stay_put,
 )
 from qwen_batch.model_source import ModelSource, load_pipeline
-from qwen_batch.pinned_arena import PinnedArena
 from qwen_batch.streamed_load import load_transformer
 from qwen_batch.transformer_source import TransformerFile, denoiser_weights
 
@@ -285,8 +283,7 @@ def _load_denoiser(
         transformer = pipe.transformer
         # fp8 with adapters: references to the host weights, to fuse adapters in bf16 (qwen_batch.fusion).
         keep = QuantizedWeights.capture(transformer) if placement.adapters and placement.mode == FP8 else {}
-        arena = PinnedArena(placement.pinned_bytes) if placement.mode in (OFFLOAD, FP8_OFFLOAD) else None
-        done = place_transformer(transformer, placement, device, dtype, arena if device.startswith("cuda") else None)
+        done = place_transformer(transformer, placement, device, dtype, streaming_arena(placement, device))
         return pipe, done, QuantizedWeights.after_placement(transformer, keep, device)
     weights = denoiser_weights(source, transformer_file)
     loaded = load_transformer(weights, placement, device, dtype)

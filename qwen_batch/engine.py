@@ -21,7 +21,7 @@ from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.input_image import DEFAULT_MAX_PIXELS
 from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
-from qwen_batch.memory_modes import Placement, RunMemory, check_mode_for_weights, plan_run_memory
+from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
 from qwen_batch.model_source import (
     DENOISER_COMPONENTS,
     ENCODER_COMPONENTS,
@@ -31,7 +31,7 @@ from qwen_batch.model_source import (
     resolve_model,
 )
 from qwen_batch.oom import is_out_of_memory, retry_in_halves
-from qwen_batch.planner import WeightsSummary
+from qwen_batch.planner import WeightsSummary, check_mode_for_weights
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
 from qwen_batch.sharding import assign_shards
@@ -184,10 +184,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     source = resolve_model(_model_for(config.model, manifest))
     pipeline_class = pipeline_class_name(source)
     _check_model_fits(manifest, source, pipeline_class)
-    transformer_file = _transformer_file(config, source)
-    transformer_summary = _transformer_weights_summary(source, transformer_file)
-    if transformer_summary is not None:
-        check_mode_for_weights(config.memory_mode, transformer_summary)  # before anything is written
+    transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
@@ -243,20 +240,17 @@ def plan_run(config: RunConfig) -> RunPlan:
     )
 
 
-def _transformer_file(config: RunConfig, source: ModelSource) -> TransformerFile | None:
-    """--transformer: found, read and checked against the model's transformer config before anything is
-    written or loaded (a wrong file is a usage error, exit 2)."""
+def _transformer_file(config: RunConfig, source: ModelSource) -> tuple[TransformerFile | None, WeightsSummary | None]:
+    """--transformer: found, read and checked against the model's transformer config, and the memory mode
+    asked for checked against its weights, before anything is written or loaded (a wrong file or mode is a
+    usage error, exit 2). Returns the file and what the planner needs of it (kind and sizes as stored)."""
     if not config.transformer:
-        return None
+        return None, None
     file = open_transformer_file(config.transformer, config.storage_options)
-    file_weights(file, source.transformer_config())  # the architecture check; the weights load in stage 2
+    summary = WeightsSummary.of(file_weights(file, source.transformer_config()))  # the architecture check
+    check_mode_for_weights(config.memory_mode, summary)
     log.info("transformer: %s (%s, %.1f GB, sha256 %s)", file.location, file.storage, file.size / 1e9, file.sha256)
-    return file
-
-
-def _transformer_weights_summary(source: ModelSource, file: TransformerFile | None) -> WeightsSummary | None:
-    """What the planner needs to know of a --transformer file's weights: their kind and size as stored."""
-    return None if file is None else WeightsSummary.of(file_weights(file, source.transformer_config()))
+    return file, summary
 
 
 def _model_for(model: str, manifest: Manifest) -> str:

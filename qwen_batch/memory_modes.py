@@ -153,16 +153,12 @@ def convert_block(block: torch.nn.Module, prefix: str, placement: Placement, dev
     elif mode == FP8_OFFLOAD:
         from qwen_batch.fp8_linear import quantize_rows, swap_in
 
-        accept, where = block_linears(block, prefix, kept), _quantize_on(device)
+        # Quantized on the GPU where there is one (much faster), then back to host memory.
+        accept, where = block_linears(block, prefix, kept), device if device.startswith("cuda") else "cpu"
         for name, module in list(block.named_modules()):
             if accept(module, name):
                 qdata, scale = quantize_rows(module.weight.to(where))
                 swap_in(block, name, qdata, scale, "cpu")
-
-
-def _quantize_on(device: str) -> str:
-    """Where fp8-offload quantizes a block before it goes back to host memory: the GPU is much faster."""
-    return device if device.startswith("cuda") else "cpu"
 
 
 def quantize_fp8(
@@ -240,23 +236,24 @@ def _cast_fp8_storage(block: torch.nn.Module, prefix: str, kept: tuple[str, ...]
             module.to(torch.float8_e4m3fn)
 
 
-def pin_for_streaming(module: torch.nn.Module, arena: PinnedArena) -> int:
+def streaming_arena(placement: Placement, device: str) -> PinnedArena | None:
+    """The pinned arena offload modes copy their blocks into, with the plan's budget; None where nothing is
+    pinned (resident modes, sequential, the CPU)."""
+    from qwen_batch.pinned_arena import PinnedArena
+
+    if placement.mode not in (OFFLOAD, FP8_OFFLOAD) or not device.startswith("cuda"):
+        return None
+    return PinnedArena(placement.pinned_bytes)
+
+
+def pin_for_streaming(module: torch.nn.Module, arena: PinnedArena) -> None:
     """Copy `module`'s host tensors into the pinned arena while its budget lasts; the others stay where
-    they are (memory-mapped checkpoint pages) and are pinned on the fly when they stream. Returns the
-    bytes pinned."""
-    pinned = 0
+    they are (memory-mapped checkpoint pages) and are pinned on the fly when they stream."""
     for parameter in [*module.parameters(), *module.buffers()]:
-        if parameter.device.type != "cpu" or parameter.is_pinned():
-            continue
-        copy = arena.take(parameter.data)
-        if copy is not None:
-            parameter.data = copy
-            pinned += _nbytes(copy)
-    return pinned
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if parameter.device.type == "cpu" and not parameter.is_pinned():
+            copy = arena.take(parameter.data)
+            if copy is not None:
+                parameter.data = copy
 
 
 # --- The whole model --------------------------------------------------------------------------------
@@ -337,7 +334,7 @@ def compile_blocks(transformer: torch.nn.Module, placement: Placement, done: str
 
 
 def _pinned_share(arena: PinnedArena, transformer: torch.nn.Module) -> str:
-    total = sum(_nbytes(parameter) for parameter in transformer.parameters())
+    total = sum(parameter.numel() * parameter.element_size() for parameter in transformer.parameters())
     if total and arena.used >= total:
         return f"pinned host RAM ({arena.used / 2**30:.1f} GiB)"
     return (
@@ -392,7 +389,7 @@ def place_text_encoder(
             return "group offload, layer by layer from pinned host RAM"
         from qwen_batch.pinned_arena import PinnedArena
 
-        arena = PinnedArena(pinned_bytes)
+        arena = PinnedArena(pinned_bytes)  # the encoder's own budget (a leaf-level stream, not a placement's)
         pin_for_streaming(text_encoder, arena)
         _group_offload(text_encoder, device, offload_type="leaf_level", pin_all=False)
         return (
@@ -617,10 +614,8 @@ def plan_run_memory(
     """Resolve --memory-mode and --compile for the rows to generate; raises DoesNotFitError (a
     ConfigError: exit 2, nothing loaded) when no mode fits this GPU and host. `transformer` describes
     the transformer's weights (a --transformer file's kind and size; None: the model's own)."""
-    from qwen_batch.planner import MEMORY_MODES, Job, WeightsSummary, detect_machine, plan_memory
+    from qwen_batch.planner import Job, WeightsSummary, check_mode_for_weights, detect_machine, plan_memory
 
-    if mode not in MEMORY_MODES:
-        raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
     if compile not in COMPILE_CHOICES:
         raise ConfigError(f"--compile {compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
     weights = transformer or WeightsSummary.published()
@@ -681,22 +676,6 @@ def plan_run_memory(
         plan=plan,
         encoder_pinned_bytes=_encoder_pinned_bytes(plan),
     )
-
-
-def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...]:
-    """The modes open to these transformer weights; ConfigError if `mode` is not one of them (fp8 or GGUF
-    files carry their own quantization: no bf16 mode to run them in)."""
-    from qwen_batch.planner import MEMORY_MODES, MODES_FOR
-
-    if mode not in MEMORY_MODES:
-        raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
-    open_modes = MODES_FOR[weights.kind]
-    if mode != "auto" and mode not in open_modes:
-        raise ConfigError(
-            f"--memory-mode {mode}: the transformer's weights are {weights.kind} ({weights.label}); with them use "
-            f"auto, {', '.join(open_modes)}"
-        )
-    return open_modes
 
 
 def _log_plan(plan: MemoryPlan) -> None:

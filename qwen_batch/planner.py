@@ -211,7 +211,7 @@ class Job:
             batch_size=batch_size,
             compile=compile,
             weights=weights or WeightsSummary(),
-            adapters=any(getattr(r, "loras", ()) for r in requests),
+            adapters=any(r.loras for r in requests),
         )
 
     @property
@@ -484,14 +484,24 @@ def _fit(candidate: str, machine: Machine, job: Job) -> tuple[StagePlan | None, 
     return _denoise_stage(candidate, batch, tiled, job, machine), ""
 
 
+def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...]:
+    """The modes open to these transformer weights; ConfigError if `mode` is not one of them (fp8 or GGUF
+    files carry their own quantization: no bf16 mode to run them in)."""
+    if mode not in MEMORY_MODES:
+        raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
+    open_modes = MODES_FOR[weights.kind]
+    if mode != "auto" and mode not in open_modes:
+        raise ConfigError(
+            f"--memory-mode {mode}: the transformer's weights are {weights.kind} ({weights.label}); with them use "
+            f"auto, {', '.join(open_modes)}"
+        )
+    return open_modes
+
+
 def plan_denoise(machine: Machine, job: Job, mode: str = "auto") -> StagePlan:
     """The first resident mode that fits (lossless first), else the fastest streaming one."""
     kind = job.weights.kind
-    if mode != "auto" and mode not in MODES_FOR[kind]:
-        raise ConfigError(
-            f"--memory-mode {mode}: the transformer's weights are {kind} ({job.weights.label}); with them use "
-            f"auto, {', '.join(MODES_FOR[kind])}"
-        )
+    check_mode_for_weights(mode, job.weights)
     if mode == "fp8-offload" and job.adapters:
         raise ConfigError(
             "rows with LoRA adapters cannot run with --memory-mode fp8-offload (its fp8 copy of the weights cannot "
@@ -680,8 +690,7 @@ def plan_encode(machine: Machine, job: Job, mode: str = "auto", batch_size: int 
 def plan_memory(machine: Machine, job: Job, mode: str = "auto", encode_batch_size: int = 16) -> MemoryPlan:
     """Both stages' plans, or DoesNotFitError saying why nothing fits. `mode` applies to the
     transformer; the text encoder chooses its own unless `mode` forces one it can use."""
-    if mode not in MEMORY_MODES:
-        raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
+    check_mode_for_weights(mode, job.weights)
     if job.task not in TASKS:
         raise ConfigError(f"--task {job.task!r}: use one of {', '.join(TASKS)}")
     if job.batch_size is not None and job.batch_size < 1:

@@ -20,7 +20,6 @@ diffusers' `from_pretrained` bit for bit (tests/test_transformer_files.py).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,9 +27,6 @@ from typing import TYPE_CHECKING
 from qwen_batch.memory_modes import (
     BLOCKS,
     FP8,
-    FP8_OFFLOAD,
-    OFFLOAD,
-    SEQUENTIAL,
     Placement,
     QuantizedWeights,
     convert_block,
@@ -38,8 +34,8 @@ from qwen_batch.memory_modes import (
     fp8_compute_available,
     pin_for_streaming,
     stored_fp8_weight,
+    streaming_arena,
 )
-from qwen_batch.pinned_arena import PinnedArena
 from qwen_batch.planner import MODES_FOR
 from qwen_batch.transformer_source import FLOAT, GGUF_KIND, TransformerWeights
 from qwen_batch.transformer_source import FP8 as FP8_KIND
@@ -55,8 +51,6 @@ class LoadedTransformer:
     model: torch.nn.Module
     done: str  # the placement line for the log
     quantized: QuantizedWeights | None  # fp8 layers' way back to their original weights (adapters)
-    seconds: float
-    pinned_bytes: int = 0
 
 
 def load_transformer(
@@ -65,18 +59,14 @@ def load_transformer(
     """The transformer of `weights`, placed as `placement` says (see the module's docstring)."""
     import torch
 
-    started = time.perf_counter()
-    kind, mode = weights.kind, placement.mode
+    kind, mode, streams = weights.kind, placement.mode, placement.streams
     if mode not in MODES_FOR[kind]:
         raise ValueError(f"{kind} weights cannot run in {mode} mode (the planner should not have chosen it)")
-    streams = mode in (OFFLOAD, FP8_OFFLOAD, SEQUENTIAL)
     home = "cpu" if streams else device  # where the tensors go as they are read
-    arena = (
-        PinnedArena(placement.pinned_bytes) if streams and mode != SEQUENTIAL and device.startswith("cuda") else None
-    )
+    arena = streaming_arena(placement, device)
     fp8_matmuls = fp8_compute_available(device)
     model = _empty_model(weights, dtype)
-    for prefix, names in _groups(model, weights.tensors):
+    for prefix, names in _groups(model):
         module = model.get_submodule(prefix) if prefix else model
         for name in names:
             stored = weights.tensors[name]
@@ -104,8 +94,7 @@ def load_transformer(
     done = finish_placement(model, placement, device, dtype, arena, stored_fp8=kind == FP8_KIND)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    seconds = time.perf_counter() - started
-    return LoadedTransformer(model.eval(), done, quantized, seconds, arena.used if arena else 0)
+    return LoadedTransformer(model.eval(), done, quantized)
 
 
 def _empty_model(weights: TransformerWeights, dtype: torch.dtype) -> torch.nn.Module:
@@ -126,7 +115,7 @@ def _empty_model(weights: TransformerWeights, dtype: torch.dtype) -> torch.nn.Mo
     return model
 
 
-def _groups(model: torch.nn.Module, tensors: Mapping[str, StoredTensor]) -> Iterator[tuple[str, list[str]]]:
+def _groups(model: torch.nn.Module) -> Iterator[tuple[str, list[str]]]:
     """The parameter names to load, one transformer block at a time; everything outside the blocks first."""
     blocks: dict[str, list[str]] = {}
     rest: list[str] = []

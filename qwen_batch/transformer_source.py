@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_batch.adapters import module_layout
 from qwen_batch.checkpoint_files import (
     GGUF,
     CheckpointError,
@@ -209,7 +210,8 @@ def file_tensors(file: TransformerFile) -> tuple[dict[str, StoredTensor], dict[s
 def check_architecture(weights: TransformerWeights, where: object) -> None:
     """Every tensor of the model's transformer present with its shape and nothing else: a file of another
     model (or another size of this one) is refused here, with what differs."""
-    expected = expected_shapes(weights.config)
+    model = _meta_model(weights.config)
+    expected = {name: tuple(parameter.shape) for name, parameter in model.state_dict().items()}
     found = weights.tensors
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
@@ -219,7 +221,7 @@ def check_architecture(weights: TransformerWeights, where: object) -> None:
         if name in found and tuple(found[name].shape) != tuple(expected[name])
     ]
     if not (missing or unexpected or wrong):
-        _check_storage(weights, where)
+        _check_storage(weights, where, set(module_layout(model)))
         return
     problems = []
     if missing:
@@ -235,9 +237,8 @@ def check_architecture(weights: TransformerWeights, where: object) -> None:
     )
 
 
-def _check_storage(weights: TransformerWeights, where: object) -> None:
+def _check_storage(weights: TransformerWeights, where: object, linear_weights: set[str]) -> None:
     """fp8 only where qwen-batch computes with it as stored: the weights of linear layers."""
-    linear_weights = set(linear_layers(weights.config))
     for name, tensor in weights.tensors.items():
         if tensor.storage == "F8_E4M3" and name.removesuffix(".weight") not in linear_weights:
             raise CheckpointError(
@@ -247,23 +248,13 @@ def _check_storage(weights: TransformerWeights, where: object) -> None:
             raise CheckpointError(f"{where}: {name} is quantized ({tensor.storage}) but is not a linear layer's weight")
 
 
-def expected_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Each parameter's shape for this config, from the model built on the meta device (no memory)."""
+def _meta_model(config: Mapping[str, Any]):
+    """The transformer of this config on the meta device: its parameters' names and shapes, no memory."""
     import torch
     from diffusers import QwenImageTransformer2DModel
 
     with torch.device("meta"):
-        model = QwenImageTransformer2DModel.from_config(dict(config))
-    return {name: tuple(parameter.shape) for name, parameter in model.state_dict().items()}
-
-
-def linear_layers(config: Mapping[str, Any]) -> list[str]:
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel.from_config(dict(config))
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        return QwenImageTransformer2DModel.from_config(dict(config))
 
 
 def _strip_prefix(key: str) -> str:

@@ -204,7 +204,7 @@ def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
     """torchao fp8 with dynamic per-row scales on a padded batch. Under fa4 a padding token's attention
     output is exactly zero, and a zero row must not get scale 0 (0/0 = NaN, which the next layer's
     keys and values then carry to every token): measured on an H200, the images came out flat."""
-    from qwen_batch.memory_modes import _quantize_fp8, fp8_compute_available
+    from qwen_batch.memory_modes import Placement, fp8_compute_available, place_transformer
 
     if not fp8_compute_available("cuda"):
         pytest.skip("fp8 matmuls need compute capability 8.9+ and torchao")
@@ -212,7 +212,7 @@ def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
     use_batch_attention(reference, "cuda", torch.bfloat16, kernel=kernel)
     expected = _forward(reference, *_inputs(torch.bfloat16))
     model = _transformer(torch.bfloat16)
-    _quantize_fp8(model, "cuda")
+    place_transformer(model, Placement("fp8"), "cuda", torch.bfloat16)  # torchao fp8, block by block
     use_batch_attention(model, "cuda", torch.bfloat16, kernel=kernel)
     for compiled in (False, True):
         if compiled:
