@@ -113,6 +113,12 @@ def describe(error: BaseException, url: str) -> str:
             return f"{url}: the bucket does not exist; create it or fix the bucket name in the URL"
         return f"{url}: no such file"
     if isinstance(error, PermissionError):
+        if "://" not in url or url.startswith("file://"):  # a local path: file modes, not credentials
+            user = f"uid {os.getuid()}" if hasattr(os, "getuid") else "qwen-batch's user"
+            return (
+                f"{url}: access denied ({text}); the user running qwen-batch ({user}) may not write or read "
+                "there: choose a folder it can write, or change the folder's owner or mode"
+            )
         return (
             f"{url}: access denied ({text}); check the credentials (AWS_PROFILE or --s3-profile, "
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket's policy"

@@ -8,6 +8,7 @@ the job template mounts volumes. tests/test_worker_image_run.py builds the image
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -77,3 +78,19 @@ def test_the_job_template_mounts_volumes_where_the_image_keeps_its_caches():
     assert f"directory: {workdir}" in (REPO / "deployments" / "prefect-k8s.yaml").read_text()
     user = next(arguments for kind, arguments in instructions() if kind == "RUN" and "useradd" in arguments)
     assert f"--uid {pod['securityContext']['runAsUser']}" in user
+
+
+def test_a_local_folder_the_user_cannot_write_is_reported_as_such_not_as_s3_credentials():
+    """The image's working directory is read-only to its user, so a run whose output is relative (the
+    nightly deployment's default, out/nightly) is refused there: the message must say whose permission is
+    missing, not send the user to check S3 credentials. tests/test_worker_image_run.py sees it in the image."""
+    from qwen_batch.storage import describe
+
+    denied = PermissionError(13, "Permission denied", "/opt/qwen-batch/out")
+    local = describe(denied, "/opt/qwen-batch/out/nightly")
+    assert (
+        f"access denied ([Errno 13] Permission denied: '/opt/qwen-batch/out'); the user running qwen-batch (uid {os.getuid()})"
+        in local
+    )
+    assert "AWS" not in local and "bucket" not in local
+    assert "check the credentials" in describe(PermissionError("Forbidden"), "s3://bucket/out")
