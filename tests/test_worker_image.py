@@ -94,3 +94,11 @@ def test_a_local_folder_the_user_cannot_write_is_reported_as_such_not_as_s3_cred
     )
     assert "AWS" not in local and "bucket" not in local
     assert "check the credentials" in describe(PermissionError("Forbidden"), "s3://bucket/out")
+
+
+def test_the_build_context_leaves_out_what_the_host_built():
+    """`COPY . /opt/qwen-batch` must not take the host's environment or build output: setuptools builds in
+    the tree and installs what build/lib holds, so a stale build/ from the host (CI's install step leaves
+    one) would put deleted or old modules into the image."""
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".venv", "build", "*.egg-info", "**/__pycache__", ".git"} <= ignored
