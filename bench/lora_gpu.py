@@ -53,6 +53,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (VmHWM): fp8's switches read originals back from the mapped files."""
+    with open("/proc/self/status") as lines:
+        kib = next(int(line.split()[1]) for line in lines if line.startswith("VmHWM:"))
+    return round(kib / 2**20, 2)
+
+
 def make_adapters(folder: Path, count: int, rank: int, tiny: bool) -> list[Path]:
     """Random adapters in the diffusers layout: made on the GPU, saved as bf16 safetensors."""
     from qwen_batch.adapters import layout_of_config
@@ -297,7 +304,9 @@ def run_switching(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.tiny else "cuda"
     adapters = make_adapters(work, 4, args.rank, args.tiny)
-    full_size_source(device=device, tiny=args.tiny)
+    model = args.model or FULL_SIZE_MODEL
+    if args.model is None:  # built in memory; with --model the checkpoint on disk, as a user's run reads it
+        full_size_source(device=device, tiny=args.tiny)
     assignment = [index % 4 for index in range(args.rows)]
     random.Random(0).shuffle(assignment)
     manifest = write_manifest(
@@ -314,7 +323,7 @@ def run_switching(args) -> None:
     config = RunConfig(
         manifest=str(manifest),
         output=str(work / f"out-switching-{args.mode}"),  # each mode generates every row (no resume)
-        model=FULL_SIZE_MODEL,
+        model=model,
         batch_size=args.batch_size,
         device=device,
         memory_mode=args.mode,
@@ -323,6 +332,7 @@ def run_switching(args) -> None:
     )
     result = {"run": "switching", **versions(), "rows": args.rows, "sets": 4, "size": args.size, "mode": args.mode}
     result["compile"] = config.compile
+    result["model"] = "disk" if args.model else "built in memory"
     result["order"] = "".join(str(index) for index in assignment)
     started = time.perf_counter()
     plan = plan_run(config)
@@ -350,6 +360,7 @@ def run_switching(args) -> None:
         images=first_batch.generated + rest.generated,
         failed=first_batch.failed + rest.failed,
         denoise_seconds=round(first_batch.seconds + rest.seconds, 2),
+        vm_hwm_gib=peak_rss_gib(),
     )
     if generator.fusion.quantized is None:  # diffusers cannot fuse into fp8 weights: nothing to compare
         result["fuse_in_place_vs_restore"] = compare_unfuse(generator, adapters[0])
@@ -419,6 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     switching.add_argument("--steps", type=int, default=2)
     switching.add_argument("--mode", default="bf16")
     switching.add_argument("--compile", default="on", choices=("on", "off"))
+    switching.add_argument("--model", help="a checkpoint folder (bench/host_memory.py write) instead of building one")
     for command in (lightning, switching):
         command.add_argument("--size", type=int, default=1024 if command is lightning else 512)
         command.add_argument("--batch-size", type=int, default=4)
