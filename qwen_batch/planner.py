@@ -100,7 +100,7 @@ FORWARD_SECONDS = {
     ("bf16", False): 0.178,  # eager, 8 rows a forward (the recipe's 1-row forwards: 0.183)
     ("bf16", True): 0.139,  # regional torch.compile
     ("fp8", True): 0.118,  # torchao fp8 (dynamic activation, per-row scales), compiled, 2 rows a forward
-    ("fp8", False): 0.221,  # torchao fp8 eager: the quantize kernels unfused, slower than bf16
+    ("fp8", False): 0.153,  # torchao fp8 eager, per row, on top of FP8_EAGER_SECONDS_PER_FORWARD
     ("fp8-storage", False): 0.286,  # layerwise casting: fp8 weights upcast per layer (an earlier H100 run)
     ("fp8-storage", True): 0.286,
 }
@@ -109,6 +109,11 @@ FORWARD_SECONDS = {
 # host_memory_h200.jsonl): a Q4_K forward of 4 rows took 1.05-1.13 s against 4 x 0.186 s in bf16 (0.31-0.39 s
 # more); fp8-offload's forward of 6 rows 1.32 s against 6 x 0.186 (0.20 s more, streaming waits included).
 DEQUANT_SECONDS_PER_FORWARD = {GGUF_WEIGHTS: 0.35, FP8_WEIGHTS: 0.20}
+# Eager torchao fp8 pays its activation quantization op by op, for every linear of every forward, whatever
+# the batch: 0.221 s per row at 8 rows a forward (H100) but 0.685-0.77 s for a forward of 1 row (H200,
+# bench/results/host_memory_h200.jsonl, call 5): about 0.55 s a forward plus 0.153 s a row. Compiled, the
+# quantization fuses into the matmuls and this is gone.
+FP8_EAGER_SECONDS_PER_FORWARD = 0.55
 REFERENCE_TOKENS = 4096 + 128
 H100_HOST_LINK_GBPS = 55.0  # pinned host-to-GPU copies, measured (PCIe 5.0 x16)
 PCIE4_HOST_LINK_GBPS = 25.0  # PCIe 4.0 x16 in practice (32 GB/s on paper)
@@ -418,7 +423,8 @@ def dit_compute_seconds(mode: str, rows: int, job: Job, machine: Machine) -> flo
         return rows * FORWARD_SECONDS[("bf16", job.compile)] * scale
     if mode == "fp8":
         if machine.fp8_compute:
-            return rows * FORWARD_SECONDS[("fp8", job.compile)] * scale
+            overhead = 0.0 if job.compile else FP8_EAGER_SECONDS_PER_FORWARD
+            return rows * FORWARD_SECONDS[("fp8", job.compile)] * scale + overhead
         if kind == FP8_WEIGHTS:  # the file's fp8 upcast as used (torchao weight-only)
             return rows * FORWARD_SECONDS[("bf16", job.compile)] * scale + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
         return rows * FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
@@ -434,6 +440,12 @@ def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine,
     rows = batch * job.rows_per_image
     compute = dit_compute_seconds(mode, rows, job, machine)
     if mode in ("bf16", "fp8", "gguf"):
+        # Weights where they lie (bf16, fp8 matmuls): a CFG batch's halves run as two forwards (each half at
+        # its own text length; denoise.Generator's CFG layout), so what a forward costs whatever its rows
+        # (eager fp8's quantization) is paid twice a step.
+        if mode == "bf16" or (mode == "fp8" and machine.fp8_compute):
+            halves = job.rows_per_image
+            compute = halves * dit_compute_seconds(mode, rows // halves, job, machine)
         return job.steps * compute / batch
     if mode in ("offload", "fp8-offload"):
         # Each step streams every block once for the whole batch; pinned copies overlap the compute, reads
@@ -734,13 +746,31 @@ def available_host_gib() -> float | None:
 
 
 def _cgroup_memory_used() -> int | None:
+    """What the cgroup holds that the kernel cannot simply drop: its usage less the inactive page cache (as
+    `docker stats` counts it). A checkpoint just read fills the group's page cache up to its limit; those
+    pages are reclaimed on demand and are no reason to warn of the OOM killer."""
     for candidate in _cgroup_files("memory.current", "memory.usage_in_bytes"):
         try:
             with open(candidate) as handle:
-                return int(handle.read().strip())
+                used = int(handle.read().strip())
         except (OSError, ValueError):
             continue
+        folder, _, name = candidate.rpartition("/")
+        inactive = "inactive_file" if name == "memory.current" else "total_inactive_file"
+        return used - _stat_field(f"{folder}/memory.stat", inactive)
     return None
+
+
+def _stat_field(path: str, name: str) -> int:
+    try:
+        with open(path) as lines:
+            for line in lines:
+                key, _, value = line.partition(" ")
+                if key == name:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _cgroup_files(v2_name: str, v1_name: str) -> list[str]:
