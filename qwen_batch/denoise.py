@@ -57,8 +57,8 @@ TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddin
 # down-projection (12,288 inputs) with 6 rows failed with CUBLAS_STATUS_NOT_SUPPORTED, which stopped eager and
 # compiled fp8 alike when a batch's text was short and unpadded (SDPA, CFG halves apart: the negative prompt " "
 # is a few tokens); 3,072-input layers ran at every row count tried, and packed text of hundreds of tokens ran
-# in earlier sessions (bench/fp8_matmul_probe.py, docs/memory.md). Which row counts work at 12,288 inputs was
-# not probed: a whole bucket is the safe side, and padded batches already use it (no new compiled shapes).
+# in earlier sessions. At 12,288 inputs every row count from 1 to 32 failed and 64 ran (bench/fp8_matmul_probe.py,
+# session 8): a whole bucket, which padded batches already use (no new compiled shapes).
 FP8_TEXT_MULTIPLE = TEXT_BUCKET
 # With true CFG: "joint" runs the conditional and unconditional rows in one forward, the negatives
 # padded to the prompts' length; "split" runs them as two forwards, each padded to its own length (the

@@ -119,8 +119,11 @@ def test_streamed_loading_gives_from_pretrained_weights_bit_for_bit(tiny_model):
         loaded = load_transformer(published_weights(tiny_model, config), Placement("bf16"), "cpu", dtype).model
         ours, theirs = loaded.state_dict(), reference.state_dict()
         assert ours.keys() == theirs.keys()
+        # Same parameters (not buffers), same layout: the compute after loading is the same kernels.
+        assert dict(loaded.named_parameters()).keys() == dict(reference.named_parameters()).keys()
         for name, tensor in theirs.items():
             assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), (dtype, name)
+            assert ours[name].stride() == tensor.stride(), (dtype, name)
 
 
 def test_results_and_pngs_name_the_file_and_its_hash(runs, files):
