@@ -303,17 +303,23 @@ def tier_result(args) -> dict:
 
 def run_versus_memory(args) -> None:
     """Per-forward time of `--mode` with the transformer streamed from the files against today's path (the
-    weights handed over in host memory and placed by `place_transformer`), same process, same GPU cap."""
+    weights handed over in host memory and placed by `place_transformer`), same process, same GPU cap.
+    `--rounds` repeats the pair in ABBA order (disk, memory, memory, disk, ...), so a drift of the GPU's
+    clocks over the run weighs on both sides alike; each side reports its median forward."""
     from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, load_generator, plan_run, release_generator
 
     gpu, work = _setup(args)
     manifest = write_manifest(work / "manifest.parquet", args.prompts, args.steps, args.size)
     results = {"run": "versus-memory", "label": args.label, **versions(), "mode": args.mode, "gpu_gib": args.gpu_gib}
+    results["rounds"] = args.rounds
     full_size_source(gpu, on_host=lambda stage: args.mode != "bf16", device=args.device, tiny=args.device == "cpu")
-    for label, model in (("disk", args.model), ("memory", "full-size-random")):
-        config = RunConfig(str(manifest), str(work / f"out-{label}"), model=model, device=args.device,
-                           memory_mode=args.mode, compile=args.compile, cache=str(work / "cache"),
-                           batch_size=args.batch_size)  # fmt: skip
+    models = {"disk": args.model, "memory": "full-size-random"}
+    order = [label for r in range(args.rounds) for label in (("disk", "memory") if r % 2 == 0 else ("memory", "disk"))]
+    runs: dict[str, list[dict]] = {"disk": [], "memory": []}
+    for index, label in enumerate(order):
+        config = RunConfig(str(manifest), str(work / f"out-{label}-{index}"), model=models[label],
+                           device=args.device, memory_mode=args.mode, compile=args.compile,
+                           cache=str(work / "cache"), batch_size=args.batch_size)  # fmt: skip
         plan = plan_run(config)
         encode = encode_stage(plan)
         started = time.perf_counter()
@@ -324,12 +330,15 @@ def run_versus_memory(args) -> None:
         denoise = denoise_stage(plan)
         figures = forward_figures(timer, skip=1)
         timer.remove()
-        results[label] = {"load_s": round(load, 1), "forward_s": figures["forward_s"],
-                          "forward_s_per_row": figures["forward_s_per_row"], "images": denoise.generated,
-                          "placed": generator.memory_mode}  # fmt: skip
+        runs[label].append({"load_s": round(load, 1), "forward_s": figures["forward_s"],
+                            "forward_s_per_row": figures["forward_s_per_row"], "images": denoise.generated,
+                            "placed": generator.memory_mode})  # fmt: skip
         release_generator()
         free_gpu()
         del encode
+    for label, measured in runs.items():
+        results[label] = {**measured[0], "forward_s": statistics.median(run["forward_s"] for run in measured),
+                          "forward_s_each": [run["forward_s"] for run in measured]}  # fmt: skip
     results["disk_over_memory_forward"] = round(results["disk"]["forward_s"] / results["memory"]["forward_s"], 4)
     write(results, args.json)
 
@@ -414,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("--size", type=int, default=1024)
         command.add_argument("--compile", default="off")
         command.add_argument("--label", default="")
+        command.add_argument("--rounds", type=int, default=2, help="versus-memory: pairs of runs, ABBA order")
         command.add_argument("--device", default="cuda", help="cpu: a dry run with the tiny model")
         command.add_argument("--work")
         command.add_argument("--json")
