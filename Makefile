@@ -41,3 +41,20 @@ format: install
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache
+
+# The worker image (deployments/Dockerfile), with docker, or podman when docker has no engine:
+#   make image IMAGE=registry.example.com/qwen-batch:0.1.0
+# BASE_IMAGE, TORCH, TORCH_INDEX_URL, EXTRAS, HOST_CONFIG, IMAGE_BUILD_FLAGS: scripts/build-image.sh.
+# Where the CUDA base cannot be pulled (these machines; docs/prefect.md):
+#   make image-base && make image BASE_IMAGE=localhost/qwen-batch-base:bookworm TORCH_INDEX_URL= HOST_CONFIG=1
+.PHONY: image image-base image-test
+image:
+	scripts/build-image.sh
+
+image-base:
+	scripts/make-debian-base.sh
+
+# The image built and run as a user runs it, no GPU needed: the demo, a Prefect worker in a container
+# against a server on the host, S3 (tests/test_worker_image_run.py; skips when no engine answers).
+image-test: install
+	$(BIN)/python -m pytest -m image tests/test_worker_image_run.py
