@@ -20,8 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +28,11 @@ from qwen_batch.cache import EmbeddingCache, cache_namespace, key_of
 from qwen_batch.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.encode import MAX_TEXT_TOKENS, EncodeStats
 from qwen_batch.errors import ModelError, QwenBatchError
+from qwen_batch.input_image import read_input_images
 from qwen_batch.model_source import ModelSource
 from qwen_batch.oom import run_in_halves
 from qwen_batch.progress import Progress, Silent
-from qwen_batch.storage import Folder, StorageOptions, read_url
+from qwen_batch.storage import Folder, StorageOptions
 
 if TYPE_CHECKING:
     import torch
@@ -101,38 +101,6 @@ def _latents_key(sha256: str) -> str:
 
 def _text_key(shas: Sequence[str], text: str) -> str:
     return key_of("edit-text", images=list(shas), text=text)
-
-
-@dataclass
-class _ReadInput:
-    url: str
-    image: Image.Image | None = None
-    sha256: str = ""
-    error: str = ""
-
-
-def _read_inputs(
-    urls: Sequence[str], storage_options: StorageOptions, max_pixels: int, threads: int
-) -> Iterator[_ReadInput]:
-    """Fetch and decode input images in order, a few ahead of the consumer."""
-    from qwen_batch.input_image import load_input_image
-
-    def read(url: str) -> _ReadInput:
-        try:
-            loaded = load_input_image(read_url(url, storage_options), max_pixels=max_pixels, source=url)
-        except QwenBatchError as error:
-            return _ReadInput(url=url, error=str(error))
-        return _ReadInput(url=url, image=loaded.image, sha256=loaded.sha256)
-
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        window = threads * 2  # bounded: decoded images are large
-        pending = []
-        for url in urls:
-            pending.append(pool.submit(read, url))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
 
 
 class EditEncoder:
@@ -269,7 +237,7 @@ def encode_edit_inputs(
 
     try:
         progress.start("read inputs", len(urls), "images")
-        for read in _read_inputs(urls, storage_options, max_pixels, PREFETCH_THREADS):
+        for read in read_input_images(urls, storage_options, max_pixels, PREFETCH_THREADS):
             progress.advance(1)
             if read.error:
                 failed_urls.add(read.url)

@@ -39,10 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from qwen_batch.errors import InputImageError
+from qwen_batch.errors import InputImageError, QwenBatchError
+from qwen_batch.storage import StorageOptions, read_url
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -55,6 +58,7 @@ __all__ = [
     "InputImageError",
     "image_sha256",
     "load_input_image",
+    "read_input_images",
 ]
 
 # Pillow's format names; the order is the one messages list them in.
@@ -185,3 +189,36 @@ def _damaged(source: str, image_format: str, error: Exception) -> InputImageErro
         f"input image {source} is damaged or incomplete ({kind}data: {error}): "
         "re-export it or copy it again; a partial upload or download is the usual cause"
     )
+
+
+@dataclass
+class ReadInput:
+    """One input URL as read: its image and content hash, or why it cannot be used."""
+
+    url: str
+    image: Image.Image | None = None
+    sha256: str = ""
+    error: str = ""
+
+
+def read_input_images(
+    urls: Sequence[str], storage_options: StorageOptions, max_pixels: int, threads: int
+) -> Iterator[ReadInput]:
+    """Fetch and decode input images in order, a few ahead of the consumer."""
+
+    def read(url: str) -> ReadInput:
+        try:
+            loaded = load_input_image(read_url(url, storage_options), max_pixels=max_pixels, source=url)
+        except QwenBatchError as error:
+            return ReadInput(url=url, error=str(error))
+        return ReadInput(url=url, image=loaded.image, sha256=loaded.sha256)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        window = threads * 2  # bounded: decoded images are large
+        pending = []
+        for url in urls:
+            pending.append(pool.submit(read, url))
+            if len(pending) >= window:
+                yield pending.pop(0).result()
+        for future in pending:
+            yield future.result()
