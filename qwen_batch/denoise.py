@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from qwen_batch.conditions import BatchConditions
 from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
@@ -123,14 +124,13 @@ class ImageGenerator:
         requests: Sequence[Request],
         prompt_embeds: Sequence[torch.Tensor],
         negative_embeds: Sequence[torch.Tensor] | None,
-        image_latents: Sequence[torch.Tensor] | None = None,
-        image_shapes: Sequence[tuple[int, int, int]] = (),
+        conditions: BatchConditions | None = None,
     ) -> DecodedImages:
         """Images for a batch of requests that share size, steps and guidance (`Request.batch_key`).
 
         `prompt_embeds[i]` (and `negative_embeds[i]` when guidance is on) are row i's unpadded
-        `[tokens, hidden]` embeddings, as the cache stores them. For edits, `image_latents[i]` are row
-        i's packed input-image latents and `image_shapes` their (1, h/16, w/16) grids, shared by the batch.
+        `[tokens, hidden]` embeddings, as the cache stores them. `conditions`: what the rows bring besides
+        their text (edit inputs, an image to start from, a mask), through the hooks of `qwen_batch.conditions`.
 
         Never waits for the GPU: inputs go up from pinned memory, the schedule stays on the host, and
         the images come back through `DecodedImages`, whose copy runs behind the next batch's work.
@@ -148,31 +148,30 @@ class ImageGenerator:
         scheduler = self._prepare(first)
         pipe, transformer = self.pipe, self.pipe.transformer
         batch = len(requests)
+        conditions = conditions or BatchConditions()
+        image_shapes, starts = tuple(conditions.image_shapes), conditions.starts
 
         with torch.inference_mode():
             # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask (or, split,
             # each half padded to its own length), as (first row, rows, text, attention kwargs) per forward.
             texts = list(prompt_embeds) + (list(negative_embeds) if use_cfg else [])
             groups = [texts[:batch], texts[batch:]] if use_cfg and self.cfg_layout == "split" else [texts]
-            conditions, first_row = [], 0
+            forwards, first_row = [], 0
             for group in groups:
-                conditions.append((first_row, len(group), *self._text_condition(group)))
+                forwards.append((first_row, len(group), *self._text_condition(group)))
                 first_row += len(group)
 
-            # 2. Starting noise, one generator per row, drawn exactly as the pipeline draws one image.
-            latents = to_device(
-                torch.cat([self._noise(request.seed, width, height) for request in requests]), self.device
-            )
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
             condition = None
-            if image_latents is not None:
-                condition = to_device(torch.stack(list(image_latents)).to(self.dtype), self.device)
+            if conditions.image_latents is not None:  # edits: the input images' tokens follow the noise's
+                condition = to_device(torch.stack(list(conditions.image_latents)).to(self.dtype), self.device)
                 condition = torch.cat([condition, condition]) if use_cfg else condition
 
-            # 3. The schedule: flow-matching sigmas with the resolution-dependent shift.
+            # 2. The schedule: flow-matching sigmas with the resolution-dependent shift; rows that start from
+            # an image skip its first part (`strength`).
             sigmas = np.linspace(1.0, 1 / steps, steps)
             mu = calculate_shift(
-                latents.shape[1],
+                patches[1] * patches[2],
                 scheduler.config.get("base_image_seq_len", 256),
                 scheduler.config.get("max_image_seq_len", 4096),
                 scheduler.config.get("base_shift", 0.5),
@@ -180,11 +179,32 @@ class ImageGenerator:
             )
             # On the host: each step then reads its sigmas without asking the GPU, and the timesteps go up once.
             timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+            begin = starts.first_step(steps) if starts is not None else 0
+            timesteps = timesteps[begin:]
+            scheduler.set_begin_index(begin)
+
+            # 3. Where each row starts, from its own generator, drawn exactly as the pipeline draws one image:
+            # pure noise, or (image-to-image, inpainting) its init image's latents noised to the first step.
+            generators = [torch.Generator("cpu").manual_seed(request.seed) for request in requests]
+            if starts is None:
+                latents = torch.cat([self._noise(generator, width, height) for generator in generators])
+            else:
+                latents = starts.starting_latents(
+                    generators,
+                    lambda generator: self._noise(generator, width, height, packed=False),
+                    scheduler,
+                    timesteps[:1],
+                    lambda tensor: self._pack(tensor, width, height),
+                    self._latents_mean,
+                    self._latents_inverse_std,
+                    self.dtype,
+                )
+                starts.to(self.device, to_device)
+            latents = to_device(latents, self.device)
             timesteps = to_device(timesteps, self.device)
-            scheduler.set_begin_index(0)
 
             # 4. Denoise: one forward per step covers the whole batch and both CFG branches.
-            for t in timesteps:
+            for step, t in enumerate(timesteps):
                 model_input = torch.cat([latents, latents]) if use_cfg else latents
                 if condition is not None:
                     model_input = torch.cat([model_input, condition], dim=1)
@@ -200,7 +220,7 @@ class ImageGenerator:
                         img_shapes=[[patches, *image_shapes]] * rows,
                         return_dict=False,
                     )[0]
-                    for first, rows, embeds, text_kwargs in conditions
+                    for first, rows, embeds, text_kwargs in forwards
                 ]
                 prediction = predictions[0] if len(predictions) == 1 else torch.cat(predictions)
                 prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
@@ -211,6 +231,8 @@ class ImageGenerator:
                     combined_norm = torch.norm(combined, dim=-1, keepdim=True)
                     prediction = combined * (conditional_norm / combined_norm)
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+                if starts is not None:
+                    latents = starts.after_step(latents, scheduler, timesteps, step)
 
             # 5. Decode.
             return self._decode(latents, width, height)
@@ -237,19 +259,22 @@ class ImageGenerator:
             self._schedulers[shift] = fixed_shift_scheduler(self.pipe.scheduler, shift)
         return self._schedulers[shift]
 
-    def _noise(self, seed: int, width: int, height: int) -> torch.Tensor:
+    def _noise(self, generator: torch.Generator, width: int, height: int, packed: bool = True) -> torch.Tensor:
         """`randn_tensor((1, 1, C, H/8, W/8))` from the row's own CPU generator, packed: the pipelines' draw
         (they draw on the host too, with a CPU generator, and then copy)."""
-        import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        pipe = self.pipe
-        channels = pipe.transformer.config.in_channels // 4
-        latent_height = 2 * (height // (pipe.vae_scale_factor * 2))
-        latent_width = 2 * (width // (pipe.vae_scale_factor * 2))
+        channels, latent_height, latent_width = self._latent_grid(width, height)
         shape = (1, 1, channels, latent_height, latent_width)
-        noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device="cpu", dtype=self.dtype)
-        return pipe._pack_latents(noise, 1, channels, latent_height, latent_width)  # on the host; moved per batch
+        noise = randn_tensor(shape, generator=generator, device="cpu", dtype=self.dtype)
+        return self._pack(noise, width, height) if packed else noise  # on the host; moved per batch
+
+    def _latent_grid(self, width: int, height: int) -> tuple[int, int, int]:
+        scale = self.pipe.vae_scale_factor * 2
+        return self.pipe.transformer.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
+
+    def _pack(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        return self.pipe._pack_latents(latents, 1, *self._latent_grid(width, height))
 
     def _decode(self, latents: torch.Tensor, width: int, height: int) -> DecodedImages:
         import torch

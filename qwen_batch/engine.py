@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
+from qwen_batch.conditions import BatchConditions
+from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, prepare_image_starts
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
@@ -354,7 +356,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             pinned_bytes=plan.memory.encoder_pinned_bytes,
         )
     texts = [text for request in requests for text in request.texts]
-    return encode_texts(
+    stats = encode_texts(
         texts,
         plan.cache,
         plan.source,
@@ -365,6 +367,18 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         memory_mode=plan.memory.encoder_mode,
         pinned_bytes=plan.memory.encoder_pinned_bytes,
     )
+    # After the text encoder is gone: the VAE alone encodes the init images and masks.
+    stats.encoded += prepare_image_starts(
+        requests,
+        plan.cache,
+        plan.source,
+        plan.device,
+        plan.dtype,
+        plan.config.storage_options,
+        plan.config.max_input_pixels,
+        progress=progress,
+    )
+    return stats
 
 
 def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
@@ -471,7 +485,7 @@ def _generate_batch(
     started = time.perf_counter()
     ready: list[Request] = []
     kept = []  # the items of `ready`, to retry in halves if the GPU runs out of memory
-    conditions, failed, latents, shas = [], [], [], []
+    conditions, failed, latents, shas, starts = [], [], [], [], []
     for item in batch:
         request = item.request if isinstance(item, EditRow) else item
         try:
@@ -484,6 +498,9 @@ def _generate_batch(
                 prompt, metadata = plan.cache.get_with_metadata(request.prompt)
                 negative = plan.cache.get(request.negative_prompt) if request.uses_cfg else None
                 truncated = metadata.get("truncated") == "true"
+                if request.starts_from_image:
+                    starts.append(ImageStartSource(plan.cache).load(request))
+                    shas.append(starts[-1].input_sha256)
         except QwenBatchError as error:
             failed.append(_failure(plan, request, error))
             continue
@@ -499,8 +516,11 @@ def _generate_batch(
             ready,
             [prompt for prompt, _, _ in conditions],
             [negative for _, negative, _ in conditions] if ready[0].uses_cfg else None,
-            image_latents=latents or None,
-            image_shapes=batch[0].image_shapes if edit_conditions is not None else (),
+            BatchConditions(
+                image_latents=latents or None,
+                image_shapes=batch[0].image_shapes if edit_conditions is not None else (),
+                starts=ImageStarts(starts, ready[0].strength) if starts else None,
+            ),
         )
     except Exception as error:  # a failing batch must not stop the others; its rows carry the error
         if not (is_out_of_memory(error) and len(ready) > 1):

@@ -54,17 +54,24 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("true_cfg_scale", pa.float64()),
         pa.field(LORAS_COLUMN, pa.list_(LORA_STRUCT)),  # [{path, scale}]; see docs/manifest.md
         pa.field("scheduler_shift", pa.float64()),
+        pa.field("init_image", pa.string()),  # image-to-image and inpainting (INIT_IMAGE_COLUMN...)
+        pa.field("mask_image", pa.string()),
+        pa.field("strength", pa.float64()),
     ]
 )
 # Edit manifests name their input image(s) in one of these columns instead (see docs/manifest.md).
 IMAGE_COLUMN, IMAGES_COLUMN = "image", "images"
+# Image-to-image and inpainting (text-to-image manifests): the image a row starts from, the mask of what to
+# repaint (white) and how much of the schedule runs (strength, diffusers' default 0.6). See docs/conditions.md.
+INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN = "init_image", "mask_image", "strength"
+DEFAULT_STRENGTH = 0.6
 MAX_INPUT_IMAGES = 8
 GENERATE, EDIT = "generate", "edit"
 TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
-TEXT_COLUMNS = ("id", "prompt", "negative_prompt")
+TEXT_COLUMNS = ("id", "prompt", "negative_prompt", INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN)
 INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps")
-FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift")
+FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift", STRENGTH_COLUMN)
 # Columns the results add; a manifest may not bring its own, or the two would be confused.
 RESERVED_COLUMNS = (
     "status",
@@ -107,6 +114,13 @@ class Request:
     images: tuple[str, ...] = ()  # edit rows: the input images' canonical URLs
     loras: tuple[LoraRef, ...] = ()  # adapters fused for this row, with their scales (and file hashes)
     scheduler_shift: float | None = None  # a fixed sampling shift; None: the model's own schedule
+    init_image: str | None = None  # image-to-image / inpainting: the canonical URL of the starting image
+    mask_image: str | None = None  # inpainting: what to repaint (white), the init image's size
+    strength: float | None = None  # with init_image: the part of the schedule that runs (0-1]
+
+    @property
+    def starts_from_image(self) -> bool:
+        return self.init_image is not None
 
     @property
     def task(self) -> str:
@@ -127,6 +141,9 @@ class Request:
             self.true_cfg_scale,
             self.loras,
             self.scheduler_shift,
+            # A batch starts at one point of its schedule, and blends masks or not, for every row.
+            self.strength,
+            self.mask_image is not None,
         )
 
     @property
@@ -151,6 +168,10 @@ class Request:
             parameters[LORAS_COLUMN] = [ref.parameters() for ref in self.loras]
         if self.scheduler_shift is not None:
             parameters["scheduler_shift"] = self.scheduler_shift
+        if self.init_image is not None:
+            parameters.update(init_image=self.init_image, strength=self.strength)
+        if self.mask_image is not None:
+            parameters["mask_image"] = self.mask_image
         return parameters
 
 
@@ -477,6 +498,11 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
     check("true_cfg_scale", lambda: _true_cfg_scale(values))
     check("loras", lambda: _loras(values, rules))
     check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
+    if any(values.get(name) is not None for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN)):
+        try:
+            resolved.update(_image_start(values, rules))
+        except _RowProblem as problem:
+            problems.append(str(problem))
     if problems:
         return InvalidRow(index=index, id=row_id, reason="; ".join(problems), parameters=resolved)
     return Request(index=index, id=row_id, **resolved)
@@ -542,6 +568,38 @@ def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...
         except InputLocationError as error:
             raise _RowProblem(f"{label} {error}") from error
     return tuple(resolved)
+
+
+def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
+    """init_image, mask_image and strength: checked together, since each needs the others' context."""
+    init, mask, strength = (values.get(name) for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN))
+    if rules.edit:
+        raise _RowProblem(
+            f"{INIT_IMAGE_COLUMN}, {MASK_IMAGE_COLUMN} and {STRENGTH_COLUMN} are for text-to-image rows; edit rows "
+            "with a mask (edit-inpainting) are not supported yet: remove them from edit rows"
+        )
+    if init is None:
+        given = MASK_IMAGE_COLUMN if mask is not None else STRENGTH_COLUMN
+        raise _RowProblem(
+            f"{given} needs {INIT_IMAGE_COLUMN}: give the image the row starts from (and repaints where the mask "
+            "is white), or remove it"
+        )
+    strength = DEFAULT_STRENGTH if strength is None else float(strength)
+    # 0 would run no step at all (diffusers raises); anything above gives at least one.
+    if not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+        raise _RowProblem(
+            f"{STRENGTH_COLUMN} {strength} is out of range: use a number above 0 and at most 1 (1 repaints from "
+            f"pure noise; the default, {DEFAULT_STRENGTH}, keeps the image's layout)"
+        )
+    start: dict[str, Any] = {"strength": strength}
+    for column, raw in ((INIT_IMAGE_COLUMN, init), (MASK_IMAGE_COLUMN, mask)):
+        if raw is None:
+            continue
+        try:
+            start[column] = rules.policy.resolve(raw)
+        except InputLocationError as error:
+            raise _RowProblem(f"{column} {error}") from error
+    return start
 
 
 def _size(values: dict[str, Any], name: str, default: int | None = DEFAULT_SIZE) -> int | None:

@@ -38,6 +38,8 @@ def parameters_text(metadata: dict[str, Any]) -> str:
         settings += [f"Transformer: {name}", f"Transformer hash: {metadata.get('transformer_sha256', '')[:10]}"]
     if metadata.get("scheduler_shift") is not None:
         settings.insert(2, f"Schedule shift: {metadata['scheduler_shift']}")
+    if metadata.get("strength") is not None:  # started from an image (image tools' name for it)
+        settings.insert(2, f"Denoising strength: {metadata['strength']}")
     prompt = metadata["prompt"]
     loras = metadata.get("loras") or []
     if loras:

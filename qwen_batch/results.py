@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from qwen_batch.adapters import LoraRef
 from qwen_batch.errors import NotFoundError, StorageError
-from qwen_batch.manifest import EDIT, LORAS_COLUMN, MANIFEST_SCHEMA, Manifest, Request
+from qwen_batch.manifest import EDIT, INIT_IMAGE_COLUMN, LORAS_COLUMN, MANIFEST_SCHEMA, Manifest, Request
 from qwen_batch.storage import Folder
 
 RESULTS_FILE = "results.parquet"
@@ -48,7 +48,8 @@ LORA_FIELD = pa.field(
 PARAMETER_FIELDS = [
     LORA_FIELD if field.name == LORAS_COLUMN else field for field in MANIFEST_SCHEMA if field.name != "id"
 ]
-# Edit rows only: the input images (canonical URLs) and their content hashes, in the row's order.
+# Edit rows: the input images (canonical URLs) and their content hashes, in the row's order; rows that start
+# from an image: the init image's and the mask's hashes (their URLs are in init_image and mask_image).
 INPUT_FIELDS = [
     pa.field("input_images", pa.list_(pa.string())),
     pa.field("input_sha256", pa.list_(pa.string())),
@@ -84,6 +85,9 @@ class Record:
     true_cfg_scale: float | None = None
     loras: list[dict[str, Any]] | None = None  # [{path, scale, sha256}]
     scheduler_shift: float | None = None
+    init_image: str | None = None
+    mask_image: str | None = None
+    strength: float | None = None
     input_images: list[str] | None = None
     input_sha256: list[str] | None = None
     status: str = FAILED
@@ -204,7 +208,7 @@ class ResultStore:
         outcome = _records_table(ordered)
         known = [field.name for field in MANIFEST_SCHEMA]
         columns = {name: outcome.column(name) for name in known}
-        if manifest.task == EDIT:
+        if manifest.task == EDIT or INIT_IMAGE_COLUMN in manifest.table.column_names:
             for field in INPUT_FIELDS:
                 columns[field.name] = outcome.column(field.name)
         for name in manifest.extra_columns:

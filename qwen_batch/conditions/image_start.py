@@ -1,0 +1,289 @@
+"""Rows that start from an image: image-to-image (`init_image`, `strength`) and inpainting (`mask_image`).
+
+diffusers' `QwenImageImg2ImgPipeline` and `QwenImageInpaintPipeline`, split across the two stages:
+
+- **Stage 1** (`prepare_image_starts`) reads every init and mask image once (the input rules of edits:
+  allowed locations, formats, decompression-bomb limits) and, with the VAE alone loaded, caches per
+  (image, row size) the VAE posterior of the init image, resized to the row's size as the pipelines do, as
+  its mean and standard deviation, and the mask binarized at latent resolution. The posterior, not one
+  sample of it: the pipelines *sample* it with the row's generator before drawing the noise
+  (`retrieve_latents(..., sample_mode="sample")`), so the sample belongs to the row's seed, not the image.
+- **Stage 2** (`ImageStartSource.load`) finds those tensors through the URL's note (its content hash and
+  size when read), and `ImageStarts` does the pipelines' arithmetic in the loop: the schedule cut by
+  `strength` (`get_timesteps`), the row's generator drawing the posterior sample and then the noise, the
+  start `scale_noise(init, first timestep, noise)`, and, for masks, after each step the area outside the
+  mask put back to the init latents noised to the next timestep.
+
+So a row equals the diffusers pipeline with `generator=torch.Generator("cpu").manual_seed(seed)` (tested
+within 2/255 on the tiny model), alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from qwen_batch.cache import EmbeddingCache, key_of
+from qwen_batch.device import release_memory
+from qwen_batch.errors import InputImageError, QwenBatchError
+from qwen_batch.input_image import read_input_images
+from qwen_batch.model_source import ModelSource, load_pipeline
+from qwen_batch.progress import Progress, Silent
+from qwen_batch.storage import StorageOptions
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from qwen_batch.manifest import Request
+
+log = logging.getLogger(__name__)
+
+PREFETCH_THREADS = 4
+
+
+def _note_key(url: str) -> str:
+    return key_of("start-input", url=url)
+
+
+def _posterior_key(sha256: str, width: int, height: int) -> str:
+    return key_of("init-posterior", sha256=sha256, width=width, height=height)
+
+
+def _mask_key(sha256: str, width: int, height: int) -> str:
+    return key_of("inpaint-mask", sha256=sha256, width=width, height=height)
+
+
+class ImageStartError(QwenBatchError):
+    """A row's init or mask image cannot be used; the row fails with this reason, the others run."""
+
+
+# --- Stage 1 --------------------------------------------------------------------------------------------
+
+
+class _StartEncoder:
+    """The VAE alone, and the pipelines' image and mask preprocessing."""
+
+    def __init__(self, source: ModelSource, device: str, dtype: torch.dtype):
+        from diffusers.image_processor import VaeImageProcessor
+
+        pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, transformer=None, processor=None)
+        self.vae = pipe.vae.to(device)
+        self.device, self.dtype = device, dtype
+        scale, channels = pipe.vae_scale_factor * 2, self.vae.config.z_dim
+        self.patch = scale
+        self.images = VaeImageProcessor(vae_scale_factor=scale, vae_latent_channels=channels)
+        self.masks = VaeImageProcessor(
+            vae_scale_factor=scale,
+            vae_latent_channels=channels,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
+
+    def posterior(self, image: Image.Image, width: int, height: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        with torch.inference_mode():
+            pixels = self.images.preprocess(image, height=height, width=width).to(torch.float32)
+            pixels = pixels.to(self.device, self.dtype).unsqueeze(2)
+            distribution = self.vae.encode(pixels).latent_dist
+            return {"mean": distribution.mean[0].cpu(), "std": distribution.std[0].cpu()}
+
+    def mask(self, image: Image.Image, width: int, height: int) -> dict[str, torch.Tensor]:
+        import torch
+
+        condition = self.masks.preprocess(image, height=height, width=width)
+        size = (2 * (height // self.patch), 2 * (width // self.patch))
+        return {"mask": torch.nn.functional.interpolate(condition, size=size)[0].contiguous()}
+
+    def close(self) -> None:
+        del self.vae
+        release_memory(self.device)
+
+
+def prepare_image_starts(
+    requests: Sequence[Request],
+    cache: EmbeddingCache,
+    source: ModelSource,
+    device: str,
+    dtype: torch.dtype,
+    storage_options: StorageOptions,
+    max_pixels: int,
+    progress: Progress | None = None,
+) -> int:
+    """Stage 1 for rows with an init image: afterwards each usable row's posterior and mask are cached.
+    Returns how many tensors were encoded (0 when everything was cached: the VAE is then never loaded)."""
+    progress = progress or Silent()
+    rows = [request for request in requests if request.starts_from_image]
+    if not rows:
+        return 0
+    started = time.perf_counter()
+    urls = list(dict.fromkeys(url for row in rows for url in (row.init_image, row.mask_image) if url))
+    present = cache.present_keys()
+    images: dict[str, Image.Image] = {}
+    notes: dict[str, dict[str, Any]] = {}
+    progress.start("read init and mask images", len(urls), "images")
+    for read in read_input_images(urls, storage_options, max_pixels, PREFETCH_THREADS):
+        progress.advance(1)
+        if read.error:
+            notes[read.url] = {"url": read.url, "error": read.error}
+            log.warning("input image unusable: %s", read.error)
+        else:
+            images[read.url] = read.image
+            size = {"width": read.image.width, "height": read.image.height}
+            notes[read.url] = {"url": read.url, "sha256": read.sha256, **size}
+        cache.put_note(_note_key(read.url), notes[read.url])
+    progress.finish()
+
+    encoder: _StartEncoder | None = None
+    encoded = 0
+    try:
+        for row in rows:
+            try:
+                init, mask = _usable(row, notes)
+            except ImageStartError:
+                continue  # the row fails in stage 2 with the same reason
+            wanted = [(_posterior_key(init["sha256"], row.width, row.height), row.init_image, "posterior")]
+            if mask is not None:
+                wanted.append((_mask_key(mask["sha256"], row.width, row.height), row.mask_image, "mask"))
+            for key, url, kind in wanted:
+                if key in present:
+                    continue
+                encoder = encoder or _StartEncoder(source, device, dtype)
+                tensors = getattr(encoder, kind)(images[url], row.width, row.height)
+                cache.put_tensors(key, tensors, {"url": url})
+                present.add(key)
+                encoded += 1
+    finally:
+        if encoder is not None:
+            encoder.close()
+    log.info(
+        "encode (init and mask images): %d read, %d unusable, %d encoded, %.1f s",
+        len(urls),
+        sum("error" in note for note in notes.values()),
+        encoded,
+        time.perf_counter() - started,
+    )
+    return encoded
+
+
+def _usable(request: Request, notes: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The row's init and mask notes, or the reason it cannot run: unreadable, or a mask of another size."""
+    init = notes[request.init_image]
+    if init.get("error"):
+        raise ImageStartError(f"init_image: {init['error']}")
+    if request.mask_image is None:
+        return init, None
+    mask = notes[request.mask_image]
+    if mask.get("error"):
+        raise ImageStartError(f"mask_image: {mask['error']}")
+    if (mask["width"], mask["height"]) != (init["width"], init["height"]):
+        raise ImageStartError(
+            f"mask_image is {mask['width']}x{mask['height']} but init_image is {init['width']}x{init['height']}: "
+            "give a mask of the init image's size (white repaints, black keeps)"
+        )
+    return init, mask
+
+
+# --- Stage 2 --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowStart:
+    """One row's cached start: the init image's posterior ([z, 1, h/8, w/8]) and its mask ([1, h/8, w/8])."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    mask: torch.Tensor | None
+    input_sha256: list[str]
+
+
+class ImageStartSource:
+    """Stage 2's view of the cache for rows with an init image."""
+
+    def __init__(self, cache: EmbeddingCache):
+        self.cache = cache
+
+    def load(self, request: Request) -> RowStart:
+        notes = {url: self.cache.get_note(_note_key(url)) for url in (request.init_image, request.mask_image) if url}
+        if any(not note for note in notes.values()):
+            raise InputImageError("its init or mask image was not read in stage 1; run the encode stage again")
+        init, mask = _usable(request, notes)
+        posterior, _ = self.cache.get_tensors(_posterior_key(init["sha256"], request.width, request.height))
+        shas = [init["sha256"]]
+        mask_tensor = None
+        if mask is not None:
+            mask_tensor = self.cache.get_tensors(_mask_key(mask["sha256"], request.width, request.height))[0]["mask"]
+            shas.append(mask["sha256"])
+        return RowStart(posterior["mean"], posterior["std"], mask_tensor, shas)
+
+
+# --- The loop -------------------------------------------------------------------------------------------
+
+
+class ImageStarts:
+    """A batch's starts (every row with the same strength, all masked or none: `Request.batch_key`)."""
+
+    def __init__(self, rows: Sequence[RowStart], strength: float):
+        self.rows, self.strength = list(rows), strength
+        self.masked = rows[0].mask is not None
+        self._image_latents = self._noise = self._mask = None
+
+    def first_step(self, steps: int) -> int:
+        """The pipelines' `get_timesteps`: how many of the schedule's steps are skipped."""
+        kept = min(steps * self.strength, steps)
+        return int(max(steps - kept, 0))
+
+    def starting_latents(
+        self,
+        generators: Sequence[torch.Generator],
+        draw_noise: Callable[[torch.Generator], torch.Tensor],
+        scheduler,
+        first_timestep: torch.Tensor,
+        pack: Callable[[torch.Tensor], torch.Tensor],
+        latents_mean: torch.Tensor,
+        latents_inverse_std: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Each row's start on the host, packed: its generator samples the posterior, then draws the noise
+        (`draw_noise`, unpacked [1, 1, z, h, w]); `scale_noise` mixes them at the first kept timestep."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        starts, noises, images = [], [], []
+        mean_cpu, inverse_std_cpu = latents_mean.cpu(), latents_inverse_std.cpu()
+        for row, generator in zip(self.rows, generators, strict=True):
+            mean, std = row.mean.unsqueeze(0), row.std.unsqueeze(0)
+            sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
+            image = (sample - mean_cpu.to(sample.dtype)) * inverse_std_cpu.to(sample.dtype)
+            image = image.to(dtype).transpose(1, 2)  # [1, 1, z, h, w], as the noise
+            noise = draw_noise(generator)
+            starts.append(pack(scheduler.scale_noise(image, first_timestep, noise)))
+            noises.append(pack(noise))
+            images.append(pack(image))
+        if self.masked:
+            self._noise, self._image_latents = torch.cat(noises), torch.cat(images)
+            channels = self.rows[0].mean.shape[0]
+            self._mask = torch.cat(
+                [pack(row.mask.unsqueeze(0).repeat(1, channels, 1, 1).to(dtype)) for row in self.rows]
+            )
+        return torch.cat(starts)
+
+    def to(self, device: str, move: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        if self.masked:
+            self._noise, self._image_latents, self._mask = (
+                move(tensor, device) for tensor in (self._noise, self._image_latents, self._mask)
+            )
+
+    def after_step(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, step: int) -> torch.Tensor:
+        """Inpainting: outside the mask, back to the init latents at the next timestep's noise level."""
+        if not self.masked:
+            return latents
+        init = self._image_latents
+        if step < len(timesteps) - 1:
+            init = scheduler.scale_noise(init, timesteps[step + 1 : step + 2], self._noise)
+        return (1 - self._mask) * init + self._mask * latents
