@@ -76,6 +76,12 @@ class JobParameters(BaseModel):
         "or GGUF (Q8_0 ... Q3_K_M). Copied once per worker; the rest of the model comes from 'model'. Empty: "
         "the model's own transformer.",
     )
+    controlnet: str | None = Field(
+        None,
+        description="The ControlNet of rows with a control_image column: a hub id such as "
+        "InstantX/Qwen-Image-ControlNet-Union or a folder on the worker. Empty: rows with control images are "
+        "reported invalid, the others run.",
+    )
     batch_size: int | None = Field(
         None,
         ge=1,
@@ -185,6 +191,7 @@ class BatchParameters(JobParameters):
             output=self.output,
             model=self.model,
             transformer=self.transformer or None,
+            controlnet=self.controlnet or None,
             batch_size=self.batch_size,
             encode_batch_size=self.encode_batch_size,
             device=self.device,

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and the transformer's config still come from --model (docs/memory.md)",
     )
     run.add_argument(
+        "--controlnet",
+        metavar="MODEL",
+        help="the ControlNet of rows with control_image: a hub id (InstantX/Qwen-Image-ControlNet-Union) or a "
+        "folder; checked against the transformer before anything loads (docs/conditions.md)",
+    )
+    run.add_argument(
         "--batch-size",
         type=int,
         default=None,
@@ -346,6 +352,7 @@ def _run(args: argparse.Namespace) -> int:
         output=args.output,
         model=args.model,
         transformer=args.transformer,
+        controlnet=args.controlnet,
         batch_size=args.batch_size,
         memory_mode=args.memory_mode,
         fp8_every_linear=args.fp8_every_linear,

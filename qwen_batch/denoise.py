@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.conditions import BatchConditions
+from qwen_batch.conditions.controlnet import ControlNetSource
 from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
@@ -85,6 +86,7 @@ class ImageGenerator:
         dtype: torch.dtype,
         placement: Placement | None = None,
         transformer_file: TransformerFile | None = None,
+        controlnet: ControlNetSource | None = None,
     ):
         import torch
 
@@ -94,6 +96,10 @@ class ImageGenerator:
         self.source, self.device, self.dtype = source, device, dtype
         self.placement = placement or Placement()
         self.pipe, self.memory_mode, quantized = _load_denoiser(source, transformer_file, self.placement, device, dtype)
+        # Resident in the run's dtype beside the transformer (InstantX's Union: 3.5 GB in bf16).
+        self.controlnet = controlnet.load(device, dtype) if controlnet is not None else None
+        if controlnet is not None:
+            self.memory_mode += f"; ControlNet {controlnet.location} resident"
         transformer = self.pipe.transformer
         kernel = use_batch_attention(transformer, device, dtype)  # before compiling: it is traced
         self.pack_text = PACK_TEXT and kernel == "fa4"
@@ -149,7 +155,9 @@ class ImageGenerator:
         pipe, transformer = self.pipe, self.pipe.transformer
         batch = len(requests)
         conditions = conditions or BatchConditions()
-        image_shapes, starts = tuple(conditions.image_shapes), conditions.starts
+        image_shapes, starts, controls = tuple(conditions.image_shapes), conditions.starts, conditions.controls
+        if controls is not None and self.controlnet is None:
+            raise ValueError("rows with control images need the run's ControlNet (--controlnet)")
 
         with torch.inference_mode():
             # 1. Text conditions: [cond..., uncond...] padded to one length, with a mask (or, split,
@@ -186,6 +194,17 @@ class ImageGenerator:
             # 3. Where each row starts, from its own generator, drawn exactly as the pipeline draws one image:
             # pure noise, or (image-to-image, inpainting) its init image's latents noised to the first step.
             generators = [torch.Generator("cpu").manual_seed(request.seed) for request in requests]
+            if controls is not None:  # the pipeline samples the control images' latents first
+                controls.sample(
+                    generators,
+                    lambda tensor: self._pack(tensor, width, height),
+                    self._latents_mean,
+                    self._latents_inverse_std,
+                    self.dtype,
+                    self.device,
+                    to_device,
+                )
+                control_text, control_mask = _pad_embeddings(prompt_embeds, self.device, self.dtype)
             if starts is None:
                 latents = torch.cat([self._noise(generator, width, height) for generator in generators])
             else:
@@ -209,6 +228,12 @@ class ImageGenerator:
                 if condition is not None:
                     model_input = torch.cat([model_input, condition], dim=1)
                 timestep = t.expand(model_input.shape[0]).to(latents.dtype) / 1000
+                residuals = None
+                if controls is not None:
+                    residuals = controls.block_samples(
+                        self.controlnet, latents, control_text, control_mask, timestep[:batch],
+                        [[patches]] * batch, step, len(timesteps),
+                    )  # fmt: skip
                 predictions = [
                     transformer(
                         hidden_states=model_input[first : first + rows],
@@ -219,6 +244,7 @@ class ImageGenerator:
                         attention_kwargs=text_kwargs,
                         img_shapes=[[patches, *image_shapes]] * rows,
                         return_dict=False,
+                        **_for_rows(residuals, rows // batch),
                     )[0]
                     for first, rows, embeds, text_kwargs in forwards
                 ]
@@ -289,7 +315,7 @@ class ImageGenerator:
         return DecodedImages((images * 255).round().to(torch.uint8))
 
     def close(self) -> None:
-        del self.pipe, self.fusion, self._schedulers  # the fusion holds the pipeline and weight copies
+        del self.pipe, self.fusion, self._schedulers, self.controlnet  # the fusion holds the pipeline and weight copies
         release_memory(self.device)
 
 
@@ -315,6 +341,18 @@ def _load_denoiser(
     pipe = load_pipeline(source, dtype, text_encoder=None, tokenizer=None, processor=None, transformer=loaded.model)
     done = f"{loaded.done}; loaded from {weights.label} in {time.perf_counter() - started:.1f} s"
     return pipe, done, loaded.quantized
+
+
+def _for_rows(residuals: list[torch.Tensor] | None, copies: int) -> dict:
+    """The ControlNet's residuals for a forward of the batch's rows (`copies` 1) or of both CFG halves at
+    once (2): the conditional pass's residuals serve the unconditional one, as in diffusers' pipeline."""
+    if residuals is None:
+        return {}
+    import torch
+
+    return {
+        "controlnet_block_samples": [torch.cat([sample] * copies) if copies > 1 else sample for sample in residuals]
+    }
 
 
 def fixed_shift_scheduler(scheduler, shift: float):

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.conditions import BatchConditions
-from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, prepare_image_starts
+from qwen_batch.conditions.controlnet import ControlBatch, ControlNetSource
+from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, prepare_image_inputs
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
@@ -85,6 +86,8 @@ class RunConfig:
     # For rows that name none: LoRA adapters (--lora) and a fixed sampling shift (--scheduler-shift).
     loras: tuple[LoraRef, ...] = ()
     scheduler_shift: float | None = None
+    # The ControlNet of rows with control images (hub id or folder); one per run.
+    controlnet: str | None = None
 
     def __post_init__(self) -> None:
         self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift)  # checks them
@@ -122,6 +125,7 @@ class RunPlan:
     pipeline_class: str  # QwenImagePipeline, QwenImageEditPipeline or QwenImageEditPlusPipeline
     memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
     transformer_file: TransformerFile | None = None  # --transformer, checked and hashed
+    controlnet: ControlNetSource | None = None  # --controlnet, checked against the transformer
 
     @property
     def is_edit(self) -> bool:
@@ -188,6 +192,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     _check_model_fits(manifest, source, pipeline_class)
     transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
+    controlnet, manifest = _with_controlnet(config, source, manifest)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
@@ -201,7 +206,12 @@ def plan_run(config: RunConfig) -> RunPlan:
     else:  # the model's own transformer weights play no part; the file's content does
         kept = tuple(component for component in components if component != "transformer")
         model_identity = f"{source.identity(kept)}+{transformer_file.identity}"
-    fingerprints = {request.id: fingerprint(request, model_identity) for request in manifest.requests}
+    # A row with control images is also the ControlNet's: other weights, another image.
+    control_identity = f"{model_identity}+controlnet:{controlnet.identity()}" if controlnet else model_identity
+    fingerprints = {
+        request.id: fingerprint(request, control_identity if request.controls else model_identity)
+        for request in manifest.requests
+    }
     previous, _ = store.previous_records()
     shards = assign_shards(manifest.requests, config.shard_count, config.batch_size) if config.is_shard else {}
     mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
@@ -239,6 +249,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         pipeline_class=pipeline_class,
         memory=memory,
         transformer_file=transformer_file,
+        controlnet=controlnet,
     )
 
 
@@ -280,6 +291,25 @@ def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: s
             f"rows {several[:5]} have several input images, which only Edit-Plus models take; "
             "use --model Qwen/Qwen-Image-Edit-2509 (or tiny)"
         )
+
+
+def _with_controlnet(
+    config: RunConfig, source: ModelSource, manifest: Manifest
+) -> tuple[ControlNetSource | None, Manifest]:
+    """--controlnet checked against the transformer (a usage error, before anything loads); without it, rows
+    with control images are invalid with the reason and the others run."""
+    if config.controlnet is not None:
+        controlnet = ControlNetSource(config.controlnet)
+        controlnet.check_fits(source.transformer_config())
+        return controlnet, manifest
+    requests, invalid = [], list(manifest.invalid)
+    for request in manifest.requests:
+        if request.controls:
+            reason = "control_image needs a ControlNet: run with --controlnet MODEL (flow parameter controlnet)"
+            invalid.append(InvalidRow(request.index, request.id, reason, request.parameters()))
+        else:
+            requests.append(request)
+    return None, replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
 
 
 def _with_adapters(
@@ -368,7 +398,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         pinned_bytes=plan.memory.encoder_pinned_bytes,
     )
     # After the text encoder is gone: the VAE alone encodes the init images and masks.
-    stats.encoded += prepare_image_starts(
+    stats.encoded += prepare_image_inputs(
         requests,
         plan.cache,
         plan.source,
@@ -409,7 +439,9 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file)
+    generator = load_generator(
+        plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file, plan.controlnet
+    )
     writer = BatchWriter(plan.output, plan.store)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     progress.start("denoise", len(requests), "images")
@@ -485,7 +517,7 @@ def _generate_batch(
     started = time.perf_counter()
     ready: list[Request] = []
     kept = []  # the items of `ready`, to retry in halves if the GPU runs out of memory
-    conditions, failed, latents, shas, starts = [], [], [], [], []
+    conditions, failed, latents, shas, starts, controls = [], [], [], [], [], []
     for item in batch:
         request = item.request if isinstance(item, EditRow) else item
         try:
@@ -501,6 +533,9 @@ def _generate_batch(
                 if request.starts_from_image:
                     starts.append(ImageStartSource(plan.cache).load(request))
                     shas.append(starts[-1].input_sha256)
+                if request.controls:
+                    controls.append(ImageStartSource(plan.cache).load_controls(request))
+                    shas.append(controls[-1].input_sha256)
         except QwenBatchError as error:
             failed.append(_failure(plan, request, error))
             continue
@@ -520,6 +555,7 @@ def _generate_batch(
                 image_latents=latents or None,
                 image_shapes=batch[0].image_shapes if edit_conditions is not None else (),
                 starts=ImageStarts(starts, ready[0].strength) if starts else None,
+                controls=ControlBatch(ready, controls) if controls else None,
             ),
         )
     except Exception as error:  # a failing batch must not stop the others; its rows carry the error
@@ -600,13 +636,14 @@ def load_generator(
     dtype: torch.dtype,
     placement: Placement | None = None,
     transformer_file: TransformerFile | None = None,
+    controlnet: ControlNetSource | None = None,
 ) -> ImageGenerator:
     from qwen_batch.denoise import ImageGenerator
 
-    key = (source.location, device, str(dtype), placement, transformer_file)
+    key = (source.location, device, str(dtype), placement, transformer_file, controlnet)
     if key not in _loaded:
         release_generator()
-        _loaded[key] = ImageGenerator(source, device, dtype, placement, transformer_file)
+        _loaded[key] = ImageGenerator(source, device, dtype, placement, transformer_file, controlnet)
         log.info("denoise: transformer %s", _loaded[key].memory_mode)
         memory = gpu_memory_gib(device)
         if memory:

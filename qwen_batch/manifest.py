@@ -57,6 +57,12 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("init_image", pa.string()),  # image-to-image and inpainting (INIT_IMAGE_COLUMN...)
         pa.field("mask_image", pa.string()),
         pa.field("strength", pa.float64()),
+        # ControlNet rows: one image may also be a plain string, one scale a plain number (CONTROL_COLUMNS).
+        pa.field("control_image", pa.list_(pa.string())),
+        pa.field("control_scale", pa.list_(pa.float64())),
+        pa.field("control_start", pa.float64()),
+        pa.field("control_end", pa.float64()),
+        pa.field("control_preprocess", pa.string()),
     ]
 )
 # Edit manifests name their input image(s) in one of these columns instead (see docs/manifest.md).
@@ -65,13 +71,24 @@ IMAGE_COLUMN, IMAGES_COLUMN = "image", "images"
 # repaint (white) and how much of the schedule runs (strength, diffusers' default 0.6). See docs/conditions.md.
 INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN = "init_image", "mask_image", "strength"
 DEFAULT_STRENGTH = 0.6
+# ControlNet rows (the run's --controlnet): one or more control images, each with its scale, applied from
+# control_start to control_end of the schedule (fractions); control_preprocess turns a photo into one.
+CONTROL_IMAGE_COLUMN, CONTROL_SCALE_COLUMN = "control_image", "control_scale"
+CONTROL_START_COLUMN, CONTROL_END_COLUMN, CONTROL_PREPROCESS_COLUMN = (
+    "control_start",
+    "control_end",
+    "control_preprocess",
+)
+CONTROL_COLUMNS = (CONTROL_IMAGE_COLUMN, CONTROL_SCALE_COLUMN, CONTROL_START_COLUMN, CONTROL_END_COLUMN,
+                   CONTROL_PREPROCESS_COLUMN)  # fmt: skip
+MAX_CONTROL_IMAGES = 4
 MAX_INPUT_IMAGES = 8
 GENERATE, EDIT = "generate", "edit"
 TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
-TEXT_COLUMNS = ("id", "prompt", "negative_prompt", INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN)
+TEXT_COLUMNS = ("id", "prompt", "negative_prompt", INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, "control_preprocess")
 INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps")
-FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift", STRENGTH_COLUMN)
+FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift", STRENGTH_COLUMN, "control_start", "control_end")
 # Columns the results add; a manifest may not bring its own, or the two would be confused.
 RESERVED_COLUMNS = (
     "status",
@@ -98,6 +115,15 @@ def derive_seed(row_id: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlRef:
+    """One control image of a row: its canonical URL, its scale, and the preprocessing that makes it."""
+
+    url: str
+    scale: float = 1.0
+    preprocess: str | None = None  # e.g. "canny": the image is a photo, turned into the control in stage 1
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """One valid manifest row: everything needed to generate its image."""
 
@@ -117,6 +143,8 @@ class Request:
     init_image: str | None = None  # image-to-image / inpainting: the canonical URL of the starting image
     mask_image: str | None = None  # inpainting: what to repaint (white), the init image's size
     strength: float | None = None  # with init_image: the part of the schedule that runs (0-1]
+    controls: tuple[ControlRef, ...] = ()  # ControlNet rows: the control images, in order, with their scales
+    control_range: tuple[float, float] = (0.0, 1.0)  # the part of the schedule the ControlNet acts on
 
     @property
     def starts_from_image(self) -> bool:
@@ -144,6 +172,7 @@ class Request:
             # A batch starts at one point of its schedule, and blends masks or not, for every row.
             self.strength,
             self.mask_image is not None,
+            len(self.controls),  # the ControlNet runs once per control image and step, on every row
         )
 
     @property
@@ -172,6 +201,13 @@ class Request:
             parameters.update(init_image=self.init_image, strength=self.strength)
         if self.mask_image is not None:
             parameters["mask_image"] = self.mask_image
+        if self.controls:
+            parameters[CONTROL_IMAGE_COLUMN] = [control.url for control in self.controls]
+            parameters[CONTROL_SCALE_COLUMN] = [control.scale for control in self.controls]
+            parameters[CONTROL_START_COLUMN], parameters[CONTROL_END_COLUMN] = self.control_range
+            preprocess = {control.preprocess for control in self.controls} - {None}
+            if preprocess:
+                parameters[CONTROL_PREPROCESS_COLUMN] = self.controls[0].preprocess
         return parameters
 
 
@@ -344,9 +380,12 @@ def _check_columns(table: pa.Table, url: str, task: str = GENERATE) -> None:
         _check_image_columns(table, url)
     if LORAS_COLUMN in names:
         _check_loras_column(table, url)
+    _check_one_or_list(table, url, "control_image", pa.types.is_string, "a string or a list of strings (URLs or paths)")
+    _check_one_or_list(table, url, "control_scale", _is_number, "a number or a list of numbers (one per control image)")
     for name in names:
         kind = table.schema.field(name).type
-        if name in TEXT_COLUMNS and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        optional_nulls = pa.types.is_null(kind) and name not in REQUIRED_COLUMNS  # pandas: a column of None
+        if name in TEXT_COLUMNS and not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or optional_nulls):
             expected = "string"
         elif name in INTEGER_COLUMNS + FLOAT_COLUMNS and not (
             pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)
@@ -400,6 +439,22 @@ def _check_image_columns(table: pa.Table, url: str) -> None:
             raise ManifestError(
                 f"{url}: column {IMAGES_COLUMN!r} has type {kind}; it must be a list of strings (URLs or paths)."
             )
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _check_one_or_list(table: pa.Table, url: str, name: str, is_item, expected: str) -> None:
+    if name not in table.column_names:
+        return
+    kind = table.schema.field(name).type
+    if pa.types.is_large_string(kind):
+        kind = pa.string()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        kind = kind.value_type
+    if not (is_item(kind) or pa.types.is_null(kind) or (pa.types.is_large_string(kind) and is_item(pa.string()))):
+        raise ManifestError(f"{url}: column {name!r} has type {table.schema.field(name).type}; it must be {expected}.")
 
 
 def _check_loras_column(table: pa.Table, url: str) -> None:
@@ -498,6 +553,11 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
     check("true_cfg_scale", lambda: _true_cfg_scale(values))
     check("loras", lambda: _loras(values, rules))
     check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
+    if any(values.get(name) is not None for name in CONTROL_COLUMNS):
+        try:
+            resolved.update(_controls(values, rules))
+        except _RowProblem as problem:
+            problems.append(str(problem))
     if any(values.get(name) is not None for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN)):
         try:
             resolved.update(_image_start(values, rules))
@@ -568,6 +628,59 @@ def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...
         except InputLocationError as error:
             raise _RowProblem(f"{label} {error}") from error
     return tuple(resolved)
+
+
+def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
+    """control_image (one or a list), control_scale (one for all, or one each), control_start/end, and
+    control_preprocess: checked together."""
+    from qwen_batch.control_preprocess import ControlPreprocessError, check_preprocess
+
+    raw = values.get(CONTROL_IMAGE_COLUMN)
+    if rules.edit:
+        raise _RowProblem("control_image and its columns are for text-to-image rows; remove them from edit rows")
+    listed = [raw] if isinstance(raw, str) else list(raw or [])
+    if not listed:
+        given = next(name for name in CONTROL_COLUMNS if values.get(name) is not None)
+        raise _RowProblem(f"{given} needs {CONTROL_IMAGE_COLUMN}: give the control image (edges, depth, pose...)")
+    if values.get(INIT_IMAGE_COLUMN) is not None:
+        raise _RowProblem(f"{CONTROL_IMAGE_COLUMN} with {INIT_IMAGE_COLUMN} is not supported: use one or the other")
+    if len(listed) > MAX_CONTROL_IMAGES:
+        raise _RowProblem(f"{CONTROL_IMAGE_COLUMN} has {len(listed)} images; use at most {MAX_CONTROL_IMAGES}")
+    scales = values.get(CONTROL_SCALE_COLUMN)
+    scales = (
+        [1.0] * len(listed) if scales is None else [scales] * len(listed) if not isinstance(scales, list) else scales
+    )
+    if len(scales) != len(listed):
+        raise _RowProblem(
+            f"{CONTROL_SCALE_COLUMN} has {len(scales)} values for {len(listed)} control images: give one for all, "
+            "or one each"
+        )
+    for scale in scales:
+        if scale is None or not (math.isfinite(float(scale)) and 0.0 <= float(scale) <= 10.0):
+            raise _RowProblem(f"{CONTROL_SCALE_COLUMN} {scale} is out of range: use 0 to 10 (1 is the usual)")
+    start, end = (values.get(name) for name in (CONTROL_START_COLUMN, CONTROL_END_COLUMN))
+    start, end = 0.0 if start is None else float(start), 1.0 if end is None else float(end)
+    if not (0.0 <= start < end <= 1.0):
+        raise _RowProblem(
+            f"{CONTROL_START_COLUMN} {start} and {CONTROL_END_COLUMN} {end}: give fractions of the schedule with "
+            "0 <= start < end <= 1 (defaults 0 and 1)"
+        )
+    preprocess = values.get(CONTROL_PREPROCESS_COLUMN)
+    if preprocess is not None:
+        try:
+            check_preprocess(preprocess)
+        except ControlPreprocessError as error:
+            raise _RowProblem(f"{CONTROL_PREPROCESS_COLUMN}: {error}") from error
+    controls = []
+    for position, url in enumerate(listed):
+        label = CONTROL_IMAGE_COLUMN if isinstance(raw, str) else f"{CONTROL_IMAGE_COLUMN}[{position}]"
+        if url is None:
+            raise _RowProblem(f"{label} is null; give the URL or path of the control image")
+        try:
+            controls.append(ControlRef(rules.policy.resolve(url), float(scales[position]), preprocess))
+        except InputLocationError as error:
+            raise _RowProblem(f"{label} {error}") from error
+    return {"controls": tuple(controls), "control_range": (start, end)}
 
 
 def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:

@@ -88,6 +88,11 @@ class Record:
     init_image: str | None = None
     mask_image: str | None = None
     strength: float | None = None
+    control_image: list[str] | None = None
+    control_scale: list[float] | None = None
+    control_start: float | None = None
+    control_end: float | None = None
+    control_preprocess: str | None = None
     input_images: list[str] | None = None
     input_sha256: list[str] | None = None
     status: str = FAILED

@@ -2,7 +2,7 @@
 
 diffusers' `QwenImageImg2ImgPipeline` and `QwenImageInpaintPipeline`, split across the two stages:
 
-- **Stage 1** (`prepare_image_starts`) reads every init and mask image once (the input rules of edits:
+- **Stage 1** (`prepare_image_inputs`) reads every init and mask image once (the input rules of edits:
   allowed locations, formats, decompression-bomb limits) and, with the VAE alone loaded, caches per
   (image, row size) the VAE posterior of the init image, resized to the row's size as the pipelines do, as
   its mean and standard deviation, and the mask binarized at latent resolution. The posterior, not one
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from qwen_batch.conditions.controlnet import RowControls
     from qwen_batch.manifest import Request
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def _posterior_key(sha256: str, width: int, height: int) -> str:
 
 def _mask_key(sha256: str, width: int, height: int) -> str:
     return key_of("inpaint-mask", sha256=sha256, width=width, height=height)
+
+
+def _control_key(sha256: str, preprocess: str | None, width: int, height: int) -> str:
+    return key_of("control-posterior", sha256=sha256, preprocess=preprocess, width=width, height=height)
 
 
 class ImageStartError(QwenBatchError):
@@ -84,6 +89,12 @@ class _StartEncoder:
             do_convert_grayscale=True,
         )
 
+    def control(self, image: Image.Image, width: int, height: int, preprocess: str | None) -> dict[str, torch.Tensor]:
+        """A control image's posterior, made from the photo first where the row asks (`control_preprocess`)."""
+        from qwen_batch.control_preprocess import preprocess as make_control
+
+        return self.posterior(make_control(preprocess, image) if preprocess else image, width, height)
+
     def posterior(self, image: Image.Image, width: int, height: int) -> dict[str, torch.Tensor]:
         import torch
 
@@ -105,7 +116,7 @@ class _StartEncoder:
         release_memory(self.device)
 
 
-def prepare_image_starts(
+def prepare_image_inputs(
     requests: Sequence[Request],
     cache: EmbeddingCache,
     source: ModelSource,
@@ -115,18 +126,19 @@ def prepare_image_starts(
     max_pixels: int,
     progress: Progress | None = None,
 ) -> int:
-    """Stage 1 for rows with an init image: afterwards each usable row's posterior and mask are cached.
-    Returns how many tensors were encoded (0 when everything was cached: the VAE is then never loaded)."""
+    """Stage 1 for rows with an init image or control images: afterwards each usable row's posteriors and
+    mask are cached. Returns how many tensors were encoded (0 when everything was cached: the VAE is then
+    never loaded)."""
     progress = progress or Silent()
-    rows = [request for request in requests if request.starts_from_image]
+    rows = [request for request in requests if request.starts_from_image or request.controls]
     if not rows:
         return 0
     started = time.perf_counter()
-    urls = list(dict.fromkeys(url for row in rows for url in (row.init_image, row.mask_image) if url))
+    urls = list(dict.fromkeys(url for row in rows for url in _image_urls(row)))
     present = cache.present_keys()
     images: dict[str, Image.Image] = {}
     notes: dict[str, dict[str, Any]] = {}
-    progress.start("read init and mask images", len(urls), "images")
+    progress.start("read init, mask and control images", len(urls), "images")
     for read in read_input_images(urls, storage_options, max_pixels, PREFETCH_THREADS):
         progress.advance(1)
         if read.error:
@@ -144,18 +156,14 @@ def prepare_image_starts(
     try:
         for row in rows:
             try:
-                init, mask = _usable(row, notes)
+                wanted = _wanted(row, notes)
             except ImageStartError:
                 continue  # the row fails in stage 2 with the same reason
-            wanted = [(_posterior_key(init["sha256"], row.width, row.height), row.init_image, "posterior")]
-            if mask is not None:
-                wanted.append((_mask_key(mask["sha256"], row.width, row.height), row.mask_image, "mask"))
-            for key, url, kind in wanted:
+            for key, url, encode in wanted:
                 if key in present:
                     continue
                 encoder = encoder or _StartEncoder(source, device, dtype)
-                tensors = getattr(encoder, kind)(images[url], row.width, row.height)
-                cache.put_tensors(key, tensors, {"url": url})
+                cache.put_tensors(key, encode(encoder, images[url], row.width, row.height), {"url": url})
                 present.add(key)
                 encoded += 1
     finally:
@@ -169,6 +177,28 @@ def prepare_image_starts(
         time.perf_counter() - started,
     )
     return encoded
+
+
+def _image_urls(request: Request) -> list[str]:
+    return [url for url in (request.init_image, request.mask_image) if url] + [c.url for c in request.controls]
+
+
+def _wanted(request: Request, notes: dict[str, dict[str, Any]]) -> list[tuple[str, str, Callable]]:
+    """(cache key, image URL, how to encode it) for each tensor the row needs; ImageStartError if it cannot run."""
+    width, height = request.width, request.height
+    wanted = []
+    if request.starts_from_image:
+        init, mask = _usable(request, notes)
+        wanted.append((_posterior_key(init["sha256"], width, height), request.init_image, _StartEncoder.posterior))
+        if mask is not None:
+            wanted.append((_mask_key(mask["sha256"], width, height), request.mask_image, _StartEncoder.mask))
+    for position, control in enumerate(request.controls):
+        note = notes[control.url]
+        if note.get("error"):
+            raise ImageStartError(f"control_image[{position}]: {note['error']}")
+        key = _control_key(note["sha256"], control.preprocess, width, height)
+        wanted.append((key, control.url, lambda e, i, w, h, p=control.preprocess: e.control(i, w, h, p)))
+    return wanted
 
 
 def _usable(request: Request, notes: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -220,6 +250,22 @@ class ImageStartSource:
             mask_tensor = self.cache.get_tensors(_mask_key(mask["sha256"], request.width, request.height))[0]["mask"]
             shas.append(mask["sha256"])
         return RowStart(posterior["mean"], posterior["std"], mask_tensor, shas)
+
+    def load_controls(self, request: Request) -> RowControls:
+        from qwen_batch.conditions.controlnet import RowControls
+
+        posteriors, shas = [], []
+        for position, control in enumerate(request.controls):
+            note = self.cache.get_note(_note_key(control.url))
+            if not note:
+                raise InputImageError("its control image was not read in stage 1; run the encode stage again")
+            if note.get("error"):
+                raise ImageStartError(f"control_image[{position}]: {note['error']}")
+            key = _control_key(note["sha256"], control.preprocess, request.width, request.height)
+            tensors = self.cache.get_tensors(key)[0]
+            posteriors.append((tensors["mean"], tensors["std"]))
+            shas.append(note["sha256"])
+        return RowControls(posteriors, shas)
 
 
 # --- The loop -------------------------------------------------------------------------------------------

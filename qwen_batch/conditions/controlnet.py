@@ -1,0 +1,191 @@
+"""ControlNet rows: one ControlNet per run (`--controlnet`), one or more control images per row.
+
+diffusers' `QwenImageControlNetPipeline` (and `QwenImageMultiControlNetModel` for several control images),
+split across the stages:
+
+- **The run** (`ControlNetSource`): a hub id or a folder, checked against the transformer's architecture
+  before anything loads (a usage error naming the mismatch), its files' identity in the fingerprint of the
+  rows that use it.
+- **Stage 1** (`qwen_batch.conditions.image_start.prepare_image_inputs`): each control image read once,
+  preprocessed if the row says so (`control_preprocess`, e.g. canny), and its VAE posterior cached by
+  (content, preprocessing, row size). As for init images, the pipeline *samples* that posterior with the
+  row's generator, one draw per control image in order, before the starting noise.
+- **The loop** (`ControlBatch`): once per step the ControlNet runs on the batch's latents with the positive
+  prompt, for each control image, its residuals scaled per row (`control_scale` times whether the step lies
+  in `control_start`-`control_end`) and summed over the control images; the same residuals serve the
+  conditional and the unconditional pass, as in the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qwen_batch.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_batch.manifest import Request
+
+# What must agree for the ControlNet's residuals to fit the transformer's blocks.
+MATCHING_CONFIG = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim")
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """`--controlnet`: where the ControlNet comes from, and what identifies its weights."""
+
+    location: str
+
+    @property
+    def local_folder(self) -> Path | None:
+        from qwen_batch.model_source import _cached_hub_snapshot
+
+        folder = Path(self.location).expanduser()
+        return folder if folder.is_dir() else _cached_hub_snapshot(self.location)
+
+    def config(self) -> dict[str, Any]:
+        from diffusers import QwenImageControlNetModel
+
+        try:
+            return dict(QwenImageControlNetModel.load_config(str(self.local_folder or self.location)))
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"--controlnet {self.location}: cannot read its config.json ({error}). Give a folder saved with "
+                "save_pretrained or a hub id such as InstantX/Qwen-Image-ControlNet-Union."
+            ) from error
+
+    def check_fits(self, transformer_config: dict[str, Any]) -> dict[str, Any]:
+        """The ControlNet's config, or a usage error when its blocks cannot feed this transformer's."""
+        config = self.config()
+        wrong = [
+            f"{name} {config.get(name)} (the transformer's: {transformer_config.get(name)})"
+            for name in MATCHING_CONFIG
+            if config.get(name) != transformer_config.get(name)
+        ]
+        if config.get("num_layers", 0) > transformer_config.get("num_layers", 0):
+            wrong.append(
+                f"num_layers {config['num_layers']} (more than the transformer's {transformer_config['num_layers']})"
+            )
+        if wrong:
+            raise ConfigError(
+                f"--controlnet {self.location} was not made for this model's transformer: {'; '.join(wrong)}. "
+                "Use a ControlNet trained for the model given with --model."
+            )
+        if config.get("extra_condition_channels", 0):
+            raise ConfigError(
+                f"--controlnet {self.location} is an inpainting ControlNet (extra_condition_channels "
+                f"{config['extra_condition_channels']}); ControlNet-inpainting rows are not supported yet: use a "
+                "Union ControlNet, or mask_image with init_image (inpainting without a ControlNet)."
+            )
+        return config
+
+    def identity(self) -> str:
+        """A short hash of its files (sizes and sampled content, as the model's identity), or of its hub id."""
+        from qwen_batch.model_source import _file_signature
+
+        digest = hashlib.sha256(b"controlnet\0")
+        folder = self.local_folder
+        if folder is None:
+            digest.update(f"hub:{self.location}".encode())
+        else:
+            for file in sorted(folder.rglob("*")):
+                if file.is_file() and not file.name.startswith("."):
+                    digest.update(_file_signature(folder, file))
+        return digest.hexdigest()[:24]
+
+    def load(self, device: str, dtype: torch.dtype):
+        from diffusers import QwenImageControlNetModel
+
+        try:
+            model = QwenImageControlNetModel.from_pretrained(
+                str(self.local_folder or self.location), torch_dtype=dtype, use_safetensors=True
+            )
+        except (OSError, ValueError) as error:
+            raise ModelError(f"--controlnet {self.location}: cannot load it ({error})") from error
+        return model.to(device).eval()
+
+
+@dataclass
+class RowControls:
+    """One row's cached control images: each one's VAE posterior ([z, 1, h/8, w/8]), in the row's order."""
+
+    posteriors: list[tuple[torch.Tensor, torch.Tensor]]  # (mean, std)
+    input_sha256: list[str]
+
+
+class ControlBatch:
+    """A batch's controls (every row has the same number of control images: `Request.batch_key`)."""
+
+    def __init__(self, requests: Sequence[Request], rows: Sequence[RowControls]):
+        self.requests, self.rows = list(requests), list(rows)
+        self._latents: list[torch.Tensor] = []  # per control image: [rows, tokens, 64], on the device
+
+    def sample(
+        self,
+        generators: Sequence[torch.Generator],
+        pack,
+        latents_mean: torch.Tensor,
+        latents_inverse_std: torch.Tensor,
+        dtype: torch.dtype,
+        device: str,
+        move,
+    ) -> None:
+        """Each row's generator samples its control images' posteriors, in order, before the noise is drawn:
+        the pipeline's `retrieve_latents(vae.encode(control), generator)` per control image."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        mean_cpu, inverse_std_cpu = latents_mean.cpu(), latents_inverse_std.cpu()
+        per_image: list[list[torch.Tensor]] = [[] for _ in self.rows[0].posteriors]
+        for row, generator in zip(self.rows, generators, strict=True):
+            for index, (mean, std) in enumerate(row.posteriors):
+                mean, std = mean.unsqueeze(0), std.unsqueeze(0)
+                sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
+                latents = (sample - mean_cpu.to(sample.dtype)) * inverse_std_cpu.to(sample.dtype)
+                per_image[index].append(pack(latents.permute(0, 2, 1, 3, 4)).to(dtype))
+        self._latents = [move(torch.cat(rows), device) for rows in per_image]
+
+    def block_samples(
+        self,
+        controlnet,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        timestep: torch.Tensor,
+        image_shapes: list,
+        step: int,
+        steps: int,
+    ) -> list[torch.Tensor] | None:
+        """The residuals for this step's transformer forwards (one batch's rows), or None when no row's
+        control acts at this step."""
+        import torch
+
+        scales = []
+        for request in self.requests:
+            start, end = request.control_range
+            keep = 1.0 - float(step / steps < start or (step + 1) / steps > end)
+            scales.append([control.scale * keep for control in request.controls])
+        if not any(any(row) for row in scales):
+            return None
+        summed = None
+        for index, control in enumerate(self._latents):
+            samples = controlnet(
+                hidden_states=latents,
+                controlnet_cond=control,
+                conditioning_scale=1.0,
+                timestep=timestep,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=text_mask,
+                img_shapes=image_shapes,
+                return_dict=False,
+            )
+            # Each row's own scale (the pipeline's scalar `conditioning_scale` times its keep).
+            weights = torch.tensor([row[index] for row in scales], device=latents.device).view(-1, 1, 1)
+            samples = [sample * weights.to(sample.dtype) for sample in samples]
+            summed = samples if summed is None else [a + b for a, b in zip(summed, samples, strict=True)]
+        return summed

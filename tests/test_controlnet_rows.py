@@ -1,0 +1,170 @@
+"""ControlNet rows: diffusers' `QwenImageControlNetPipeline` row for row (one control image, and several
+through `QwenImageMultiControlNetModel`, with scales and a start/end range), alone and batched with plain
+rows, on the tiny model and its tiny Union ControlNet (`qwen_batch.tiny_controlnet`), within 2/255."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from qwen_batch.engine import RunConfig, plan_run, run
+from qwen_batch.errors import ConfigError
+from qwen_batch.manifest import read_manifest
+from tests.support import pixels, small_row, write_manifest
+
+TOLERANCE = 2  # of 255
+
+
+def _edges(path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (256, 256), "black")
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = (int(v) for v in rng.integers(0, 192, 2))
+        draw.rectangle((x0, y0, x0 + 60, y0 + 60), outline="white", width=3)
+    image.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def controlnet(qwen_batch_home, tiny_model):
+    from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+
+    return ensure_tiny_controlnet("union")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, controlnet):
+    folder = tmp_path_factory.mktemp("controls")
+    edges, other = _edges(folder / "edges.png", 0), _edges(folder / "other.png", 1)
+    rows = [
+        small_row("one", "a product shot", control_image=[edges], seed=1),
+        small_row(
+            "two",
+            "a chair",
+            control_image=[edges, other],
+            control_scale=[0.7, 0.5],
+            control_end=0.5,
+            seed=2,
+            num_inference_steps=4,
+        ),
+        small_row(
+            "late",
+            "a lamp",
+            control_image=[other],
+            control_scale=[1.5],
+            control_start=0.5,
+            seed=3,
+            num_inference_steps=4,
+            true_cfg_scale=1.0,
+        ),
+        small_row("twin", "a product shot", seed=1),  # "one" without its control
+        small_row("plain", "a lighthouse", seed=4),
+        small_row("scales", "x", control_image=[edges], control_scale=[1.0, 2.0]),
+        small_row("with-init", "x", control_image=[edges], init_image=edges),
+        small_row("bad-range", "x", control_image=[edges], control_start=0.8, control_end=0.2),
+    ]
+    manifest = write_manifest(folder / "m.parquet", rows)
+    outputs = {}
+    for batch_size in (1, 4):
+        output = folder / f"batch{batch_size}"
+        config = RunConfig(str(manifest), str(output), batch_size=batch_size, device="cpu", controlnet=str(controlnet))
+        summary = run(config)
+        assert summary.generated == 5 and summary.invalid == 3, summary
+        outputs[batch_size] = output
+    return manifest, outputs, folder
+
+
+def _reference(tiny_model, controlnet, request) -> np.ndarray:
+    from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline, QwenImageMultiControlNetModel
+
+    net = QwenImageControlNetModel.from_pretrained(str(controlnet), torch_dtype=torch.float32)
+    images = [Image.open(control.url).convert("RGB") for control in request.controls]
+    several = len(images) > 1
+    pipe = QwenImageControlNetPipeline.from_pretrained(
+        str(tiny_model), controlnet=QwenImageMultiControlNetModel([net]) if several else net, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    scales = [control.scale for control in request.controls]
+    start, end = request.control_range
+    image = pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        control_image=images if several else images[0],
+        controlnet_conditioning_scale=scales if several else scales[0],
+        control_guidance_start=[start] * len(images) if several else start,
+        control_guidance_end=[end] * len(images) if several else end,
+        width=request.width,
+        height=request.height,
+        num_inference_steps=request.num_inference_steps,
+        true_cfg_scale=request.true_cfg_scale,
+        generator=torch.Generator("cpu").manual_seed(request.seed),
+    ).images[0]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return pixels(buffer)
+
+
+def test_control_rows_match_diffusers(setup, tiny_model, controlnet):
+    manifest, outputs, _ = setup
+    requests = {request.id: request for request in read_manifest(str(manifest)).requests}
+    for row_id in ("one", "two", "late"):
+        ours = pixels(outputs[4] / "images" / f"{row_id}.png")
+        assert np.abs(ours - _reference(tiny_model, controlnet, requests[row_id])).max() <= TOLERANCE, row_id
+
+
+def test_rows_are_the_same_alone_and_batched(setup):
+    _, outputs, _ = setup
+    for row_id in ("one", "two", "late", "twin", "plain"):
+        alone, batched = (pixels(outputs[size] / "images" / f"{row_id}.png") for size in (1, 4))
+        assert np.abs(alone - batched).max() <= TOLERANCE, row_id
+
+
+def test_the_control_changes_the_image(setup):
+    """Guards the tests above: the ControlNet's residuals reach the image (identical images would pass)."""
+    _, outputs, _ = setup
+    one, twin = (pixels(outputs[1] / "images" / f"{name}.png") for name in ("one", "twin"))
+    assert np.abs(one - twin).max() > 20
+
+
+def test_results_record_the_controls_and_bad_rows_say_why(setup):
+    _, outputs, _ = setup
+    results = {row["id"]: row for row in pq.read_table(outputs[4] / "results.parquet").to_pylist()}
+    two = results["two"]
+    assert [url.rsplit("/", 1)[-1] for url in two["control_image"]] == ["edges.png", "other.png"]
+    assert two["control_scale"] == [0.7, 0.5] and (two["control_start"], two["control_end"]) == (0.0, 0.5)
+    assert len(two["input_sha256"]) == 2
+    expected = {
+        "scales": "control_scale has 2 values for 1 control images",
+        "with-init": "control_image with init_image is not supported",
+        "bad-range": "control_start 0.8 and control_end 0.2",
+    }
+    for row_id, reason in expected.items():
+        assert results[row_id]["status"] == "invalid" and reason in results[row_id]["error"], results[row_id]
+
+
+def test_without_a_controlnet_control_rows_are_invalid_and_the_others_run(setup, tmp_path):
+    manifest, _, _ = setup
+    summary = run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))
+    assert summary.generated == 2  # twin and plain
+    results = {row["id"]: row for row in pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()}
+    assert "run with --controlnet" in results["one"]["error"]
+
+
+def test_a_controlnet_for_another_transformer_is_refused_before_anything_loads(setup, controlnet, tmp_path):
+    manifest, _, _ = setup
+    wrong = tmp_path / "wrong-controlnet"
+    shutil.copytree(controlnet, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["joint_attention_dim"] += 8
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="joint_attention_dim"):
+        plan_run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", controlnet=str(wrong)))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
