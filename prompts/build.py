@@ -5,7 +5,8 @@
 Each `NAME.jsonl` becomes `NAME.parquet`, with the columns qwen-batch knows typed as its schema says
 (`qwen_batch.manifest.MANIFEST_SCHEMA`, plus the edit manifests' `image` and `images`) and any other
 column (here `category`) carried as is. The edit manifests' input images in `edit/` are drawn first
-(`build_edit.py`), and the example adapters in `loras/` written (`build_loras.py`).
+(`build_edit.py`), the conditions example's in `conditions/` (`build_conditions.py`), and the example
+adapters in `loras/` written (`build_loras.py`).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ def build(source: Path) -> Path:
 
 
 if __name__ == "__main__":
+    from build_conditions import draw_inputs as draw_conditions
     from build_edit import draw_inputs  # prompts/ is on the path: it is this script's folder
     from build_loras import write_adapters
 
-    for path in [*draw_inputs(), *write_adapters()]:
+    for path in [*draw_inputs(), *draw_conditions(), *write_adapters()]:
         print(f"wrote {path}")
     for source in sorted(HERE.glob("*.jsonl")):
         print(f"wrote {build(source)}")

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--controlnet",
         metavar="MODEL",
-        help="the ControlNet of rows with control_image: a hub id (InstantX/Qwen-Image-ControlNet-Union) or a "
-        "folder; checked against the transformer before anything loads (docs/conditions.md)",
+        help="the ControlNet of rows with control_image: a hub id (InstantX/Qwen-Image-ControlNet-Union), a "
+        "folder, or 'tiny' (random weights, for --model tiny); checked against the transformer before anything "
+        "loads (docs/conditions.md)",
     )
     run.add_argument(
         "--batch-size",
@@ -167,10 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument(
         "--task",
-        choices=("generate", "edit", "edit-plus"),
+        choices=("generate", "edit", "edit-plus", "controlnet", "controlnet-inpaint"),
         default="generate",
         help="generate: QwenImagePipeline (default); edit: QwenImageEditPipeline; "
-        "edit-plus: QwenImageEditPlusPipeline (several input images)",
+        "edit-plus: QwenImageEditPlusPipeline (several input images); controlnet, controlnet-inpaint: a tiny "
+        "QwenImageControlNetModel for the tiny model, for --controlnet (as InstantX's Union and Inpainting)",
     )
     tiny.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     _add_output_flags(tiny)
@@ -501,6 +503,13 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
         path = write_model_transformer_file(ensure_tiny_model(args.task), args.directory, args.format)
         print(f"wrote the tiny model's transformer as one {args.format} file to {path} (use it with --model tiny)")
+        return EXIT_OK
+    if args.task.startswith("controlnet"):
+        from qwen_batch.tiny_controlnet import write_tiny_controlnet
+
+        kind = "inpaint" if args.task == "controlnet-inpaint" else "union"
+        folder = write_tiny_controlnet(args.directory, kind, seed=args.seed)
+        print(f"wrote a tiny random-weight {kind} ControlNet for --model tiny to {folder} (use it with --controlnet)")
         return EXIT_OK
     folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
     pipeline = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit-Plus"}[args.task]

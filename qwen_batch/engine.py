@@ -299,7 +299,12 @@ def _with_controlnet(
     """--controlnet checked against the transformer (a usage error, before anything loads); without it, rows
     with control images are invalid with the reason and the others run."""
     if config.controlnet is not None:
-        controlnet = ControlNetSource(config.controlnet)
+        location = config.controlnet
+        if location == "tiny":  # the tiny model's random-weight Union ControlNet, as --model tiny
+            from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+
+            location = str(ensure_tiny_controlnet("union"))
+        controlnet = ControlNetSource(location)
         controlnet.check_fits(source.transformer_config())
         return controlnet, manifest
     requests, invalid = [], list(manifest.invalid)

@@ -168,3 +168,27 @@ def test_a_controlnet_for_another_transformer_is_refused_before_anything_loads(s
     with pytest.raises(ConfigError, match="joint_attention_dim"):
         plan_run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", controlnet=str(wrong)))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_conditions_example_runs_from_the_cli_with_the_tiny_controlnet(tmp_path, tiny_model):
+    """prompts/conditions_example.parquet: image-to-image, inpainting, a canny control image made with OpenCV
+    and one made from the photo in stage 1, and a plain row, as a user runs it."""
+    from pathlib import Path
+
+    from qwen_batch.cli import main
+
+    example = Path(__file__).parents[1] / "prompts" / "conditions_example.parquet"
+    code = main(["run", str(example), "--output", str(tmp_path / "out"), "--controlnet", "tiny", "--device", "cpu"])
+    results = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert code == 0 and [row["status"] for row in results] == ["ok"] * 5, results
+    kinds = {row["id"]: row["category"] for row in results}
+    assert set(kinds.values()) == {"image-to-image", "inpainting", "controlnet", "text-to-image"}
+
+
+def test_tiny_model_command_writes_a_controlnet_the_run_accepts(tmp_path, tiny_model):
+    from qwen_batch.cli import main
+
+    assert main(["tiny-model", str(tmp_path / "cn"), "--task", "controlnet"]) == 0
+    manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "x")])
+    plan = plan_run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", controlnet=str(tmp_path / "cn")))
+    assert plan.controlnet is not None and plan.controlnet.local_folder == tmp_path / "cn"
