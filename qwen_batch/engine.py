@@ -17,7 +17,7 @@ from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.conditions import BatchConditions
 from qwen_batch.conditions.controlnet import ControlBatch, ControlNetSource
-from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, prepare_image_inputs
+from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, OverlaidImages, prepare_image_inputs
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
@@ -572,6 +572,8 @@ def _generate_batch(
     if images is None:
         retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
         return
+    if any(start.overlay for start in starts):  # mask_crop_padding rows: pasted back into their init images
+        images = OverlaidImages(images, [start.overlay for start in starts], generator.pipe.vae_scale_factor * 2)
     seconds = (time.perf_counter() - started) / len(ready)
     records = [
         _record(plan, request, seconds=seconds, warning=TRUNCATION_WARNING if truncated else "")

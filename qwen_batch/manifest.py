@@ -57,6 +57,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("init_image", pa.string()),  # image-to-image and inpainting (INIT_IMAGE_COLUMN...)
         pa.field("mask_image", pa.string()),
         pa.field("strength", pa.float64()),
+        pa.field("mask_crop_padding", pa.int64()),
         # ControlNet rows: one image may also be a plain string, one scale a plain number (CONTROL_COLUMNS).
         pa.field("control_image", pa.list_(pa.string())),
         pa.field("control_scale", pa.list_(pa.float64())),
@@ -87,7 +88,7 @@ GENERATE, EDIT = "generate", "edit"
 TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
 TEXT_COLUMNS = ("id", "prompt", "negative_prompt", INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, "control_preprocess")
-INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps")
+INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps", "mask_crop_padding")
 FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift", STRENGTH_COLUMN, "control_start", "control_end")
 # Columns the results add; a manifest may not bring its own, or the two would be confused.
 RESERVED_COLUMNS = (
@@ -143,6 +144,8 @@ class Request:
     init_image: str | None = None  # image-to-image / inpainting: the canonical URL of the starting image
     mask_image: str | None = None  # inpainting: what to repaint (white), the init image's size
     strength: float | None = None  # with init_image: the part of the schedule that runs (0-1]
+    # Inpainting: work on the mask's bounding box plus this margin (pixels), pasted back into the init image.
+    mask_crop_padding: int | None = None
     controls: tuple[ControlRef, ...] = ()  # ControlNet rows: the control images, in order, with their scales
     control_range: tuple[float, float] = (0.0, 1.0)  # the part of the schedule the ControlNet acts on
 
@@ -201,6 +204,8 @@ class Request:
             parameters.update(init_image=self.init_image, strength=self.strength)
         if self.mask_image is not None:
             parameters["mask_image"] = self.mask_image
+        if self.mask_crop_padding is not None:
+            parameters["mask_crop_padding"] = self.mask_crop_padding
         if self.controls:
             parameters[CONTROL_IMAGE_COLUMN] = [control.url for control in self.controls]
             parameters[CONTROL_SCALE_COLUMN] = [control.scale for control in self.controls]
@@ -558,7 +563,10 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
             resolved.update(_controls(values, rules))
         except _RowProblem as problem:
             problems.append(str(problem))
-    if any(values.get(name) is not None for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN)):
+    if any(
+        values.get(name) is not None
+        for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding")
+    ):
         try:
             resolved.update(_image_start(values, rules))
         except _RowProblem as problem:
@@ -686,6 +694,7 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
 def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     """init_image, mask_image and strength: checked together, since each needs the others' context."""
     init, mask, strength = (values.get(name) for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN))
+    padding = values.get("mask_crop_padding")
     if rules.edit:
         raise _RowProblem(
             f"{INIT_IMAGE_COLUMN}, {MASK_IMAGE_COLUMN} and {STRENGTH_COLUMN} are for text-to-image rows; edit rows "
@@ -705,6 +714,13 @@ def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
             f"pure noise; the default, {DEFAULT_STRENGTH}, keeps the image's layout)"
         )
     start: dict[str, Any] = {"strength": strength}
+    if padding is not None:
+        padding = _integer(values, "mask_crop_padding", None)
+        if mask is None:
+            raise _RowProblem("mask_crop_padding needs mask_image: it pads the mask's bounding box")
+        if not 0 <= padding <= MAX_SIZE:
+            raise _RowProblem(f"mask_crop_padding {padding} is out of range: use 0 to {MAX_SIZE} pixels")
+        start["mask_crop_padding"] = padding
     for column, raw in ((INIT_IMAGE_COLUMN, init), (MASK_IMAGE_COLUMN, mask)):
         if raw is None:
             continue

@@ -88,6 +88,7 @@ class Record:
     init_image: str | None = None
     mask_image: str | None = None
     strength: float | None = None
+    mask_crop_padding: int | None = None
     control_image: list[str] | None = None
     control_scale: list[float] | None = None
     control_start: float | None = None

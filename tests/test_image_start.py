@@ -46,6 +46,14 @@ def _mask(path, size=(256, 256)) -> str:
     return str(path)
 
 
+def _small_mask(path, size=(384, 256)) -> str:
+    """A small white patch off-centre on the wide image: its padded box is a part of the image."""
+    image = Image.new("RGB", size, "black")
+    ImageDraw.Draw(image).ellipse((220, 60, 300, 140), fill="white")
+    image.save(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("starts")
@@ -54,6 +62,7 @@ def inputs(tmp_path_factory):
         "other": _photo(folder / "other.png", seed=7),
         "wide": _photo(folder / "wide.png", size=(384, 256), seed=3),
         "mask": _mask(folder / "mask.png"),
+        "small-mask": _small_mask(folder / "small-mask.png"),
         "folder": folder,
     }
 
@@ -84,6 +93,18 @@ def _rows(inputs) -> list[dict]:
             true_cfg_scale=1.0,
         ),
         small_row("plain", "a lighthouse in a storm", seed=6),
+        # Inpainting on the mask's padded box only (diffusers' padding_mask_crop), pasted back at the init size.
+        small_row(
+            "crop",
+            "a green pear",
+            init_image=inputs["wide"],
+            mask_image=inputs["small-mask"],
+            strength=0.9,
+            mask_crop_padding=16,
+            seed=7,
+            num_inference_steps=3,
+        ),
+        small_row("crop-no-mask", "x", init_image=photo, mask_crop_padding=8),
         # The guards' twins: "i2i" without its init image, "inpaint" without its mask.
         small_row("i2i-twin", "a watercolor of the same scene", seed=1),
         small_row(
@@ -106,7 +127,7 @@ def runs(tmp_path_factory, tiny_model, inputs):
     for batch_size in (1, 4):
         output = folder / f"batch{batch_size}"
         summary = run(RunConfig(str(manifest), str(output), batch_size=batch_size, device="cpu"))
-        assert summary.generated == 8, summary
+        assert summary.generated == 9, summary
         outputs[batch_size] = output
     return manifest, outputs
 
@@ -155,6 +176,20 @@ def test_inpainting_rows_match_diffusers(runs, tiny_model):
         assert np.abs(ours - reference).max() <= TOLERANCE, row_id
 
 
+def test_inpainting_a_padded_box_matches_diffusers_padding_mask_crop(runs, tiny_model):
+    from diffusers import QwenImageInpaintPipeline
+
+    manifest, outputs = runs
+    pipe = QwenImageInpaintPipeline.from_pretrained(str(tiny_model), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    request = next(r for r in read_manifest(str(manifest)).requests if r.id == "crop")
+    mask = Image.open(request.mask_image).convert("RGB")
+    reference = _reference(pipe, request, mask_image=mask, padding_mask_crop=request.mask_crop_padding)
+    ours = pixels(outputs[4] / "images" / "crop.png")
+    assert ours.shape == reference.shape == (256, 384, 3)  # the init image's size, not the row's 256x256
+    assert np.abs(ours - reference).max() <= TOLERANCE
+
+
 def test_rows_are_the_same_alone_and_batched_with_other_kinds(runs):
     _, outputs = runs
     for row_id in ("i2i", "i2i-other", "i2i-full", "inpaint", "inpaint-2", "plain", "inpaint-twin"):
@@ -184,6 +219,7 @@ def test_rows_that_cannot_run_say_why_and_the_others_run(runs):
         "zero-strength": ("invalid", "strength 0.0 is out of range"),
         "mask-size": ("failed", "mask_image is 256x256 but init_image is 384x256"),
         "missing": ("failed", "init_image"),
+        "crop-no-mask": ("invalid", "mask_crop_padding needs mask_image"),
     }
     for row_id, (status, reason) in expected.items():
         assert results[row_id]["status"] == status and reason in results[row_id]["error"], results[row_id]
@@ -205,4 +241,4 @@ def test_results_record_the_start_and_a_rerun_skips_every_row(runs):
         assert "Denoising strength: 0.9" in image.text[PARAMETERS_KEY]
 
     again = run(RunConfig(str(manifest), str(outputs[4]), batch_size=4, device="cpu"))
-    assert again.generated == 0 and again.skipped == 8
+    assert again.generated == 0 and again.skipped == 9

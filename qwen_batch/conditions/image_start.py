@@ -50,12 +50,19 @@ def _note_key(url: str) -> str:
     return key_of("start-input", url=url)
 
 
-def _posterior_key(sha256: str, width: int, height: int) -> str:
-    return key_of("init-posterior", sha256=sha256, width=width, height=height)
+def _posterior_key(sha256: str, width: int, height: int, crop: tuple | None = None) -> str:
+    """`crop`: (mask's SHA-256, padding) when the row works on the mask's padded box (mask_crop_padding)."""
+    extra = {} if crop is None else {"crop": list(crop)}
+    return key_of("init-posterior", sha256=sha256, width=width, height=height, **extra)
 
 
-def _mask_key(sha256: str, width: int, height: int) -> str:
-    return key_of("inpaint-mask", sha256=sha256, width=width, height=height)
+def _mask_key(sha256: str, width: int, height: int, padding: int | None = None) -> str:
+    extra = {} if padding is None else {"crop_padding": padding}
+    return key_of("inpaint-mask", sha256=sha256, width=width, height=height, **extra)
+
+
+def _overlay_key(init_sha256: str, mask_sha256: str, width: int, height: int, padding: int) -> str:
+    return key_of("inpaint-overlay", init=init_sha256, mask=mask_sha256, width=width, height=height, padding=padding)
 
 
 def _control_key(sha256: str, preprocess: str | None, width: int, height: int) -> str:
@@ -95,21 +102,48 @@ class _StartEncoder:
 
         return self.posterior(make_control(preprocess, image) if preprocess else image, width, height)
 
-    def posterior(self, image: Image.Image, width: int, height: int) -> dict[str, torch.Tensor]:
+    def posterior(
+        self, image: Image.Image, width: int, height: int, crop: tuple[int, int, int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         import torch
 
+        mode = "fill" if crop else "default"  # the pipelines' resize_mode with padding_mask_crop
         with torch.inference_mode():
-            pixels = self.images.preprocess(image, height=height, width=width).to(torch.float32)
+            pixels = self.images.preprocess(image, height=height, width=width, crops_coords=crop, resize_mode=mode)
+            pixels = pixels.to(torch.float32)
             pixels = pixels.to(self.device, self.dtype).unsqueeze(2)
             distribution = self.vae.encode(pixels).latent_dist
             return {"mean": distribution.mean[0].cpu(), "std": distribution.std[0].cpu()}
 
-    def mask(self, image: Image.Image, width: int, height: int) -> dict[str, torch.Tensor]:
+    def mask(
+        self, image: Image.Image, width: int, height: int, crop: tuple[int, int, int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         import torch
 
-        condition = self.masks.preprocess(image, height=height, width=width)
+        mode = "fill" if crop else "default"
+        condition = self.masks.preprocess(image, height=height, width=width, resize_mode=mode, crops_coords=crop)
         size = (2 * (height // self.patch), 2 * (width // self.patch))
         return {"mask": torch.nn.functional.interpolate(condition, size=size)[0].contiguous()}
+
+    @staticmethod
+    def crop(mask: Image.Image, width: int, height: int, padding: int) -> tuple[int, int, int, int]:
+        from diffusers.image_processor import VaeImageProcessor
+
+        return tuple(int(v) for v in VaeImageProcessor.get_crop_region(mask, width, height, pad=padding))
+
+    @staticmethod
+    def overlay(init: Image.Image, mask: Image.Image, crop: tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+        """What `apply_overlay` pastes over the generated crop: the init image where the mask keeps it (as
+        diffusers builds it: premultiplied, then straight alpha), at the init image's size, and the crop box."""
+        import numpy as np
+        import torch
+        from PIL import Image as PILImage
+        from PIL import ImageOps
+
+        kept = PILImage.new("RGBa", init.size)
+        kept.paste(init.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
+        rgba = np.array(kept.convert("RGBA"))
+        return {"overlay": torch.from_numpy(rgba), "crop": torch.tensor(crop, dtype=torch.int64)}
 
     def close(self) -> None:
         del self.vae
@@ -163,7 +197,7 @@ def prepare_image_inputs(
                 if key in present:
                     continue
                 encoder = encoder or _StartEncoder(source, device, dtype)
-                cache.put_tensors(key, encode(encoder, images[url], row.width, row.height), {"url": url})
+                cache.put_tensors(key, encode(encoder, images), {"url": url})
                 present.add(key)
                 encoded += 1
     finally:
@@ -184,20 +218,36 @@ def _image_urls(request: Request) -> list[str]:
 
 
 def _wanted(request: Request, notes: dict[str, dict[str, Any]]) -> list[tuple[str, str, Callable]]:
-    """(cache key, image URL, how to encode it) for each tensor the row needs; ImageStartError if it cannot run."""
+    """(cache key, image URL, how to encode it from the encoder and the read images) for each tensor the row
+    needs; ImageStartError if it cannot run."""
     width, height = request.width, request.height
+    init_url, mask_url, padding = request.init_image, request.mask_image, request.mask_crop_padding
     wanted = []
     if request.starts_from_image:
         init, mask = _usable(request, notes)
-        wanted.append((_posterior_key(init["sha256"], width, height), request.init_image, _StartEncoder.posterior))
+        if padding is None:
+            wanted.append((_posterior_key(init["sha256"], width, height), init_url,
+                           lambda e, images: e.posterior(images[init_url], width, height)))  # fmt: skip
+        else:  # the box around the mask, padded, stretched to the row's aspect ratio (padding_mask_crop)
+
+            def box(images):
+                return _StartEncoder.crop(images[mask_url], width, height, padding)
+
+            key = _posterior_key(init["sha256"], width, height, (mask["sha256"], padding))
+            wanted.append((key, init_url, lambda e, images: e.posterior(images[init_url], width, height, box(images))))
+            key = _overlay_key(init["sha256"], mask["sha256"], width, height, padding)
+            wanted.append((key, init_url, lambda e, images: e.overlay(images[init_url], images[mask_url], box(images))))
         if mask is not None:
-            wanted.append((_mask_key(mask["sha256"], width, height), request.mask_image, _StartEncoder.mask))
+            key = _mask_key(mask["sha256"], width, height, padding)
+            crop = (lambda images: box(images)) if padding is not None else (lambda images: None)
+            wanted.append((key, mask_url, lambda e, images: e.mask(images[mask_url], width, height, crop(images))))
     for position, control in enumerate(request.controls):
         note = notes[control.url]
         if note.get("error"):
             raise ImageStartError(f"control_image[{position}]: {note['error']}")
         key = _control_key(note["sha256"], control.preprocess, width, height)
-        wanted.append((key, control.url, lambda e, i, w, h, p=control.preprocess: e.control(i, w, h, p)))
+        wanted.append((key, control.url,
+                       lambda e, images, u=control.url, p=control.preprocess: e.control(images[u], width, height, p)))  # fmt: skip
     return wanted
 
 
@@ -230,6 +280,8 @@ class RowStart:
     std: torch.Tensor
     mask: torch.Tensor | None
     input_sha256: list[str]
+    # mask_crop_padding: the init image's kept part (RGBA, its own size) and the box the image was made for.
+    overlay: tuple[torch.Tensor, tuple[int, int, int, int]] | None = None
 
 
 class ImageStartSource:
@@ -243,13 +295,18 @@ class ImageStartSource:
         if any(not note for note in notes.values()):
             raise InputImageError("its init or mask image was not read in stage 1; run the encode stage again")
         init, mask = _usable(request, notes)
-        posterior, _ = self.cache.get_tensors(_posterior_key(init["sha256"], request.width, request.height))
+        width, height, padding = request.width, request.height, request.mask_crop_padding
+        crop = None if padding is None else (mask["sha256"], padding)
+        posterior, _ = self.cache.get_tensors(_posterior_key(init["sha256"], width, height, crop))
         shas = [init["sha256"]]
-        mask_tensor = None
+        mask_tensor = overlay = None
         if mask is not None:
-            mask_tensor = self.cache.get_tensors(_mask_key(mask["sha256"], request.width, request.height))[0]["mask"]
+            mask_tensor = self.cache.get_tensors(_mask_key(mask["sha256"], width, height, padding))[0]["mask"]
             shas.append(mask["sha256"])
-        return RowStart(posterior["mean"], posterior["std"], mask_tensor, shas)
+        if padding is not None:
+            tensors = self.cache.get_tensors(_overlay_key(init["sha256"], mask["sha256"], width, height, padding))[0]
+            overlay = (tensors["overlay"], tuple(int(v) for v in tensors["crop"].tolist()))
+        return RowStart(posterior["mean"], posterior["std"], mask_tensor, shas, overlay)
 
     def load_controls(self, request: Request) -> RowControls:
         from qwen_batch.conditions.controlnet import RowControls
@@ -269,6 +326,35 @@ class ImageStartSource:
 
 
 # --- The loop -------------------------------------------------------------------------------------------
+
+
+class OverlaidImages:
+    """A batch's images with `mask_crop_padding` rows pasted back into their init images (diffusers'
+    `apply_overlay`), applied as the writer iterates, so the GPU loop never waits for the pixels."""
+
+    def __init__(self, images, overlays: Sequence[tuple[torch.Tensor, tuple[int, int, int, int]] | None], scale: int):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.images, self.overlays = images, list(overlays)
+        self.processor = VaeImageProcessor(vae_scale_factor=scale)  # its resize, as the pipeline's
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self):
+        from PIL import Image as PILImage
+
+        for image, overlay in zip(self.images, self.overlays, strict=True):
+            if overlay is None:
+                yield image
+                continue
+            rgba, (x, y, x2, y2) = overlay
+            kept = PILImage.fromarray(rgba.numpy(), "RGBA")
+            base = PILImage.new("RGBA", kept.size)
+            base.paste(self.processor.resize(image, height=y2 - y, width=x2 - x, resize_mode="crop"), (x, y))
+            result = base.convert("RGB").convert("RGBA")
+            result.alpha_composite(kept)
+            yield result.convert("RGB")
 
 
 class ImageStarts:
