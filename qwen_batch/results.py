@@ -29,7 +29,16 @@ import pyarrow.parquet as pq
 
 from qwen_batch.adapters import LoraRef
 from qwen_batch.errors import NotFoundError, StorageError
-from qwen_batch.manifest import EDIT, INIT_IMAGE_COLUMN, LORAS_COLUMN, MANIFEST_SCHEMA, Manifest, Request
+from qwen_batch.manifest import (
+    CONDITION_COLUMNS,
+    CONTROL_IMAGE_COLUMN,
+    EDIT,
+    INIT_IMAGE_COLUMN,
+    LORAS_COLUMN,
+    MANIFEST_SCHEMA,
+    Manifest,
+    Request,
+)
 from qwen_batch.storage import Folder
 
 RESULTS_FILE = "results.parquet"
@@ -212,9 +221,15 @@ class ResultStore:
         ordered = [by_index[index] for index in range(manifest.num_rows)]
 
         outcome = _records_table(ordered)
-        known = [field.name for field in MANIFEST_SCHEMA]
+        # The conditions' columns (init_image, control_image...) only where the manifest has them: a plain
+        # text-to-image manifest's results keep the columns they always had.
+        known = [
+            field.name
+            for field in MANIFEST_SCHEMA
+            if field.name not in CONDITION_COLUMNS or field.name in manifest.table.column_names
+        ]
         columns = {name: outcome.column(name) for name in known}
-        if manifest.task == EDIT or INIT_IMAGE_COLUMN in manifest.table.column_names:
+        if manifest.task == EDIT or {INIT_IMAGE_COLUMN, CONTROL_IMAGE_COLUMN} & set(manifest.table.column_names):
             for field in INPUT_FIELDS:
                 columns[field.name] = outcome.column(field.name)
         for name in manifest.extra_columns:
