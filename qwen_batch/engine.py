@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
-from qwen_batch.conditions import BatchConditions
-from qwen_batch.conditions.controlnet import ControlBatch, ControlNetSource
-from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, OverlaidImages, prepare_image_inputs
+from qwen_batch.conditions.controlnet import ControlNetSource
+from qwen_batch.conditions.image_start import prepare_image_inputs
+from qwen_batch.conditions.rows import LoadedRow, RowSource, finished_images, stack
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
 from qwen_batch.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.errors import ConfigError, QwenBatchError
-from qwen_batch.input_image import DEFAULT_MAX_PIXELS
+from qwen_batch.input_image import DEFAULT_MAX_PIXELS, input_versions
 from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
 from qwen_batch.memory_modes import Placement, RunMemory, plan_run_memory
 from qwen_batch.model_source import (
@@ -208,8 +208,11 @@ def plan_run(config: RunConfig) -> RunPlan:
         model_identity = f"{source.identity(kept)}+{transformer_file.identity}"
     # A row with control images is also the ControlNet's: other weights, another image.
     control_identity = f"{model_identity}+controlnet:{controlnet.identity()}" if controlnet else model_identity
+    versions = input_versions(
+        [url for request in manifest.requests for url in request.input_urls], config.storage_options
+    )
     fingerprints = {
-        request.id: fingerprint(request, control_identity if request.controls else model_identity)
+        request.id: fingerprint(request, control_identity if request.controls else model_identity, versions)
         for request in manifest.requests
     }
     previous, _ = store.previous_records()
@@ -520,48 +523,28 @@ def _generate_batch(
 ) -> None:
     # A row whose cached inputs cannot be read fails alone; the rest of the batch still runs.
     started = time.perf_counter()
-    ready: list[Request] = []
-    kept = []  # the items of `ready`, to retry in halves if the GPU runs out of memory
-    conditions, failed, latents, shas, starts, controls = [], [], [], [], [], []
+    source = RowSource(plan.cache, edit_conditions)
+    rows: list[LoadedRow] = []
+    kept = []  # the items of `rows`, to retry in halves if the GPU runs out of memory
+    failed = []
     for item in batch:
-        request = item.request if isinstance(item, EditRow) else item
         try:
-            if edit_conditions is not None:
-                loaded = edit_conditions.load(item)
-                prompt, negative, truncated = loaded.prompt, loaded.negative, loaded.truncated
-                latents.append(loaded.image_latents)
-                shas.append(list(item.input_sha256))
-            else:
-                prompt, metadata = plan.cache.get_with_metadata(request.prompt)
-                negative = plan.cache.get(request.negative_prompt) if request.uses_cfg else None
-                truncated = metadata.get("truncated") == "true"
-                if request.starts_from_image:
-                    starts.append(ImageStartSource(plan.cache).load(request))
-                    shas.append(starts[-1].input_sha256)
-                if request.controls:
-                    controls.append(ImageStartSource(plan.cache).load_controls(request))
-                    shas.append(controls[-1].input_sha256)
+            rows.append(source.load(item))
         except QwenBatchError as error:
-            failed.append(_failure(plan, request, error))
+            failed.append(_failure(plan, item.request if isinstance(item, EditRow) else item, error))
             continue
-        ready.append(request)
         kept.append(item)
-        conditions.append((prompt, negative, truncated))
     if failed:
         writer.submit_failures(failed)
-    if not ready:
+    if not rows:
         return
+    ready = [row.request for row in rows]
     try:
         images = generator.generate(
             ready,
-            [prompt for prompt, _, _ in conditions],
-            [negative for _, negative, _ in conditions] if ready[0].uses_cfg else None,
-            BatchConditions(
-                image_latents=latents or None,
-                image_shapes=batch[0].image_shapes if edit_conditions is not None else (),
-                starts=ImageStarts(starts, ready[0].strength) if starts else None,
-                controls=ControlBatch(ready, controls) if controls else None,
-            ),
+            [row.prompt for row in rows],
+            [row.negative for row in rows] if ready[0].uses_cfg else None,
+            stack(rows, batch[0].image_shapes if isinstance(batch[0], EditRow) else ()),
         )
     except Exception as error:  # a failing batch must not stop the others; its rows carry the error
         if not (is_out_of_memory(error) and len(ready) > 1):
@@ -572,15 +555,13 @@ def _generate_batch(
     if images is None:
         retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
         return
-    if any(start.overlay for start in starts):  # mask_crop_padding rows: pasted back into their init images
-        images = OverlaidImages(images, [start.overlay for start in starts], generator.pipe.vae_scale_factor * 2)
+    images = finished_images(images, rows, generator.pipe.vae_scale_factor * 2)
     seconds = (time.perf_counter() - started) / len(ready)
-    records = [
-        _record(plan, request, seconds=seconds, warning=TRUNCATION_WARNING if truncated else "")
-        for request, (_, _, truncated) in zip(ready, conditions, strict=True)
-    ]
-    for record, input_sha256 in zip(records, shas, strict=False):
-        record.input_sha256 = input_sha256
+    records = []
+    for row in rows:
+        record = _record(plan, row.request, seconds=seconds, warning=TRUNCATION_WARNING if row.truncated else "")
+        record.input_sha256 = row.input_sha256
+        records.append(record)
     writer.submit(ready, images, records)
 
 

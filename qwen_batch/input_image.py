@@ -57,6 +57,7 @@ __all__ = [
     "InputImage",
     "InputImageError",
     "image_sha256",
+    "input_versions",
     "load_input_image",
     "read_input_images",
 ]
@@ -222,3 +223,21 @@ def read_input_images(
                 yield pending.pop(0).result()
         for future in pending:
             yield future.result()
+
+
+def input_versions(urls: Sequence[str], storage_options: StorageOptions, threads: int = 8) -> dict[str, str]:
+    """Each input URL's version as its store reports it (size and ETag or modification time; one stat or HEAD
+    each, no download), so a file replaced under the same name gives its rows a new fingerprint. A URL that
+    cannot be reached is "unreadable": its rows fail in stage 1 with the reason."""
+    from qwen_batch.storage import url_info
+
+    def version(url: str) -> str:
+        try:
+            info = url_info(url, storage_options)
+        except QwenBatchError:
+            return "unreadable"
+        return f"{info.get('size')}:{info.get('ETag') or info.get('mtime') or ''}"
+
+    unique = list(dict.fromkeys(urls))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(zip(unique, pool.map(version, unique), strict=True))

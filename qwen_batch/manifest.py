@@ -181,6 +181,12 @@ class Request:
         )
 
     @property
+    def input_urls(self) -> tuple[str, ...]:
+        """Every image the row reads: edit inputs, init image, mask, control images."""
+        starts = tuple(url for url in (self.init_image, self.mask_image) if url)
+        return (*self.images, *starts, *(control.url for control in self.controls))
+
+    @property
     def texts(self) -> tuple[str, ...]:
         """The texts the encoder must see for this row."""
         return (self.prompt, self.negative_prompt) if self.uses_cfg else (self.prompt,)

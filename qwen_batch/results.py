@@ -132,10 +132,15 @@ class Record:
         )
 
 
-def fingerprint(request: Request, model_identity: str) -> str:
-    """A hash of everything that determines a row's image; resume compares it."""
-    payload = json.dumps({"model": model_identity, **request.parameters()}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+def fingerprint(request: Request, model_identity: str, input_versions: dict[str, str] | None = None) -> str:
+    """A hash of everything that determines a row's image; resume compares it. `input_versions`: the version
+    of each image the row reads (`qwen_batch.input_image.input_versions`), so replacing a file regenerates
+    the rows that read it."""
+    payload: dict[str, Any] = {"model": model_identity, **request.parameters()}
+    if request.input_urls and input_versions is not None:
+        payload["input_versions"] = [input_versions.get(url, "") for url in request.input_urls]
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _records_table(records: Iterable[Record]) -> pa.Table:

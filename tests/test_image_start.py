@@ -242,3 +242,10 @@ def test_results_record_the_start_and_a_rerun_skips_every_row(runs):
 
     again = run(RunConfig(str(manifest), str(outputs[4]), batch_size=4, device="cpu"))
     assert again.generated == 0 and again.skipped == 9
+
+
+def test_a_replaced_input_image_regenerates_exactly_the_rows_that_read_it(runs, inputs):
+    manifest, outputs = runs
+    _photo(inputs["other"], seed=99)  # same name, new picture
+    changed = run(RunConfig(str(manifest), str(outputs[1]), batch_size=4, device="cpu"))
+    assert changed.generated == 2 and changed.skipped == 7  # i2i-other and inpaint-2 start from other.png
