@@ -232,6 +232,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         task=manifest.task,
         fp8_every_linear=config.fp8_every_linear,
         transformer=transformer_summary,
+        controlnet_layers=controlnet.config().get("num_layers", 0) if controlnet else 0,
     )
     return RunPlan(
         config=config,

@@ -610,6 +610,7 @@ def plan_run_memory(
     task: str = "generate",
     fp8_every_linear: bool = False,
     transformer: WeightsSummary | None = None,
+    controlnet_layers: int = 0,
 ) -> RunMemory:
     """Resolve --memory-mode and --compile for the rows to generate; raises DoesNotFitError (a
     ConfigError: exit 2, nothing loaded) when no mode fits this GPU and host. `transformer` describes
@@ -641,7 +642,9 @@ def plan_run_memory(
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
             encode_batch_size=encode_batch_size,
         )
-    job = Job.for_requests(requests, task, batch_size, compile=compile != "off", weights=weights)
+    job = Job.for_requests(
+        requests, task, batch_size, compile=compile != "off", weights=weights, controlnet_layers=controlnet_layers
+    )
     plan = plan_memory(detect_machine(device), job, mode, encode_batch_size)
     denoise = plan.denoise
     compiled = compile == "on" or (

@@ -43,6 +43,7 @@ TASKS = ("generate", "edit")
 DIT_PARAMS = 20_430_401_088
 DIT_BLOCKS = 60
 DIT_BLOCK_PARAMS = 339_831_296  # one QwenImageTransformerBlock
+DIT_HIDDEN = 3072  # the blocks' width (24 heads of 128)
 DIT_OUTSIDE_BLOCKS_PARAMS = DIT_PARAMS - DIT_BLOCKS * DIT_BLOCK_PARAMS  # embedders, norm_out, proj_out
 # fp8 keeps in bf16 what is known to be sensitive: the last linear of the image MLP (`img_mlp.net.2`,
 # as vLLM-Omni and SGLang do), and everything outside the 60 blocks (patch and text embedders, the
@@ -193,6 +194,10 @@ class Job:
     input_images: int = 1  # edits: input images per row (Edit-Plus takes several; each rides along as latents)
     weights: WeightsSummary = field(default_factory=WeightsSummary)
     adapters: bool = False  # rows fuse LoRA adapters: fp8-offload's fp8 copy cannot take a fuse
+    # ControlNet rows: the ControlNet's blocks (InstantX's Union: 5), resident in bf16 beside the transformer,
+    # and the most control images a row has (the ControlNet runs once per image and step on the batch's rows).
+    controlnet_layers: int = 0
+    control_images: int = 0
 
     @classmethod
     def for_requests(
@@ -202,6 +207,7 @@ class Job:
         batch_size: int | None = None,
         compile: bool = True,
         weights: WeightsSummary | None = None,
+        controlnet_layers: int = 0,
     ) -> Job:
         """The job to plan for a set of manifest rows: their largest image (an edit row without a size
         comes out at about 1024x1024), their most steps, CFG if any row uses it."""
@@ -217,7 +223,18 @@ class Job:
             compile=compile,
             weights=weights or WeightsSummary(),
             adapters=any(r.loras for r in requests),
+            control_images=max((len(getattr(r, "controls", ())) for r in requests), default=0),
+            controlnet_layers=controlnet_layers if any(getattr(r, "controls", ()) for r in requests) else 0,
         )
+
+    @property
+    def controlnet_bytes(self) -> int:
+        """The ControlNet's bf16 weights: its blocks (copies of the transformer's), one output linear each,
+        and embedders as the transformer's."""
+        if not self.controlnet_layers:
+            return 0
+        embedders = DIT_PARAMS - DIT_BLOCKS * DIT_BLOCK_PARAMS
+        return 2 * (self.controlnet_layers * (DIT_BLOCK_PARAMS + DIT_HIDDEN**2) + embedders)
 
     @property
     def image_tokens(self) -> int:
@@ -342,7 +359,8 @@ def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: 
     rows = batch * job.rows_per_image
     activations = rows * job.tokens * DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
     working = max(activations, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS
-    total = dit_weight_bytes(mode, fp8_compute, job.weights) + working + ALLOCATOR_OVERHEAD_BYTES
+    weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_bytes
+    total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
 
 
@@ -439,6 +457,8 @@ def dit_compute_seconds(mode: str, rows: int, job: Job, machine: Machine) -> flo
 def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine, link_gbps: float) -> float:
     rows = batch * job.rows_per_image
     compute = dit_compute_seconds(mode, rows, job, machine)
+    # ControlNet rows: its blocks run in bf16 on the conditional rows, once per control image and step.
+    control = job.control_images * batch * FORWARD_SECONDS[("bf16", False)] * job.controlnet_layers / DIT_BLOCKS
     if mode in ("bf16", "fp8", "gguf"):
         # Weights where they lie (bf16, fp8 matmuls): a CFG batch's halves run as two forwards (each half at
         # its own text length; denoise.Generator's CFG layout), so what a forward costs whatever its rows
@@ -446,15 +466,15 @@ def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine,
         if mode == "bf16" or (mode == "fp8" and machine.fp8_compute):
             halves = job.rows_per_image
             compute = halves * dit_compute_seconds(mode, rows // halves, job, machine)
-        return job.steps * compute / batch
+        return job.steps * (compute + control) / batch
     if mode in ("offload", "fp8-offload"):
         # Each step streams every block once for the whole batch; pinned copies overlap the compute, reads
         # from disk hold the host thread that feeds the GPU.
         streaming = host_streaming(mode, machine, job.weights)
         transfer = streaming.transfer_seconds(machine, link_gbps) if streaming else math.inf
-        return job.steps * max(transfer, compute) / batch
+        return job.steps * (max(transfer, compute) + control) / batch
     transfer = SEQUENTIAL_SECONDS_PER_FORWARD * H100_HOST_LINK_GBPS / link_gbps
-    return job.steps * max(transfer, compute) / batch
+    return job.steps * (max(transfer, compute) + control) / batch
 
 
 def _band(seconds: float) -> tuple[float, float]:

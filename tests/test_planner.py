@@ -230,3 +230,16 @@ def test_page_cache_in_the_cgroup_counts_as_available(tmp_path, monkeypatch):
     monkeypatch.setattr(planner, "_cgroup_files", lambda v2, v1: [str(tmp_path / v2)])
     available = planner.available_host_gib()
     assert available is not None and 12 <= available <= 12.5 + 1e-6
+
+
+def test_controlnet_rows_count_the_controlnet_beside_the_transformer():
+    """InstantX's Union ControlNet (5 blocks, 3.5 GB in bf16) stays resident in bf16 with the transformer:
+    its weights add to the denoise peak, its blocks to each step, and fp8 no longer fits a 24 GiB card."""
+    plain, controlled = Job(), Job(controlnet_layers=5, control_images=1)
+    assert 3.2 < controlled.controlnet_bytes / 2**30 < 3.6
+    big = Machine(gpu_gib=80, host_gib=128)
+    without, with_net = plan_memory(big, plain).denoise, plan_memory(big, controlled).denoise
+    assert with_net.peak_gpu_gib - without.peak_gpu_gib >= 3.2
+    assert with_net.seconds_per_image[0] > without.seconds_per_image[0]
+    assert plan_memory(Machine(gpu_gib=24, host_gib=64), plain).denoise.mode == "fp8"
+    assert plan_memory(Machine(gpu_gib=24, host_gib=64), controlled).denoise.mode != "fp8"
