@@ -219,6 +219,9 @@ class ImageGenerator:
                     self.dtype,
                 )
                 starts.to(self.device, to_device)
+                if conditions.start_tokens:  # edit-inpainting: the start's own latents ride along as the edit's
+                    condition = starts.image_latents.to(self.dtype)
+                    condition = torch.cat([condition, condition]) if use_cfg else condition
             latents = to_device(latents, self.device)
             timesteps = to_device(timesteps, self.device)
 

@@ -381,7 +381,7 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
     release_generator()  # never hold the transformer while the encoder loads
     requests = plan.todo if requests is None else requests
     if plan.is_edit:
-        return encode_edit_inputs(
+        stats = encode_edit_inputs(
             requests,
             plan.cache,
             plan.source,
@@ -394,6 +394,8 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             memory_mode=plan.memory.encoder_mode,
             pinned_bytes=plan.memory.encoder_pinned_bytes,
         )
+        stats.encoded += _encode_image_inputs(plan, requests, progress)  # edit-inpainting rows' start and mask
+        return stats
     texts = [text for request in requests for text in request.texts]
     stats = encode_texts(
         texts,
@@ -406,8 +408,13 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         memory_mode=plan.memory.encoder_mode,
         pinned_bytes=plan.memory.encoder_pinned_bytes,
     )
-    # After the text encoder is gone: the VAE alone encodes the init images and masks.
-    stats.encoded += prepare_image_inputs(
+    stats.encoded += _encode_image_inputs(plan, requests, progress)
+    return stats
+
+
+def _encode_image_inputs(plan: RunPlan, requests: list[Request], progress: Progress | None) -> int:
+    """After the text encoder is gone: the VAE alone encodes init images, masks and control images."""
+    return prepare_image_inputs(
         requests,
         plan.cache,
         plan.source,
@@ -417,7 +424,6 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
         plan.config.max_input_pixels,
         progress=progress,
     )
-    return stats
 
 
 def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:

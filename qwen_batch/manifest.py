@@ -699,15 +699,31 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     return {"controls": tuple(controls), "control_range": (start, end)}
 
 
+def _edit_inpaint_image(values: dict[str, Any], init: Any, mask: Any, padding: Any) -> Any:
+    """An edit row with a mask (QwenImageEditInpaintPipeline): its one input image is where it starts."""
+    if init is not None:
+        raise _RowProblem(f"{INIT_IMAGE_COLUMN} is for text-to-image rows; an edit row starts from its own image")
+    if mask is None:
+        raise _RowProblem(f"{STRENGTH_COLUMN} on an edit row needs {MASK_IMAGE_COLUMN} (edit-inpainting)")
+    listed = [values[IMAGE_COLUMN]] if IMAGE_COLUMN in values else list(values.get(IMAGES_COLUMN) or [])
+    if len(listed) != 1:
+        raise _RowProblem(f"edit-inpainting takes one input image; this row has {len(listed)}")
+    if padding is not None:
+        raise _RowProblem("mask_crop_padding is not supported on edit rows yet; remove it")
+    if values.get("width") is not None or values.get("height") is not None:
+        raise _RowProblem(
+            "edit-inpainting rows take their size from the input image (about 1 megapixel, as diffusers' "
+            "QwenImageEditInpaintPipeline does): remove width and height"
+        )
+    return listed[0]
+
+
 def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     """init_image, mask_image and strength: checked together, since each needs the others' context."""
     init, mask, strength = (values.get(name) for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN))
     padding = values.get("mask_crop_padding")
-    if rules.edit:
-        raise _RowProblem(
-            f"{INIT_IMAGE_COLUMN}, {MASK_IMAGE_COLUMN} and {STRENGTH_COLUMN} are for text-to-image rows; edit rows "
-            "with a mask (edit-inpainting) are not supported yet: remove them from edit rows"
-        )
+    if rules.edit:  # edit-inpainting: the edit's input image is the one the row starts from and repaints
+        init = _edit_inpaint_image(values, init, mask, padding)
     if init is None:
         given = MASK_IMAGE_COLUMN if mask is not None else STRENGTH_COLUMN
         raise _RowProblem(

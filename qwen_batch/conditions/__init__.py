@@ -40,6 +40,8 @@ class BatchConditions:
     # Edits: each row's packed input-image latents ([tokens, 64]) and the grids they were encoded at.
     image_latents: Sequence[torch.Tensor] | None = None
     image_shapes: Sequence[tuple[int, int, int]] = field(default_factory=tuple)
+    # Edit-inpainting: the tokens appended are the start's own latents (sampled with the row's generator).
+    start_tokens: bool = False
     # Image-to-image and inpainting: where each row starts, and its mask.
     starts: ImageStarts | None = None
     # ControlNet rows: each row's control images, sampled before the noise, run through the ControlNet.

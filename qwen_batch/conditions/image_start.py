@@ -225,6 +225,10 @@ def _wanted(request: Request, notes: dict[str, dict[str, Any]]) -> list[tuple[st
     wanted = []
     if request.starts_from_image:
         init, mask = _usable(request, notes)
+        if width is None:  # an edit-inpainting row: sized from its image, as stage 2 will resolve it
+            from qwen_batch.edit import output_size
+
+            width, height = output_size(request, [(init["width"], init["height"])])
         if padding is None:
             wanted.append((_posterior_key(init["sha256"], width, height), init_url,
                            lambda e, images: e.posterior(images[init_url], width, height)))  # fmt: skip
@@ -404,6 +408,11 @@ class ImageStarts:
                 [pack(row.mask.unsqueeze(0).repeat(1, channels, 1, 1).to(dtype)) for row in self.rows]
             )
         return torch.cat(starts)
+
+    @property
+    def image_latents(self) -> torch.Tensor:
+        """The rows' sampled, normalized, packed init latents (edit-inpainting appends them as tokens)."""
+        return self._image_latents
 
     def to(self, device: str, move: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
         if self.masked:

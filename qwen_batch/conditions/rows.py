@@ -45,8 +45,12 @@ class RowSource:
     def load(self, item: Request | EditRow) -> LoadedRow:
         if isinstance(item, EditRow):
             edit = self.edits.load(item)
-            return LoadedRow(item.request, edit.prompt, edit.negative, edit.truncated, edit.image_latents,
-                             input_sha256=list(item.input_sha256))  # fmt: skip
+            row = LoadedRow(item.request, edit.prompt, edit.negative, edit.truncated, edit.image_latents,
+                            input_sha256=list(item.input_sha256))  # fmt: skip
+            if item.request.starts_from_image:  # edit-inpainting: its image's sampled latents, start and tokens
+                row.start = self.images.load(item.request)
+                row.input_sha256 = row.start.input_sha256
+            return row
         request = item
         prompt, metadata = self.cache.get_with_metadata(request.prompt)
         negative = self.cache.get(request.negative_prompt) if request.uses_cfg else None
@@ -63,8 +67,11 @@ class RowSource:
 def stack(rows: Sequence[LoadedRow], image_shapes: Sequence[tuple[int, int, int]] = ()) -> BatchConditions:
     """A batch's conditions (its rows share their kinds: `Request.batch_key`)."""
     first = rows[0]
+    # Edit-inpainting appends its start's sampled latents, not the edit's cached posterior mode (the pipeline's).
+    edit_tokens = first.edit_latents is not None and first.start is None
     return BatchConditions(
-        image_latents=[row.edit_latents for row in rows] if first.edit_latents is not None else None,
+        image_latents=[row.edit_latents for row in rows] if edit_tokens else None,
+        start_tokens=first.edit_latents is not None and first.start is not None,
         image_shapes=tuple(image_shapes),
         starts=ImageStarts([row.start for row in rows], first.request.strength) if first.start else None,
         controls=ControlBatch([row.request for row in rows], [row.controls for row in rows])
