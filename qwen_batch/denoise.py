@@ -197,7 +197,7 @@ class ImageGenerator:
             if controls is not None:  # the pipeline samples the control images' latents first
                 controls.sample(
                     generators,
-                    lambda tensor: self._pack(tensor, width, height),
+                    lambda tensor, channels: self._pack(tensor, width, height, channels),
                     self._latents_mean,
                     self._latents_inverse_std,
                     self.dtype,
@@ -302,8 +302,9 @@ class ImageGenerator:
         scale = self.pipe.vae_scale_factor * 2
         return self.pipe.transformer.config.in_channels // 4, 2 * (height // scale), 2 * (width // scale)
 
-    def _pack(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
-        return self.pipe._pack_latents(latents, 1, *self._latent_grid(width, height))
+    def _pack(self, latents: torch.Tensor, width: int, height: int, channels: int | None = None) -> torch.Tensor:
+        default, latent_height, latent_width = self._latent_grid(width, height)
+        return self.pipe._pack_latents(latents, 1, channels or default, latent_height, latent_width)
 
     def _decode(self, latents: torch.Tensor, width: int, height: int) -> DecodedImages:
         import torch

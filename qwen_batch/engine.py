@@ -308,17 +308,27 @@ def _with_controlnet(
             from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
 
             location = str(ensure_tiny_controlnet("union"))
+        elif location == "tiny-inpaint":
+            from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+
+            location = str(ensure_tiny_controlnet("inpaint"))
         controlnet = ControlNetSource(location)
         controlnet.check_fits(source.transformer_config())
-        return controlnet, manifest
-    requests, invalid = [], list(manifest.invalid)
-    for request in manifest.requests:
-        if request.controls:
-            reason = "control_image needs a ControlNet: run with --controlnet MODEL (flow parameter controlnet)"
-            invalid.append(InvalidRow(request.index, request.id, reason, request.parameters()))
-        else:
-            requests.append(request)
-    return None, replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
+        reasons = {r.id: controlnet.check_row(r) for r in manifest.requests if r.controls}
+        return controlnet, _invalidate(manifest, {row_id: reason for row_id, reason in reasons.items() if reason})
+    reason = "control_image needs a ControlNet: run with --controlnet MODEL (flow parameter controlnet)"
+    return None, _invalidate(manifest, {request.id: reason for request in manifest.requests if request.controls})
+
+
+def _invalidate(manifest: Manifest, reasons: dict[str, str]) -> Manifest:
+    """The manifest with the rows named in `reasons` turned invalid with their reason."""
+    if not reasons:
+        return manifest
+    invalid = list(manifest.invalid) + [
+        InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in manifest.requests if r.id in reasons
+    ]
+    requests = [request for request in manifest.requests if request.id not in reasons]
+    return replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
 
 
 def _with_adapters(

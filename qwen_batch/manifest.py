@@ -571,10 +571,10 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
             resolved.update(_controls(values, rules))
         except _RowProblem as problem:
             problems.append(str(problem))
-    if any(
-        values.get(name) is not None
-        for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding")
-    ):
+    # A control row's mask without an init image is ControlNet-inpainting (`_controls`), not an image start.
+    control_mask = values.get(CONTROL_IMAGE_COLUMN) is not None and values.get(INIT_IMAGE_COLUMN) is None
+    starts = (INIT_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding") + (() if control_mask else (MASK_IMAGE_COLUMN,))
+    if any(values.get(name) is not None for name in starts):
         try:
             resolved.update(_image_start(values, rules))
         except _RowProblem as problem:
@@ -687,6 +687,9 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
             check_preprocess(preprocess)
         except ControlPreprocessError as error:
             raise _RowProblem(f"{CONTROL_PREPROCESS_COLUMN}: {error}") from error
+    mask = values.get(MASK_IMAGE_COLUMN)
+    if mask is not None and len(listed) != 1:
+        raise _RowProblem(f"ControlNet-inpainting (control_image with {MASK_IMAGE_COLUMN}) takes one control image")
     controls = []
     for position, url in enumerate(listed):
         label = CONTROL_IMAGE_COLUMN if isinstance(raw, str) else f"{CONTROL_IMAGE_COLUMN}[{position}]"
@@ -696,7 +699,13 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
             controls.append(ControlRef(rules.policy.resolve(url), float(scales[position]), preprocess))
         except InputLocationError as error:
             raise _RowProblem(f"{label} {error}") from error
-    return {"controls": tuple(controls), "control_range": (start, end)}
+    resolved: dict[str, Any] = {"controls": tuple(controls), "control_range": (start, end)}
+    if mask is not None:  # ControlNet-inpainting: the mask goes to an inpainting ControlNet with its image
+        try:
+            resolved["mask_image"] = rules.policy.resolve(mask)
+        except InputLocationError as error:
+            raise _RowProblem(f"{MASK_IMAGE_COLUMN} {error}") from error
+    return resolved
 
 
 def _edit_inpaint_image(values: dict[str, Any], init: Any, mask: Any, padding: Any) -> Any:

@@ -70,6 +70,7 @@ def setup(tmp_path_factory, controlnet):
         small_row("scales", "x", control_image=[edges], control_scale=[1.0, 2.0]),
         small_row("with-init", "x", control_image=[edges], init_image=edges),
         small_row("bad-range", "x", control_image=[edges], control_start=0.8, control_end=0.2),
+        small_row("masked", "x", control_image=[edges], mask_image=other),  # needs an inpainting ControlNet
     ]
     manifest = write_manifest(folder / "m.parquet", rows)
     outputs = {}
@@ -77,7 +78,7 @@ def setup(tmp_path_factory, controlnet):
         output = folder / f"batch{batch_size}"
         config = RunConfig(str(manifest), str(output), batch_size=batch_size, device="cpu", controlnet=str(controlnet))
         summary = run(config)
-        assert summary.generated == 5 and summary.invalid == 3, summary
+        assert summary.generated == 5 and summary.invalid == 4, summary
         outputs[batch_size] = output
     return manifest, outputs, folder
 
@@ -145,6 +146,7 @@ def test_results_record_the_controls_and_bad_rows_say_why(setup):
         "scales": "control_scale has 2 values for 1 control images",
         "with-init": "control_image with init_image is not supported",
         "bad-range": "control_start 0.8 and control_end 0.2",
+        "masked": "mask_image with control_image needs an inpainting ControlNet",
     }
     for row_id, reason in expected.items():
         assert results[row_id]["status"] == "invalid" and reason in results[row_id]["error"], results[row_id]
@@ -192,3 +194,85 @@ def test_tiny_model_command_writes_a_controlnet_the_run_accepts(tmp_path, tiny_m
     manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "x")])
     plan = plan_run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", controlnet=str(tmp_path / "cn")))
     assert plan.controlnet is not None and plan.controlnet.local_folder == tmp_path / "cn"
+
+
+@pytest.fixture(scope="module")
+def inpaint_setup(tmp_path_factory, tiny_model):
+    """The inpainting ControlNet (`--controlnet tiny-inpaint`): control_image with mask_image."""
+    folder = tmp_path_factory.mktemp("control-inpaint")
+    photo = _edges(folder / "photo.png", 5)
+    mask = Image.new("RGB", (256, 256), "black")
+    ImageDraw.Draw(mask).rectangle((64, 64, 191, 191), fill="white")
+    mask.save(folder / "mask.png")
+    rows = [
+        small_row("fill", "a vase of flowers", control_image=[photo], mask_image=str(folder / "mask.png"), seed=3),
+        small_row(
+            "fill-late",
+            "a teapot",
+            control_image=[photo],
+            mask_image=str(folder / "mask.png"),
+            control_scale=[0.8],
+            control_start=0.5,
+            seed=4,
+            num_inference_steps=4,
+            true_cfg_scale=1.0,
+        ),
+        small_row("plain", "a lighthouse", seed=5),
+        small_row("no-mask", "x", control_image=[photo]),
+    ]
+    manifest = write_manifest(folder / "m.parquet", rows)
+    outputs = {}
+    for batch_size in (1, 4):
+        output = folder / f"batch{batch_size}"
+        summary = run(
+            RunConfig(str(manifest), str(output), batch_size=batch_size, device="cpu", controlnet="tiny-inpaint")
+        )
+        assert summary.generated == 3 and summary.invalid == 1, summary
+        outputs[batch_size] = output
+    return manifest, outputs
+
+
+def test_controlnet_inpainting_rows_match_diffusers(inpaint_setup, tiny_model):
+    """Against `QwenImageControlNetInpaintPipeline` after `torch.manual_seed(seed)`: diffusers samples the
+    masked image's latents from torch's global random state; qwen-batch from a generator seeded with the row's
+    seed, so a row's image never depends on what ran before it."""
+    from diffusers import QwenImageControlNetInpaintPipeline, QwenImageControlNetModel
+
+    from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+
+    manifest, outputs = inpaint_setup
+    net = QwenImageControlNetModel.from_pretrained(str(ensure_tiny_controlnet("inpaint")), torch_dtype=torch.float32)
+    pipe = QwenImageControlNetInpaintPipeline.from_pretrained(str(tiny_model), controlnet=net, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for request in read_manifest(str(manifest)).requests:
+        if not request.controls or request.mask_image is None:
+            continue
+        start, end = request.control_range
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(request.seed)
+            image = pipe(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt,
+                control_image=Image.open(request.controls[0].url).convert("RGB"),
+                control_mask=Image.open(request.mask_image).convert("RGB"),
+                controlnet_conditioning_scale=request.controls[0].scale,
+                control_guidance_start=start,
+                control_guidance_end=end,
+                width=request.width,
+                height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                true_cfg_scale=request.true_cfg_scale,
+                generator=torch.Generator("cpu").manual_seed(request.seed),
+            ).images[0]
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        for size in (1, 4):
+            ours = pixels(outputs[size] / "images" / f"{request.id}.png")
+            assert np.abs(ours - pixels(buffer)).max() <= TOLERANCE, (request.id, size)
+
+
+def test_the_inpainting_controlnet_refuses_rows_without_a_mask(inpaint_setup):
+    _, outputs = inpaint_setup
+    results = {row["id"]: row for row in pq.read_table(outputs[4] / "results.parquet").to_pylist()}
+    assert "is an inpainting ControlNet: give the row a mask_image" in results["no-mask"]["error"]
+    assert results["fill"]["status"] == "ok" and len(results["fill"]["input_sha256"]) == 2

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 # What must agree for the ControlNet's residuals to fit the transformer's blocks.
 MATCHING_CONFIG = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim")
+INPAINT_CONDITION_CHANNELS = 4  # the mask, packed 2x2, beside the masked image's 64 channels
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,32 @@ class ControlNetSource:
                 f"--controlnet {self.location} was not made for this model's transformer: {'; '.join(wrong)}. "
                 "Use a ControlNet trained for the model given with --model."
             )
-        if config.get("extra_condition_channels", 0):
+        if config.get("extra_condition_channels", 0) not in (0, INPAINT_CONDITION_CHANNELS):
             raise ConfigError(
-                f"--controlnet {self.location} is an inpainting ControlNet (extra_condition_channels "
-                f"{config['extra_condition_channels']}); ControlNet-inpainting rows are not supported yet: use a "
-                "Union ControlNet, or mask_image with init_image (inpainting without a ControlNet)."
+                f"--controlnet {self.location}: extra_condition_channels {config['extra_condition_channels']} is "
+                f"neither a Union ControlNet's (0) nor an inpainting one's ({INPAINT_CONDITION_CHANNELS})"
             )
         return config
+
+    @property
+    def inpaints(self) -> bool:
+        """An inpainting ControlNet (InstantX/Qwen-Image-ControlNet-Inpainting): its condition is the masked
+        image's latents and the mask."""
+        return self.config().get("extra_condition_channels", 0) == INPAINT_CONDITION_CHANNELS
+
+    def check_row(self, request: Request) -> str | None:
+        """Why a control row cannot run under this ControlNet, or None."""
+        if self.inpaints and request.mask_image is None:
+            return (
+                f"--controlnet {self.location} is an inpainting ControlNet: give the row a mask_image (white "
+                "repaints) with its control_image, or run it with a Union ControlNet"
+            )
+        if not self.inpaints and request.mask_image is not None:
+            return (
+                "mask_image with control_image needs an inpainting ControlNet (InstantX/Qwen-Image-ControlNet-"
+                f"Inpainting); --controlnet {self.location} is not one"
+            )
+        return None
 
     def identity(self) -> str:
         """A short hash of its files (sizes and sampled content, as the model's identity), or of its hub id."""
@@ -116,6 +136,9 @@ class RowControls:
 
     posteriors: list[tuple[torch.Tensor, torch.Tensor]]  # (mean, std)
     input_sha256: list[str]
+    # An inpainting ControlNet's: the kept area (1 - mask) at latent size, [1, 1, h/8, w/8]; its one posterior
+    # is then the masked image's.
+    kept: torch.Tensor | None = None
 
 
 class ControlBatch:
@@ -136,18 +159,29 @@ class ControlBatch:
         move,
     ) -> None:
         """Each row's generator samples its control images' posteriors, in order, before the noise is drawn:
-        the pipeline's `retrieve_latents(vae.encode(control), generator)` per control image."""
+        the pipeline's `retrieve_latents(vae.encode(control), generator)` per control image.
+
+        An inpainting ControlNet's masked image is sampled instead from a generator of its own seeded with the
+        row's seed, and the row's generator is left for the noise: diffusers' `QwenImageControlNetInpaintPipeline`
+        samples it from torch's global random state (`latent_dist.sample()`), which would make a row's image
+        depend on whatever ran before it; after `torch.manual_seed(seed)` the two agree.
+        `pack(tensor, channels)` packs [1, 1, channels, h, w] latents into 2x2 patches."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
         mean_cpu, inverse_std_cpu = latents_mean.cpu(), latents_inverse_std.cpu()
         per_image: list[list[torch.Tensor]] = [[] for _ in self.rows[0].posteriors]
-        for row, generator in zip(self.rows, generators, strict=True):
+        for row, request, generator in zip(self.rows, self.requests, generators, strict=True):
+            if row.kept is not None:
+                generator = torch.Generator("cpu").manual_seed(request.seed)
             for index, (mean, std) in enumerate(row.posteriors):
                 mean, std = mean.unsqueeze(0), std.unsqueeze(0)
                 sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
                 latents = (sample - mean_cpu.to(sample.dtype)) * inverse_std_cpu.to(sample.dtype)
-                per_image[index].append(pack(latents.permute(0, 2, 1, 3, 4)).to(dtype))
+                if row.kept is not None:  # the masked image's 16 channels and the kept area's 1
+                    latents = torch.cat([latents.to(dtype), row.kept.unsqueeze(0).to(dtype)], dim=1)
+                latents = latents.permute(0, 2, 1, 3, 4)
+                per_image[index].append(pack(latents, latents.shape[2]).to(dtype))
         self._latents = [move(torch.cat(rows), device) for rows in per_image]
 
     def block_samples(

@@ -65,8 +65,10 @@ def _overlay_key(init_sha256: str, mask_sha256: str, width: int, height: int, pa
     return key_of("inpaint-overlay", init=init_sha256, mask=mask_sha256, width=width, height=height, padding=padding)
 
 
-def _control_key(sha256: str, preprocess: str | None, width: int, height: int) -> str:
-    return key_of("control-posterior", sha256=sha256, preprocess=preprocess, width=width, height=height)
+def _control_key(sha256: str, preprocess: str | None, width: int, height: int, mask: str | None = None) -> str:
+    """`mask`: the mask's SHA-256 for an inpainting ControlNet's condition (the masked image and the mask)."""
+    extra = {} if mask is None else {"mask": mask}
+    return key_of("control-posterior", sha256=sha256, preprocess=preprocess, width=width, height=height, **extra)
 
 
 class ImageStartError(QwenBatchError):
@@ -101,6 +103,27 @@ class _StartEncoder:
         from qwen_batch.control_preprocess import preprocess as make_control
 
         return self.posterior(make_control(preprocess, image) if preprocess else image, width, height)
+
+    def masked_control(
+        self, image: Image.Image, mask: Image.Image, width: int, height: int, preprocess: str | None
+    ) -> dict[str, torch.Tensor]:
+        """An inpainting ControlNet's condition, as `QwenImageControlNetInpaintPipeline.prepare_image_with_mask`
+        makes it: the image with the mask's white area set to -1 (black in [-1, 1]), its VAE posterior, and
+        the inverted mask at latent size."""
+        import torch
+
+        from qwen_batch.control_preprocess import preprocess as make_control
+
+        image = make_control(preprocess, image) if preprocess else image
+        with torch.inference_mode():
+            pixels = self.images.preprocess(image, height=height, width=width).unsqueeze(2)
+            binary = self.masks.preprocess(mask, height=height, width=width).unsqueeze(2)
+            masked = pixels.clone()
+            masked[(binary > 0.5).repeat(1, 3, 1, 1, 1)] = -1
+            distribution = self.vae.encode(masked.to(self.device, self.dtype)).latent_dist
+            mean = distribution.mean
+            kept = 1 - torch.nn.functional.interpolate(binary, size=tuple(mean.shape[-3:]))
+        return {"mean": mean[0].cpu(), "std": distribution.std[0].cpu(), "mask": kept[0].contiguous()}
 
     def posterior(
         self, image: Image.Image, width: int, height: int, crop: tuple[int, int, int, int] | None = None
@@ -245,6 +268,19 @@ def _wanted(request: Request, notes: dict[str, dict[str, Any]]) -> list[tuple[st
             key = _mask_key(mask["sha256"], width, height, padding)
             crop = (lambda images: box(images)) if padding is not None else (lambda images: None)
             wanted.append((key, mask_url, lambda e, images: e.mask(images[mask_url], width, height, crop(images))))
+    control_mask = None
+    if request.controls and mask_url is not None:  # ControlNet-inpainting: the mask goes with the control image
+        control_mask = notes[mask_url]
+        if control_mask.get("error"):
+            raise ImageStartError(f"mask_image: {control_mask['error']}")
+        control = request.controls[0]
+        note = notes[control.url]
+        if note.get("error"):
+            raise ImageStartError(f"control_image: {note['error']}")
+        key = _control_key(note["sha256"], control.preprocess, width, height, control_mask["sha256"])
+        wanted.append((key, control.url, lambda e, images, u=control.url, p=control.preprocess:
+                       e.masked_control(images[u], images[mask_url], width, height, p)))  # fmt: skip
+        return wanted
     for position, control in enumerate(request.controls):
         note = notes[control.url]
         if note.get("error"):
@@ -315,18 +351,25 @@ class ImageStartSource:
     def load_controls(self, request: Request) -> RowControls:
         from qwen_batch.conditions.controlnet import RowControls
 
-        posteriors, shas = [], []
+        posteriors, shas, masks = [], [], []
+        mask = self.cache.get_note(_note_key(request.mask_image)) if request.mask_image else None
+        if mask is not None and (not mask or mask.get("error")):
+            raise ImageStartError(f"mask_image: {mask.get('error') or 'not read in stage 1; run it again'}")
         for position, control in enumerate(request.controls):
             note = self.cache.get_note(_note_key(control.url))
             if not note:
                 raise InputImageError("its control image was not read in stage 1; run the encode stage again")
             if note.get("error"):
                 raise ImageStartError(f"control_image[{position}]: {note['error']}")
-            key = _control_key(note["sha256"], control.preprocess, request.width, request.height)
+            masked = mask["sha256"] if mask else None
+            key = _control_key(note["sha256"], control.preprocess, request.width, request.height, masked)
             tensors = self.cache.get_tensors(key)[0]
             posteriors.append((tensors["mean"], tensors["std"]))
+            masks.append(tensors.get("mask"))
             shas.append(note["sha256"])
-        return RowControls(posteriors, shas)
+        if mask is not None:
+            shas.append(mask["sha256"])
+        return RowControls(posteriors, shas, masks[0] if mask is not None else None)
 
 
 # --- The loop -------------------------------------------------------------------------------------------
