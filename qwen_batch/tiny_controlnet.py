@@ -121,7 +121,7 @@ def write_tiny_controlnet(
     _check_kind(kind)
     directory = Path(directory)
     transformer = QwenImageTransformer2DModel.from_pretrained(
-        model_folder or ensure_tiny_model(), subfolder="transformer"
+        model_folder or ensure_tiny_model(), subfolder="transformer", use_safetensors=True
     )
     controlnet = build_tiny_controlnet(transformer, kind, seed)
     directory.mkdir(parents=True, exist_ok=True)
