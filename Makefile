@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # The main job on the embedded defaults: the Prefect flow on Prefect's embedded server, the demo
-# manifest (seven rows; one invalid on purpose, so it is reported and skipped and the exit code stays 0),
+# manifest (eight rows; one invalid on purpose, so it is reported and skipped and the exit code stays 0),
 # the tiny random-weight model, local disk (out/demo). Same as the CLI:
 # .venv/bin/qwen-batch run prompts/demo.parquet --output out/demo
 demo: install

@@ -19,7 +19,7 @@ from qwen_batch.engine import DEFAULT_MODEL, RunConfig
 from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT
 from qwen_batch.storage import StorageOptions, s3_storage_options
 
-# The first run's manifest: seven rows that show the features in under a minute on a laptop CPU.
+# The first run's manifest: eight rows that show the features in under a minute on a laptop CPU.
 # prompts/example.parquet (24 prompts at full sizes and 50 steps) is the one for real use.
 DEMO_MANIFEST = "prompts/demo.parquet"
 DEMO_OUTPUT = "out/demo"

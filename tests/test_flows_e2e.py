@@ -287,8 +287,9 @@ def test_the_flow_runs_with_manifest_output_and_cache_on_s3(stack, s3_endpoint, 
 
 
 def test_the_demo_shows_the_features_and_resumes(stack, tmp_path, capsys):
-    """`make demo`'s manifest and flags: both languages, several sizes, a negative prompt, an adapter, one
-    invalid row reported and skipped (exit 0 with --allow-invalid-rows, 1 without), and a resume."""
+    """`make demo`'s manifest and flags: both languages, several sizes, a negative prompt, an adapter, a row
+    that starts from an image, one invalid row reported and skipped (exit 0 with --allow-invalid-rows, 1
+    without), and a resume."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.parameters import DEMO_MANIFEST
@@ -301,6 +302,7 @@ def test_the_demo_shows_the_features_and_resumes(stack, tmp_path, capsys):
     assert len({(request.width, request.height) for request in requests}) >= 3
     assert any(request.negative_prompt.strip() for request in requests)
     assert any(request.loras and request.scheduler_shift for request in requests)
+    assert any(request.init_image for request in requests)
 
     output = tmp_path / "demo"
     args = ["--manifest", str(REPO / DEMO_MANIFEST), "--output", str(output)]

@@ -41,8 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 TAG = "localhost/qwen-batch:test"
 DEBIAN_BASE = "localhost/qwen-batch-base:bookworm"
 USER_ID = 10001  # the image's user (deployments/Dockerfile), as the job template's runAsUser
-# The demo manifest: six rows the tiny model draws, one invalid on purpose (width 1000).
+# The demo manifest: seven rows the tiny model draws, one invalid on purpose (width 1000).
 DEMO_OK = [
+    "bottle-watercolor",
     "city-rain-wide",
     "fox-moonlight",
     "lighthouse-tall",
@@ -179,7 +180,7 @@ def test_the_demo_runs_in_the_image_as_its_user_with_outputs_and_caches_on_volum
         run_options=["--name", name],
         check=False,
     )
-    TIMINGS["qwen-batch run prompts/demo.parquet (7 rows), container start to exit"] = time.monotonic() - start
+    TIMINGS["qwen-batch run prompts/demo.parquet (8 rows), container start to exit"] = time.monotonic() - start
     assert ran.returncode == 1, ran.stdout + ran.stderr  # the CLI's code for "some rows invalid": bad-size
     out = data / "out"
     assert statuses(pq.read_table(out / "results.parquet").to_pylist()) == {
@@ -301,8 +302,9 @@ def test_a_worker_in_the_image_runs_the_nightly_deployment_onto_the_volume_then_
 
 
 def test_a_worker_in_the_image_runs_the_nightly_deployment_on_s3_then_resumes(engine, stack, worker, s3, bucket):
-    # The manifest and the LoRA adapter its poster-lightning row names, relative to the manifest's folder.
-    for path in ("demo.parquet", "loras/tiny-lightning-8step.safetensors"):
+    # The manifest, the LoRA adapter its poster-lightning row names and the image its bottle-watercolor row
+    # starts from, relative to the manifest's folder.
+    for path in ("demo.parquet", "loras/tiny-lightning-8step.safetensors", "conditions/bottle.png"):
         s3.put_object(Bucket=bucket, Key=f"in/{path}", Body=(REPO / "prompts" / path).read_bytes())
     params = (f"manifest=s3://{bucket}/in/demo.parquet", f"output=s3://{bucket}/out")
     _, summary = run_nightly(engine, stack, worker, "nightly on S3", *params)
