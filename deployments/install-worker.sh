@@ -11,8 +11,8 @@
 # so a change to the source rebuilds the second alone (seconds) and keeps the first (minutes, GBs).
 #
 # TORCH_INDEX_URL: the index of the torch build for your CUDA (https://download.pytorch.org/whl/cu130);
-# EXTRAS: the project's extras (default gpu,gguf: torchao, for fp8 compute, and GGUF transformer files; the
-# image adds fast: FlashAttention-4).
+# EXTRAS: the project's extras (default gpu,gguf,control: torchao, for fp8 compute, GGUF transformer files,
+# and OpenCV for canny control images; the image adds fast: FlashAttention-4).
 set -euo pipefail
 stage=all
 case ${1:-} in --dependencies | --project) stage=${1#--} && shift ;; esac
@@ -20,7 +20,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:?usage: deployments/install-worker.sh [--dependencies | --project] VENV [TORCH REQUIREMENT...]}
 shift
 torch=("${@:-torch}")
-extras=${EXTRAS:-gpu,gguf}
+extras=${EXTRAS:-gpu,gguf,control}
 pip=("$venv/bin/python" -m pip install --quiet --no-cache-dir --disable-pip-version-check)
 
 dependencies() {
@@ -69,6 +69,7 @@ project() {
     "$venv/bin/python" -c "import diffusers, peft, prefect, s3fs, qwen_batch.engine, qwen_batch.fusion"
     case ",$extras," in *,gguf,*) "$venv/bin/python" -c "import gguf" ;; esac
     case ",$extras," in *,gpu,*) "$venv/bin/python" -c "import torchao" ;; esac
+    case ",$extras," in *,control,*) "$venv/bin/python" -c "import cv2" ;; esac
     echo "worker environment ready in $venv ($compiled bytecode files)"
 }
 

@@ -53,7 +53,7 @@ def test_the_image_installs_through_the_script_that_ci_runs_dependencies_before_
     ci = (REPO / ".ci" / "run").read_text()
     assert "deployments/install-worker.sh" in ci  # both stages, in a fresh environment
     script = (REPO / "deployments" / "install-worker.sh").read_text()
-    assert "constraints.txt" in script and "compileall" in script and "${EXTRAS:-gpu,gguf}" in script
+    assert "constraints.txt" in script and "compileall" in script and "${EXTRAS:-gpu,gguf,control}" in script
 
 
 def test_the_image_runs_as_a_user_and_keeps_its_caches_on_volumes():
