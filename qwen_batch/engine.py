@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from qwen_batch.adapters import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.cache import EmbeddingCache
 from qwen_batch.conditions.controlnet import ControlNetSource
-from qwen_batch.conditions.image_start import prepare_image_inputs
+from qwen_batch.conditions.image_inputs import prepare_image_inputs
 from qwen_batch.conditions.rows import LoadedRow, RowSource, finished_images, stack
 from qwen_batch.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache

@@ -4,7 +4,7 @@ A kind of condition (an edit's input images, an image to start from, a mask, a c
 parts, each in one place:
 
 1. **Stage 1** reads and checks its inputs and puts what the loop needs into the embedding cache, keyed by
-   content (`image_start.prepare_image_inputs`; edits: `qwen_batch.edit.encode_edit_inputs`). A rerun, or
+   content (`image_inputs.prepare_image_inputs`; edits: `qwen_batch.edit.encode_edit_inputs`). A rerun, or
    another shard sharing the cache, encodes nothing twice; stage 2 never reads an input image.
 2. **Stage 2, per row**: its cached tensors, or the reason it cannot run (a row fails alone).
 3. **The loop**: a `BatchConditions` handed to `ImageGenerator.generate`, which asks it at fixed points:

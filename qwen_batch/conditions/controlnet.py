@@ -6,7 +6,7 @@ split across the stages:
 - **The run** (`ControlNetSource`): a hub id or a folder, checked against the transformer's architecture
   before anything loads (a usage error naming the mismatch), its files' identity in the fingerprint of the
   rows that use it.
-- **Stage 1** (`qwen_batch.conditions.image_start.prepare_image_inputs`): each control image read once,
+- **Stage 1** (`qwen_batch.conditions.image_inputs.prepare_image_inputs`): each control image read once,
   preprocessed if the row says so (`control_preprocess`, e.g. canny), and its VAE posterior cached by
   (content, preprocessing, row size). As for init images, the pipeline *samples* that posterior with the
   row's generator, one draw per control image in order, before the starting noise.

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.conditions import BatchConditions
 from qwen_batch.conditions.controlnet import ControlBatch, RowControls
-from qwen_batch.conditions.image_start import ImageStarts, ImageStartSource, OverlaidImages, RowStart
+from qwen_batch.conditions.image_inputs import CachedImageInputs
+from qwen_batch.conditions.image_start import ImageStarts, OverlaidImages, RowStart
 from qwen_batch.edit import EditConditions, EditRow
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class RowSource:
 
     def __init__(self, cache: EmbeddingCache, edits: EditConditions | None = None):
         self.cache, self.edits = cache, edits
-        self.images = ImageStartSource(cache)
+        self.images = CachedImageInputs(cache)
 
     def load(self, item: Request | EditRow) -> LoadedRow:
         if isinstance(item, EditRow):
