@@ -122,8 +122,12 @@ class ImageGenerator:
         # The latents' normalization, as the pipelines apply it before decoding: made once, not per batch.
         vae = self.pipe.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
-        self._latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
-        self._latents_inverse_std = (1.0 / torch.tensor(vae.config.latents_std)).view(shape).to(device, vae.dtype)
+        # On the host too (float32, as the pipelines make them), for encoding starts and controls on the host
+        # without reading the device's copies back (that would wait for the GPU at every batch).
+        self._host_latents_mean = torch.tensor(vae.config.latents_mean).view(shape)
+        self._host_latents_inverse_std = (1.0 / torch.tensor(vae.config.latents_std)).view(shape)
+        self._latents_mean = self._host_latents_mean.to(device, vae.dtype)
+        self._latents_inverse_std = self._host_latents_inverse_std.to(device, vae.dtype)
 
     def generate(
         self,
@@ -198,11 +202,12 @@ class ImageGenerator:
                 controls.sample(
                     generators,
                     lambda tensor, channels: self._pack(tensor, width, height, channels),
-                    self._latents_mean,
-                    self._latents_inverse_std,
+                    self._host_latents_mean,
+                    self._host_latents_inverse_std,
                     self.dtype,
                     self.device,
                     to_device,
+                    len(timesteps),
                 )
                 control_text, control_mask = _pad_embeddings(prompt_embeds, self.device, self.dtype)
             if starts is None:
@@ -214,8 +219,8 @@ class ImageGenerator:
                     scheduler,
                     timesteps[:1],
                     lambda tensor: self._pack(tensor, width, height),
-                    self._latents_mean,
-                    self._latents_inverse_std,
+                    self._host_latents_mean,
+                    self._host_latents_inverse_std,
                     self.dtype,
                 )
                 starts.to(self.device, to_device)
@@ -235,7 +240,7 @@ class ImageGenerator:
                 if controls is not None:
                     residuals = controls.block_samples(
                         self.controlnet, latents, control_text, control_mask, timestep[:batch],
-                        [[patches]] * batch, step, len(timesteps),
+                        [[patches]] * batch, step,
                     )  # fmt: skip
                 predictions = [
                     transformer(

@@ -297,6 +297,9 @@ def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: s
         )
 
 
+TINY_CONTROLNETS = {"tiny": "union", "tiny-inpaint": "inpaint"}  # --controlnet NAME -> tiny_controlnet kind
+
+
 def _with_controlnet(
     config: RunConfig, source: ModelSource, manifest: Manifest
 ) -> tuple[ControlNetSource | None, Manifest]:
@@ -304,14 +307,10 @@ def _with_controlnet(
     with control images are invalid with the reason and the others run."""
     if config.controlnet is not None:
         location = config.controlnet
-        if location == "tiny":  # the tiny model's random-weight Union ControlNet, as --model tiny
+        if location in TINY_CONTROLNETS:  # the tiny model's random-weight ControlNets, as --model tiny
             from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
 
-            location = str(ensure_tiny_controlnet("union"))
-        elif location == "tiny-inpaint":
-            from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
-
-            location = str(ensure_tiny_controlnet("inpaint"))
+            location = str(ensure_tiny_controlnet(TINY_CONTROLNETS[location]))
         controlnet = ControlNetSource(location)
         controlnet.check_fits(source.transformer_config())
         reasons = {r.id: controlnet.check_row(r) for r in manifest.requests if r.controls}
@@ -404,27 +403,20 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
             memory_mode=plan.memory.encoder_mode,
             pinned_bytes=plan.memory.encoder_pinned_bytes,
         )
-        stats.encoded += _encode_image_inputs(plan, requests, progress)  # edit-inpainting rows' start and mask
-        return stats
-    texts = [text for request in requests for text in request.texts]
-    stats = encode_texts(
-        texts,
-        plan.cache,
-        plan.source,
-        plan.device,
-        plan.dtype,
-        batch_size=plan.encode_batch_size,
-        progress=progress,
-        memory_mode=plan.memory.encoder_mode,
-        pinned_bytes=plan.memory.encoder_pinned_bytes,
-    )
-    stats.encoded += _encode_image_inputs(plan, requests, progress)
-    return stats
-
-
-def _encode_image_inputs(plan: RunPlan, requests: list[Request], progress: Progress | None) -> int:
-    """After the text encoder is gone: the VAE alone encodes init images, masks and control images."""
-    return prepare_image_inputs(
+    else:
+        stats = encode_texts(
+            [text for request in requests for text in request.texts],
+            plan.cache,
+            plan.source,
+            plan.device,
+            plan.dtype,
+            batch_size=plan.encode_batch_size,
+            progress=progress,
+            memory_mode=plan.memory.encoder_mode,
+            pinned_bytes=plan.memory.encoder_pinned_bytes,
+        )
+    # After the text encoder is gone: the VAE alone encodes init images, masks and control images.
+    stats.encoded += prepare_image_inputs(
         requests,
         plan.cache,
         plan.source,
@@ -434,6 +426,7 @@ def _encode_image_inputs(plan: RunPlan, requests: list[Request], progress: Progr
         plan.config.max_input_pixels,
         progress=progress,
     )
+    return stats
 
 
 def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:

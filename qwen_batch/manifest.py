@@ -459,14 +459,15 @@ def _is_number(kind: pa.DataType) -> bool:
 
 
 def _check_one_or_list(table: pa.Table, url: str, name: str, is_item, expected: str) -> None:
+    """A column of single values or of lists of them (`control_image`: a string or a list of strings)."""
     if name not in table.column_names:
         return
     kind = table.schema.field(name).type
-    if pa.types.is_large_string(kind):
-        kind = pa.string()
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         kind = kind.value_type
-    if not (is_item(kind) or pa.types.is_null(kind) or (pa.types.is_large_string(kind) and is_item(pa.string()))):
+    if pa.types.is_large_string(kind):
+        kind = pa.string()
+    if not (is_item(kind) or pa.types.is_null(kind)):
         raise ManifestError(f"{url}: column {name!r} has type {table.schema.field(name).type}; it must be {expected}.")
 
 
@@ -663,9 +664,8 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     if len(listed) > MAX_CONTROL_IMAGES:
         raise _RowProblem(f"{CONTROL_IMAGE_COLUMN} has {len(listed)} images; use at most {MAX_CONTROL_IMAGES}")
     scales = values.get(CONTROL_SCALE_COLUMN)
-    scales = (
-        [1.0] * len(listed) if scales is None else [scales] * len(listed) if not isinstance(scales, list) else scales
-    )
+    if not isinstance(scales, list):  # none (1.0) or one number: the same for every control image
+        scales = [1.0 if scales is None else scales] * len(listed)
     if len(scales) != len(listed):
         raise _RowProblem(
             f"{CONTROL_SCALE_COLUMN} has {len(scales)} values for {len(listed)} control images: give one for all, "

@@ -204,16 +204,25 @@ def ensure_tiny_model(task: str = "generate") -> Path:
 
     flavour = "" if task == "generate" else f"-{task}"
     name = f"tiny-qwen-image{flavour}-r{tiny_model_revision(task)}-seed{TINY_MODEL_SEED}"
-    target = qwen_batch_home() / "models" / name
-    if (target / "model_index.json").is_file():
+    return write_once(
+        qwen_batch_home() / "models" / name,
+        "model_index.json",
+        lambda staging: write_tiny_model(staging, seed=TINY_MODEL_SEED, task=task),
+    )
+
+
+def write_once(target: Path, marker: str, write: Callable[[Path], object]) -> Path:
+    """The folder `target`, written by `write` into a staging folder beside it and renamed into place, unless
+    it holds `marker` already: concurrent first uses race safely to one complete result."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    write_tiny_model(staging, seed=TINY_MODEL_SEED, task=task)
+    write(staging)
     try:
         staging.rename(target)
     except OSError:
-        # Another process finished first; its copy is identical (same seed), keep it.
+        # Another process finished first; its copy is identical (same builder and seed), keep it.
         shutil.rmtree(staging, ignore_errors=True)
     return target
 

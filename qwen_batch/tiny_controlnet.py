@@ -31,8 +31,6 @@ The block counts keep the two ways the transformer maps residuals to its blocks 
 from __future__ import annotations
 
 import inspect
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -141,22 +139,12 @@ def ensure_tiny_controlnet(kind: str = "union") -> Path:
 
     The folder name carries the builder's revision, so a changed builder (or tiny model) writes a new one.
     """
-    from qwen_batch.model_source import qwen_batch_home
+    from qwen_batch.model_source import qwen_batch_home, write_once
 
     _check_kind(kind)
     name = f"tiny-qwen-image-controlnet-{kind}-r{tiny_controlnet_revision()}-seed{TINY_CONTROLNET_SEED}"
     target = qwen_batch_home() / "models" / name
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    write_tiny_controlnet(staging, kind, TINY_CONTROLNET_SEED)
-    try:
-        staging.rename(target)
-    except OSError:
-        # Another process finished first; its copy is identical (same seed), keep it.
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return write_once(target, "config.json", lambda staging: write_tiny_controlnet(staging, kind, TINY_CONTROLNET_SEED))
 
 
 def _check_kind(kind: str) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,8 @@ class ControlNetSource:
         folder = Path(self.location).expanduser()
         return folder if folder.is_dir() else _cached_hub_snapshot(self.location)
 
-    def config(self) -> dict[str, Any]:
+    @cached_property
+    def _config(self) -> dict[str, Any]:  # read once: every control row's check asks for it
         from diffusers import QwenImageControlNetModel
 
         try:
@@ -59,6 +61,9 @@ class ControlNetSource:
                 f"--controlnet {self.location}: cannot read its config.json ({error}). Give a folder saved with "
                 "save_pretrained or a hub id such as InstantX/Qwen-Image-ControlNet-Union."
             ) from error
+
+    def config(self) -> dict[str, Any]:
+        return self._config
 
     def check_fits(self, transformer_config: dict[str, Any]) -> dict[str, Any]:
         """The ControlNet's config, or a usage error when its blocks cannot feed this transformer's."""
@@ -147,6 +152,8 @@ class ControlBatch:
     def __init__(self, requests: Sequence[Request], rows: Sequence[RowControls]):
         self.requests, self.rows = list(requests), list(rows)
         self._latents: list[torch.Tensor] = []  # per control image: [rows, tokens, 64], on the device
+        self._weights: torch.Tensor | None = None  # [steps, control images, rows, 1, 1], on the device
+        self._acting: list[bool] = []  # per step: whether any row's control acts (on the host)
 
     def sample(
         self,
@@ -157,6 +164,7 @@ class ControlBatch:
         dtype: torch.dtype,
         device: str,
         move,
+        steps: int,
     ) -> None:
         """Each row's generator samples its control images' posteriors, in order, before the noise is drawn:
         the pipeline's `retrieve_latents(vae.encode(control), generator)` per control image.
@@ -169,7 +177,6 @@ class ControlBatch:
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        mean_cpu, inverse_std_cpu = latents_mean.cpu(), latents_inverse_std.cpu()
         per_image: list[list[torch.Tensor]] = [[] for _ in self.rows[0].posteriors]
         for row, request, generator in zip(self.rows, self.requests, generators, strict=True):
             if row.kept is not None:
@@ -177,12 +184,25 @@ class ControlBatch:
             for index, (mean, std) in enumerate(row.posteriors):
                 mean, std = mean.unsqueeze(0), std.unsqueeze(0)
                 sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
-                latents = (sample - mean_cpu.to(sample.dtype)) * inverse_std_cpu.to(sample.dtype)
+                latents = (sample - latents_mean.to(sample.dtype)) * latents_inverse_std.to(sample.dtype)
                 if row.kept is not None:  # the masked image's 16 channels and the kept area's 1
                     latents = torch.cat([latents.to(dtype), row.kept.unsqueeze(0).to(dtype)], dim=1)
                 latents = latents.permute(0, 2, 1, 3, 4)
                 per_image[index].append(pack(latents, latents.shape[2]).to(dtype))
         self._latents = [move(torch.cat(rows), device) for rows in per_image]
+
+        # Each row's weight per step and control image: its `control_scale` times whether the step lies in its
+        # range (the pipeline's `controlnet_conditioning_scale * controlnet_keep[i]`). Made once per batch and
+        # sent up once: the loop only indexes it.
+        weights = torch.zeros(steps, len(per_image), len(self.requests), 1, 1)
+        for row, request in enumerate(self.requests):
+            start, end = request.control_range
+            for step in range(steps):
+                keep = 1.0 - float(step / steps < start or (step + 1) / steps > end)
+                for index, control in enumerate(request.controls):
+                    weights[step, index, row] = control.scale * keep
+        self._acting = [bool(weights[step].any()) for step in range(steps)]
+        self._weights = move(weights.to(dtype), device)
 
     def block_samples(
         self,
@@ -193,18 +213,10 @@ class ControlBatch:
         timestep: torch.Tensor,
         image_shapes: list,
         step: int,
-        steps: int,
     ) -> list[torch.Tensor] | None:
         """The residuals for this step's transformer forwards (one batch's rows), or None when no row's
         control acts at this step."""
-        import torch
-
-        scales = []
-        for request in self.requests:
-            start, end = request.control_range
-            keep = 1.0 - float(step / steps < start or (step + 1) / steps > end)
-            scales.append([control.scale * keep for control in request.controls])
-        if not any(any(row) for row in scales):
+        if not self._acting[step]:
             return None
         summed = None
         for index, control in enumerate(self._latents):
@@ -218,8 +230,7 @@ class ControlBatch:
                 img_shapes=image_shapes,
                 return_dict=False,
             )
-            # Each row's own scale (the pipeline's scalar `conditioning_scale` times its keep).
-            weights = torch.tensor([row[index] for row in scales], device=latents.device).view(-1, 1, 1)
-            samples = [sample * weights.to(sample.dtype) for sample in samples]
+            weights = self._weights[step, index]  # each row's own conditioning scale at this step
+            samples = [sample * weights for sample in samples]
             summed = samples if summed is None else [a + b for a, b in zip(summed, samples, strict=True)]
         return summed

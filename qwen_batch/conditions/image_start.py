@@ -97,11 +97,10 @@ class ImageStarts:
         from diffusers.utils.torch_utils import randn_tensor
 
         starts, noises, images = [], [], []
-        mean_cpu, inverse_std_cpu = latents_mean.cpu(), latents_inverse_std.cpu()
         for row, generator in zip(self.rows, generators, strict=True):
             mean, std = row.mean.unsqueeze(0), row.std.unsqueeze(0)
             sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
-            image = (sample - mean_cpu.to(sample.dtype)) * inverse_std_cpu.to(sample.dtype)
+            image = (sample - latents_mean.to(sample.dtype)) * latents_inverse_std.to(sample.dtype)
             image = image.to(dtype).transpose(1, 2)  # [1, 1, z, h, w], as the noise
             noise = draw_noise(generator)
             starts.append(pack(scheduler.scale_noise(image, first_timestep, noise)))
@@ -132,5 +131,9 @@ class ImageStarts:
             return latents
         init = self._image_latents
         if step < len(timesteps) - 1:
-            init = scheduler.scale_noise(init, timesteps[step + 1 : step + 2], self._noise)
+            # `scheduler.scale_noise(init, next timestep, noise)`'s arithmetic, with the next sigma read as a
+            # host scalar: scale_noise copies the whole sigma table to the GPU at every call, from pageable
+            # memory, which makes the host wait for the GPU at every step.
+            sigma = scheduler.sigmas[scheduler.step_index].to(init.dtype)
+            init = sigma * self._noise + (1.0 - sigma) * init
         return (1 - self._mask) * init + self._mask * latents
