@@ -101,6 +101,26 @@ def build_transformer(device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
         return QwenImageTransformer2DModel(**{**TRANSFORMER_CONFIG, **overrides}).eval()
 
 
+# InstantX/Qwen-Image-ControlNet-Union as released: 5 blocks of the transformer's kind, no extra channels
+# (the inpainting ControlNet: 6 blocks, `extra_condition_channels` 4).
+CONTROLNET_CONFIG = {key: TRANSFORMER_CONFIG[key] for key in (
+    "patch_size", "in_channels", "out_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+    "axes_dims_rope")} | {"num_layers": 5, "extra_condition_channels": 0}  # fmt: skip
+
+
+def build_controlnet(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 3, **overrides: Any):
+    """A full-size ControlNet with random weights; its input embedder and output projections, which training
+    starts at zero, random too, so its residuals reach the image."""
+    from diffusers import QwenImageControlNetModel
+
+    with _building(device, dtype, seed):
+        controlnet = QwenImageControlNetModel(**{**CONTROLNET_CONFIG, **overrides}).eval()
+        with torch.no_grad():
+            for layer in (controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks):
+                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+    return controlnet
+
+
 def build_text_encoder(tokenizer, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 1):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 

@@ -203,7 +203,7 @@ def _setup(args) -> tuple[EmulatedGpu, Path]:
 
 
 def tier_result(args) -> dict:
-    from qwen_batch.engine import RunConfig, encode_stage, finalize, load_generator, plan_run, release_generator
+    from qwen_batch.engine import RunConfig, encode_stage, finalize, plan_generator, plan_run, release_generator
 
     result = {"run": "tier", "label": args.label, **versions(), "steps_run": args.steps, "prompts": args.prompts}
     result.update({"gpu_gib": args.gpu_gib, "host_gib": args.host_gib, "transformer": args.transformer})
@@ -250,7 +250,7 @@ def tier_result(args) -> dict:
     host = HostPeak()
     reset_peak()
     load_started = time.perf_counter()
-    generator = load_generator(plan.source, plan.device, plan.dtype, memory.denoiser, plan.transformer_file)
+    generator = plan_generator(plan)
     synchronize()
     result["denoise_load"] = {
         "seconds": round(time.perf_counter() - load_started, 2),
@@ -306,7 +306,7 @@ def run_versus_memory(args) -> None:
     weights handed over in host memory and placed by `place_transformer`), same process, same GPU cap.
     `--rounds` repeats the pair in ABBA order (disk, memory, memory, disk, ...), so a drift of the GPU's
     clocks over the run weighs on both sides alike; each side reports its median forward."""
-    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, load_generator, plan_run, release_generator
+    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, plan_generator, plan_run, release_generator
 
     gpu, work = _setup(args)
     manifest = write_manifest(work / "manifest.parquet", args.prompts, args.steps, args.size)
@@ -323,7 +323,7 @@ def run_versus_memory(args) -> None:
         plan = plan_run(config)
         encode = encode_stage(plan)
         started = time.perf_counter()
-        generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+        generator = plan_generator(plan)
         synchronize()
         load = time.perf_counter() - started
         timer = ForwardTimer(generator.pipe.transformer)

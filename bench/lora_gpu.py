@@ -190,7 +190,7 @@ def recipes(args, adapter: Path) -> dict:
 
 def engine(args, adapter: Path, mode: str, work: Path) -> dict:
     """qwen-batch's stages on the Lightning manifest: a warm-up pass (compile, fuse), then the steady pass."""
-    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, load_generator, plan_run, release_generator
+    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, plan_generator, plan_run, release_generator
 
     device = "cpu" if args.tiny else "cuda"
     plan_holder = {}
@@ -227,7 +227,7 @@ def engine(args, adapter: Path, mode: str, work: Path) -> dict:
     result["plan_s (adapter read, hash, check)"] = round(time.perf_counter() - started, 2)
     encode_stage(plan)
     started = time.perf_counter()
-    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+    generator = plan_generator(plan)
     synchronize()
     result["load_s"] = round(time.perf_counter() - started, 1)
     result["placed"] = generator.memory_mode
@@ -294,8 +294,8 @@ def run_switching(args) -> None:
         RunConfig,
         denoise_stage,
         encode_stage,
-        load_generator,
         make_batches,
+        plan_generator,
         plan_run,
         release_generator,
     )
@@ -338,7 +338,7 @@ def run_switching(args) -> None:
     plan = plan_run(config)
     result["plan_s (4 adapters read, hashed, checked)"] = round(time.perf_counter() - started, 2)
     encode_stage(plan)
-    generator = load_generator(plan.source, plan.device, plan.dtype, plan.memory.denoiser)
+    generator = plan_generator(plan)
     batches = make_batches(plan.todo, plan.batch_size)  # the run's order: each set's batches together
     first_batch = denoise_stage(plan, batches[0])  # compiles
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]

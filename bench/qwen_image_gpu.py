@@ -560,7 +560,7 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards.
     `trace`: profile the denoise stage (torch.profiler), write its Chrome trace there and add where
     the GPU sat idle (`gpu_gaps`) to the result; timings are then the profiler's, not the plain run's."""
-    from qwen_batch.engine import denoise_stage, finalize, load_generator, release_generator
+    from qwen_batch.engine import denoise_stage, finalize, plan_generator, release_generator
 
     memory = plan.memory
     rss = RssPeak()
@@ -568,7 +568,7 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    generator = load_generator(plan.source, plan.device, plan.dtype, memory.denoiser)
+    generator = plan_generator(plan)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     load_seconds = time.perf_counter() - started
@@ -582,6 +582,8 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
         }
     }
     timer = ForwardTimer(generator.pipe.transformer)
+    # A ControlNet runs once per step beside the transformer: its forwards scale with the steps too.
+    control_timer = ForwardTimer(generator.controlnet) if generator.controlnet is not None else None
     batches_timer = BatchTimer()
     utilization = GpuUtilization()
     error = None
@@ -612,11 +614,19 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     if denoise and denoise.generated:
         figures = forward_figures(timer, skip=2)
         batches = -(-denoise.generated // memory.batch_size)
-        overhead = (denoise.seconds - figures["total_forward_s"]) / batches  # noise, scheduler, decode, writes
+        in_forwards = figures["total_forward_s"]
         # Two forwards per step when CFG's halves run apart (CFG_LAYOUT "split"); their median is then
         # about the mean of the two kinds, as both come equally often.
         figures["forwards_per_step"] = round(figures["forwards"] / (steps * batches))
         forwards = figures["forward_s"] * figures["forwards_per_step"] * FULL_STEPS
+        if control_timer is not None and control_timer.spans:
+            control = forward_figures(control_timer, skip=2)
+            in_forwards += control["total_forward_s"]
+            per_step = control["forwards"] / (steps * batches)
+            forwards += control["forward_s"] * per_step * FULL_STEPS
+            result["controlnet"] = {"forward_s": control["forward_s"], "first_forward_s": control["first_forward_s"],
+                                    "forwards": control["forwards"], "forwards_per_step": round(per_step, 2)}  # fmt: skip
+        overhead = (denoise.seconds - in_forwards) / batches  # noise, scheduler, decode, writes
         result.update(figures)
         result["dit_image_tokens"] = timer.shapes[0][1]
         result["denoise"] = {
@@ -643,6 +653,8 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
             )
     result["exit_code"] = summary.exit_code if summary else None
     timer.remove()
+    if control_timer is not None:
+        control_timer.remove()
     release_generator()
     free_gpu()
     return result

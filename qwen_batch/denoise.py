@@ -96,18 +96,23 @@ class ImageGenerator:
         self.source, self.device, self.dtype = source, device, dtype
         self.placement = placement or Placement()
         self.pipe, self.memory_mode, quantized = _load_denoiser(source, transformer_file, self.placement, device, dtype)
-        # Resident in the run's dtype beside the transformer (InstantX's Union: 3.5 GB in bf16).
-        self.controlnet = controlnet.load(device, dtype) if controlnet is not None else None
+        # In the run's memory mode beside the transformer (InstantX's Union: 3.5 GB in bf16, 5 blocks).
+        self.controlnet = None
         if controlnet is not None:
-            self.memory_mode += f"; ControlNet {controlnet.location} resident"
+            self.controlnet, placed = controlnet.load(device, dtype, self.placement)
+            self.memory_mode += f"; ControlNet {controlnet.location}: {placed}"
         transformer = self.pipe.transformer
         kernel = use_batch_attention(transformer, device, dtype)  # before compiling: it is traced
+        if self.controlnet is not None:
+            use_batch_attention(self.controlnet, device, dtype, kernel)
         self.pack_text = PACK_TEXT and kernel == "fa4"
         if self.pack_text:
             share_timestep_modulation(transformer)
             compile_once_for_every_packed_length(transformer)
         if self.placement.compile:
             self.memory_mode = compile_blocks(transformer, self.placement, self.memory_mode)
+            if self.controlnet is not None:
+                self.memory_mode = compile_blocks(self.controlnet, self.placement, self.memory_mode, "ControlNet")
         fp8_matmuls = self.placement.mode == FP8 and fp8_compute_available(device)
         self.text_multiple = FP8_TEXT_MULTIPLE if fp8_matmuls else 1
         split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
@@ -209,7 +214,7 @@ class ImageGenerator:
                     to_device,
                     len(timesteps),
                 )
-                control_text, control_mask = _pad_embeddings(prompt_embeds, self.device, self.dtype)
+                control_text, control_mask = _pad_embeddings(prompt_embeds, self.device, self.dtype, self.text_multiple)
             if starts is None:
                 latents = torch.cat([self._noise(generator, width, height) for generator in generators])
             else:

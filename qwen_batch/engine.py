@@ -457,9 +457,7 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = load_generator(
-        plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file, plan.controlnet
-    )
+    generator = plan_generator(plan)
     writer = BatchWriter(plan.output, plan.store)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     progress.start("denoise", len(requests), "images")
@@ -626,6 +624,14 @@ def run(config: RunConfig, progress: Progress | None = None) -> Summary:
 
 # One transformer per process, reused across calls (a flow runs many chunks in one worker).
 _loaded: dict[tuple[Any, ...], ImageGenerator] = {}
+
+
+def plan_generator(plan: RunPlan) -> ImageGenerator:
+    """The generator a plan's denoise stage uses (loaded once, then reused): its model, transformer file and
+    ControlNet in its memory placement."""
+    return load_generator(
+        plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file, plan.controlnet
+    )
 
 
 def load_generator(

@@ -321,16 +321,22 @@ def finish_placement(
     return done
 
 
-def compile_blocks(transformer: torch.nn.Module, placement: Placement, done: str) -> str:
-    """Regional torch.compile of the blocks (after the attention processors are set: they are traced);
-    returns the placement line with what was done."""
+def compile_blocks(model: torch.nn.Module, placement: Placement, done: str, name: str = "blocks") -> str:
+    """Regional torch.compile of a model's blocks (after the attention processors are set: they are traced);
+    returns the placement line with what was done. A ControlNet's blocks are the transformer's kind: the
+    same compiled code serves them, guarded by their shapes."""
     if placement.streams or "layerwise" in done:
         log.warning("compile is skipped under %s: its hooks move or cast weights around each layer", placement.mode)
         return done
     use_compile_cache(placement.compile_cache)
-    # Regional: the 60 identical blocks share one compiled graph, so compiling costs one block.
-    transformer.compile_repeated_blocks(fullgraph=True, options=dict(COMPILE_OPTIONS) or None)
-    return done + f"; blocks compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
+    options = dict(COMPILE_OPTIONS) or None
+    if getattr(model, "_repeated_blocks", None):
+        # Regional: the 60 identical blocks share one compiled graph, so compiling costs one block.
+        model.compile_repeated_blocks(fullgraph=True, options=options)
+    else:  # QwenImageControlNetModel declares no repeated blocks: its blocks, one by one, to the same effect
+        for block in getattr(model, BLOCKS):
+            block.compile(fullgraph=True, options=options)
+    return done + f"; {name} compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
 
 
 def _pinned_share(arena: PinnedArena, transformer: torch.nn.Module) -> str:

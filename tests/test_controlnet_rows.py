@@ -196,6 +196,70 @@ def test_tiny_model_command_writes_a_controlnet_the_run_accepts(tmp_path, tiny_m
     assert plan.controlnet is not None and plan.controlnet.local_folder == tmp_path / "cn"
 
 
+def _control_residuals(model, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator("cpu").manual_seed(seed)
+    config = model.config
+    hidden = torch.randn(2, 16, config.in_channels, generator=generator)
+    with torch.inference_mode():
+        return model(
+            hidden_states=hidden,
+            controlnet_cond=torch.randn(hidden.shape, generator=generator),
+            conditioning_scale=1.0,
+            timestep=torch.full((2,), 0.5),
+            encoder_hidden_states=torch.randn(2, 5, config.joint_attention_dim, generator=generator),
+            img_shapes=[[(1, 4, 4)]] * 2,
+            return_dict=False,
+        )
+
+
+def test_the_controlnet_takes_the_runs_memory_mode(controlnet):
+    """Under fp8 the ControlNet's block linears are stored in fp8 like the transformer's (here on the CPU: fp8
+    storage, upcast per layer), the sensitive layers and everything outside the blocks kept; its residuals stay
+    close to the bf16 ones. GGUF (a transformer file's format) leaves a ControlNet folder resident."""
+    from qwen_batch.conditions.controlnet import ControlNetSource
+    from qwen_batch.memory_modes import Placement
+
+    source = ControlNetSource(str(controlnet))
+    reference, done = source.load("cpu", torch.float32, Placement("bf16"))
+    assert done.startswith("resident")
+    quantized, done = source.load("cpu", torch.float32, Placement("fp8"))
+    assert "fp8 storage" in done, done
+    block = quantized.transformer_blocks[0]
+    assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert block.img_mlp.net[2].weight.dtype == torch.float32
+    assert quantized.controlnet_blocks[0].weight.dtype == torch.float32
+    for ours, theirs in zip(_control_residuals(quantized), _control_residuals(reference), strict=True):
+        relative = (ours - theirs).norm() / theirs.norm()
+        assert 0 < relative < 0.1, relative
+    _, done = source.load("cpu", torch.float32, Placement("gguf"))
+    assert done.startswith("resident")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["bf16 --compile on", "fp8 --compile on", "offload", "fp8-offload"])
+def test_control_rows_run_in_every_memory_mode_on_the_gpu(setup, controlnet, tmp_path, mode, caplog):
+    """The ControlNet placed as the transformer is (compiled with it where it compiles), control rows batched
+    with plain ones: every image real (a NaN anywhere decodes to a flat image), close to the eager bf16 run's."""
+    from qwen_batch.cli import main
+
+    manifest, _, _ = setup
+    output = tmp_path / "out"
+    flags = ["--memory-mode", *mode.split(), "--batch-size", "4", "-q"]
+    with caplog.at_level("INFO", logger="qwen_batch.engine"):
+        code = main(
+            ["run", str(manifest), "-o", str(output), "--device", "cuda", "--controlnet", str(controlnet), *flags]
+        )
+    assert code == 1  # the invalid rows
+    placed = " ".join(record.getMessage() for record in caplog.records if "denoise: transformer" in record.getMessage())
+    assert f"ControlNet {controlnet}" in placed, placed
+    if "compile" in mode:
+        assert "ControlNet compiled" in placed, placed
+    results = {row["id"]: row for row in pq.read_table(output / "results.parquet").to_pylist()}
+    for row_id in ("one", "two", "late", "twin", "plain"):
+        assert results[row_id]["status"] == "ok", results[row_id]
+        assert pixels(output / "images" / f"{row_id}.png").std() > 5, f"{mode}: flat image for {row_id}"
+
+
 @pytest.fixture(scope="module")
 def inpaint_setup(tmp_path_factory, tiny_model):
     """The inpainting ControlNet (`--controlnet tiny-inpaint`): control_image with mask_image."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from qwen_batch.manifest import Request
+    from qwen_batch.memory_modes import Placement
 
 # What must agree for the ControlNet's residuals to fit the transformer's blocks.
 MATCHING_CONFIG = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim")
@@ -123,8 +124,17 @@ class ControlNetSource:
                     digest.update(_file_signature(folder, file))
         return digest.hexdigest()[:24]
 
-    def load(self, device: str, dtype: torch.dtype):
+    def load(self, device: str, dtype: torch.dtype, placement: Placement) -> tuple[torch.nn.Module, str]:
+        """The ControlNet where it will live, in the run's memory mode, and what was done in words.
+
+        Its blocks are the transformer's own kind, so they go through the same placement: quantized to fp8 on
+        the GPU under fp8, streamed a block ahead under the offload modes (from pinned RAM only where the plan
+        left RAM unbudgeted, else from the memory-mapped files), resident in the run's dtype otherwise (GGUF
+        covers the transformer file alone: a ControlNet folder is bf16)."""
         from diffusers import QwenImageControlNetModel
+
+        from qwen_batch.memory_modes import GGUF, RESIDENT, place_transformer
+        from qwen_batch.pinned_arena import PinnedArena
 
         try:
             model = QwenImageControlNetModel.from_pretrained(
@@ -132,7 +142,12 @@ class ControlNetSource:
             )
         except (OSError, ValueError) as error:
             raise ModelError(f"--controlnet {self.location}: cannot load it ({error})") from error
-        return model.to(device).eval()
+        if placement.mode == GGUF:
+            placement = replace(placement, mode=RESIDENT)
+        # The pinned budget belongs to the transformer's blocks: the ControlNet pins only when nothing is budgeted.
+        arena = None if placement.pinned_bytes is None or not placement.streams else PinnedArena(0)
+        done = place_transformer(model.eval(), placement, device, dtype, arena)
+        return model, done
 
 
 @dataclass
@@ -226,7 +241,9 @@ class ControlBatch:
                 conditioning_scale=1.0,
                 timestep=timestep,
                 encoder_hidden_states=text,
-                encoder_hidden_states_mask=text_mask,
+                # The mask straight to the attention (qwen_batch.attention, installed on the ControlNet too): as
+                # `encoder_hidden_states_mask` it would cost a host sync per step.
+                joint_attention_kwargs={"text_mask": text_mask},
                 img_shapes=image_shapes,
                 return_dict=False,
             )
