@@ -231,10 +231,26 @@ class Job:
     def controlnet_bytes(self) -> int:
         """The ControlNet's bf16 weights: its blocks (copies of the transformer's), one output linear each,
         and embedders as the transformer's."""
-        if not self.controlnet_layers:
+        return self.controlnet_gpu_bytes("bf16")
+
+    def controlnet_gpu_bytes(self, mode: str) -> int:
+        """The ControlNet's bytes on the GPU when the transformer runs in `mode`: it is placed as the
+        transformer is (`ControlNetSource.load`): its block linears in fp8 under fp8 (the image MLP's last one
+        kept), streamed a block at a time under the offload modes, bf16 otherwise (a GGUF file is the
+        transformer's alone)."""
+        layers = self.controlnet_layers
+        if not layers:
             return 0
-        embedders = DIT_PARAMS - DIT_BLOCKS * DIT_BLOCK_PARAMS
-        return 2 * (self.controlnet_layers * (DIT_BLOCK_PARAMS + DIT_HIDDEN**2) + embedders)
+        outside = DIT_OUTSIDE_BLOCKS_PARAMS + layers * DIT_HIDDEN**2  # embedders, and one output linear a block
+        if mode == "fp8":
+            kept = layers * DIT_FP8_KEPT_BF16_PARAMS // DIT_BLOCKS
+            fp8 = layers * DIT_BLOCK_PARAMS - kept
+            return fp8 + 2 * (outside + kept)
+        if mode in ("offload", "fp8-offload"):
+            return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * DIT_BLOCK_PARAMS)
+        if mode == "sequential":
+            return 0
+        return 2 * (outside + layers * DIT_BLOCK_PARAMS)
 
     @property
     def image_tokens(self) -> int:
@@ -359,7 +375,7 @@ def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: 
     rows = batch * job.rows_per_image
     activations = rows * job.tokens * DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
     working = max(activations, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS
-    weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_bytes
+    weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_gpu_bytes(mode)
     total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
 
