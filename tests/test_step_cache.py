@@ -501,3 +501,38 @@ def test_control_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, 
         ours = pixels(tmp_path / "out" / "images" / f"{request.id}.png")
         assert np.abs(ours - cached_reference(pipe, request, controlled)).max() <= TOLERANCE, request.id
     assert 1 < results(tmp_path / "out")["lamp"]["steps_computed"] < STEPS
+
+
+def test_image_to_image_and_inpainting_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, monkeypatch):
+    """Rows that start from an image count their steps from the first one that runs, as diffusers' do."""
+    from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
+
+    from tests.test_image_start import _mask, _photo, _reference
+
+    photo, mask = _photo(tmp_path / "photo.png"), _mask(tmp_path / "mask.png")
+    rows = [
+        small_row("i2i", "a watercolor", init_image=photo, strength=0.8, seed=1, num_inference_steps=10,
+                  step_cache="first-block:0.3"),
+        small_row("inpaint", "a red apple", init_image=photo, mask_image=mask, strength=0.9, seed=4,
+                  num_inference_steps=10, step_cache="taylorseer:interval=2,warmup=2"),
+    ]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    margins = Margins(monkeypatch)
+    assert run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=2, device="cpu")).exit_code == 0
+    margins.check()
+    requests = {request.id: request for request in read_manifest(str(manifest)).requests}
+    for kind, row_id, extra in (
+        (QwenImageImg2ImgPipeline, "i2i", {}),
+        (QwenImageInpaintPipeline, "inpaint", {"mask_image": Image.open(mask).convert("RGB")}),
+    ):
+        pipe = kind.from_pretrained(str(tiny_model), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.transformer.enable_cache(_cache_config(parse_step_cache(requests[row_id].step_cache)))
+        try:
+            reference = _reference(pipe, requests[row_id], **extra)
+        finally:
+            pipe.transformer.disable_cache()
+        assert np.abs(pixels(tmp_path / "out" / "images" / f"{row_id}.png") - reference).max() <= TOLERANCE, row_id
+    computed = counts(tmp_path / "out")
+    assert 1 < computed["i2i"][0] < 8  # strength 0.8 of 10 steps: 8 run
+    assert computed["inpaint"] == (5, 5)  # 9 run: steps 0, 1 (warm-up), 3, 5, 7
