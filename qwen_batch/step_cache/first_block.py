@@ -37,9 +37,12 @@ import torch
 from qwen_batch.step_cache import Forward, per_image
 from qwen_batch.step_cache.spec import FirstBlock
 
-# A test and benchmark hook: step -> each of the forward's rows computes (True) or reuses, instead of the
-# residual test (which still runs and still costs its one copy per forward).
-Forced = Callable[[int, int, int], Sequence[bool]]  # (step, forward's first row, its rows) -> decisions
+# A benchmark hook: (step, the forward's first row, its rows) -> whether each of those rows computes, instead of
+# the residual test's answer (the test still runs and still costs its one copy per forward). Random weights'
+# residuals say nothing about how often a real model's stay under a threshold, so bench/step_cache_gpu.py forces
+# the fraction of computed steps. Step 0 computes whatever it says: there is nothing to reuse yet.
+Forced = Callable[[int, int, int], Sequence[bool]]
+FORCED: Forced | None = None  # never set outside benchmarks
 
 
 def sub_batch_size(computing: int, rows: int) -> int:
@@ -61,7 +64,8 @@ class FirstBlockRows:
     def __init__(self, spec: FirstBlock, transformer: torch.nn.Module, rows: int, forced: Forced | None = None):
         if len(transformer.transformer_blocks) < 2:
             raise ValueError("first-block caching needs a transformer of 2 or more blocks")
-        self.threshold, self.transformer, self.forced = spec.threshold, transformer, forced
+        self.threshold, self.transformer = spec.threshold, transformer
+        self.forced = forced if forced is not None else FORCED
         self.computed = [0] * rows  # full steps per step row
         self._passes: dict[int, _PassRows] = {}
 
@@ -92,7 +96,7 @@ class FirstBlockRows:
             decisions = computes.tolist()  # the one device-to-host copy of the forward
             if self.forced is not None:
                 decisions = [bool(value) for value in self.forced(step, forward.first, forward.rows)]
-                computes = torch.tensor(decisions).to(residual.device)
+                computes = _on_device(decisions, residual.device, torch.bool)
             rows.head = torch.where(computes[:, None, None], residual, previous)
         for row, computes_row in enumerate(decisions):
             self.computed[forward.first + row] += bool(computes_row)
@@ -246,7 +250,11 @@ def _static_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """A host list of indices on `device`, copied without the host waiting (pinned, non-blocking)."""
-    host = torch.tensor(values, dtype=torch.long)
+    return _on_device(values, device, torch.long)
+
+
+def _on_device(values: Sequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
