@@ -66,7 +66,7 @@ def counts(output) -> dict[str, tuple]:
     return {key: (row["steps_computed"], row["uncond_steps_computed"]) for key, row in results(output).items()}
 
 
-MARGIN = 1e-3  # a row's relative change moves by about 1e-6 between batch sizes and against diffusers
+MARGIN = 1e-3  # a row's relative change moved by under 1e-6 of itself between batch sizes (docs/step-cache.md)
 
 
 class Margins:
