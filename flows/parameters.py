@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from qwen_batch.adapters import MAX_LORA_SCALE, MAX_LORAS_PER_ROW, MIN_LORA_SCALE, run_lora
 from qwen_batch.engine import DEFAULT_MODEL, RunConfig
 from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT
+from qwen_batch.step_cache.spec import normalized
 from qwen_batch.storage import StorageOptions, s3_storage_options
 
 # The first run's manifest: eight rows that show the features in under a minute on a laptop CPU.
@@ -24,6 +25,10 @@ from qwen_batch.storage import StorageOptions, s3_storage_options
 DEMO_MANIFEST = "prompts/demo.parquet"
 DEMO_OUTPUT = "out/demo"
 SHARD_DEPLOYMENT = "qwen-image-batch/shard"
+
+
+def _check_step_cache(value: str | None) -> str | None:
+    return normalized(value)  # a StepCacheError is a ValueError: pydantic reports it on the field
 
 
 def _check_shard(value: str) -> str:
@@ -150,6 +155,13 @@ class JobParameters(BaseModel):
         description="A fixed sampling shift for the rows whose 'scheduler_shift' column is empty; 3 for the "
         "Lightning LoRAs (with true_cfg_scale 1 and 8 or 4 steps). Empty: the model's own schedule.",
     )
+    step_cache: Annotated[str | None, AfterValidator(_check_step_cache)] = Field(
+        None,
+        description="Step caching for the rows whose 'step_cache' column is empty, decided row by row: none "
+        "(empty), first-block:T (diffusers' FirstBlockCache, e.g. first-block:0.1: 0.05-0.2 is what users of the "
+        "real model report) or taylorseer (e.g. taylorseer:interval=5,warmup=3,order=1). Faster 50-step rows, "
+        "lossy: judge the images. docs/step-cache.md.",
+    )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."
     )
@@ -207,6 +219,7 @@ class BatchParameters(JobParameters):
             fp8_every_linear=self.fp8_every_linear,
             loras=tuple(run_lora(lora.path, lora.scale, "loras") for lora in self.loras),
             scheduler_shift=self.scheduler_shift,
+            step_cache=self.step_cache,
         )
 
 

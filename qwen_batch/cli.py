@@ -245,7 +245,8 @@ def _lora_formats() -> tuple[str, ...]:
 def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "Adapters and sampling",
-        "Run-wide values for the rows whose 'loras' or 'scheduler_shift' column is empty (docs/manifest.md).",
+        "Run-wide values for the rows whose 'loras', 'scheduler_shift' or 'step_cache' column is empty "
+        "(docs/manifest.md).",
     )
     group.add_argument(
         "--lora",
@@ -262,6 +263,14 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="sample with a fixed shift S instead of the model's size-dependent one; the Lightning LoRAs "
         "want 3, for rows with true_cfg_scale 1 and 8 or 4 steps",
+    )
+    group.add_argument(
+        "--step-cache",
+        default=None,
+        metavar="SPEC",
+        help="reuse the transformer's work across steps, decided row by row: none (default), first-block:T "
+        "(diffusers' FirstBlockCache, e.g. first-block:0.1) or taylorseer[:interval=5,warmup=3,order=1]; faster, "
+        "lossy: check the images (docs/step-cache.md)",
     )
 
 
@@ -371,6 +380,7 @@ def _run(args: argparse.Namespace) -> int:
         allowed_inputs=tuple(args.allow_inputs),
         loras=tuple(parse_lora_option(option) for option in args.lora),
         scheduler_shift=args.scheduler_shift,
+        step_cache=args.step_cache,
         **({"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}),
     )
     if args.model == "tiny" and not args.quiet:

@@ -19,6 +19,10 @@ a row with a `scheduler_shift` samples with the model's scheduler config set to 
 Edit models (Qwen-Image-Edit, Edit-Plus) run the same loop with the input images' cached latents
 appended to each row's noise tokens (`image_latents`), as `QwenImageEditPipeline` does; only the
 noise tokens' prediction is kept.
+
+Rows with a step cache (`Request.step_cache`, shared by a batch) hand each step's forwards to it
+(`qwen_batch.step_cache`), which runs or reuses the transformer's work row by row and counts each row's
+full steps (`DecodedImages.steps_computed`); a batch without one calls the transformer as it always did.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from qwen_batch.memory_modes import (
     weights_stay_put,
 )
 from qwen_batch.model_source import ModelSource, load_pipeline
+from qwen_batch.step_cache import Forward, for_batch
 from qwen_batch.streamed_load import load_transformer
 from qwen_batch.transformer_source import TransformerFile, denoiser_weights
 
@@ -177,6 +182,8 @@ class ImageGenerator:
             for group in groups:
                 forwards.append((first_row, len(group), *self._text_condition(group)))
                 first_row += len(group)
+            # Rows with a step cache (they share it: `Request.batch_key`): their forwards go through it.
+            step_cache = for_batch(first.step_cache, transformer, len(texts))
 
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
             condition = None
@@ -242,25 +249,37 @@ class ImageGenerator:
                     model_input = torch.cat([model_input, condition], dim=1)
                 timestep = t.expand(model_input.shape[0]).to(latents.dtype) / 1000
                 residuals = None
-                if controls is not None:
+                if controls is not None and (step_cache is None or step_cache.wants_controls(step)):
                     residuals = controls.block_samples(
                         self.controlnet, latents, control_text, control_mask, timestep[:batch],
                         [[patches]] * batch, step,
                     )  # fmt: skip
-                predictions = [
-                    transformer(
-                        hidden_states=model_input[first : first + rows],
-                        timestep=timestep[first : first + rows],
-                        encoder_hidden_states=embeds,
-                        # The mask goes to the attention directly (qwen_batch.attention): given to the
-                        # transformer, it would cost a host sync per step.
-                        attention_kwargs=text_kwargs,
-                        img_shapes=[[patches, *image_shapes]] * rows,
-                        return_dict=False,
-                        **_for_rows(residuals, rows // batch),
-                    )[0]
-                    for first, rows, embeds, text_kwargs in forwards
-                ]
+                if step_cache is None:
+                    predictions = [
+                        transformer(
+                            hidden_states=model_input[first : first + rows],
+                            timestep=timestep[first : first + rows],
+                            encoder_hidden_states=embeds,
+                            # The mask goes to the attention directly (qwen_batch.attention): given to the
+                            # transformer, it would cost a host sync per step.
+                            attention_kwargs=text_kwargs,
+                            img_shapes=[[patches, *image_shapes]] * rows,
+                            return_dict=False,
+                            **_for_rows(residuals, rows // batch),
+                        )[0]
+                        for first, rows, embeds, text_kwargs in forwards
+                    ]
+                else:  # the same forwards, run or reused row by row (qwen_batch.step_cache)
+                    cached = []
+                    for first, rows, embeds, text_kwargs in forwards:
+                        these = slice(first, first + rows)
+                        call = _transformer_call(
+                            transformer, model_input[these], timestep[these], embeds, text_kwargs,
+                            [[patches, *image_shapes]] * rows,
+                        )  # fmt: skip
+                        samples = _for_rows(residuals, rows // batch).get("controlnet_block_samples")
+                        cached.append(Forward(first, rows, call, samples, _packed_lengths(texts[these], text_kwargs)))
+                    predictions = step_cache.run(step, cached)
                 prediction = predictions[0] if len(predictions) == 1 else torch.cat(predictions)
                 prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
                 if use_cfg:
@@ -274,7 +293,10 @@ class ImageGenerator:
                     latents = starts.after_step(latents, scheduler, timesteps, step)
 
             # 5. Decode.
-            return self._decode(latents, width, height)
+            images = self._decode(latents, width, height)
+            if step_cache is not None:
+                images.steps_computed = step_cache.steps_computed(batch)
+            return images
 
     def _text_condition(self, embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         """One forward's text on the device, and the attention kwargs that go with it: padded with a
@@ -357,6 +379,29 @@ def _load_denoiser(
     return pipe, done, loaded.quantized
 
 
+def _transformer_call(transformer, hidden_states, timestep, text, text_kwargs, image_shapes):
+    """A step cache's way to run the transformer over a forward's rows, as the loop calls it; its keyword
+    arguments (the ControlNet's samples, when the step cache passes them on) join the call's."""
+
+    def call(**extra) -> torch.Tensor:
+        return transformer(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            attention_kwargs=text_kwargs,
+            img_shapes=image_shapes,
+            return_dict=False,
+            **extra,
+        )[0]
+
+    return call
+
+
+def _packed_lengths(embeddings: Sequence[torch.Tensor], text_kwargs: dict) -> list[int] | None:
+    """A packed forward's rows' real text lengths (a step cache packs a sub-batch's own text from them)."""
+    return [embedding.shape[0] for embedding in embeddings] if text_kwargs.get("text_index") is not None else None
+
+
 def _for_rows(residuals: list[torch.Tensor] | None, copies: int) -> dict:
     """The ControlNet's residuals for a forward of the batch's rows (`copies` 1) or of both CFG halves at
     once (2): the conditional pass's residuals serve the unconditional one, as in diffusers' pipeline."""
@@ -433,6 +478,8 @@ class DecodedImages:
     def __init__(self, pixels: torch.Tensor):
         import torch
 
+        # Rows with a step cache: per row, the steps its conditional and unconditional passes computed in full.
+        self.steps_computed: list[tuple[int, int | None]] | None = None
         self._ready = None
         if pixels.is_cuda:
             host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)

@@ -88,9 +88,11 @@ class RunConfig:
     scheduler_shift: float | None = None
     # The ControlNet of rows with control images (hub id or folder); one per run.
     controlnet: str | None = None
+    # The step cache of rows whose step_cache column is empty (--step-cache): none, first-block:T, taylorseer:...
+    step_cache: str | None = None
 
     def __post_init__(self) -> None:
-        self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift)  # checks them
+        self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift, self.step_cache)  # checks them
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
         if self.encode_batch_size < 1:
@@ -563,12 +565,14 @@ def _generate_batch(
     if images is None:
         retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
         return
+    computed = getattr(images, "steps_computed", None) or [(None, None)] * len(rows)  # rows with a step cache
     images = finished_images(images, rows, generator.pipe.vae_scale_factor * 2)
     seconds = (time.perf_counter() - started) / len(ready)
     records = []
-    for row in rows:
+    for row, (steps, uncond_steps) in zip(rows, computed, strict=True):
         record = _record(plan, row.request, seconds=seconds, warning=TRUNCATION_WARNING if row.truncated else "")
         record.input_sha256 = row.input_sha256
+        record.steps_computed, record.uncond_steps_computed = steps, uncond_steps
         records.append(record)
     writer.submit(ready, images, records)
 

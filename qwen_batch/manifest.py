@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from qwen_batch.adapters import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
 from qwen_batch.errors import ConfigError, ManifestError, StorageError
 from qwen_batch.input_urls import InputLocationError, InputPolicy
+from qwen_batch.step_cache.spec import StepCacheError, normalized
 from qwen_batch.storage import read_url
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -64,6 +65,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("control_start", pa.float64()),
         pa.field("control_end", pa.float64()),
         pa.field("control_preprocess", pa.string()),
+        pa.field("step_cache", pa.string()),  # STEP_CACHE_COLUMN
     ]
 )
 # Edit manifests name their input image(s) in one of these columns instead (see docs/manifest.md).
@@ -83,13 +85,23 @@ CONTROL_START_COLUMN, CONTROL_END_COLUMN, CONTROL_PREPROCESS_COLUMN = (
 CONTROL_COLUMNS = (CONTROL_IMAGE_COLUMN, CONTROL_SCALE_COLUMN, CONTROL_START_COLUMN, CONTROL_END_COLUMN,
                    CONTROL_PREPROCESS_COLUMN)  # fmt: skip
 MAX_CONTROL_IMAGES = 4
+# Step caching per row (qwen_batch.step_cache, docs/step-cache.md): none, first-block:T or taylorseer[:...].
+STEP_CACHE_COLUMN = "step_cache"
 # The columns of rows that bring more than text (image-to-image, inpainting, ControlNet).
 CONDITION_COLUMNS = (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding", *CONTROL_COLUMNS)
 MAX_INPUT_IMAGES = 8
 GENERATE, EDIT = "generate", "edit"
 TASKS = (GENERATE, EDIT)
 REQUIRED_COLUMNS = ("id", "prompt")
-TEXT_COLUMNS = ("id", "prompt", "negative_prompt", INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, "control_preprocess")
+TEXT_COLUMNS = (
+    "id",
+    "prompt",
+    "negative_prompt",
+    INIT_IMAGE_COLUMN,
+    MASK_IMAGE_COLUMN,
+    "control_preprocess",
+    STEP_CACHE_COLUMN,
+)
 INTEGER_COLUMNS = ("width", "height", "seed", "num_inference_steps", "mask_crop_padding")
 FLOAT_COLUMNS = ("true_cfg_scale", "scheduler_shift", STRENGTH_COLUMN, "control_start", "control_end")
 # Columns the results add; a manifest may not bring its own, or the two would be confused.
@@ -150,6 +162,7 @@ class Request:
     mask_crop_padding: int | None = None
     controls: tuple[ControlRef, ...] = ()  # ControlNet rows: the control images, in order, with their scales
     control_range: tuple[float, float] = (0.0, 1.0)  # the part of the schedule the ControlNet acts on
+    step_cache: str | None = None  # the normalized step-cache spec (qwen_batch.step_cache.spec); None: none
 
     @property
     def starts_from_image(self) -> bool:
@@ -178,6 +191,9 @@ class Request:
             self.strength,
             self.mask_image is not None,
             len(self.controls),  # the ControlNet runs once per control image and step, on every row
+            # A batch's rows share their step cache: a batch without one runs the plain loop, and a TaylorSeer
+            # step runs for every row or none (first-block decides row by row within its batch).
+            self.step_cache,
         )
 
     @property
@@ -221,6 +237,8 @@ class Request:
             preprocess = {control.preprocess for control in self.controls} - {None}
             if preprocess:
                 parameters[CONTROL_PREPROCESS_COLUMN] = self.controls[0].preprocess
+        if self.step_cache is not None:
+            parameters[STEP_CACHE_COLUMN] = self.step_cache
         return parameters
 
 
@@ -236,10 +254,11 @@ def check_scheduler_shift(shift: float, label: str = "scheduler_shift") -> float
 
 @dataclass(frozen=True)
 class RowDefaults:
-    """Run-wide values (--lora, --scheduler-shift) for rows that leave those columns empty."""
+    """Run-wide values (--lora, --scheduler-shift, --step-cache) for rows that leave those columns empty."""
 
     loras: tuple[LoraRef, ...] = ()
     scheduler_shift: float | None = None
+    step_cache: str | None = None  # normalized by __post_init__ (None: none)
 
     def __post_init__(self) -> None:
         if len(self.loras) > MAX_LORAS_PER_ROW:
@@ -249,6 +268,10 @@ class RowDefaults:
                 check_scheduler_shift(self.scheduler_shift, "--scheduler-shift")
             except ValueError as error:
                 raise ConfigError(str(error)) from None
+        try:
+            object.__setattr__(self, "step_cache", normalized(self.step_cache))
+        except StepCacheError as error:
+            raise ConfigError(f"--step-cache {error}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,6 +590,7 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
     check("true_cfg_scale", lambda: _true_cfg_scale(values))
     check("loras", lambda: _loras(values, rules))
     check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
+    check(STEP_CACHE_COLUMN, lambda: _step_cache(values, rules.defaults))
     if any(values.get(name) is not None for name in CONTROL_COLUMNS):
         try:
             resolved.update(_controls(values, rules))
@@ -621,6 +645,17 @@ def _scheduler_shift(values: dict[str, Any], defaults: RowDefaults) -> float | N
         return check_scheduler_shift(shift)
     except ValueError as error:
         raise _RowProblem(str(error)) from error
+
+
+def _step_cache(values: dict[str, Any], defaults: RowDefaults) -> str | None:
+    """The row's spec, normalized; an empty cell takes the run's --step-cache (`none` turns it off for the row)."""
+    spec = values.get(STEP_CACHE_COLUMN)
+    if spec is None or not spec.strip():
+        return defaults.step_cache
+    try:
+        return normalized(spec)
+    except StepCacheError as error:
+        raise _RowProblem(f"{STEP_CACHE_COLUMN} {error}") from error
 
 
 def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...]:

@@ -66,6 +66,9 @@ GGUF_FILE_GB = {"Q8_0": 21.8, "Q6_K": 16.8, "Q5_K_M": 14.9, "Q4_K_M": 13.1, "Q4_
 # Activations of one transformer forward per sample row per token (image + text): the residual streams,
 # q/k/v, the 4x MLP and its GELU, at the peak inside a block.
 DIT_ACTIVATION_BYTES_PER_ROW_TOKEN = 110 * 1024
+# Rows with a first-block step cache keep, per row and pass, two image-stream tensors across steps (the residual
+# of the last full step and the tail residual; qwen_batch.step_cache.first_block), in bf16. Computed, not measured.
+FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN = 2 * DIT_HIDDEN * 2
 # VAE decode of one image, per output pixel; decoding goes one image at a time (VAE slicing).
 VAE_DECODE_BYTES_PER_PIXEL = 4096
 VAE_TILED_DECODE_BYTES = int(1.0 * GiB)  # 256-pixel tiles: independent of the image size
@@ -198,6 +201,7 @@ class Job:
     # and the most control images a row has (the ControlNet runs once per image and step on the batch's rows).
     controlnet_layers: int = 0
     control_images: int = 0
+    first_block_cache: bool = False  # rows with a first-block step cache: its state beside the activations
 
     @classmethod
     def for_requests(
@@ -225,6 +229,7 @@ class Job:
             adapters=any(r.loras for r in requests),
             control_images=max((len(getattr(r, "controls", ())) for r in requests), default=0),
             controlnet_layers=controlnet_layers if any(getattr(r, "controls", ()) for r in requests) else 0,
+            first_block_cache=any((getattr(r, "step_cache", None) or "").startswith("first-block") for r in requests),
         )
 
     @property
@@ -374,7 +379,8 @@ def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: 
     activations and one image's VAE decode (they never coincide), plus the allocator's own."""
     rows = batch * job.rows_per_image
     activations = rows * job.tokens * DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
-    working = max(activations, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS
+    state = rows * job.image_tokens * FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
+    working = max(activations, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS + state
     weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_gpu_bytes(mode)
     total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB

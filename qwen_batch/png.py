@@ -40,6 +40,11 @@ def parameters_text(metadata: dict[str, Any]) -> str:
         settings.insert(2, f"Schedule shift: {metadata['scheduler_shift']}")
     if metadata.get("strength") is not None:  # started from an image (image tools' name for it)
         settings.insert(2, f"Denoising strength: {metadata['strength']}")
+    if metadata.get("step_cache"):  # and how many of the steps that ran computed in full (the negative pass's apart)
+        computed = f"{metadata.get('steps_computed')}"
+        if metadata.get("uncond_steps_computed") is not None:
+            computed += f" (negative prompt {metadata['uncond_steps_computed']})"
+        settings.insert(2, f"Step cache: {metadata['step_cache']}, steps computed: {computed}")
     prompt = metadata["prompt"]
     loras = metadata.get("loras") or []
     if loras:

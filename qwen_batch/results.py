@@ -7,8 +7,8 @@ any earlier `results.parquet` into a new `results.parquet` with exactly one row 
 next merge folds the same records again.
 
 Each record carries a fingerprint of everything that determines its image (model, prompt, negative
-prompt, size, seed, steps, guidance, and where used the adapters' file hashes and scales and the
-sampling shift): resume skips a row only when an `ok` record with the same
+prompt, size, seed, steps, guidance, and where used the adapters' file hashes and scales, the
+sampling shift and the step cache): resume skips a row only when an `ok` record with the same
 fingerprint exists and its image is still there.
 """
 
@@ -36,6 +36,7 @@ from qwen_batch.manifest import (
     INIT_IMAGE_COLUMN,
     LORAS_COLUMN,
     MANIFEST_SCHEMA,
+    STEP_CACHE_COLUMN,
     Manifest,
     Request,
 )
@@ -77,7 +78,15 @@ OUTCOME_FIELDS = [
     pa.field("seconds", pa.float64()),  # this row's share of its batch's generation time
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
-RECORD_SCHEMA = pa.schema([pa.field("id", pa.string()), *PARAMETER_FIELDS, *INPUT_FIELDS, *OUTCOME_FIELDS])
+# Rows with a step cache: the steps whose transformer ran in full (not reused), for the conditional pass and,
+# with true CFG, the unconditional one (decided apart, as diffusers' cache contexts do).
+STEP_FIELDS = [
+    pa.field("steps_computed", pa.int64()),
+    pa.field("uncond_steps_computed", pa.int64()),
+]
+RECORD_SCHEMA = pa.schema(
+    [pa.field("id", pa.string()), *PARAMETER_FIELDS, *INPUT_FIELDS, *OUTCOME_FIELDS, *STEP_FIELDS]
+)
 
 
 @dataclass(slots=True)
@@ -103,6 +112,7 @@ class Record:
     control_start: float | None = None
     control_end: float | None = None
     control_preprocess: str | None = None
+    step_cache: str | None = None
     input_images: list[str] | None = None
     input_sha256: list[str] | None = None
     status: str = FAILED
@@ -116,6 +126,8 @@ class Record:
     fingerprint: str | None = None
     seconds: float | None = None
     finished_at: datetime | None = None
+    steps_computed: int | None = None
+    uncond_steps_computed: int | None = None
 
     @classmethod
     def for_request(cls, request: Request, model: str, fingerprint: str, **outcome: Any) -> Record:
@@ -226,12 +238,19 @@ class ResultStore:
         ordered = [by_index[index] for index in range(manifest.num_rows)]
 
         outcome = _records_table(ordered)
-        # The conditions' columns (init_image, control_image...) only where the manifest has them: a plain
-        # text-to-image manifest's results keep the columns they always had.
+        # The conditions' columns (init_image, control_image...) and the step cache's only where the manifest has
+        # them (or, for the step cache, the run's default gives rows one): a plain text-to-image manifest's results
+        # keep the columns they always had.
+        step_cache = STEP_CACHE_COLUMN in manifest.table.column_names or any(
+            request.step_cache for request in manifest.requests
+        )
+        optional = (*CONDITION_COLUMNS, STEP_CACHE_COLUMN)
         known = [
             field.name
             for field in MANIFEST_SCHEMA
-            if field.name not in CONDITION_COLUMNS or field.name in manifest.table.column_names
+            if field.name not in optional
+            or field.name in manifest.table.column_names
+            or (field.name == STEP_CACHE_COLUMN and step_cache)
         ]
         columns = {name: outcome.column(name) for name in known}
         if manifest.task == EDIT or {INIT_IMAGE_COLUMN, CONTROL_IMAGE_COLUMN} & set(manifest.table.column_names):
@@ -239,7 +258,7 @@ class ResultStore:
                 columns[field.name] = outcome.column(field.name)
         for name in manifest.extra_columns:
             columns[name] = manifest.table.column(name)
-        for field in OUTCOME_FIELDS:
+        for field in OUTCOME_FIELDS + (STEP_FIELDS if step_cache else []):
             columns[field.name] = outcome.column(field.name)
         table = pa.table(columns)
         self.output.write_bytes(RESULTS_FILE, _to_parquet(table))

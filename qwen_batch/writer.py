@@ -77,6 +77,10 @@ class BatchWriter:
                 metadata |= {"transformer": record.transformer, "transformer_sha256": record.transformer_sha256}
             if record.input_sha256:
                 metadata["input_sha256"] = record.input_sha256
+            if record.steps_computed is not None:  # a step cache: how many steps ran in full
+                metadata["steps_computed"] = record.steps_computed
+                if record.uncond_steps_computed is not None:
+                    metadata["uncond_steps_computed"] = record.uncond_steps_computed
             try:
                 data = encode_png(image, metadata)
                 self.output.write_bytes(relative, data)

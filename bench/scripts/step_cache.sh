@@ -1,0 +1,11 @@
+#!/bin/bash
+# Issue 28 (see docs/benchmarks.md#step-caching-issue-28): step caching per row at full size with forced
+# fractions of computed steps, one memory mode per device call: MODE=bf16 (about 4 minutes on an H200) or
+# MODE=fp8 (about 8, most of it the cold compile). Results: $OUT/results.jsonl, one line per configuration
+# and a summary line; the log shows progress. STEPS (10): steps run of the 50-step configurations.
+source "$(dirname "$0")/fast_env.sh"  # on the lent device: the carried wheels, FlashAttention-4 included
+source "$(dirname "$0")/common.sh"
+MODE=${MODE:-bf16}
+TAIL=60 step python3 bench/step_cache_gpu.py --mode $MODE --steps ${STEPS:-10} --compile-cache $W/cc-$MODE \
+  --budget $(( deadline - $(date +%s) - 45 )) --json $J
+echo "=== done $(date +%T)"

@@ -1,0 +1,336 @@
+"""Step caching per row (issue 28) at full size on one GPU: what random weights can show.
+
+    python bench/step_cache_gpu.py --mode bf16 --json OUT.jsonl     # H200: about 5 minutes
+    python bench/step_cache_gpu.py --mode fp8 --json OUT.jsonl      # H200: about 8 minutes, the compile is most
+    python bench/step_cache_gpu.py --tiny                           # a dry run on the CPU, tiny model, 256x256
+
+Random weights do not show how often a real model's residuals stay under a threshold, nor what caching does
+to a picture, so the per-row decisions of `first-block` are **forced** (`qwen_batch.step_cache.first_block.
+FORCED`: the residual test still runs and still costs its copy, its answer is replaced) to a fraction of the
+steps. What that measures is real: the cost of a reused step against a full one, and of the per-row
+machinery. One `ImageGenerator` (full-size random transformer and VAE, `bench/full_size.py`, regional compile,
+FlashAttention-4 where it imports, as `qwen-batch run` sets it up) runs batches of 4 rows at 1024x1024 from
+random text embeddings of prompt-like lengths (the text encoder plays no part in the denoise stage's speed):
+
+(a) 50-step rows, true CFG 4: seconds per image at 100%, 60% and 40% of the steps computed in full (every
+    row the same steps), the plain loop (no step cache) beside; and a reused forward against a full one
+    (block 0, the embeddings and the output layers against all 60 blocks: 1/60 is the floor);
+(b) the per-row machinery against a per-batch decision (diffusers': one mean over the forward's rows, then
+    `.item()`; `PerBatchFirstBlock`) at the same fractions and steps (target: within 3%), and rows that compute
+    on different steps at the same fraction each (`staggered`): what sub-batches and their padding cost;
+(c) Lightning rows (8 steps, true CFG 1, shift 3; their adapter, fused, costs nothing per step) the same way
+    at 100%, 75% and 50%;
+plus TaylorSeer's default schedule at 50 steps (13 full steps, nothing run on the others).
+
+50-step configurations run `--steps` steps (10) of their schedule, which repeats every 10 steps, and are
+extrapolated to 50 from the transformer's forwards (CUDA events, no host sync added) plus the rest of the
+batch (noise, scheduler, VAE decode), as `bench/qwen_image_gpu.py` does: labelled `extrapolated`. A warm-up
+pass first compiles the blocks for every sub-batch size the timed runs meet (`new_graphs` in each line says
+whether one still compiled). One JSON line per configuration as it finishes (a failure is a line with its
+`error` and the traceback on stderr, and the next configuration runs), then a `summary` line. `--budget`
+skips what is left past that many seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+from bench.full_size import full_size_source
+from bench.qwen_image_gpu import ForwardTimer, gpu_peak_gib, levers, versions, write
+from qwen_batch.step_cache import first_block
+from qwen_batch.step_cache.first_block import FirstBlockRows
+
+FULL_STEPS, ROWS = 50, 4
+CFG = {"steps": FULL_STEPS, "true_cfg_scale": 4.0, "shift": None, "fractions": (1.0, 0.6, 0.4)}
+LIGHTNING = {"steps": 8, "true_cfg_scale": 1.0, "shift": 3.0, "fractions": (1.0, 0.75, 0.5)}
+SPEC = "first-block:0.1"  # its threshold never decides here: the schedule does
+PROMPT_TOKENS, NEGATIVE_TOKENS = (24, 57, 88, 41), 6  # prompts of 8-60 words; the negative " "
+
+
+class PerBatchFirstBlock(FirstBlockRows):
+    """The per-batch decision the per-row machinery is compared with: diffusers' statistic, one mean over the
+    forward's rows and `.item()`, and one decision for them all (from the same forced schedule), so the forward
+    runs whole or reuses whole, as diffusers' FirstBlockCache does."""
+
+    def decide(self, rows, residual, forward, step):
+        if rows.head is None:
+            computes = True
+            rows.head = residual
+        else:
+            previous = rows.head
+            change = ((residual - previous).abs().mean() / previous.abs().mean()).item()
+            computes = change > self.threshold
+            if self.forced is not None:
+                computes = bool(self.forced(step, forward.first, forward.rows)[0])
+            if computes:
+                rows.head = residual
+        for row in range(forward.rows):
+            self.computed[forward.first + row] += computes
+        return [computes] * forward.rows
+
+
+def full_steps(fraction: float, steps: int, shift: int = 0) -> set[int]:
+    """The steps of a schedule computed in full for `fraction`, spread evenly, step 0 among them (there is
+    nothing to reuse yet); `shift` moves the others along steps 1..steps-1 (a staggered row's)."""
+    count = max(1, round(fraction * steps))
+    spread = {index * steps // count for index in range(count)}
+    return {0} | {(step - 1 + shift) % (steps - 1) + 1 for step in spread - {0}}
+
+
+def schedule(fraction: float, steps: int, staggered: bool):
+    """The forced decisions: every row on the same steps, or (`staggered`) image i's steps shifted by i, so rows
+    compute on different steps at the same fraction each (a row's two passes alike)."""
+    by_image = [full_steps(fraction, steps, image if staggered else 0) for image in range(ROWS)]
+
+    def forced(step: int, first: int, rows: int) -> list[bool]:
+        return [(step % steps) in by_image[(first + row) % ROWS] for row in range(rows)]
+
+    return forced
+
+
+@contextlib.contextmanager
+def forced_decisions(forced, per_batch: bool):
+    original = first_block.FirstBlockRows
+    first_block.FORCED = forced
+    if per_batch:
+        first_block.FirstBlockRows = PerBatchFirstBlock  # step_cache.for_batch imports it when it builds one
+    try:
+        yield
+    finally:
+        first_block.FORCED = None
+        first_block.FirstBlockRows = original
+
+
+class Bench:
+    def __init__(self, args):
+        from qwen_batch.denoise import ImageGenerator
+        from qwen_batch.manifest import Request
+        from qwen_batch.memory_modes import Placement
+
+        self.args, self.started = args, time.perf_counter()
+        self.device = "cpu" if args.tiny else "cuda"
+        self.dtype = torch.float32 if args.tiny else torch.bfloat16
+        source = full_size_source(on_host=lambda stage: args.mode != "bf16", device=self.device, tiny=args.tiny)
+        compiled = args.compile == "on" or (args.compile == "auto" and not args.tiny)
+        placement = Placement(args.mode, compile=compiled, compile_cache=args.compile_cache)
+        self.progress(f"building the {'tiny' if args.tiny else 'full-size'} model ({args.mode}, compile {compiled})")
+        self.generator = ImageGenerator(source, self.device, self.dtype, placement)
+        self.progress(f"loaded: {self.generator.memory_mode}")
+        self.request = Request
+        hidden = self.generator.pipe.transformer.config.joint_attention_dim
+        generator = torch.Generator().manual_seed(0)
+        self.prompts = [torch.randn(tokens, hidden, generator=generator) for tokens in PROMPT_TOKENS[:ROWS]]
+        self.negatives = [torch.randn(NEGATIVE_TOKENS, hidden, generator=generator) for _ in range(ROWS)]
+        self.base = {"run": "step_cache", **versions(), "mode": args.mode, "size": args.size, "rows": ROWS}
+        self.base["placed"] = self.generator.memory_mode
+
+    def progress(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.started:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def requests(self, recipe: dict, steps: int, spec: str | None):
+        return [
+            self.request(index, f"p{index}", "p", " ", self.args.size, self.args.size, 1000 + index, steps,
+                         recipe["true_cfg_scale"], scheduler_shift=recipe["shift"], step_cache=spec)
+            for index in range(ROWS)
+        ]  # fmt: skip
+
+    def generate(self, recipe: dict, steps: int, spec: str | None, forced=None, per_batch: bool = False) -> dict:
+        """One batch, timed: wall clock to the images on the host, and each transformer forward."""
+        requests = self.requests(recipe, steps, spec)
+        negatives = self.negatives if recipe["true_cfg_scale"] > 1 else None
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        timer = ForwardTimer(self.generator.pipe.transformer)
+        try:
+            with forced_decisions(forced, per_batch):
+                started = time.perf_counter()
+                images = self.generator.generate(requests, self.prompts, negatives)
+                list(images)  # waits for the decode and the copy to the host
+                wall = time.perf_counter() - started
+            forwards = timer.seconds()
+        finally:
+            timer.remove()
+        return {
+            "wall_s": wall,
+            "forwards": forwards,
+            "steps_computed": images.steps_computed,
+            "new_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+            "peak_gpu_gib": gpu_peak_gib(),
+        }
+
+    def configuration(self, name: str, recipe: dict, steps: int, spec, fraction=None, staggered=False, per_batch=False):
+        """One configuration's JSON line (also written as it finishes)."""
+        line = {**self.base, "label": name, "steps_run": steps, "steps": recipe["steps"]}
+        line.update(true_cfg_scale=recipe["true_cfg_scale"], step_cache=spec, fraction_forced=fraction)
+        line.update(schedule=None if fraction is None else "staggered" if staggered else "uniform")
+        line["decision"] = "per-batch" if per_batch else "per-row"
+        if time.perf_counter() - self.started > self.args.budget:
+            line["skipped"] = f"past --budget {self.args.budget} s"
+            self.progress(f"SKIP {name} (budget)")
+            write(line, self.args.json)
+            return line
+        self.progress(f"{name}: {steps} steps")
+        try:
+            forced = schedule(fraction, steps, staggered) if fraction is not None else None
+            runs = [self.generate(recipe, steps, spec, forced, per_batch) for _ in range(self.args.repeats)]
+            measured = sorted(runs, key=lambda run: run["wall_s"])[len(runs) // 2]  # the median batch
+        except Exception as error:  # a failure is a result: recorded, shown whole, and the next one runs
+            traceback.print_exc()
+            line["error"] = f"{type(error).__name__}: {error}"
+            write(line, self.args.json)
+            release_memory()  # not the compiled graphs: the next configurations use them
+            return line
+        line.update(figures(measured, recipe, steps, fraction if not staggered else None))
+        write(line, self.args.json)
+        return line
+
+    def warm_up(self, recipes) -> None:
+        """Compile the blocks for every batch size the timed runs meet: the whole forward (2 x 4 rows with CFG's
+        halves joint, 4 with CFG 1 or split) and each sub-batch size the staggered schedules make, by running
+        those schedules once."""
+        for recipe in recipes:
+            steps = min(self.args.steps, recipe["steps"])
+            self.progress(f"warm-up: {recipe['steps']}-step rows, no step cache")
+            self.generate(recipe, 2, None)
+            for fraction in recipe["fractions"][1:]:
+                self.progress(f"warm-up: {recipe['steps']}-step rows, staggered {fraction:.0%}")
+                self.generate(recipe, steps, SPEC, schedule(fraction, steps, True))
+
+
+def release_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def figures(measured: dict, recipe: dict, steps: int, uniform_fraction: float | None) -> dict:
+    """Seconds per image at the recipe's steps (extrapolated from the forwards of `steps` when fewer ran), and
+    the median full and reused forward of a uniform schedule."""
+    forwards, wall = measured.pop("forwards"), measured.pop("wall_s")
+    counts = measured.pop("steps_computed")
+    total = sum(forwards)
+    rest = wall - total  # noise, scheduler, CFG, VAE decode, the copy to the host: per batch
+    per_image = (total / steps * recipe["steps"] + rest) / ROWS
+    result = {
+        **measured,
+        "batch_wall_s": round(wall, 3),
+        "forwards_timed": len(forwards),
+        "forward_s_total": round(total, 3),
+        "rest_per_batch_s": round(rest, 3),
+        "seconds_per_image": round(per_image, 3),
+        "images_per_hour": round(3600 / per_image, 1),
+        "extrapolated": steps != recipe["steps"],
+    }
+    if counts is not None:
+        conditional = [row[0] for row in counts]
+        result["steps_computed"] = counts
+        result["fraction_computed"] = round(statistics.mean(conditional) / steps, 3)
+    if uniform_fraction is not None and forwards:
+        per_step = len(forwards) // steps
+        full = full_steps(uniform_fraction, steps) | {0}
+        kinds = {True: [], False: []}
+        for index, seconds in enumerate(forwards):
+            step = index // per_step
+            if step > 0:  # the first step warms the per-row state up
+                kinds[step in full].append(seconds)
+        if kinds[True]:
+            result["full_forward_s"] = round(statistics.median(kinds[True]), 4)
+        if kinds[False]:
+            result["reused_forward_s"] = round(statistics.median(kinds[False]), 4)
+    return result
+
+
+def summary(lines: dict[str, dict]) -> dict:
+    """The comparisons the issue asks for, from the lines measured."""
+
+    def per_image(name):
+        line = lines.get(name) or {}
+        return line.get("seconds_per_image")
+
+    result = {"run": "step_cache_summary"}
+    for recipe, prefix in ((CFG, "cfg"), (LIGHTNING, "lightning")):
+        plain = per_image(f"{prefix}-none")
+        rows = {}
+        for fraction in recipe["fractions"]:
+            row, batch = per_image(f"{prefix}-row-{fraction:.0%}"), per_image(f"{prefix}-batch-{fraction:.0%}")
+            entry = {"per_row_s": row, "per_batch_s": batch}
+            if row and batch:
+                entry["per_row_overhead_pct"] = round(100 * (row / batch - 1), 2)
+            if row and plain:
+                entry["speedup_vs_no_cache"] = round(plain / row, 3)
+            staggered = per_image(f"{prefix}-staggered-{fraction:.0%}")
+            if staggered and row:
+                entry["staggered_s"] = staggered
+                entry["staggered_vs_uniform_pct"] = round(100 * (staggered / row - 1), 2)
+            rows[f"{fraction:.0%}"] = entry
+        result[prefix] = {"no_cache_s": plain, "by_fraction": rows}
+        uniform = lines.get(f"{prefix}-row-{min(recipe['fractions']):.0%}") or {}
+        full, reused = uniform.get("full_forward_s"), uniform.get("reused_forward_s")
+        if full and reused:
+            result[prefix].update(full_forward_s=full, reused_forward_s=reused)
+            result[prefix]["reused_over_full"] = round(reused / full, 4)
+            result[prefix]["one_block_of_sixty"] = round(1 / 60, 4)
+    ts = per_image("cfg-taylorseer")
+    if ts:
+        result["taylorseer_50_steps"] = {"seconds_per_image": ts, "full_steps": 13}
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", default="bf16", choices=("bf16", "fp8"), help="the transformer's memory mode")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="auto: on the GPU")
+    parser.add_argument("--compile-cache", help="inductor cache folder shared between runs")
+    parser.add_argument("--attention", choices=("sdpa", "fa4"), help="kernel for padded batches (default: auto)")
+    parser.add_argument("--steps", type=int, default=10, help="steps run of the 50-step configurations (10)")
+    parser.add_argument("--repeats", type=int, default=1, help="batches per configuration; the median is kept")
+    parser.add_argument("--size", type=int, default=None, help="image side (1024; 256 with --tiny)")
+    parser.add_argument("--budget", type=float, default=470.0, help="skip what is left after this many seconds")
+    parser.add_argument("--parts", default="a,b,c", help="a (fractions), b (per-batch, staggered), c (Lightning)")
+    parser.add_argument("--json", help="append each result as a JSON line to this file")
+    parser.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
+    args = parser.parse_args(argv)
+    args.size = args.size or (256 if args.tiny else 1024)
+    parts = set(args.parts.split(","))
+    recipes = [(CFG, "cfg")] * bool(parts & {"a", "b"}) + [(LIGHTNING, "lightning")] * ("c" in parts)
+    with levers(attention=args.attention):
+        bench = Bench(args)
+        bench.warm_up([recipe for recipe, _ in recipes])
+        lines: dict[str, dict] = {}
+
+        def measure(name, recipe, steps, spec, **kwargs):
+            lines[name] = bench.configuration(name, recipe, steps, spec, **kwargs)
+
+        for recipe, prefix in recipes:
+            steps = min(args.steps, recipe["steps"])
+            measure(f"{prefix}-none", recipe, steps, None)
+            for fraction in recipe["fractions"]:
+                measure(f"{prefix}-row-{fraction:.0%}", recipe, steps, SPEC, fraction=fraction)
+                if "b" in parts:
+                    measure(f"{prefix}-batch-{fraction:.0%}", recipe, steps, SPEC, fraction=fraction, per_batch=True)
+                    if fraction < 1:
+                        measure(f"{prefix}-staggered-{fraction:.0%}", recipe, steps, SPEC, fraction=fraction,
+                                staggered=True)  # fmt: skip
+        if "a" in parts:
+            measure("cfg-taylorseer", CFG, CFG["steps"], "taylorseer")
+        write({**bench.base, **summary(lines), "seconds_total": round(time.perf_counter() - bench.started, 1)},
+              args.json)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

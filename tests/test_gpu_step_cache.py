@@ -1,0 +1,90 @@
+"""On a CUDA GPU (`pytest -m gpu`): step caching per row on the fast paths the CPU tests cannot run.
+
+The CPU tests (tests/test_step_cache.py) hold the arithmetic to diffusers' caches. Here, on the tiny model in
+bf16 with the blocks compiled by Inductor and FlashAttention-4 where it is installed (the text stream packed,
+CFG's halves joint), what only a GPU shows: sub-batches of every size run compiled, each size compiled once
+(no recompile on the next batch), and a first-block forward waits for the GPU exactly once (its `[rows]`
+decisions coming home), not once per row or block.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+STEPS, ROWS = 6, 4
+
+
+def _generator():
+    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.memory_modes import Placement
+    from qwen_batch.model_source import resolve_model
+
+    return ImageGenerator(resolve_model("tiny"), "cuda", torch.bfloat16, Placement("bf16", compile=True))
+
+
+def _batch(generator, spec: str, seed: int = 0):
+    from qwen_batch.manifest import Request
+
+    hidden = generator.pipe.transformer.config.joint_attention_dim
+    requests = [Request(n, f"r{n}", f"p{n}", " ", 256, 256, seed + n, STEPS, 4.0, step_cache=spec) for n in range(ROWS)]
+    prompts = [torch.randn(length, hidden) for length in (12, 30, 7, 21)]  # different lengths: packed under fa4
+    negatives = [torch.randn(3, hidden) for _ in range(ROWS)]
+    return requests, prompts, negatives
+
+
+def _staggered(step: int, first: int, rows: int) -> list[bool]:
+    """Image 3 computes every step, images 0 and 2 on even steps, image 1 on odd ones (a row's two passes
+    alike): 2 or 3 images of 4 compute at each step, a sub-batch smaller than the forward."""
+    images = [(first + row) % ROWS for row in range(rows)]
+    return [image == 3 or (step + image) % 2 == 0 for image in images]
+
+
+def test_sub_batches_run_compiled_and_compile_once_per_size(monkeypatch):
+    import torch._dynamo
+
+    from qwen_batch.step_cache import first_block
+
+    torch._dynamo.reset()
+    generator = _generator()
+    monkeypatch.setattr(first_block, "FORCED", _staggered)
+    sizes = []
+    bucket = first_block.sub_batch_size
+    monkeypatch.setattr(first_block, "sub_batch_size", lambda n, rows: sizes.append(bucket(n, rows)) or bucket(n, rows))
+    images = generator.generate(*_batch(generator, "first-block:0.1"))
+    assert images.steps_computed == [(3, 3), (4, 4), (3, 3), (6, 6)], "the forced schedule, row by row"
+    assert min(sizes) < max(sizes), "sub-batches smaller than the forward ran"
+    assert all(np.asarray(picture).std() > 5 for picture in images), "bf16 must not give flat (NaN) images"
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        list(generator.generate(*_batch(generator, "first-block:0.1", seed=10)))  # the same sizes: no new graph
+    generator.close()
+    torch._dynamo.reset()
+
+
+def test_a_first_block_forward_waits_for_the_gpu_once():
+    """The residual test's `[rows]` decisions are the one device-to-host copy of a forward (none on the first
+    step, where every row computes); gathering, packing a sub-batch's text and scattering never wait."""
+    generator = _generator()
+    batch = _batch(generator, "first-block:0.3")
+    list(generator.generate(*batch))  # warm-up: compiles, RoPE tables
+    torch.cuda.synchronize()
+    forwards = []
+    handle = generator.pipe.transformer.register_forward_pre_hook(lambda *args: forwards.append(1))
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images = generator.generate(*batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        handle.remove()
+    list(images)
+    waits = [warning for warning in caught if "synchroniz" in str(warning.message)]
+    per_step = len(forwards) // STEPS
+    assert len(waits) == (STEPS - 1) * per_step, [str(warning.message) for warning in waits[:3]]
+    generator.close()
