@@ -55,6 +55,7 @@ from bench.qwen_image_gpu import (
     timed_denoise,
     versions,
     versus,
+    with_encode_stage,
 )
 
 TASKS = ("controlnet", "inpaint")
@@ -284,14 +285,7 @@ def engine_result(args, rows, inputs: Path, controlnet_folder, label: str, mode:
 
     # Stage 2: load (build + placement) then denoise, timed apart; the ControlNet's forwards timed too.
     result.update(timed_denoise(plan, encode, timings, args.steps))
-    result.pop("forward_s_per_row_at_64_text_tokens", None)
-    denoise_per_image = result.get("denoise", {}).get("seconds_per_image_at_50_steps")
-    if denoise_per_image:
-        per_image = denoise_per_image + result["encode"]["seconds_per_image"]
-        result["seconds_per_image_at_50_steps"] = round(per_image, 2)  # denoise + encode stage
-        result["extrapolated"] = args.steps != FULL_STEPS
-        result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
-    return result
+    return with_encode_stage(result, args.steps)
 
 
 # --- (a) and (b) in one process -------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from bench.qwen_image_gpu import (
     timed_denoise,
     versions,
     versus,
+    with_encode_stage,
 )
 
 TASKS = {"edit": 1, "edit-plus": 2}  # task -> input images per row
@@ -317,14 +318,7 @@ def engine_result(args, rows: list[dict], inputs: Path, label: str, mode: str, c
 
     # Stage 2: load (build + placement) then denoise, timed apart, as for text-to-image.
     result.update(timed_denoise(plan, encode, timings, args.steps))
-    result.pop("forward_s_per_row_at_64_text_tokens", None)  # normalised to 4096 image tokens: misleading here
-    denoise_per_image = result.get("denoise", {}).get("seconds_per_image_at_50_steps")
-    if denoise_per_image:
-        per_image = denoise_per_image + result["encode"]["seconds_per_image"]
-        result["seconds_per_image_at_50_steps"] = round(per_image, 2)  # denoise + encode stage
-        result["extrapolated"] = args.steps != FULL_STEPS
-        result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
-    return result
+    return with_encode_stage(result, args.steps)
 
 
 # --- (a) and (b) in one process -------------------------------------------------------------------------

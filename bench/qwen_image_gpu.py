@@ -660,6 +660,20 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     return result
 
 
+def with_encode_stage(result: dict, steps: int) -> dict:
+    """A result line's per-image figures at 50 steps as the denoise stage's plus its encode stage's work per
+    image (`result["encode"]["seconds_per_image"]`, without loading and freeing the encoder): for rows whose
+    stage 1 does per-image work of its own (VL-encoding edit inputs, VAE-encoding control and init images)."""
+    result.pop("forward_s_per_row_at_64_text_tokens", None)  # normalised to 4096 image tokens: misleading here
+    denoise_per_image = result.get("denoise", {}).get("seconds_per_image_at_50_steps")
+    if denoise_per_image:
+        per_image = denoise_per_image + result["encode"]["seconds_per_image"]
+        result["seconds_per_image_at_50_steps"] = round(per_image, 2)  # denoise + encode stage
+        result["extrapolated"] = steps != FULL_STEPS
+        result["images_per_hour_at_50_steps"] = round(3600 / per_image, 1)
+    return result
+
+
 # --- (a) and (b) in one process -------------------------------------------------------------------------
 
 # Autotuning among cuBLAS's own choices only: `addmm` as Inductor lowers it, or with the bias as
