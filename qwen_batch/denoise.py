@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from qwen_batch.conditions import BatchConditions
-from qwen_batch.conditions.controlnet import ControlNetSource
+from qwen_batch.conditions.controlnet import ControlNetSource, compile_once_for_every_text_length
 from qwen_batch.device import release_memory
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
@@ -117,6 +117,7 @@ class ImageGenerator:
         if self.placement.compile:
             self.memory_mode = compile_blocks(transformer, self.placement, self.memory_mode)
             if self.controlnet is not None:
+                compile_once_for_every_text_length(self.controlnet)
                 self.memory_mode = compile_blocks(self.controlnet, self.placement, self.memory_mode, "ControlNet")
         fp8_matmuls = self.placement.mode == FP8 and fp8_compute_available(device)
         self.text_multiple = FP8_TEXT_MULTIPLE if fp8_matmuls else 1

@@ -235,6 +235,48 @@ def test_the_controlnet_takes_the_runs_memory_mode(controlnet):
     assert done.startswith("resident")
 
 
+@pytest.mark.parametrize("marked", [True, False])
+def test_compiled_controlnet_blocks_compile_once_for_every_text_length(controlnet, tmp_path, marked):
+    """Control rows whose prompts have different lengths reach the ControlNet's compiled blocks with their text
+    length symbolic from the first batch, so they compile once; unmarked (the control case, so this test can
+    fail), dynamo compiles them again at the second length. Dynamo traces only (the eager backend)."""
+    import torch._dynamo
+
+    from qwen_batch.conditions.controlnet import compile_once_for_every_text_length
+    from qwen_batch.engine import denoise_stage, encode_stage, plan_generator, release_generator
+
+    edges = _edges(tmp_path / "edges.png", 0)
+    prompts = [
+        "a cat",
+        "a lighthouse on a rocky coast at dawn with gulls",
+        "一只猫在窗台上晒太阳，旁边有一盆绿植和一本书",
+    ]
+    rows = [small_row(f"r{i}", prompt, control_image=[edges], seed=i) for i, prompt in enumerate(prompts)]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    plan = plan_run(
+        RunConfig(str(manifest), str(tmp_path / "out"), batch_size=1, device="cpu", controlnet=str(controlnet))
+    )
+    encode_stage(plan)
+    generator = plan_generator(plan)
+    graphs = []
+
+    def backend(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    if marked:
+        compile_once_for_every_text_length(generator.controlnet)
+    for block in generator.controlnet.transformer_blocks:
+        block.compile(fullgraph=True, backend=backend)
+    try:
+        assert denoise_stage(plan).generated == len(rows)
+    finally:
+        release_generator()
+        torch._dynamo.reset()
+    assert len(graphs) == (1 if marked else 2), len(graphs)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["bf16 --compile on", "fp8 --compile on", "offload", "fp8-offload"])
 def test_control_rows_run_in_every_memory_mode_on_the_gpu(setup, controlnet, tmp_path, mode, caplog):
