@@ -426,6 +426,12 @@ def format_summary(summary) -> str:
         rows.append(
             ("adapters", f"{summary.denoise.adapter_fuses} sets fused, {seconds(summary.denoise.adapter_seconds)}")
         )
+    if summary.denoise.cached_steps:
+        from qwen_batch.step_cache import step_cache_line
+
+        rows.append(
+            ("step cache", step_cache_line(summary.denoise.cached_steps_computed, summary.denoise.cached_steps))
+        )
     for stage, stats in (("encode", summary.encode), ("denoise", summary.denoise)):
         if stats.peak_gpu_gib is not None:
             rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))

@@ -127,6 +127,8 @@ class ImageGenerator:
         if self.pack_text:
             self.memory_mode += "; text stream packed"
         self.fusion = AdapterFusion(self.pipe, quantized)
+        # Rows with a step cache, over every batch: steps run (each CFG pass counted) and those computed in full.
+        self.cached_steps, self.cached_steps_computed = 0, 0
         self._schedulers = {None: self.pipe.scheduler}
         place_vae(self.pipe.vae, device, self.placement.vae_tiling)
         self.pipe.set_progress_bar_config(disable=True)
@@ -297,6 +299,8 @@ class ImageGenerator:
             images = self._decode(latents, width, height)
             if step_cache is not None:
                 images.steps_computed = step_cache.steps_computed(batch)
+                self.cached_steps += len(timesteps) * len(texts)
+                self.cached_steps_computed += sum(cond + (uncond or 0) for cond, uncond in images.steps_computed)
             return images
 
     def _text_condition(self, embeddings: Sequence[torch.Tensor]) -> tuple[torch.Tensor, dict]:

@@ -151,6 +151,9 @@ class DenoiseStats:
     peak_gpu_gib: float | None = None
     adapter_fuses: int = 0  # adapter sets fused into the weights (once per set when batches are ordered)
     adapter_seconds: float = 0.0  # of `seconds`, spent switching adapter sets
+    # Rows with a step cache: the steps they ran (each CFG pass counted) and those computed in full.
+    cached_steps: int = 0
+    cached_steps_computed: int = 0
     records: list[Record] = field(default_factory=list)
 
 
@@ -462,6 +465,7 @@ def denoise_stage(
     generator = plan_generator(plan)
     writer = BatchWriter(plan.output, plan.store)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
+    cached_before = (generator.cached_steps, generator.cached_steps_computed)
     progress.start("denoise", len(requests), "images")
     try:
         if plan.is_edit:
@@ -479,6 +483,8 @@ def denoise_stage(
         stats.storage_wait_seconds = writer.wait_seconds
         stats.adapter_fuses = generator.fusion.stats.fuses - fusion_before[0]
         stats.adapter_seconds = generator.fusion.stats.seconds - fusion_before[1]
+        stats.cached_steps = generator.cached_steps - cached_before[0]
+        stats.cached_steps_computed = generator.cached_steps_computed - cached_before[1]
     memory = gpu_memory_gib(plan.device)
     stats.peak_gpu_gib = memory[1] if memory else None
     stats.generated = sum(record.status == OK for record in stats.records)

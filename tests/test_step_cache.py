@@ -298,7 +298,23 @@ def test_the_cli_takes_a_run_default_and_refuses_a_bad_one(tmp_path, tiny_model,
     assert "--step-cache 'bogus' is not a step cache" in capsys.readouterr().err
     assert not output.exists(), "nothing written"
     assert main(["run", str(manifest), "-o", str(output), "--device", "cpu", "--step-cache", "first-block:0.4"]) == 0
-    assert results(output)["a"]["step_cache"] == "first-block:0.4" and results(output)["a"]["steps_computed"] >= 1
+    row = results(output)["a"]
+    assert row["step_cache"] == "first-block:0.4" and row["steps_computed"] >= 1
+    # The summary says how much of the cached rows' work ran in full: 4 steps, conditional and negative passes.
+    computed = row["steps_computed"] + row["uncond_steps_computed"]
+    assert f"step cache  {computed} of 8 steps computed in full" in capsys.readouterr().out
+
+
+def test_the_flow_summary_shows_the_step_cache_only_when_a_row_used_one():
+    from flows.qwen_image_batch import summary_metrics
+
+    report = dict.fromkeys(("rows", "generated", "skipped", "invalid", "failed", "texts_encoded", "texts_cached"), 0)
+    report |= dict.fromkeys(("images_per_hour", "encode_seconds", "denoise_seconds", "adapter_seconds"), None)
+    report |= {"encode_peak_gpu_gib": None, "denoise_peak_gpu_gib": None, "adapter_fuses": 0}
+    plain = dict(summary_metrics({**report, "cached_steps": 0, "cached_steps_computed": 0}))
+    cached = dict(summary_metrics({**report, "cached_steps": 100, "cached_steps_computed": 37}))
+    assert "step cache: steps computed / run" not in plain
+    assert cached["step cache: steps computed / run"] == "37 / 100"
 
 
 def test_the_flow_parameter_is_checked_and_normalized():

@@ -81,3 +81,11 @@ def per_image(counts: Sequence[int], batch: int) -> list[tuple[int, int | None]]
     if len(counts) == batch:
         return [(count, None) for count in counts]
     return [(counts[row], counts[batch + row]) for row in range(batch)]
+
+
+def step_cache_line(computed: int, run: int) -> str:
+    """A run's step caching in words, for its summary: how much of the cached rows' work ran in full."""
+    return (
+        f"{computed:,} of {run:,} steps computed in full ({computed / run:.0%}) by the rows with a step cache "
+        "(each CFG pass counted)"
+    )
