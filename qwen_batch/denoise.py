@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.conditions import BatchConditions
 from qwen_batch.conditions.controlnet import ControlNetSource, compile_once_for_every_text_length
-from qwen_batch.device import release_memory
+from qwen_batch.device import release_memory, to_device
 from qwen_batch.fusion import AdapterFusion
 from qwen_batch.memory_modes import (
     FP8,
@@ -187,6 +187,8 @@ class ImageGenerator:
                 first_row += len(group)
             # Rows with a step cache (they share it: `Request.batch_key`): their forwards go through it.
             step_cache = for_batch(first.step_cache, transformer, len(texts))
+            # A packed forward's rows' text lengths, for a step cache to pack a sub-batch's own (the same every step).
+            text_lengths = [_packed_lengths(texts[first : first + rows], kw) for first, rows, _, kw in forwards]
 
             patches = (1, height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)
             condition = None
@@ -257,32 +259,18 @@ class ImageGenerator:
                         self.controlnet, latents, control_text, control_mask, timestep[:batch],
                         [[patches]] * batch, step,
                     )  # fmt: skip
+                calls = []
+                for (first, rows, embeds, text_kwargs), lengths in zip(forwards, text_lengths, strict=True):
+                    these = slice(first, first + rows)
+                    call = _transformer_call(
+                        transformer, model_input[these], timestep[these], embeds, text_kwargs,
+                        [[patches, *image_shapes]] * rows,
+                    )  # fmt: skip
+                    calls.append(Forward(first, rows, call, _for_rows(residuals, rows // batch), lengths))
                 if step_cache is None:
-                    predictions = [
-                        transformer(
-                            hidden_states=model_input[first : first + rows],
-                            timestep=timestep[first : first + rows],
-                            encoder_hidden_states=embeds,
-                            # The mask goes to the attention directly (qwen_batch.attention): given to the
-                            # transformer, it would cost a host sync per step.
-                            attention_kwargs=text_kwargs,
-                            img_shapes=[[patches, *image_shapes]] * rows,
-                            return_dict=False,
-                            **_for_rows(residuals, rows // batch),
-                        )[0]
-                        for first, rows, embeds, text_kwargs in forwards
-                    ]
+                    predictions = [forward.call(**forward.control_kwargs) for forward in calls]
                 else:  # the same forwards, run or reused row by row (qwen_batch.step_cache)
-                    cached = []
-                    for first, rows, embeds, text_kwargs in forwards:
-                        these = slice(first, first + rows)
-                        call = _transformer_call(
-                            transformer, model_input[these], timestep[these], embeds, text_kwargs,
-                            [[patches, *image_shapes]] * rows,
-                        )  # fmt: skip
-                        samples = _for_rows(residuals, rows // batch).get("controlnet_block_samples")
-                        cached.append(Forward(first, rows, call, samples, _packed_lengths(texts[these], text_kwargs)))
-                    predictions = step_cache.run(step, cached)
+                    predictions = step_cache.run(step, calls)
                 prediction = predictions[0] if len(predictions) == 1 else torch.cat(predictions)
                 prediction = prediction[:, : latents.shape[1]]  # edits: drop the input images' tokens
                 if use_cfg:
@@ -385,14 +373,16 @@ def _load_denoiser(
 
 
 def _transformer_call(transformer, hidden_states, timestep, text, text_kwargs, image_shapes):
-    """A step cache's way to run the transformer over a forward's rows, as the loop calls it; its keyword
-    arguments (the ControlNet's samples, when the step cache passes them on) join the call's."""
+    """The transformer over one forward's rows, as the loop calls it; its keyword arguments (the ControlNet's
+    samples, where they act) join the call's. A step cache calls it, or runs its blocks row by row inside it."""
 
     def call(**extra) -> torch.Tensor:
         return transformer(
             hidden_states=hidden_states,
             timestep=timestep,
             encoder_hidden_states=text,
+            # The mask goes to the attention directly (qwen_batch.attention): given to the transformer, it would
+            # cost a host sync per step.
             attention_kwargs=text_kwargs,
             img_shapes=image_shapes,
             return_dict=False,
@@ -407,16 +397,14 @@ def _packed_lengths(embeddings: Sequence[torch.Tensor], text_kwargs: dict) -> li
     return [embedding.shape[0] for embedding in embeddings] if text_kwargs.get("text_index") is not None else None
 
 
-def _for_rows(residuals: list[torch.Tensor] | None, copies: int) -> dict:
+def _for_rows(residuals: list[torch.Tensor] | None, copies: int) -> list[torch.Tensor] | None:
     """The ControlNet's residuals for a forward of the batch's rows (`copies` 1) or of both CFG halves at
     once (2): the conditional pass's residuals serve the unconditional one, as in diffusers' pipeline."""
     if residuals is None:
-        return {}
+        return None
     import torch
 
-    return {
-        "controlnet_block_samples": [torch.cat([sample] * copies) if copies > 1 else sample for sample in residuals]
-    }
+    return [torch.cat([sample] * copies) if copies > 1 else sample for sample in residuals]
 
 
 def fixed_shift_scheduler(scheduler, shift: float):
@@ -462,14 +450,6 @@ def _padded_length(embeddings: Sequence[torch.Tensor], multiple: int = 1) -> int
         (length,) = lengths
         return None if length % multiple == 0 else -(-length // multiple) * multiple
     return -(-max(lengths) // TEXT_BUCKET) * TEXT_BUCKET
-
-
-def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
-    """Copy a host tensor to `device` without the host waiting for the GPU: a plain `.to("cuda")`
-    from pageable memory synchronizes the stream, which would drain the GPU's queue at every batch."""
-    if not device.startswith("cuda") or tensor.is_cuda:
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class DecodedImages:

@@ -68,3 +68,11 @@ def release_memory(device: str) -> None:
         # it back too, or the encoder's pinned copy would still hold host RAM while the transformer loads.
         if hasattr(torch._C, "_host_emptyCache"):
             torch._C._host_emptyCache()
+
+
+def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """Copy a host tensor to `device` without the host waiting for the GPU: a plain `.to("cuda")`
+    from pageable memory synchronizes the stream, which would drain the GPU's queue at every batch."""
+    if not device.startswith("cuda") or tensor.is_cuda:
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -25,6 +25,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.step_cache.spec import FirstBlock, parse_step_cache
 
 GiB = 2**30
 FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS = "float", "fp8", "gguf"
@@ -229,7 +230,9 @@ class Job:
             adapters=any(r.loras for r in requests),
             control_images=max((len(getattr(r, "controls", ())) for r in requests), default=0),
             controlnet_layers=controlnet_layers if any(getattr(r, "controls", ()) for r in requests) else 0,
-            first_block_cache=any((getattr(r, "step_cache", None) or "").startswith("first-block") for r in requests),
+            first_block_cache=any(
+                isinstance(parse_step_cache(getattr(r, "step_cache", None)), FirstBlock) for r in requests
+            ),
         )
 
     @property

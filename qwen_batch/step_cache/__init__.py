@@ -46,6 +46,11 @@ class Forward:
     # Packed text (qwen_batch.packed_text): each row's real text tokens, to pack a sub-batch's own. None: padded.
     text_lengths: Sequence[int] | None = None
 
+    @property
+    def control_kwargs(self) -> dict[str, list[torch.Tensor]]:
+        """The ControlNet's samples as the transformer takes them (nothing when there are none)."""
+        return {"controlnet_block_samples": self.controls} if self.controls else {}
+
 
 class BatchStepCache(Protocol):
     """A batch's step cache, as the denoise loop uses it."""

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from qwen_batch.device import to_device
 from qwen_batch.step_cache import Forward, per_image
 from qwen_batch.step_cache.spec import FirstBlock
 
@@ -254,10 +255,7 @@ def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
 
 
 def _on_device(values: Sequence, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), str(device))
 
 
 @contextlib.contextmanager

@@ -36,7 +36,6 @@ class TaylorSeerRows:
     def __init__(self, spec: TaylorSeer, rows: int):
         self.spec, self.rows = spec, rows
         self._factors: dict[int, dict[int, torch.Tensor]] = {}  # forward's first row -> order -> [rows, tokens, C]
-        self._dtypes: dict[int, torch.dtype] = {}
         self._last_full: int | None = None
         self._full_steps = 0
 
@@ -45,10 +44,7 @@ class TaylorSeerRows:
 
     def run(self, step: int, forwards: Sequence[Forward]) -> list[torch.Tensor]:
         if self.spec.computes(step):
-            outputs = [
-                forward.call(**({"controlnet_block_samples": forward.controls} if forward.controls else {}))
-                for forward in forwards
-            ]
+            outputs = [forward.call(**forward.control_kwargs) for forward in forwards]
             for forward, output in zip(forwards, outputs, strict=True):
                 self._update(forward.first, output, step)
             self._last_full = step
@@ -71,14 +67,13 @@ class TaylorSeerRows:
                 before = previous.get(order)
                 if before is None or before.shape != new[order].shape:
                     break
-                new[order + 1] = (new[order] - before.to(features.dtype)) / delta
+                new[order + 1] = (new[order] - before) / delta
         self._factors[first] = new
-        self._dtypes[first] = features.dtype
 
     def _predict(self, first: int, offset: int) -> torch.Tensor:
         """`TaylorSeerState.predict`: the series at `offset` steps past the last full one."""
-        factors, dtype = self._factors[first], self._dtypes[first]
-        output = torch.zeros_like(factors[0], dtype=dtype)
+        factors = self._factors[first]
+        output = torch.zeros_like(factors[0])
         for order in range(len(factors)):
-            output = output + factors[order].to(dtype) * (offset**order / math.factorial(order))
+            output = output + factors[order] * (offset**order / math.factorial(order))
         return output
