@@ -260,6 +260,17 @@ class Job:
             return 0
         return 2 * (outside + layers * DIT_BLOCK_PARAMS)
 
+    def controlnet_residual_bytes(self, batch: int) -> int:
+        """The ControlNet's residuals, held through the transformer's forward: one per ControlNet block, the
+        image stream's size, for the batch's rows (each row's scaled sum), and again for both CFG halves where
+        the forward runs them joint (`denoise._for_rows` concatenates the copies). Measured on an H200 (fp8,
+        batch 4, CFG, 1024x1024, bench/results/conditions_h200.jsonl, session 10): the ControlNet's fp8 weights
+        (1.9 GB) left 1.4 GiB of the denoise peak unexplained; these residuals are 1.4 GiB there."""
+        if not self.controlnet_layers:
+            return 0
+        rows = batch + (batch * self.rows_per_image if self.rows_per_image > 1 else 0)
+        return self.controlnet_layers * rows * self.image_tokens * DIT_HIDDEN * 2
+
     @property
     def image_tokens(self) -> int:
         tokens = (self.width // 16) * (self.height // 16)
@@ -383,7 +394,8 @@ def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: 
     rows = batch * job.rows_per_image
     activations = rows * job.tokens * DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
     state = rows * job.image_tokens * FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
-    working = max(activations, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS + state
+    forward = activations + job.controlnet_residual_bytes(batch)  # the residuals live through the forward
+    working = max(forward, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS + state
     weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_gpu_bytes(mode)
     total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB

@@ -264,4 +264,18 @@ def test_controlnet_rows_count_the_controlnet_beside_the_transformer():
     card32 = Machine(gpu_gib=32, host_gib=64)
     assert plan_memory(card32, controlled).denoise.mode == "fp8"
     fp8_plain, fp8_net = denoise_peak_gib("fp8", 1, plain, False), denoise_peak_gib("fp8", 1, controlled, False)
-    assert 1.7 < fp8_net - fp8_plain < 2.2
+    assert 1.7 < fp8_net - fp8_plain < 2.2  # one row's residuals hide under the VAE decode's peak
+
+
+@pytest.mark.parametrize(("mode", "measured"), [("bf16", 46.29), ("fp8", 28.96)])
+def test_the_controlnet_peaks_measured_on_the_h200_fall_inside_the_plan(mode, measured):
+    """ControlNet rows at full size on an H200, batch 4, CFG joint, 1024x1024, compiled (bench/results/
+    conditions_h200.jsonl): denoise peaks 46.29 GiB in bf16 (session 9) and 28.96 GiB in fp8 (session 10). The
+    fp8 run exceeded the plan's 28.1 GiB while the residuals held through the forward went uncounted; they are
+    counted now, and the plan stays within 2 GiB above what was measured."""
+    job = Job(batch_size=4, controlnet_layers=5, control_images=1, text_tokens=259)
+    predicted = denoise_peak_gib(mode, 4, job, False)
+    assert measured <= predicted < measured + 2.0
+    residuals = job.controlnet_residual_bytes(4)
+    assert residuals == 5 * (4 + 8) * 4096 * 3072 * 2, "each block's residual for the rows, and their CFG copies"
+    assert Job(true_cfg=False, controlnet_layers=5).controlnet_residual_bytes(4) == residuals // 3
