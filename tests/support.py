@@ -39,18 +39,21 @@ def small_row(row_id: str, prompt: str, **overrides) -> dict:
     return {"id": row_id, "prompt": prompt, "width": 256, "height": 256, "num_inference_steps": 2, **overrides}
 
 
-def diffusers_reference(pipe, request):
-    """The image diffusers' own pipeline makes for a request: the baseline of the correctness contract."""
+def diffusers_reference(pipe, request, **inputs):
+    """The image diffusers' own pipeline makes for a request: the baseline of the correctness contract.
+    `inputs` are the task's own arguments (control, init, mask or edit images, strength, ...); a size the row
+    leaves out is left to the pipeline, as the engine leaves it."""
     import torch
 
+    size = {"width": request.width, "height": request.height} if request.width else {}
     return pipe(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt,
-        width=request.width,
-        height=request.height,
         num_inference_steps=request.num_inference_steps,
         true_cfg_scale=request.true_cfg_scale,
         generator=torch.Generator("cpu").manual_seed(request.seed),
+        **size,
+        **inputs,
     ).images[0]
 
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from qwen_batch.engine import RunConfig, plan_run, run
 from qwen_batch.errors import ConfigError
 from qwen_batch.manifest import read_manifest
-from tests.support import pixels, small_row, write_manifest
+from tests.support import diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -95,19 +95,14 @@ def _reference(tiny_model, controlnet, request) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     scales = [control.scale for control in request.controls]
     start, end = request.control_range
-    image = pipe(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
+    image = diffusers_reference(
+        pipe,
+        request,
         control_image=images if several else images[0],
         controlnet_conditioning_scale=scales if several else scales[0],
         control_guidance_start=[start] * len(images) if several else start,
         control_guidance_end=[end] * len(images) if several else end,
-        width=request.width,
-        height=request.height,
-        num_inference_steps=request.num_inference_steps,
-        true_cfg_scale=request.true_cfg_scale,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-    ).images[0]
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return pixels(buffer)
@@ -356,20 +351,15 @@ def test_controlnet_inpainting_rows_match_diffusers(inpaint_setup, tiny_model):
         start, end = request.control_range
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(request.seed)
-            image = pipe(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt,
+            image = diffusers_reference(
+                pipe,
+                request,
                 control_image=Image.open(request.controls[0].url).convert("RGB"),
                 control_mask=Image.open(request.mask_image).convert("RGB"),
                 controlnet_conditioning_scale=request.controls[0].scale,
                 control_guidance_start=start,
                 control_guidance_end=end,
-                width=request.width,
-                height=request.height,
-                num_inference_steps=request.num_inference_steps,
-                true_cfg_scale=request.true_cfg_scale,
-                generator=torch.Generator("cpu").manual_seed(request.seed),
-            ).images[0]
+            )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         for size in (1, 4):

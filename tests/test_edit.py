@@ -24,7 +24,7 @@ from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
 from qwen_batch.model_source import resolve_model
 from qwen_batch.png import read_png_metadata
-from tests.support import differing_images, fa4_layout, pixels
+from tests.support import differing_images, diffusers_reference, fa4_layout, pixels
 
 TOLERANCE = 2  # of 255
 
@@ -84,18 +84,7 @@ ROWS = [
 
 
 def diffusers_edit(pipe, request, images: list[Image.Image]):
-    kwargs = {}
-    if request.width:
-        kwargs.update(width=request.width, height=request.height)
-    return pipe(
-        image=images if len(images) > 1 else images[0],
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        true_cfg_scale=request.true_cfg_scale,
-        num_inference_steps=request.num_inference_steps,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        **kwargs,
-    ).images[0]
+    return diffusers_reference(pipe, request, image=images if len(images) > 1 else images[0])
 
 
 def as_png(image: Image.Image) -> io.BytesIO:

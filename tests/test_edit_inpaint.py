@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
 from qwen_batch.model_source import resolve_model
-from tests.support import pixels
+from tests.support import diffusers_reference, pixels
 from tests.test_edit import edit_row, make_input, write_edit_manifest
 
 TOLERANCE = 2  # of 255
@@ -65,16 +65,13 @@ def test_edit_inpainting_rows_match_diffusers(setup):
     for request in read_manifest(str(manifest)).requests:
         if request.mask_image is None:
             continue
-        image = pipe(
+        image = diffusers_reference(
+            pipe,
+            request,
             image=Image.open(request.images[0]).convert("RGB"),
             mask_image=Image.open(request.mask_image).convert("RGB"),
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
             strength=request.strength,
-            num_inference_steps=request.num_inference_steps,
-            true_cfg_scale=request.true_cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-        ).images[0]
+        )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         ours = pixels(outputs[4] / "images" / f"{request.id}.png")

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
 from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
-from tests.support import pixels, small_row, write_manifest
+from tests.support import diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
 
@@ -133,18 +133,9 @@ def runs(tmp_path_factory, tiny_model, inputs):
 
 
 def _reference(pipe, request, **extra) -> np.ndarray:
-    image = pipe(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        image=Image.open(request.init_image).convert("RGB"),
-        width=request.width,
-        height=request.height,
-        strength=request.strength,
-        num_inference_steps=request.num_inference_steps,
-        true_cfg_scale=request.true_cfg_scale,
-        generator=torch.Generator("cpu").manual_seed(request.seed),
-        **extra,
-    ).images[0]
+    image = diffusers_reference(
+        pipe, request, image=Image.open(request.init_image).convert("RGB"), strength=request.strength, **extra
+    )
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return pixels(buffer)

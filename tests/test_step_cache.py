@@ -499,19 +499,14 @@ def test_control_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, 
 
     def controlled(pipe, request):
         start, end = request.control_range
-        return pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
+        return diffusers_reference(
+            pipe,
+            request,
             control_image=Image.open(edges).convert("RGB"),
             controlnet_conditioning_scale=request.controls[0].scale,
             control_guidance_start=start,
             control_guidance_end=end,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            true_cfg_scale=request.true_cfg_scale,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-        ).images[0]
+        )
 
     for request in read_manifest(str(manifest)).requests:
         ours = pixels(tmp_path / "out" / "images" / f"{request.id}.png")
