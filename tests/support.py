@@ -26,10 +26,13 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
 
 
 def pixels(source):
-    """An image file (path or buffer) as `[height, width, 3]` int16 RGB, for per-pixel differences."""
+    """An image (a file's path or buffer, or a PIL image, as a pipeline returns it) as `[height, width, 3]`
+    int16 RGB, for per-pixel differences."""
     import numpy as np
     from PIL import Image
 
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert("RGB"), dtype=np.int16)
     with Image.open(source) as image:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
