@@ -44,7 +44,6 @@ from bench.full_size import FULL_SIZE_MODEL, build_controlnet, full_size_source,
 from bench.qwen_image_gpu import (
     FULL_STEPS,
     VARIANTS,
-    ForwardTimer,
     RssPeak,
     forward_figures,
     free_gpu,
@@ -53,6 +52,7 @@ from bench.qwen_image_gpu import (
     planned,
     prompts,
     timed_denoise,
+    timed_recipe_rows,
     versions,
     versus,
     with_encode_stage,
@@ -154,18 +154,9 @@ def recipe_result(args, rows: list[dict], controlnet_folder: Path | None, out: P
         ).images[0]
 
     call(rows[0], 0, 2)  # warm-up: cuBLAS handles, cuDNN autotuning
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    timer = ForwardTimer(pipe.transformer)
-    control_timer = ForwardTimer(pipe.controlnet) if args.task == "controlnet" else None
-    walls = []
-    for row in rows:
-        started = time.perf_counter()
-        image = call(row, row["seed"], args.steps)
-        walls.append(time.perf_counter() - started)
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
-            image.save(out / f"{row['id']}.png")
+    timed = ("transformer", "controlnet") if args.task == "controlnet" else ("transformer",)
+    walls, timers, _ = timed_recipe_rows(pipe, call, rows, args.steps, out, timed)
+    timer, control_timer = timers["transformer"], timers.get("controlnet")
     figures = forward_figures(timer, skip=0)
     figures.pop("forward_s_per_row_at_64_text_tokens")
     steps_run = figures["forwards"] / 2 / len(rows)  # the steps `strength` leaves, as the pipeline cuts them

@@ -49,7 +49,6 @@ from bench.full_size import FULL_SIZE_MODELS, full_size_source, resident_pipelin
 from bench.qwen_image_gpu import (
     FULL_STEPS,
     VARIANTS,
-    ForwardTimer,
     RssPeak,
     forward_figures,
     free_gpu,
@@ -57,6 +56,7 @@ from bench.qwen_image_gpu import (
     matmul_tflops,
     planned,
     timed_denoise,
+    timed_recipe_rows,
     versions,
     versus,
     with_encode_stage,
@@ -194,18 +194,9 @@ def recipe_result(args, rows: list[dict], out: Path | None) -> dict:
         ).images[0]
 
     call(rows[0], 0, 2)  # warm-up: cuBLAS handles, cuDNN autotuning
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    timer = ForwardTimer(pipe.transformer)
-    walls = []
     with timing((pipe, "encode_prompt"), (pipe, "_encode_vae_image")) as (encodes, vae_encodes):
-        for row in rows:
-            started = time.perf_counter()
-            image = call(row, row["seed"], args.steps)
-            walls.append(time.perf_counter() - started)
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                image.save(out / f"{row['id']}.png")
+        walls, timers, image = timed_recipe_rows(pipe, call, rows, args.steps, out)
+    timer = timers["transformer"]
     figures = forward_figures(timer, skip=0)
     figures.pop("forward_s_per_row_at_64_text_tokens")  # normalised to 4096 image tokens: misleading here
     per_image_measured = statistics.median(walls)

@@ -334,6 +334,25 @@ def run_recipe(args) -> None:
     write(recipe_result(args), args.json)
 
 
+def timed_recipe_rows(pipe, call, rows: list[dict], steps: int, out: Path | None, timed=("transformer",)):
+    """diffusers' pipeline over `rows` as every recipe here runs it, after the caller's warm-up call: the peak
+    memory reset, then `call(row, seed, steps)` for each row with its own seed, one at a time. Returns each
+    call's wall time, a forward timer for each of the pipeline's `timed` models (to `.remove()`), and the last
+    image (an edit's size is the pipeline's choice); the images go to `out` as `{id}.png` when given."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    timers = {name: ForwardTimer(getattr(pipe, name)) for name in timed}
+    walls = []
+    for row in rows:
+        started = time.perf_counter()
+        image = call(row, row["seed"], steps)
+        walls.append(time.perf_counter() - started)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            image.save(out / f"{row['id']}.png")
+    return walls, timers, image
+
+
 def recipe_result(args) -> dict:
     device = "cpu" if args.tiny else "cuda"
     result = {"run": "recipe", **versions(), "steps_run": args.steps, "width": args.size, "height": args.size}
@@ -358,9 +377,9 @@ def recipe_result(args) -> dict:
             torch.cuda.synchronize()
     result["encode_prompts_per_s"] = round(len(many) / (time.perf_counter() - started), 1)
 
-    def call(prompt: str, seed: int, steps: int):
+    def call(row: dict, seed: int, steps: int):
         return pipe(
-            prompt=prompt,
+            prompt=row["prompt"],
             negative_prompt=" ",
             true_cfg_scale=4.0,
             num_inference_steps=steps,
@@ -369,19 +388,10 @@ def recipe_result(args) -> dict:
             generator=torch.Generator("cpu").manual_seed(seed),
         ).images[0]
 
-    call(texts[0], 0, 2)  # warm-up: cuBLAS handles, cuDNN autotuning
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    timer = ForwardTimer(pipe.transformer)
-    walls = []
-    out = Path(args.images) if args.images else None
-    for index, prompt in enumerate(texts):
-        started = time.perf_counter()
-        image = call(prompt, 1000 + index, args.steps)
-        walls.append(time.perf_counter() - started)
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
-            image.save(out / f"p{index:03d}.png")
+    rows = [{"id": f"p{index:03d}", "prompt": text, "seed": 1000 + index} for index, text in enumerate(texts)]
+    call(rows[0], 0, 2)  # warm-up: cuBLAS handles, cuDNN autotuning
+    walls, timers, _ = timed_recipe_rows(pipe, call, rows, args.steps, Path(args.images) if args.images else None)
+    timer = timers["transformer"]
     figures = forward_figures(timer, skip=0)
     per_image_measured = statistics.median(walls)
     overhead = per_image_measured - figures["forward_s"] * 2 * args.steps
