@@ -67,6 +67,10 @@ TEXT_BUCKET = 64  # padded text lengths are multiples of this (see _pad_embeddin
 # in earlier sessions. At 12,288 inputs every row count from 1 to 32 failed and 64 ran (bench/fp8_matmul_probe.py,
 # session 8): a whole bucket, which padded batches already use (no new compiled shapes).
 FP8_TEXT_MULTIPLE = TEXT_BUCKET
+# Packed text (below) under fp8 matmuls is made at least this long, with filler in the padded layout's masked
+# slots (qwen_batch.packed_text.packed_places): a step cache's sub-batch of one or two rows packed 6-30 tokens
+# and stopped an fp8 run (session 11). Longer packed text keeps its length, as every fp8 benchmark ran it.
+FP8_PACKED_TEXT_MINIMUM = 64
 # With true CFG: "joint" runs the conditional and unconditional rows in one forward, the negatives
 # padded to the prompts' length; "split" runs them as two forwards, each padded to its own length (the
 # negatives, all " ", then need no mask at all). "auto" picks by the attention kernel, as measured on
@@ -121,6 +125,7 @@ class ImageGenerator:
                 self.memory_mode = compile_blocks(self.controlnet, self.placement, self.memory_mode, "ControlNet")
         fp8_matmuls = self.placement.mode == FP8 and fp8_compute_available(device)
         self.text_multiple = FP8_TEXT_MULTIPLE if fp8_matmuls else 1
+        self.packed_text_minimum = FP8_PACKED_TEXT_MINIMUM if fp8_matmuls else 0
         split = kernel == "sdpa" and weights_stay_put(self.placement.mode, device)
         self.cfg_layout = CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint"
         self.memory_mode += f"; padded batches attend through {kernel}; CFG halves {self.cfg_layout}"
@@ -266,7 +271,11 @@ class ImageGenerator:
                         transformer, model_input[these], timestep[these], embeds, text_kwargs,
                         [[patches, *image_shapes]] * rows,
                     )  # fmt: skip
-                    calls.append(Forward(first, rows, call, _for_rows(residuals, rows // batch), lengths))
+                    calls.append(
+                        Forward(
+                            first, rows, call, _for_rows(residuals, rows // batch), lengths, self.packed_text_minimum
+                        )
+                    )
                 if step_cache is None:
                     predictions = [forward.call(**forward.control_kwargs) for forward in calls]
                 else:  # the same forwards, run or reused row by row (qwen_batch.step_cache)
@@ -301,7 +310,7 @@ class ImageGenerator:
         if length is None or not self.pack_text:
             embeds, mask = _pad_embeddings(embeddings, self.device, self.dtype, self.text_multiple)
             return embeds, {"text_mask": mask}
-        packed, mask, index = pack_text(embeddings, length, self.dtype)
+        packed, mask, index = pack_text(embeddings, length, self.dtype, self.packed_text_minimum)
         text_kwargs = {"text_mask": to_device(mask, self.device), "text_index": to_device(index, self.device)}
         return to_device(packed, self.device), text_kwargs
 

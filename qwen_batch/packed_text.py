@@ -21,24 +21,49 @@ kernel in `tests/test_gpu_speed_paths.py`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 
 
 def pack_text(
-    embeddings: Sequence[torch.Tensor], padded_length: int, dtype: torch.dtype
+    embeddings: Sequence[torch.Tensor], padded_length: int, dtype: torch.dtype, at_least: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row i's `[tokens_i, hidden]` embeddings as one `[1, sum of tokens_i, hidden]` sequence on the
-    host, with the mask of the padded layout (`[rows, padded_length]`, each row's tokens first) and
-    `text_index`: each packed token's flat position `row * padded_length + token` in that layout."""
+    """Row i's `[tokens_i, hidden]` embeddings as one `[1, sum of tokens_i (+ filler), hidden]` sequence on
+    the host, with the mask of the padded layout (`[rows, padded_length]`, each row's tokens first) and
+    `text_index`: each packed token's flat position `row * padded_length + token` in that layout. Zero
+    filler tokens make the sequence `at_least` tokens long (`packed_places`)."""
     lengths = [embedding.shape[0] for embedding in embeddings]
+    places = packed_places(lengths, padded_length, at_least)
+    filler = torch.zeros(len(places) - sum(lengths), embeddings[0].shape[-1], dtype=dtype)
+    packed = torch.cat([*(embedding.to(device="cpu", dtype=dtype) for embedding in embeddings), filler])[None]
+    mask = torch.arange(padded_length)[None, :] < torch.tensor(lengths)[:, None]
+    return packed, mask, torch.tensor(places, dtype=torch.long)
+
+
+def packed_places(lengths: Sequence[int], padded_length: int, at_least: int = 0) -> list[int]:
+    """Where a packed sequence's tokens go in the padded `[rows, padded_length]` layout: each row's real
+    tokens, rows one after another, then, when they are fewer than `at_least`, filler tokens up to it,
+    placed in padding slots (the mask hides them from attention and nothing reads their outputs back).
+
+    Why filler: under fp8 matmuls cuBLASLt refuses the text MLP's 12,288-input GEMM for 1 to 32 tokens on an
+    H200 (qwen_batch.denoise.FP8_PACKED_TEXT_MINIMUM), and a packed sequence is as short as its rows' real
+    tokens: in session 11 a step cache's sub-batch of one or two rows (a negative prompt " " is 6 tokens)
+    stopped an fp8 run, and so would a batch of one short prompt without true CFG. Longer sequences keep
+    their length: packed text of hundreds of tokens, of any count, ran in every fp8 benchmark."""
     if max(lengths) > padded_length:
         raise ValueError(f"a row has {max(lengths)} text tokens, more than the padded length {padded_length}")
-    packed = torch.cat([embedding.to(device="cpu", dtype=dtype) for embedding in embeddings])[None]
-    index = torch.cat([torch.arange(length) + row * padded_length for row, length in enumerate(lengths)])
-    mask = torch.arange(padded_length)[None, :] < torch.tensor(lengths)[:, None]
-    return packed, mask, index
+    places = [row * padded_length + token for row, length in enumerate(lengths) for token in range(length)]
+    filler = max(at_least - len(places), 0)
+    free = (row * padded_length + token for row, length in enumerate(lengths) for token in range(length, padded_length))
+    places += itertools.islice(free, filler)
+    if len(places) < at_least:
+        raise ValueError(
+            f"a padded layout of {len(lengths)} x {padded_length} has no room to pad {sum(lengths)} "
+            f"packed tokens to {at_least}"
+        )
+    return places
 
 
 def unpack(packed: torch.Tensor, text_index: torch.Tensor, rows: int, padded_length: int) -> torch.Tensor:

@@ -89,7 +89,8 @@ def diffusers_adapters(pipe, request) -> Iterator[None]:
 def fa4_layout(monkeypatch, packed: bool) -> list:
     """Run the engine as under FlashAttention-4 on the CPU: each row's real tokens a prefix (the masked
     stand-in of `prefix_attention`, as the CPU has no FlashAttention-4), the text stream packed to its
-    real tokens or padded. Returns a list that gains an entry each time a batch's text is packed."""
+    real tokens or padded. Returns a list that gains each packed text's length each time a batch's text is
+    packed."""
     import qwen_batch.attention
     import qwen_batch.denoise
     import qwen_batch.packed_text
@@ -98,7 +99,13 @@ def fa4_layout(monkeypatch, packed: bool) -> list:
     pack_text = qwen_batch.packed_text.pack_text
     monkeypatch.setattr(qwen_batch.attention, "fa4_available", lambda device, dtype: True)
     monkeypatch.setattr(qwen_batch.denoise, "PACK_TEXT", packed)
-    monkeypatch.setattr(qwen_batch.packed_text, "pack_text", lambda *args: packs.append(1) or pack_text(*args))
+
+    def packing(*args):
+        packed = pack_text(*args)
+        packs.append(packed[0].shape[1])
+        return packed
+
+    monkeypatch.setattr(qwen_batch.packed_text, "pack_text", packing)
     return packs
 
 

@@ -222,6 +222,59 @@ def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
         assert _error(output, expected) < 0.25, f"compiled={compiled}"  # fp8 rounding, not garbage (~1)
 
 
+def test_fp8_runs_packed_text_of_a_few_tokens_at_the_released_width():
+    """cuBLASLt (H200, torch 2.11, torchao 0.17) refuses the fp8 GEMM of the text MLP's 12,288-input
+    down-projection for 1-32 tokens. Packed text is as short as its rows' real tokens: a step cache's sub-batch
+    of one row stopped the fp8 step-cache benchmark (session 11), as would a batch of one short prompt. Both
+    get filler up to fp8's minimum (qwen_batch.packed_text.packed_places), at the released width (3,072
+    hidden, 12,288 in the feed-forward), two blocks, eagerly; the sub-batch's row must come out as it does in a
+    forward of its own."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from qwen_batch.denoise import FP8_PACKED_TEXT_MINIMUM, _transformer_call
+    from qwen_batch.memory_modes import Placement, fp8_compute_available, place_transformer
+    from qwen_batch.packed_text import pack_text, share_timestep_modulation
+    from qwen_batch.step_cache import FirstBlock, Forward
+    from qwen_batch.step_cache.first_block import FirstBlockRows
+
+    if not fp8_compute_available("cuda") or _flash_attention_4() is None:
+        pytest.skip("needs fp8 matmuls (compute capability 8.9+, torchao) and flash-attn-4 (packed text)")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = QwenImageTransformer2DModel(num_layers=2, joint_attention_dim=512).to(torch.bfloat16).eval()
+    place_transformer(model, Placement("fp8"), "cuda", torch.bfloat16)
+    assert use_batch_attention(model, "cuda", torch.bfloat16) == "fa4"
+    share_timestep_modulation(model)
+    generator = torch.Generator("cpu").manual_seed(2)
+    lengths = (24, 57, 6, 6)  # two prompts and their negatives " ", as the benchmark's CFG rows
+    texts = [torch.randn(length, 512, generator=generator) for length in lengths]
+    hidden = torch.randn(len(lengths), 256, 64, generator=generator).to("cuda", torch.bfloat16)
+    timestep = torch.full((len(lengths),), 0.6, device="cuda", dtype=torch.bfloat16)
+
+    def forward(rows: list[int]) -> Forward:
+        packed, mask, index = pack_text([texts[row] for row in rows], TEXT, torch.bfloat16, FP8_PACKED_TEXT_MINIMUM)
+        kwargs = {"text_mask": mask.cuda(), "text_index": index.cuda()}
+        call = _transformer_call(model, hidden[rows], timestep[rows], packed.cuda(), kwargs, [[IMAGE_GRID]] * len(rows))
+        return Forward(0, len(rows), call, None, [lengths[row] for row in rows], FP8_PACKED_TEXT_MINIMUM)
+
+    with torch.inference_mode():
+        alone = forward([2]).call().float()  # one row of 6 tokens: 58 of filler
+        assert torch.isfinite(alone).all()
+        # Step 0 computes every row; at step 1 only row 2 does, as a sub-batch of one row.
+        cache = FirstBlockRows(
+            FirstBlock(0.1),
+            model,
+            len(lengths),
+            forced=lambda step, first, rows: [True] * rows if step == 0 else [row == 2 for row in range(rows)],
+        )
+        whole = forward([0, 1, 2, 3])
+        cache.run(0, [whole])
+        output = cache.run(1, [whole])[0].float()
+    assert cache.computed == [1, 1, 2, 1]
+    assert torch.isfinite(output).all()
+    assert _error(output[2], alone[0]) < 0.02  # fp8's per-token scales: the same row, other batch-mates
+
+
 def test_the_gelu_epilogue_is_as_close_to_fp32_as_diffusers_gelu_and_compiles():
     from qwen_batch.gelu_epilogue import GeluEpilogue, fuse_gelu_epilogues
 

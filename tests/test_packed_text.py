@@ -15,6 +15,7 @@ from qwen_batch.packed_text import (
     compile_once_for_every_packed_length,
     pack,
     pack_text,
+    packed_places,
     share_timestep_modulation,
     unpack,
 )
@@ -82,6 +83,33 @@ def test_the_packed_text_stream_gives_the_padded_output_from_real_tokens_only(ti
     assert not torch.allclose(
         _run(transformer, hidden, packed, {"text_mask": mask, "text_index": index.flip(0)}), padded
     )
+
+
+def test_a_short_packed_text_gets_filler_the_mask_hides(tiny_model):
+    """Under fp8, cuBLASLt refuses the text MLP's GEMM for 1-32 tokens (H200): a packed text shorter than a
+    minimum is filled up to it in the layout's padding slots, and the output stays the padded path's."""
+    transformer = _transformer(tiny_model)
+    embeddings = _embeddings(transformer.config.joint_attention_dim)
+    hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
+    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    padded = _run(transformer, hidden, text, {"text_mask": mask})
+
+    share_timestep_modulation(transformer)
+    packed, filled_mask, index = pack_text(embeddings, mask.shape[1], torch.float32, at_least=20)
+    assert packed.shape[1] == 20 and torch.equal(filled_mask, mask)  # 14 real tokens and 6 of filler
+    filler_places = index[sum(LENGTHS) :]
+    assert not mask.flatten()[filler_places].any(), "filler sits in slots the mask hides"
+    assert len(set(index.tolist())) == len(index), "every token has a slot of its own"
+    seen = []
+    transformer.transformer_blocks[0].txt_mlp.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    ours = _run(transformer, hidden, packed, {"text_mask": mask, "text_index": index})
+    assert seen[0].shape[:2] == (1, 20)
+    torch.testing.assert_close(ours, padded, rtol=1e-5, atol=1e-5)
+    # Longer text keeps its length; two negative prompts of 6 tokens in a 64-token layout get 52 of filler.
+    assert len(packed_places([40, 33], 64, 64)) == 73
+    assert len(packed_places([6, 6], 64, 64)) == 64
+    with pytest.raises(ValueError, match="no room to pad 14 packed tokens to 64"):
+        packed_places(LENGTHS, PADDED, 64)
 
 
 def test_the_blocks_compile_once_for_every_packed_text_length(tiny_model):

@@ -172,10 +172,12 @@ def test_the_caches_act_and_decide_row_by_row(runs):
         assert np.abs(pixels(outputs[1] / "images" / f"{row}.png") - plain).max() > 20, row
 
 
-@pytest.mark.parametrize("lever", ["fa4 layout, text packed", "joint CFG"])
+@pytest.mark.parametrize("lever", ["fa4 layout, text packed", "text packed to fp8's minimum", "joint CFG"])
 def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lever):
-    """FlashAttention-4's layout with the text stream packed (each sub-batch packs its own rows' text), and CFG's
-    halves as one forward of twice the rows (the CPU's default is two): the same images and counts."""
+    """FlashAttention-4's layout with the text stream packed (each sub-batch packs its own rows' text), also to
+    fp8's minimum of tokens (cuBLASLt refuses fp8 GEMMs of 1-32 text tokens; a sub-batch of one or two rows
+    stopped an fp8 run on an H200), and CFG's halves as one forward of twice the rows (the CPU's default is
+    two): the same images and counts."""
     import qwen_batch.denoise
     import qwen_batch.step_cache.first_block as first_block
 
@@ -184,6 +186,22 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
         packs = []
     else:
         packs = fa4_layout(monkeypatch, packed=True)
+    minimum = qwen_batch.denoise.FP8_PACKED_TEXT_MINIMUM if lever == "text packed to fp8's minimum" else 0
+    if minimum:  # as under fp8 matmuls, which the CPU does not run
+        init = qwen_batch.denoise.ImageGenerator.__init__
+
+        def with_fp8_text_minimum(generator, *args, **kwargs):
+            init(generator, *args, **kwargs)
+            generator.packed_text_minimum = minimum
+
+        monkeypatch.setattr(qwen_batch.denoise.ImageGenerator, "__init__", with_fp8_text_minimum)
+    sub_batch_texts = []
+    packed_tokens = first_block._packed_tokens
+    monkeypatch.setattr(
+        first_block,
+        "_packed_tokens",
+        lambda *args: sub_batch_texts.append(packed_tokens(*args)[0].numel()) or packed_tokens(*args),
+    )
     sizes = []
     bucket = first_block.sub_batch_size
     monkeypatch.setattr(first_block, "sub_batch_size", lambda n, rows: sizes.append((n, rows)) or bucket(n, rows))
@@ -193,7 +211,11 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
     assert not differing_images(IDS, tmp_path / "out", outputs[4], TOLERANCE)
     assert counts(tmp_path / "out") == counts(outputs[4])
     assert any(bucket(n, rows) < rows for n, rows in sizes), "a sub-batch ran fewer rows than its forward"
-    assert bool(packs) == (lever != "joint CFG")
+    assert bool(packs) == bool(sub_batch_texts) == (lever != "joint CFG")
+    lengths = packs + sub_batch_texts
+    assert all(length >= minimum for length in lengths), lengths
+    if minimum:
+        assert min(lengths) == minimum, "no packed text was short enough to need filler"
 
 
 def test_a_shard_gives_each_row_the_same_image(runs, tmp_path):

@@ -45,6 +45,7 @@ class Forward:
     controls: list[torch.Tensor] | None = None  # ControlNet block samples for these rows, or None
     # Packed text (qwen_batch.packed_text): each row's real text tokens, to pack a sub-batch's own. None: padded.
     text_lengths: Sequence[int] | None = None
+    text_minimum: int = 0  # a packed text's fewest tokens, filler included (qwen_batch.packed_text)
 
     @property
     def control_kwargs(self) -> dict[str, list[torch.Tensor]]:

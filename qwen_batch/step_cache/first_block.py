@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from qwen_batch.device import to_device
+from qwen_batch.packed_text import packed_places
 from qwen_batch.step_cache import Forward, per_image
 from qwen_batch.step_cache.spec import FirstBlock
 
@@ -184,7 +185,9 @@ class _SubBatch:
         if self.packed and not self.whole:
             if forward.text_lengths is None:
                 raise ValueError("a packed text stream needs its rows' text lengths (Forward.text_lengths)")
-            self.tokens, self.text_index = _packed_tokens(chosen, forward.text_lengths, text_mask.shape[1], device)
+            self.tokens, self.text_index = _packed_tokens(
+                chosen, forward.text_lengths, text_mask.shape[1], device, forward.text_minimum
+            )
 
     def rows(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.whole:
@@ -231,14 +234,17 @@ class _SubBatch:
 
 
 def _packed_tokens(
-    chosen: Sequence[int], lengths: Sequence[int], padded: int, device: torch.device
+    chosen: Sequence[int], lengths: Sequence[int], padded: int, device: torch.device, at_least: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For the chosen rows of a packed text stream (rows of `lengths` real tokens, one after another): which
     packed tokens are theirs, and each one's place in their own padded layout of `padded` tokens a row (the
-    `text_index` of qwen_batch.packed_text). From the lengths on the host: nothing is read back."""
+    `text_index` of qwen_batch.packed_text), filler included: copies of the stream's first token, making
+    the sub-batch's text `at_least` tokens long as the whole forward's (`packed_places`). From the lengths
+    on the host: nothing is read back."""
     starts = [sum(lengths[:row]) for row in range(len(lengths))]
     tokens = [token for row in chosen for token in range(starts[row], starts[row] + lengths[row])]
-    places = [place * padded + token for place, row in enumerate(chosen) for token in range(lengths[row])]
+    places = packed_places([lengths[row] for row in chosen], padded, at_least)
+    tokens += [0] * (len(places) - len(tokens))
     return _index(tokens, device), _index(places, device)
 
 
