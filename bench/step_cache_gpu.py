@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=None, help="image side (1024; 256 with --tiny)")
     parser.add_argument("--budget", type=float, default=470.0, help="skip what is left after this many seconds")
     parser.add_argument("--parts", default="a,b,c", help="a (fractions), b (per-batch, staggered), c (Lightning)")
+    parser.add_argument("--only", help="configurations to run, by label (cfg-none,cfg-row-40%%,...); default all")
     parser.add_argument("--json", help="append each result as a JSON line to this file")
     parser.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
     args = parser.parse_args(argv)
@@ -312,8 +313,11 @@ def main(argv: list[str] | None = None) -> None:
         bench = Bench(args)
         lines: dict[str, dict] = {}
 
+        only = set(args.only.split(",")) if args.only else None
+
         def measure(name, recipe, steps, spec, **kwargs):
-            lines[name] = bench.configuration(name, recipe, steps, spec, **kwargs)
+            if only is None or name in only:
+                lines[name] = bench.configuration(name, recipe, steps, spec, **kwargs)
 
         # First what the whole forward's graph serves (every row computes or none does), then TaylorSeer, then
         # the staggered schedules, whose smaller sub-batches each compile once.
