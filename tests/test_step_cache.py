@@ -197,11 +197,13 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
         monkeypatch.setattr(qwen_batch.denoise.ImageGenerator, "__init__", with_fp8_text_minimum)
     sub_batch_texts = []
     packed_tokens = first_block._packed_tokens
-    monkeypatch.setattr(
-        first_block,
-        "_packed_tokens",
-        lambda *args: sub_batch_texts.append(packed_tokens(*args)[0].numel()) or packed_tokens(*args),
-    )
+
+    def recording_packed_tokens(*args):
+        tokens, places = packed_tokens(*args)
+        sub_batch_texts.append(tokens.numel())
+        return tokens, places
+
+    monkeypatch.setattr(first_block, "_packed_tokens", recording_packed_tokens)
     sizes = []
     bucket = first_block.sub_batch_size
     monkeypatch.setattr(first_block, "sub_batch_size", lambda n, rows: sizes.append((n, rows)) or bucket(n, rows))
