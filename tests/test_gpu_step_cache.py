@@ -3,8 +3,9 @@
 The CPU tests (tests/test_step_cache.py) hold the arithmetic to diffusers' caches. Here, on the tiny model in
 bf16 with the blocks compiled by Inductor and FlashAttention-4 where it is installed (the text stream packed,
 CFG's halves joint), what only a GPU shows: sub-batches of every size run compiled, each size compiled once
-(no recompile on the next batch), and a first-block forward waits for the GPU exactly once (its `[rows]`
-decisions coming home), not once per row or block.
+(no recompile on the next batch), a first-block forward waits for the GPU exactly once (its `[rows]`
+decisions coming home), not once per row or block, and the offload modes, which stream the blocks' weights
+from host memory through hooks, make a step-cached row's decisions and image as the resident mode does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -64,6 +66,57 @@ def test_sub_batches_run_compiled_and_compile_once_per_size(monkeypatch):
         list(generator.generate(*_batch(generator, "first-block:0.1", seed=10)))  # the same sizes: no new graph
     generator.close()
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", ["offload", "sequential"])
+def test_streamed_weights_give_the_same_decisions_and_images(tmp_path, tiny_model, monkeypatch, mode):
+    """A reused step runs only block 0 through the streaming hooks (and prefetches block 1), a sub-batch runs
+    the rest: the same arithmetic as resident bf16, so the same computed steps and images. Resident runs as
+    the offload modes do in two ways it would not choose itself, each a rounding difference the tiny model
+    amplifies to about 2.5/255: the feed-forwards' GELU as a kernel of its own (its GEMM epilogue rounds once
+    instead of twice), and CFG's halves in one forward, the negatives padded and masked (resident SDPA runs
+    them apart: 2.2-2.5/255 on the CPU in bf16, rows with and without a step cache alike). So aligned, the
+    images on an H200 were identical to the bit (session 12)."""
+    import qwen_batch.denoise
+    import qwen_batch.memory_modes
+    from qwen_batch.engine import RunConfig, release_generator, run
+    from qwen_batch.step_cache import first_block
+    from tests.support import pixels, small_row, write_manifest
+
+    monkeypatch.setattr(qwen_batch.memory_modes, "GELU_EPILOGUE", False)
+    monkeypatch.setattr(qwen_batch.denoise, "CFG_LAYOUT", "joint")
+    monkeypatch.setattr(first_block, "FORCED", _staggered)  # sub-batches of 2 and 4 rows, whatever the weights
+    rows = [small_row(f"fb{n}", f"prompt {n}", seed=n, step_cache="first-block:0.1") for n in range(ROWS)]
+    rows += [
+        small_row("ts", "a cat", seed=7, step_cache="taylorseer:interval=2,warmup=1"),
+        small_row("plain", "a cat", seed=7),
+    ]
+    for row in rows:
+        row["num_inference_steps"] = STEPS
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+    outcomes = {}
+    for label in ("bf16", mode):
+        release_generator()
+        output = tmp_path / label
+        summary = run(
+            RunConfig(str(manifest), str(output), device="cuda", batch_size=ROWS, memory_mode=label, compile="off")
+        )
+        release_generator()
+        assert summary.exit_code == 0 and summary.generated == len(rows), summary.problems
+        table = pq.read_table(output / "results.parquet").to_pylist()
+        counts = {row["id"]: (row["steps_computed"], row["uncond_steps_computed"]) for row in table}
+        images = {row["id"]: pixels(output / "images" / f"{row['id']}.png") for row in rows}
+        outcomes[label] = counts, images
+    (counts, images), (streamed_counts, streamed_images) = outcomes["bf16"], outcomes[mode]
+    assert streamed_counts == counts
+    assert sorted(counts[f"fb{n}"] for n in range(ROWS)) == [(3, 3), (3, 3), (4, 4), (6, 6)], "the forced schedule"
+    assert counts["ts"][0] < STEPS, "TaylorSeer predicted some steps"
+    differences = {name: np.abs(streamed_images[name] - image) for name, image in images.items()}
+    for name, difference in differences.items():
+        print(f"{name}: {mode} vs resident mean {difference.mean():.3f}/255, max {difference.max()}/255")
+    for name, difference in differences.items():
+        assert difference.mean() < 0.1 and difference.max() <= 2, name
+        assert images[name].std() > 5, f"{name}: bf16 must not give flat (NaN) images"
 
 
 def test_a_first_block_forward_waits_for_the_gpu_once():
