@@ -158,9 +158,9 @@ class JobParameters(BaseModel):
     step_cache: Annotated[str | None, AfterValidator(_check_step_cache)] = Field(
         None,
         description="Step caching for the rows whose 'step_cache' column is empty, decided row by row: none "
-        "(empty), first-block:T (diffusers' FirstBlockCache, e.g. first-block:0.1: 0.05-0.2 is what users of the "
-        "real model report) or taylorseer (e.g. taylorseer:interval=5,warmup=3,order=1). Faster 50-step rows, "
-        "lossy: judge the images. docs/step-cache.md.",
+        "(empty), first-block:T[,warmup=N] (diffusers' FirstBlockCache, e.g. first-block:0.1: 0.05-0.2 is what "
+        "users of the real model report; warmup=N: the first N steps always compute) or taylorseer (e.g. "
+        "taylorseer:interval=5,warmup=3,order=1). Faster 50-step rows, lossy: judge the images. docs/step-cache.md.",
     )
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."

@@ -268,9 +268,10 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
         "--step-cache",
         default=None,
         metavar="SPEC",
-        help="reuse the transformer's work across steps, decided row by row: none (default), first-block:T "
-        "(diffusers' FirstBlockCache, e.g. first-block:0.1) or taylorseer[:interval=5,warmup=3,order=1]; faster, "
-        "lossy: check the images (docs/step-cache.md)",
+        help="reuse the transformer's work across steps, decided row by row: none (default), "
+        "first-block:T[,warmup=N] (diffusers' FirstBlockCache, e.g. first-block:0.1 or first-block:0.12,warmup=4: "
+        "the first 4 steps always compute) or taylorseer[:interval=5,warmup=3,order=1]; faster, lossy: check the "
+        "images (docs/step-cache.md)",
     )
 
 

@@ -88,7 +88,8 @@ class RunConfig:
     scheduler_shift: float | None = None
     # The ControlNet of rows with control images (hub id or folder); one per run.
     controlnet: str | None = None
-    # The step cache of rows whose step_cache column is empty (--step-cache): none, first-block:T, taylorseer:...
+    # The step cache of rows whose step_cache column is empty (--step-cache): none, first-block:T[,warmup=N],
+    # taylorseer:...
     step_cache: str | None = None
 
     def __post_init__(self) -> None:

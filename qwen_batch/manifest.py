@@ -85,7 +85,8 @@ CONTROL_START_COLUMN, CONTROL_END_COLUMN, CONTROL_PREPROCESS_COLUMN = (
 CONTROL_COLUMNS = (CONTROL_IMAGE_COLUMN, CONTROL_SCALE_COLUMN, CONTROL_START_COLUMN, CONTROL_END_COLUMN,
                    CONTROL_PREPROCESS_COLUMN)  # fmt: skip
 MAX_CONTROL_IMAGES = 4
-# Step caching per row (qwen_batch.step_cache, docs/step-cache.md): none, first-block:T or taylorseer[:...].
+# Step caching per row (qwen_batch.step_cache, docs/step-cache.md): none, first-block:T[,warmup=N] or
+# taylorseer[:...].
 STEP_CACHE_COLUMN = "step_cache"
 # The columns of rows that bring more than text (image-to-image, inpainting, ControlNet).
 CONDITION_COLUMNS = (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding", *CONTROL_COLUMNS)

@@ -47,6 +47,7 @@ ROWS = [
     small_row("cat-048", "a cat", negative_prompt="blurry", seed=1, step_cache="first-block:0.480"),
     small_row("zh-048", "一只在月光下奔跑的狐狸", seed=2, step_cache="first-block:0.48"),
     small_row("fox-06", FOX, seed=0, step_cache="first-block:0.6"),  # reuses most steps
+    small_row("fox-06-w3", FOX, seed=0, step_cache="first-block:0.6,warmup=3"),  # but not its first 3
     small_row("lighthouse-048", "a lighthouse in a storm", seed=3, true_cfg_scale=1.0, step_cache="first-block:0.48"),
     small_row("fox-ts", FOX, seed=0, step_cache="taylorseer"),
     small_row("cat-ts", "a cat", negative_prompt="blurry", seed=1, step_cache="taylorseer:interval=2,warmup=1,order=2"),
@@ -78,7 +79,7 @@ class Margins:
         decide = FirstBlockRows.decide
 
         def recording(cache, rows, residual, forward, step):
-            if rows.head is not None:
+            if rows.head is not None and step >= cache.warmup:
                 previous = rows.head
                 change = (residual - previous).abs().mean(dim=(1, 2)) / previous.abs().mean(dim=(1, 2))
                 self.closest = min(self.closest, float((change.double() - cache.threshold).abs().min()))
@@ -122,9 +123,32 @@ def _cache_config(spec):
     )
 
 
+def _warm_up(pipe, steps: int) -> None:
+    """cache-dit's warm-up steps on diffusers' FirstBlockCache, which has none: its head hook computes each
+    cache context's (pass's) first `steps` forwards as if above the threshold, keeping their residuals as it
+    keeps any computed step's."""
+    from collections import Counter
+
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
+    head = HookRegistry.check_if_exists_or_initialize(pipe.transformer.transformer_blocks[0])
+    hook = head.get_hook(_FBC_LEADER_BLOCK_HOOK)
+    decide, forwards = hook._should_compute_remaining_blocks, Counter()
+
+    def warming_up(residual):
+        forwards[id(hook.state_manager.get_state())] += 1  # one state per context, alive for the whole call
+        return True if forwards[id(hook.state_manager.get_state())] <= steps else decide(residual)
+
+    hook._should_compute_remaining_blocks = warming_up
+
+
 def cached_reference(pipe, request, call=diffusers_reference) -> np.ndarray:
     """diffusers' image for a row, with `enable_cache` of the row's spec (reset after every call)."""
-    pipe.transformer.enable_cache(_cache_config(parse_step_cache(request.step_cache)))
+    spec = parse_step_cache(request.step_cache)
+    pipe.transformer.enable_cache(_cache_config(spec))
+    if isinstance(spec, FirstBlock) and spec.warmup:
+        _warm_up(pipe, spec.warmup)
     try:
         image = call(pipe, request)
     finally:
@@ -160,6 +184,7 @@ def test_the_caches_act_and_decide_row_by_row(runs):
     computed = counts(outputs[4])
     assert computed["fox"] == (None, None)
     assert computed["fox-06"][0] <= 2, "first-block:0.6 reuses most steps"
+    assert 3 <= computed["fox-06-w3"][0] < STEPS, "first-block:0.6,warmup=3 computes its first 3 steps, then reuses"
     assert all(1 < steps < STEPS for steps, _ in (computed["fox-03"], computed["fox-048"], computed["cat-048"]))
     batch = [computed[row] for row in ("fox-048", "cat-048", "zh-048")]
     assert len(set(batch)) > 1, "rows of one batch and one threshold made different decisions"
@@ -170,6 +195,8 @@ def test_the_caches_act_and_decide_row_by_row(runs):
     plain = pixels(outputs[1] / "images" / "fox.png")
     for row in ("fox-03", "fox-06", "fox-ts"):
         assert np.abs(pixels(outputs[1] / "images" / f"{row}.png") - plain).max() > 20, row
+    reused_early = pixels(outputs[1] / "images" / "fox-06.png")
+    assert np.abs(pixels(outputs[1] / "images" / "fox-06-w3.png") - reused_early).max() > 20, "warm-up acts"
 
 
 @pytest.mark.parametrize("lever", ["fa4 layout, text packed", "text packed to fp8's minimum", "joint CFG"])
@@ -281,6 +308,8 @@ def test_results_and_png_say_which_cache_ran_and_how_many_steps_it_computed(runs
         ("bogus", "step_cache 'bogus' is not a step cache: use none, first-block:T"),
         ("first-block:2", "the threshold 2 is out of range: use a number above 0 and at most 1"),
         ("first-block", "give first-block its threshold, a number such as first-block:0.1"),
+        ("first-block:0.1,warm=3", "'warm' is not a first-block setting: give the threshold, then warmup=N"),
+        ("first-block:0.1,warmup=x", "give warmup a whole number from 0 to 200"),
         ("taylorseer:interval=0", "give interval a whole number from 1 to 200"),
         ("taylorseer:every=3", "'every' is not a TaylorSeer setting: use interval, warmup, order, until"),
     ],
@@ -346,6 +375,8 @@ def test_the_flow_parameter_is_checked_and_normalized():
 
     assert BatchParameters(step_cache="first-block:0.10").run_config().row_defaults.step_cache == "first-block:0.1"
     assert BatchParameters().run_config().row_defaults.step_cache is None
+    warm = BatchParameters(step_cache="first-block:0.12, warmup=4")
+    assert warm.run_config().row_defaults.step_cache == "first-block:0.12,warmup=4"
     with pytest.raises(ValidationError, match="step_cache"):
         BatchParameters(step_cache="first-block:many")
 
@@ -356,6 +387,9 @@ def test_specs_normalize_and_taylorseer_follows_diffusers_schedule():
     from diffusers.hooks.taylorseer_cache import TaylorSeerCacheHook, TaylorSeerState
 
     assert normalized("first-block:threshold=1e-1") == "first-block:0.1"
+    assert normalized("first-block:0.10,warmup=0") == "first-block:0.1", "no warm-up: the spec as it always was"
+    assert normalized("First-Block: threshold=0.12, WARMUP=4") == "first-block:0.12,warmup=4"
+    assert parse_step_cache("first-block:0.12,warmup=4") == FirstBlock(0.12, warmup=4)
     assert normalized(" None ") is None and normalized(None) is None
     assert parse_step_cache("taylorseer:disable_cache_after_step=40") == TaylorSeer(until=40)
     with pytest.raises(StepCacheError, match="given twice"):

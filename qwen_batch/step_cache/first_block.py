@@ -7,7 +7,8 @@ row by row. For one row (one pass: conditional and unconditional passes are rows
 1. block 0 runs; its image-stream residual `r = block0(h) - h` is compared with the residual `p` of the row's
    last *full* step: `mean|r - p| / mean|p|`, means over that row's tokens and channels (diffusers: over the
    whole batch, then `.item()`), in the model's dtype, the ratio compared with T in float64 as Python compares
-   `.item()`; the first step has no `p` and computes;
+   `.item()`; the first step has no `p` and computes, as does every step before the spec's `warmup` (cache-dit's
+   warm-up steps; diffusers has none, and the default, 0, is diffusers');
 2. above T, the row computes: the other blocks run (ControlNet samples added after each block, as the
    transformer's loop does), `p` becomes `r`, and the tail residual `t = (last block's output) - block0(h)` is
    kept; at or below T, its image stream becomes `block0(h) + t` (and `p` stays), then every block's ControlNet
@@ -66,7 +67,7 @@ class FirstBlockRows:
     def __init__(self, spec: FirstBlock, transformer: torch.nn.Module, rows: int, forced: Forced | None = None):
         if len(transformer.transformer_blocks) < 2:
             raise ValueError("first-block caching needs a transformer of 2 or more blocks")
-        self.threshold, self.transformer = spec.threshold, transformer
+        self.threshold, self.warmup, self.transformer = spec.threshold, spec.warmup, transformer
         self.forced = forced if forced is not None else FORCED
         self.computed = [0] * rows  # full steps per step row
         self._passes: dict[int, _PassRows] = {}
@@ -88,7 +89,7 @@ class FirstBlockRows:
 
     def decide(self, rows: _PassRows, residual: torch.Tensor, forward: Forward, step: int) -> list[bool]:
         """Which of the forward's rows compute; remembers the residual of those that do."""
-        if rows.head is None:  # the first step: nothing to compare with, every row computes
+        if rows.head is None or step < self.warmup:  # nothing to compare with yet, or warming up: every row computes
             decisions = [True] * forward.rows
             rows.head = residual
         else:

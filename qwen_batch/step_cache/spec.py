@@ -1,16 +1,18 @@
 """What a row's `step_cache` (the manifest column, or the run's `--step-cache`) may say: parsed, checked, normalized.
 
 - `none` (the default): every step runs the whole transformer.
-- `first-block:T`: diffusers' `FirstBlockCacheConfig(threshold=T)`. The first block always runs; the others
-  are reused from the row's last full step when the first block's output residual changed by less than T
-  (relative mean absolute change) since then.
+- `first-block:T[,warmup=N]`: diffusers' `FirstBlockCacheConfig(threshold=T)`. The first block always runs; the
+  others are reused from the row's last full step when the first block's output residual changed by less than
+  T (relative mean absolute change) since then. `warmup=N` (default 0, as diffusers): the row's first N steps
+  always compute, as cache-dit's warm-up steps do (its Qwen-Image configurations use 4-8; docs/step-cache.md).
 - `taylorseer[:interval=N,warmup=N,order=N,until=N]`: diffusers' `TaylorSeerCacheConfig(cache_interval,
   disable_cache_before_step, max_order, disable_cache_after_step, use_lite_mode=True)`: the transformer's
   output is extrapolated by a Taylor series from the full steps, which come on a fixed schedule.
 
-The normalized text (`first-block:0.1`, `taylorseer:interval=5,warmup=3,order=1`) is what the row carries into
-its batch key, fingerprint, results and PNG metadata, so two spellings of one spec are one spec. Kept free of
-torch: the manifest's validation imports it.
+The normalized text (`first-block:0.1`, `first-block:0.12,warmup=4`, `taylorseer:interval=5,warmup=3,order=1`)
+is what the row carries into its batch key, fingerprint, results and PNG metadata, so two spellings of one spec
+are one spec (a first-block spec without warm-up keeps the text it always had). Kept free of torch: the
+manifest's validation imports it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ NONE, FIRST_BLOCK, TAYLORSEER = "none", "first-block", "taylorseer"
 MAX_THRESHOLD = 1.0
 MAX_STEP = 200  # manifest.MAX_STEPS: no schedule has more steps
 MAX_ORDER = 4
-EXAMPLES = "none, first-block:T (e.g. first-block:0.1) or taylorseer (e.g. taylorseer:interval=5,warmup=3,order=1)"
+EXAMPLES = (
+    "none, first-block:T[,warmup=N] (e.g. first-block:0.1) or taylorseer (e.g. taylorseer:interval=5,warmup=3,order=1)"
+)
 
 
 class StepCacheError(ValueError):
@@ -33,12 +37,14 @@ class StepCacheError(ValueError):
 
 @dataclass(frozen=True)
 class FirstBlock:
-    """diffusers' FirstBlockCache, decided per row."""
+    """diffusers' FirstBlockCache, decided per row, with cache-dit's warm-up steps (none by default)."""
 
     threshold: float
+    warmup: int = 0  # the first steps, always computed
 
     def __str__(self) -> str:
-        return f"{FIRST_BLOCK}:{self.threshold!r}"
+        text = f"{FIRST_BLOCK}:{self.threshold!r}"
+        return f"{text},warmup={self.warmup}" if self.warmup else text
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def parse_step_cache(text: str | None) -> StepCache | None:
     kind, _, arguments = text.strip().partition(":")
     kind = kind.strip().lower()
     if kind == FIRST_BLOCK:
-        return FirstBlock(_threshold(text, arguments))
+        return _first_block(text, arguments)
     if kind == TAYLORSEER:
         return _taylorseer(text, arguments)
     raise StepCacheError(f"{text!r} is not a step cache: use {EXAMPLES}")
@@ -98,8 +104,35 @@ def normalized(text: str | None) -> str | None:
     return None if spec is None else str(spec)
 
 
-def _threshold(text: str, arguments: str) -> float:
-    value = arguments.strip()
+def _first_block(text: str, arguments: str) -> FirstBlock:
+    threshold, *settings = (part.strip() for part in arguments.split(","))
+    warmup = None
+    for item in filter(None, settings):
+        name, equals, raw = (piece.strip() for piece in item.partition("="))
+        if name.lower() != "warmup":
+            raise StepCacheError(
+                f"{text!r}: {name!r} is not a first-block setting: give the threshold, then warmup=N if "
+                "you want one, e.g. first-block:0.12,warmup=4"
+            )
+        if warmup is not None:
+            raise StepCacheError(f"{text!r}: warmup is given twice; give it once")
+        warmup = _whole_number(text, "warmup", raw if equals else "", 0, MAX_STEP)
+    return FirstBlock(_threshold(text, threshold), warmup or 0)
+
+
+def _whole_number(text: str, name: str, raw: str, lowest: int, highest: int) -> int:
+    try:
+        number = int(raw)
+    except ValueError:
+        number = None
+    if number is None or not lowest <= number <= highest:
+        raise StepCacheError(
+            f"{text!r}: give {name} a whole number from {lowest} to {highest} ({name}=N; got {raw or 'nothing'})"
+        )
+    return number
+
+
+def _threshold(text: str, value: str) -> float:
     if value.lower().startswith("threshold="):
         value = value.partition("=")[2].strip()
     try:
@@ -134,13 +167,5 @@ def _taylorseer(text: str, arguments: str) -> TaylorSeer:
         if short in values:
             raise StepCacheError(f"{text!r}: {short} is given twice; give it once")
         highest = MAX_ORDER if short == "order" else MAX_STEP
-        try:
-            number = int(raw) if equals else None
-        except ValueError:
-            number = None
-        if number is None or not lowest <= number <= highest:
-            raise StepCacheError(
-                f"{text!r}: give {short} a whole number from {lowest} to {highest} ({short}=N; got {raw or 'nothing'})"
-            )
-        values[short] = number
+        values[short] = _whole_number(text, short, raw if equals else "", lowest, highest)
     return TaylorSeer(**values)
