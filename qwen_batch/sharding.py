@@ -7,7 +7,9 @@ the split balances predicted GPU time:
 
 - A row costs the transformer's work for it (the cost model in ../shared/reference/qwen-image.md:
   linear layers grow with the token count, attention with its square), times its steps, times two
-  with true CFG.
+  with true CFG. A step cache's reused steps are counted where the spec alone says which they are: a
+  TaylorSeer row's predicted steps run nothing and cost nothing; a first-block row's decisions depend on
+  the model's residuals, unknown until it runs, so every step of it counts, as the upper bound.
 - Every batch costs a little more than its rows: each forward of a batch pays a share that does not
   shrink with fewer rows (fitted to H100 runs in bf16: about 0.02 s a forward, an eighth of a
   1024x1024 row's 0.17 s; docs/scale-out.md). So cutting a group of same-size rows into more, partial
@@ -29,6 +31,7 @@ they land in, because resume looks at the shared output folder, not at the shard
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import math
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qwen_batch.memory_modes import DEFAULT_BATCH_SIZE
+from qwen_batch.step_cache.spec import TaylorSeer, parse_step_cache
 
 if TYPE_CHECKING:
     from qwen_batch.manifest import Request
@@ -65,8 +69,15 @@ def _forward_cost(tokens: int) -> float:
 REFERENCE_FORWARD = _forward_cost((1024 // 16) ** 2 + TEXT_TOKENS)
 
 
+@functools.cache
+def _full_steps(steps: int, step_cache: str | None) -> int:
+    """Of `steps`, those that run the transformer's blocks: all but a TaylorSeer row's predicted ones."""
+    spec = parse_step_cache(step_cache)
+    return sum(map(spec.computes, range(steps))) if isinstance(spec, TaylorSeer) else steps
+
+
 def _forwards(request: Request) -> int:
-    return request.num_inference_steps * (2 if request.uses_cfg else 1)
+    return _full_steps(request.num_inference_steps, request.step_cache) * (2 if request.uses_cfg else 1)
 
 
 def predicted_cost(request: Request) -> float:

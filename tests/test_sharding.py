@@ -11,7 +11,9 @@ from qwen_batch.manifest import Request
 from qwen_batch.sharding import assign_shards, batch_overhead, idle_tail, predicted_cost, shard_costs
 
 
-def request(row_id: str, width: int = 1024, height: int = 1024, steps: int = 50, cfg: float = 4.0, images=()):
+def request(
+    row_id: str, width: int = 1024, height: int = 1024, steps: int = 50, cfg: float = 4.0, images=(), cache=None
+):
     return Request(
         index=0,
         id=row_id,
@@ -23,6 +25,7 @@ def request(row_id: str, width: int = 1024, height: int = 1024, steps: int = 50,
         num_inference_steps=steps,
         true_cfg_scale=cfg,
         images=tuple(images),
+        step_cache=cache,
     )
 
 
@@ -40,6 +43,20 @@ def test_cost_grows_with_size_steps_guidance_and_edit_inputs():
     assert predicted_cost(request("a", steps=25)) == pytest.approx(base / 2)
     assert predicted_cost(request("a", cfg=1.0)) == pytest.approx(base / 2)
     assert predicted_cost(request("a", images=["x.png"])) > base * 2  # the input image's tokens join the sequence
+
+
+def test_a_taylorseer_row_costs_its_full_steps_and_a_first_block_row_all_of_them():
+    """TaylorSeer's full steps follow from its spec (13 of 50 with the defaults); first-block's depend on
+    the model, so its rows are priced as if every step computed."""
+    base = predicted_cost(request("a"))
+    assert predicted_cost(request("a", cache="taylorseer:interval=5,warmup=3,order=1")) == pytest.approx(base * 13 / 50)
+    assert predicted_cost(request("a", cache="first-block:0.1,warmup=4")) == base
+    # One batch of plain rows and 20 TaylorSeer rows: the TaylorSeer rows balance the plain batch only when
+    # priced by their full steps (priced as plain rows, the split left one GPU idle for 24% of the run).
+    rows = [request(f"t{n}", cache="taylorseer:interval=5,warmup=3,order=1") for n in range(20)]
+    rows += [request(f"p{n}") for n in range(4)]
+    costs = shard_costs(rows, assign_shards(rows, 2, batch_size=4), 2, batch_size=4)
+    assert idle_tail(costs) < 0.03, costs
 
 
 def test_a_mixed_manifest_is_balanced_by_cost_not_by_row_count():
