@@ -6,10 +6,13 @@ the same; a manifest that mixes 512x512 and 1664x928 rows, or 20 and 50 steps, i
 the split balances predicted GPU time:
 
 - A row costs the transformer's work for it (the cost model in ../shared/reference/qwen-image.md:
-  linear layers grow with the token count, attention with its square), times its steps, times two
-  with true CFG. A step cache's reused steps are counted where the spec alone says which they are: a
-  TaylorSeer row's predicted steps run nothing and cost nothing; a first-block row's decisions depend on
-  the model's residuals, unknown until it runs, so every step of it counts, as the upper bound.
+  linear layers grow with the token count, attention with its square), times the steps it runs (a row
+  that starts from an image skips the first part of its schedule, by its `strength`), times two with
+  true CFG, plus, for ControlNet rows, a ControlNet forward per control image on each step it acts (once
+  for both passes; a twelfth of a transformer forward: 5 blocks to 60). A step cache's reused steps are
+  counted where the spec alone says which they are: a TaylorSeer row's predicted steps run nothing and
+  cost nothing; a first-block row's decisions depend on the model's residuals, unknown until it runs, so
+  every step of it counts, as the upper bound.
 - Every batch costs a little more than its rows: each forward of a batch pays a share that does not
   shrink with fewer rows (fitted to H100 runs in bf16: about 0.02 s a forward, an eighth of a
   1024x1024 row's 0.17 s; docs/scale-out.md). So cutting a group of same-size rows into more, partial
@@ -39,6 +42,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwen_batch.conditions.controlnet import control_acts
+from qwen_batch.conditions.image_start import skipped_steps
 from qwen_batch.memory_modes import DEFAULT_BATCH_SIZE
 from qwen_batch.step_cache.spec import TaylorSeer, parse_step_cache
 
@@ -53,6 +58,10 @@ DEFAULT_EDIT_SIZE = 1024  # an edit row without a size gets about 1024x1024
 # to the per-size seconds per image of a 1-GPU and a 2-GPU run on H100s (bf16, eager, 50 steps), whose
 # batches of 1 to 4 rows differ (docs/scale-out.md): 0.02 s a forward next to a row's 0.17 s.
 BATCH_OVERHEAD = 0.12
+# A control image's ControlNet forward next to one transformer forward: InstantX's Union ControlNet runs 5
+# blocks to the transformer's 60, on the same tokens (measured on an H200: 0.0112 s a row against 0.1184 s,
+# docs/benchmarks.md).
+CONTROLNET_SHARE = 5 / 60
 # Exchanges made after a deal, at most: a few per group and shard pair are enough for a few shards;
 # with hundreds of shards of few rows each, later exchanges gain little and each costs a search.
 MOVES_PER_SPLIT = 20_000
@@ -70,22 +79,35 @@ REFERENCE_FORWARD = _forward_cost((1024 // 16) ** 2 + TEXT_TOKENS)
 
 
 @functools.cache
-def _full_steps(steps: int, step_cache: str | None) -> int:
-    """Of `steps`, those that run the transformer's blocks: all but a TaylorSeer row's predicted ones."""
+def _steps_run(steps: int, strength: float | None, step_cache: str | None, controlled: tuple[float, float] | None):
+    """Of a schedule of `steps`, how many steps run the transformer's blocks, and how many of those also run the
+    ControlNet: all the steps left after `strength` cuts the start, but a TaylorSeer row's predicted ones
+    (which run nothing, the ControlNet included); those in the row's control range."""
+    steps -= 0 if strength is None else skipped_steps(steps, strength)
     spec = parse_step_cache(step_cache)
-    return sum(map(spec.computes, range(steps))) if isinstance(spec, TaylorSeer) else steps
+    full = [step for step in range(steps) if not isinstance(spec, TaylorSeer) or spec.computes(step)]
+    return len(full), sum(control_acts(step, steps, controlled) for step in full) if controlled else 0
+
+
+def _steps(request: Request) -> tuple[int, int]:
+    strength = request.strength if request.starts_from_image else None
+    controlled = request.control_range if request.controls else None
+    return _steps_run(request.num_inference_steps, strength, request.step_cache, controlled)
 
 
 def _forwards(request: Request) -> int:
-    return _full_steps(request.num_inference_steps, request.step_cache) * (2 if request.uses_cfg else 1)
+    """The transformer forwards the row runs."""
+    return _steps(request)[0] * (2 if request.uses_cfg else 1)
 
 
 def predicted_cost(request: Request) -> float:
-    """The row's transformer work, in FLOPs per layer (a relative figure: layers are the same for all)."""
+    """The row's transformer (and ControlNet) work, in FLOPs per layer (a relative figure: layers are the
+    same for all)."""
     width = request.width or DEFAULT_EDIT_SIZE
     height = request.height or DEFAULT_EDIT_SIZE
     tokens = (width // 16) * (height // 16) + TEXT_TOKENS + EDIT_INPUT_TOKENS * len(request.images)
-    return _forward_cost(tokens) * _forwards(request)
+    controlnet_forwards = _steps(request)[1] * len(request.controls) * CONTROLNET_SHARE
+    return _forward_cost(tokens) * (_forwards(request) + controlnet_forwards)
 
 
 def batch_overhead(request: Request) -> float:

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from qwen_batch.manifest import Request
+from qwen_batch.manifest import ControlRef, Request
 from qwen_batch.sharding import assign_shards, batch_overhead, idle_tail, predicted_cost, shard_costs
 
 
 def request(
-    row_id: str, width: int = 1024, height: int = 1024, steps: int = 50, cfg: float = 4.0, images=(), cache=None
+    row_id: str, width: int = 1024, height: int = 1024, steps: int = 50, cfg: float = 4.0, images=(), cache=None, **more
 ):
     return Request(
         index=0,
@@ -26,6 +26,7 @@ def request(
         true_cfg_scale=cfg,
         images=tuple(images),
         step_cache=cache,
+        **more,
     )
 
 
@@ -57,6 +58,27 @@ def test_a_taylorseer_row_costs_its_full_steps_and_a_first_block_row_all_of_them
     rows += [request(f"p{n}") for n in range(4)]
     costs = shard_costs(rows, assign_shards(rows, 2, batch_size=4), 2, batch_size=4)
     assert idle_tail(costs) < 0.03, costs
+
+
+def test_image_starts_cost_the_steps_they_run_and_control_images_their_controlnet_forwards():
+    base = predicted_cost(request("a"))
+    assert predicted_cost(request("a", init_image="i.png", strength=0.6)) == pytest.approx(base * 0.6)
+    assert predicted_cost(request("a", init_image="i.png", mask_image="m.png", strength=0.3)) == pytest.approx(
+        base * 0.3
+    )
+    one = [ControlRef("c.png")]
+    # 50 steps: 100 transformer forwards with true CFG, and 50 ControlNet forwards a twelfth of one each.
+    assert predicted_cost(request("a", controls=one)) == pytest.approx(base * (100 + 50 / 12) / 100)
+    assert predicted_cost(request("a", controls=one * 2)) == pytest.approx(base * (100 + 100 / 12) / 100)
+    half = request("a", controls=one, control_range=(0.0, 0.5))  # the ControlNet acts on the first 25 steps
+    assert predicted_cost(half) == pytest.approx(base * (100 + 25 / 12) / 100)
+    assert predicted_cost(request("a", cfg=1.0, controls=one)) == pytest.approx(base * (50 + 50 / 12) / 100)
+    # One batch of plain rows and 20 image-to-image rows at strength 0.3: priced as plain rows, the split left
+    # one GPU idle for a fifth of the run.
+    rows = [request(f"i{n}", init_image="i.png", strength=0.3) for n in range(20)] + [
+        request(f"p{n}") for n in range(4)
+    ]
+    assert idle_tail(shard_costs(rows, assign_shards(rows, 2, batch_size=4), 2, batch_size=4)) < 0.03
 
 
 def test_a_mixed_manifest_is_balanced_by_cost_not_by_row_count():

@@ -38,6 +38,13 @@ MATCHING_CONFIG = ("patch_size", "in_channels", "num_attention_heads", "attentio
 INPAINT_CONDITION_CHANNELS = 4  # the mask, packed 2x2, beside the masked image's 64 channels
 
 
+def control_acts(step: int, steps: int, control_range: tuple[float, float]) -> bool:
+    """Whether a row's control images act at `step` of `steps`: the pipeline's `controlnet_keep[i]`, 1 where the
+    step lies in the row's `control_range` (control_guidance_start, control_guidance_end)."""
+    start, end = control_range
+    return not (step / steps < start or (step + 1) / steps > end)
+
+
 @dataclass(frozen=True)
 class ControlNetSource:
     """`--controlnet`: where the ControlNet comes from, and what identifies its weights."""
@@ -239,9 +246,8 @@ class ControlBatch:
         # sent up once: the loop only indexes it.
         weights = torch.zeros(steps, len(per_image), len(self.requests), 1, 1)
         for row, request in enumerate(self.requests):
-            start, end = request.control_range
             for step in range(steps):
-                keep = 1.0 - float(step / steps < start or (step + 1) / steps > end)
+                keep = float(control_acts(step, steps, request.control_range))
                 for index, control in enumerate(request.controls):
                     weights[step, index, row] = control.scale * keep
         self._acting = [bool(weights[step].any()) for step in range(steps)]

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     import torch
 
 
+def skipped_steps(steps: int, strength: float) -> int:
+    """The pipelines' `get_timesteps`: how many of a schedule's `steps` a row starting from an image skips."""
+    kept = min(steps * strength, steps)
+    return int(max(steps - kept, 0))
+
+
 @dataclass
 class RowStart:
     """One row's cached start: the init image's posterior ([z, 1, h/8, w/8]) and its mask ([1, h/8, w/8])."""
@@ -76,9 +82,8 @@ class ImageStarts:
         self._image_latents = self._noise = self._mask = None
 
     def first_step(self, steps: int) -> int:
-        """The pipelines' `get_timesteps`: how many of the schedule's steps are skipped."""
-        kept = min(steps * self.strength, steps)
-        return int(max(steps - kept, 0))
+        """How many of the schedule's steps are skipped."""
+        return skipped_steps(steps, self.strength)
 
     def starting_latents(
         self,
