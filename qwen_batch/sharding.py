@@ -121,7 +121,9 @@ def _tiebreak(row_id: str) -> bytes:
 
 @dataclass
 class _Group:
-    """Rows that cost the same and can share a batch, and how many of them each shard takes."""
+    """Rows that cost the same and can share a batch, and how many of them each shard takes. All are priced as
+    the first: only a ControlNet row's control range can differ within one (it is not part of the batch key),
+    and the batch's ControlNet runs on every step any of its rows' ranges covers anyway."""
 
     rows: list[Request]  # in a fixed order that does not depend on the manifest's row order
     row_cost: float

@@ -137,8 +137,9 @@ def _warm_up(pipe, steps: int) -> None:
     decide, forwards = hook._should_compute_remaining_blocks, Counter()
 
     def warming_up(residual):
-        forwards[id(hook.state_manager.get_state())] += 1  # one state per context, alive for the whole call
-        return True if forwards[id(hook.state_manager.get_state())] <= steps else decide(residual)
+        context = id(hook.state_manager.get_state())  # one state per context, alive for the whole call
+        forwards[context] += 1
+        return forwards[context] <= steps or decide(residual)
 
     hook._should_compute_remaining_blocks = warming_up
 
