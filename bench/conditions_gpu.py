@@ -91,7 +91,7 @@ def ensure_controlnet(args, work: Path) -> Path:
     """The ControlNet's folder, both sides load it: the tiny one for a dry run, else a full-size random one
     built on the GPU and saved once (3.5 GB in bf16)."""
     if args.tiny:
-        from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+        from qwen_batch.tiny.controlnet import ensure_tiny_controlnet
 
         return ensure_tiny_controlnet("union")
     folder = work / "controlnet"
@@ -216,9 +216,9 @@ def write_manifest(path: Path, args, rows: list[dict]) -> Path:
 
 
 def engine_result(args, rows, inputs: Path, controlnet_folder, label: str, mode: str, compile_: str, batch_size: int):
-    from qwen_batch.conditions.image_inputs import _StartEncoder
-    from qwen_batch.encode import PromptEncoder
-    from qwen_batch.engine import RunConfig, encode_stage
+    from qwen_batch.pipeline.conditions.cached_images import _StartEncoder
+    from qwen_batch.pipeline.encode import PromptEncoder
+    from qwen_batch.run.engine import RunConfig, encode_stage
 
     device = "cpu" if args.tiny else "cuda"
     timings: dict[str, float] = {}

@@ -245,8 +245,8 @@ def write_manifest(path: Path, task: str, rows: list[dict], steps: int) -> Path:
 
 
 def engine_result(args, rows: list[dict], inputs: Path, label: str, mode: str, compile_: str, batch_size: int):
-    from qwen_batch.edit import EditEncoder
-    from qwen_batch.engine import (
+    from qwen_batch.pipeline.conditions.edit import EditEncoder
+    from qwen_batch.run.engine import (
         RunConfig,
         encode_stage,
     )

@@ -3,7 +3,7 @@
 Issue 26's tiers saw `CUBLAS_STATUS_NOT_SUPPORTED` from `torch._scaled_mm` in fp8 (eager and compiled). On an
 H200 (session 7, call 4) every 3,072-input shape ran (outputs 3,072, 12,288, 18,432; 1 to 4,096 rows; 2-D and
 3-D; float32 inputs) and 12,288 inputs with 6 rows failed: the text MLP's down-projection on a short text.
-`qwen_batch.denoise.FP8_TEXT_MULTIPLE` pads the text stream to a multiple of 64 under fp8; this script's last
+`qwen_batch.pipeline.denoise.FP8_TEXT_MULTIPLE` pads the text stream to a multiple of 64 under fp8; this script's last
 lines say which row counts work at 12,288 inputs: on an H200 (session 8, call 5) 1 to 32 rows fail, 64 and
 4,096 run."""
 
@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from qwen_batch.memory_modes import _fp8_config
+from qwen_batch.memory.placement import _fp8_config
 
 
 def probe(rows: int, features: int = 3072, out: int = 3072, bias: bool = True, flat: bool = False, dtype=None) -> str:

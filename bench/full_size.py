@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from qwen_batch.model_source import ModelSource, ensure_tiny_model, register_model
+from qwen_batch.weights.model_source import ModelSource, ensure_tiny_model, register_model
 
 FULL_SIZE_MODEL = "full-size-random"
-# The model name `full_size_source(task=...)` registers, per task of `qwen_batch.tiny_model.TINY_MODEL_TASKS`.
+# The model name `full_size_source(task=...)` registers, per task of `qwen_batch.tiny.model.TINY_MODEL_TASKS`.
 FULL_SIZE_MODELS = {
     "generate": FULL_SIZE_MODEL,
     "edit": "full-size-random-edit",
@@ -160,7 +160,7 @@ def pipeline_class(task: str = "generate"):
     """The diffusers pipeline class of `task` ("generate", "edit" or "edit-plus")."""
     import diffusers
 
-    from qwen_batch.tiny_model import TINY_MODEL_TASKS
+    from qwen_batch.tiny.model import TINY_MODEL_TASKS
 
     return getattr(diffusers, TINY_MODEL_TASKS[task])
 

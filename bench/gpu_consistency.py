@@ -19,9 +19,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from qwen_batch.engine import RunConfig, release_generator, run
 from qwen_batch.manifest import read_manifest
-from qwen_batch.model_source import ensure_tiny_model
+from qwen_batch.run.engine import RunConfig, release_generator, run
+from qwen_batch.weights.model_source import ensure_tiny_model
 from tests.support import diffusers_reference, small_row, write_manifest
 
 ROWS = [

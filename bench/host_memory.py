@@ -47,7 +47,7 @@ from bench.qwen_image_gpu import (
     write,
     write_manifest,
 )
-from qwen_batch.planner import GPU_MEMORY_ENV, HOST_MEMORY_ENV
+from qwen_batch.memory.planner import GPU_MEMORY_ENV, HOST_MEMORY_ENV
 
 GiB = 2**30
 
@@ -139,7 +139,7 @@ def run_write(args) -> None:
 
 
 def run_write_file(args) -> None:
-    from qwen_batch.single_file import write_transformer_file
+    from qwen_batch.weights.single_file import write_transformer_file
 
     started = time.perf_counter()
     path = Path(args.output)
@@ -161,7 +161,7 @@ def write_random_q4_k(state_dict: dict, linears: set[str], path: Path) -> None:
     import gguf
     import numpy as np
 
-    from qwen_batch.single_file import GGUF_ARCHITECTURE, is_block_linear_weight
+    from qwen_batch.weights.single_file import GGUF_ARCHITECTURE, is_block_linear_weight
 
     kind = gguf.GGMLQuantizationType.Q4_K
     block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
@@ -203,7 +203,7 @@ def _setup(args) -> tuple[EmulatedGpu, Path]:
 
 
 def tier_result(args) -> dict:
-    from qwen_batch.engine import RunConfig, encode_stage, finalize, plan_generator, plan_run, release_generator
+    from qwen_batch.run.engine import RunConfig, encode_stage, finalize, plan_generator, plan_run, release_generator
 
     result = {"run": "tier", "label": args.label, **versions(), "steps_run": args.steps, "prompts": args.prompts}
     result.update({"gpu_gib": args.gpu_gib, "host_gib": args.host_gib, "transformer": args.transformer})
@@ -260,7 +260,7 @@ def tier_result(args) -> dict:
     }
     host = HostPeak()
     timer = ForwardTimer(generator.pipe.transformer)
-    from qwen_batch.engine import denoise_stage
+    from qwen_batch.run.engine import denoise_stage
 
     error = None
     try:
@@ -306,7 +306,14 @@ def run_versus_memory(args) -> None:
     weights handed over in host memory and placed by `place_transformer`), same process, same GPU cap.
     `--rounds` repeats the pair in ABBA order (disk, memory, memory, disk, ...), so a drift of the GPU's
     clocks over the run weighs on both sides alike; each side reports its median forward."""
-    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, plan_generator, plan_run, release_generator
+    from qwen_batch.run.engine import (
+        RunConfig,
+        denoise_stage,
+        encode_stage,
+        plan_generator,
+        plan_run,
+        release_generator,
+    )
 
     gpu, work = _setup(args)
     manifest = write_manifest(work / "manifest.parquet", args.prompts, args.steps, args.size)

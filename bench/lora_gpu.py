@@ -6,7 +6,7 @@
     python bench/lora_gpu.py lightning --tiny                               # a dry run on the CPU
 
 Full-size random weights (bench/full_size.py) and random rank-64 adapters on every linear layer of the
-transformer blocks (qwen_batch.tiny_lora, diffusers layout, bf16: 1.2 GB each, as large as a real
+transformer blocks (qwen_batch.tiny.lora, diffusers layout, bf16: 1.2 GB each, as large as a real
 rank-64 Qwen-Image LoRA). Speed transfers to the released weights; pictures do not.
 
 `lightning`, 1024x1024, the Lightning recipe (8 steps, true_cfg_scale 1, fixed shift 3), one adapter:
@@ -62,12 +62,12 @@ def peak_rss_gib() -> float:
 
 def make_adapters(folder: Path, count: int, rank: int, tiny: bool) -> list[Path]:
     """Random adapters in the diffusers layout: made on the GPU, saved as bf16 safetensors."""
-    from qwen_batch.adapters import layout_of_config
-    from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora
+    from qwen_batch.adapters.loras import layout_of_config
+    from qwen_batch.tiny.lora import lora_state_dict, random_factors, write_lora
 
     if tiny:
-        from qwen_batch.adapters import transformer_layout
-        from qwen_batch.model_source import resolve_model
+        from qwen_batch.adapters.loras import transformer_layout
+        from qwen_batch.weights.model_source import resolve_model
 
         layout, device, dtype = transformer_layout(resolve_model("tiny")), "cpu", torch.float32
     else:
@@ -114,7 +114,7 @@ def write_manifest(path: Path, count: int, size: int, steps: int, cfg: float, sh
 
 def recipes(args, adapter: Path) -> dict:
     """(1) diffusers' Lightning recipe and (2) the 50-step CFG recipe, on one resident pipeline."""
-    from qwen_batch.denoise import fixed_shift_scheduler
+    from qwen_batch.pipeline.denoise import fixed_shift_scheduler
 
     started = time.perf_counter()
     pipe = resident_pipeline(args.tiny)
@@ -190,7 +190,14 @@ def recipes(args, adapter: Path) -> dict:
 
 def engine(args, adapter: Path, mode: str, work: Path) -> dict:
     """qwen-batch's stages on the Lightning manifest: a warm-up pass (compile, fuse), then the steady pass."""
-    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, plan_generator, plan_run, release_generator
+    from qwen_batch.run.engine import (
+        RunConfig,
+        denoise_stage,
+        encode_stage,
+        plan_generator,
+        plan_run,
+        release_generator,
+    )
 
     device = "cpu" if args.tiny else "cuda"
     plan_holder = {}
@@ -290,7 +297,7 @@ def run_lightning(args) -> None:
 def run_switching(args) -> None:
     import torch._dynamo.utils
 
-    from qwen_batch.engine import (
+    from qwen_batch.run.engine import (
         RunConfig,
         denoise_stage,
         encode_stage,
@@ -372,7 +379,7 @@ def run_switching(args) -> None:
 def compare_unfuse(generator, adapter: Path) -> dict:
     """diffusers' own round trip (load, fuse_lora, unfuse_lora: subtracts the delta again) against
     qwen-batch's (fuse, then restore the copy): seconds, and how far each leaves the weights."""
-    from qwen_batch.adapters import LoraRef
+    from qwen_batch.adapters.loras import LoraRef
 
     pipe, transformer = generator.pipe, generator.pipe.transformer
     generator.fusion.use(())

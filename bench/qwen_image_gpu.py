@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench.full_size import FULL_SIZE_MODEL, EmulatedGpu, full_size_source, resident_pipeline
-from qwen_batch.planner import GPU_MEMORY_ENV, forward_flops
+from qwen_batch.memory.planner import GPU_MEMORY_ENV, forward_flops
 
 FULL_STEPS = 50
 _TEXT = (
@@ -120,7 +120,7 @@ class BatchTimer:
     batch (a host-bound step loop) would not show here; the NVML samples (GpuUtilization) cover it."""
 
     def __init__(self):
-        from qwen_batch.denoise import ImageGenerator
+        from qwen_batch.pipeline.denoise import ImageGenerator
 
         self.owner, self.original = ImageGenerator, ImageGenerator.generate
         self.events: list[tuple[object, object]] = []
@@ -437,7 +437,7 @@ def run_engine(args) -> None:
 
 
 def engine_result(args) -> dict:
-    from qwen_batch.engine import (
+    from qwen_batch.run.engine import (
         RunConfig,
         encode_stage,
     )
@@ -535,7 +535,7 @@ def gpu_gaps(profiler, least_ms: float = 0.05, listed: int = 12) -> dict:
 def planned(config, result: dict):
     """`plan_run(config)` with what it decided added to `result`; None, with the error in `result`, when
     it refuses the run (a refusal is a result too)."""
-    from qwen_batch.engine import plan_run
+    from qwen_batch.run.engine import plan_run
 
     started = time.perf_counter()
     try:
@@ -570,7 +570,7 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards.
     `trace`: profile the denoise stage (torch.profiler), write its Chrome trace there and add where
     the GPU sat idle (`gpu_gaps`) to the result; timings are then the profiler's, not the plain run's."""
-    from qwen_batch.engine import denoise_stage, finalize, plan_generator, release_generator
+    from qwen_batch.run.engine import denoise_stage, finalize, plan_generator, release_generator
 
     memory = plan.memory
     rss = RssPeak()
@@ -715,11 +715,11 @@ VARIANTS = {
     # cuBLAS-only autotune (ATEN_AUTOTUNE), with the packed text stream (the default since process h200-7).
     "bf16-compile-aten-autotune": ("bf16", "on", 4, {"compile_options": ATEN_AUTOTUNE}),
     "bf16-compile-bucket16": ("bf16", "on", 4, {"text_bucket": 16}),
-    # The text stream padded, as before packing (qwen_batch.packed_text) became the default; -pack is the
+    # The text stream padded, as before packing (qwen_batch.families.qwen_image.packed_text) became the default; -pack is the
     # default named, as measured in process h200-7.
     "bf16-compile-nopack": ("bf16", "on", 4, {"pack_text": False}),
     "bf16-compile-pack": ("bf16", "on", 4, {"pack_text": True}),
-    # RoPE as diffusers' complex multiply, which Inductor leaves to eager kernels (qwen_batch/rotary.py):
+    # RoPE as diffusers' complex multiply, which Inductor leaves to eager kernels (qwen_batch/families/qwen_image/rotary.py):
     # the default until session 6 of issue 17.
     "bf16-compile-complex-rotary": ("bf16", "on", 4, {"real_rotary": False}),
     # The engine as it was before issue 17's levers: SDPA with the mask, GELU a kernel of its own.
@@ -736,7 +736,7 @@ VARIANTS = {
     "fp8-compile-b4-nopack": ("fp8", "on", 4, {"pack_text": False}),
     # Every block linear in fp8, the image MLP's last one too (FP8_KEPT_BF16 emptied, which is what
     # `--fp8-every-linear` does through Placement.fp8_kept_bf16): a third of the image stream's GEMM FLOPs
-    # that the fp8 mode keeps in bf16 for quality by default (qwen_batch/memory_modes.py).
+    # that the fp8 mode keeps in bf16 for quality by default (qwen_batch/memory/placement.py).
     "fp8-compile-b4-all": ("fp8", "on", 4, {"fp8_kept_bf16": ()}),
     "fp8-compile-b8-all": ("fp8", "on", 8, {"fp8_kept_bf16": ()}),
     "fp8-compile-b4-all-complex-rotary": ("fp8", "on", 4, {"fp8_kept_bf16": (), "real_rotary": False}),
@@ -832,9 +832,9 @@ def levers(
     Inductor options for the compiled blocks, the text-length bucket, fp8 scales per `row` or `tensor`,
     the text stream packed to its real tokens (under FlashAttention-4), the block linears fp8 keeps in bf16,
     RoPE in real arithmetic (False: diffusers' complex multiply)."""
-    import qwen_batch.attention as attention_module
-    import qwen_batch.denoise as denoise_module
-    import qwen_batch.memory_modes as memory_modes
+    import qwen_batch.families.qwen_image.attention as attention_module
+    import qwen_batch.memory.placement as memory_modes
+    import qwen_batch.pipeline.denoise as denoise_module
 
     settings = [
         (attention_module, "ATTENTION_KERNEL", attention),
@@ -888,7 +888,7 @@ def run_attention(args) -> None:
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
     from bench.full_size import build_transformer
-    from qwen_batch.attention import BatchAttention
+    from qwen_batch.families.qwen_image.attention import BatchAttention
 
     transformer = build_transformer("cuda")
     rows, text = args.rows, 128
@@ -1001,7 +1001,7 @@ def _fp8_linear(linear: torch.nn.Linear, granularity) -> torch.nn.Linear:
 
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
 
-    from qwen_batch.memory_modes import FP8_SCALE_FLOOR
+    from qwen_batch.memory.placement import FP8_SCALE_FLOOR
 
     quantized = copy.deepcopy(linear)
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity, activation_value_lb=FP8_SCALE_FLOOR)

@@ -91,11 +91,11 @@ def storage_faults(workdir: Path) -> dict:
 
     import pyarrow.parquet as pq
 
-    import qwen_batch.storage
+    import qwen_batch.io.storage
     from qwen_batch.cli import main
-    from qwen_batch.storage import Folder
+    from qwen_batch.io.storage import Folder
 
-    qwen_batch.storage.RETRY_BASE_DELAY = 0.001
+    qwen_batch.io.storage.RETRY_BASE_DELAY = 0.001
     store = FaultyFileSystem.reset()
     manifest = write_manifest(
         workdir / "faults.parquet", [small_row(f"r{n}", f"prompt number {n}") for n in range(ROWS)]
@@ -103,11 +103,11 @@ def storage_faults(workdir: Path) -> dict:
     Folder("faulty://bucket").write_bytes("m.parquet", manifest.read_bytes())
     store.inject(transient_every=1)
     counter = _Count()
-    logging.getLogger("qwen_batch.storage").addHandler(counter)
+    logging.getLogger("qwen_batch.io.storage").addHandler(counter)
     try:
         code = main(["run", "faulty://bucket/m.parquet", "--output", "faulty://bucket/out", "--device", "cpu", "-q"])
     finally:
-        logging.getLogger("qwen_batch.storage").removeHandler(counter)
+        logging.getLogger("qwen_batch.io.storage").removeHandler(counter)
     calls, injected = store.calls, store.injected
     store.recover()
     table = pq.read_table(io.BytesIO(Folder("faulty://bucket/out").read_bytes("results.parquet"))).to_pylist()
@@ -124,7 +124,7 @@ def storage_faults(workdir: Path) -> dict:
 
 def out_of_memory(workdir: Path) -> dict:
     from qwen_batch.cli import main
-    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.pipeline.denoise import ImageGenerator
 
     rows = [small_row(f"r{n}", f"prompt number {n}") for n in range(3)] + [small_row("huge", "it never fits")]
     manifest = write_manifest(workdir / "oom.parquet", rows)

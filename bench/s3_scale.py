@@ -79,8 +79,8 @@ def manifest_table(rows: int) -> pa.Table:
 
 
 def bench_manifest(bucket_url: str, options: dict, rows: int) -> dict:
+    from qwen_batch.io.storage import Folder
     from qwen_batch.manifest import read_manifest
-    from qwen_batch.storage import Folder
 
     sink = io.BytesIO()
     pq.write_table(manifest_table(rows), sink)
@@ -102,10 +102,10 @@ def bench_manifest(bucket_url: str, options: dict, rows: int) -> dict:
 def bench_writer(bucket_url: str, options: dict, images: int, batch_size: int = 4) -> dict:
     from PIL import Image
 
+    from qwen_batch.io.storage import Folder
     from qwen_batch.manifest import Request
-    from qwen_batch.results import Record, ResultStore
-    from qwen_batch.storage import Folder
-    from qwen_batch.writer import BatchWriter
+    from qwen_batch.run.results import Record, ResultStore
+    from qwen_batch.run.writer import BatchWriter
 
     output = Folder(f"{bucket_url}/writer", options)
     rng = np.random.default_rng(0)
@@ -139,7 +139,7 @@ def bench_writer(bucket_url: str, options: dict, images: int, batch_size: int = 
 
 def bench_small_objects(bucket_url: str, options: dict, count: int = 300) -> dict:
     """The per-object cost of the store alone: 1 KiB PUTs, one at a time as a single writer thread does."""
-    from qwen_batch.storage import Folder
+    from qwen_batch.io.storage import Folder
 
     folder = Folder(f"{bucket_url}/small", options)
     started = time.perf_counter()
@@ -153,7 +153,7 @@ def bench_png_encoding(images: int = 20) -> dict:
     """The CPU cost of one 1024x1024 PNG with metadata, without any storage."""
     from PIL import Image
 
-    from qwen_batch.png import encode_png
+    from qwen_batch.run.png import encode_png
 
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((1024, 1024), Image.BICUBIC)
@@ -166,8 +166,8 @@ def bench_png_encoding(images: int = 20) -> dict:
 
 
 def bench_run(bucket_url: str, options: dict, rows: int) -> dict:
-    from qwen_batch.engine import RunConfig, run
-    from qwen_batch.storage import Folder
+    from qwen_batch.io.storage import Folder
+    from qwen_batch.run.engine import RunConfig, run
 
     table = manifest_table(rows)
     table = table.set_column(2, "width", pa.array([256] * rows, pa.int64()))
@@ -217,7 +217,7 @@ def main() -> None:
         endpoint = f"http://{host}:{port}"
     import s3fs
 
-    from qwen_batch.storage import s3_storage_options
+    from qwen_batch.io.storage import s3_storage_options
 
     options = s3_storage_options(endpoint_url=endpoint)
     bucket = args.bucket or f"qwen-batch-bench-{uuid.uuid4().hex[:8]}"

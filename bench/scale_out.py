@@ -73,7 +73,7 @@ def run_shard(args) -> None:
     import torch
 
     from bench.full_size import FULL_SIZE_MODEL, full_size_source
-    from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run
+    from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s shard {args.shard} %(name)s: %(message)s")
 
@@ -146,9 +146,9 @@ def merge_like_the_fanout(manifest: Path, output: Path):
 
     No model and no engine plan: only the manifest and the part files (flows/qwen_image_fanout.py).
     """
+    from qwen_batch.io.storage import Folder
     from qwen_batch.manifest import read_manifest
-    from qwen_batch.results import ResultStore
-    from qwen_batch.storage import Folder
+    from qwen_batch.run.results import ResultStore
 
     table, _ = ResultStore(Folder(str(output))).merge_parts(read_manifest(str(manifest)))
     return table
@@ -210,7 +210,7 @@ def predicted_tails(manifest: Path, gpus: int, batch_size: int) -> dict:
     import hashlib
 
     from qwen_batch.manifest import read_manifest
-    from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
+    from qwen_batch.run.sharding import assign_shards, idle_tail, shard_costs
 
     requests = read_manifest(str(manifest)).requests
     balanced = shard_costs(requests, assign_shards(requests, gpus, batch_size), gpus, batch_size)

@@ -5,7 +5,7 @@
     python bench/step_cache_gpu.py --tiny                           # a dry run on the CPU, tiny model, 256x256
 
 Random weights do not show how often a real model's residuals stay under a threshold, nor what caching does
-to a picture, so the per-row decisions of `first-block` are **forced** (`qwen_batch.step_cache.first_block.
+to a picture, so the per-row decisions of `first-block` are **forced** (`qwen_batch.pipeline.step_cache.first_block.
 FORCED`: the residual test still runs and still costs its copy, its answer is replaced) to a fraction of the
 steps. What that measures is real: the cost of a reused step against a full one, and of the per-row
 machinery. One `ImageGenerator` (full-size random transformer and VAE, `bench/full_size.py`, regional compile,
@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from bench.full_size import full_size_source
 from bench.qwen_image_gpu import ForwardTimer, gpu_peak_gib, levers, versions, write
-from qwen_batch.step_cache import first_block
-from qwen_batch.step_cache.first_block import FirstBlockRows
+from qwen_batch.pipeline.step_cache import first_block
+from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows
 
 FULL_STEPS, ROWS = 50, 4
 CFG = {"steps": FULL_STEPS, "true_cfg_scale": 4.0, "shift": None, "fractions": (1.0, 0.6, 0.4)}
@@ -118,9 +118,9 @@ def forced_decisions(forced, per_batch: bool):
 
 class Bench:
     def __init__(self, args):
-        from qwen_batch.denoise import ImageGenerator
         from qwen_batch.manifest import Request
-        from qwen_batch.memory_modes import Placement
+        from qwen_batch.memory.placement import Placement
+        from qwen_batch.pipeline.denoise import ImageGenerator
 
         self.args, self.started = args, time.perf_counter()
         self.device = "cpu" if args.tiny else "cuda"

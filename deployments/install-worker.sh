@@ -66,7 +66,7 @@ project() {
 
     # The worker's entry points must import: the CLI, the engine, the flows' libraries and each extra's.
     "$venv/bin/qwen-batch" --version
-    "$venv/bin/python" -c "import diffusers, peft, prefect, s3fs, qwen_batch.engine, qwen_batch.fusion"
+    "$venv/bin/python" -c "import diffusers, peft, prefect, s3fs, qwen_batch.run.engine, qwen_batch.adapters.fusion"
     case ",$extras," in *,gguf,*) "$venv/bin/python" -c "import gguf" ;; esac
     case ",$extras," in *,gpu,*) "$venv/bin/python" -c "import torchao" ;; esac
     case ",$extras," in *,control,*) "$venv/bin/python" -c "import cv2" ;; esac

@@ -14,11 +14,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from qwen_batch.adapters import MAX_LORA_SCALE, MAX_LORAS_PER_ROW, MIN_LORA_SCALE, run_lora
-from qwen_batch.engine import DEFAULT_MODEL, RunConfig
+from qwen_batch.adapters.loras import MAX_LORA_SCALE, MAX_LORAS_PER_ROW, MIN_LORA_SCALE, run_lora
+from qwen_batch.io.storage import StorageOptions, s3_storage_options
 from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT
-from qwen_batch.step_cache.spec import normalized
-from qwen_batch.storage import StorageOptions, s3_storage_options
+from qwen_batch.pipeline.step_cache.spec import normalized
+from qwen_batch.run.engine import DEFAULT_MODEL, RunConfig
 
 # The first run's manifest: eight rows that show the features in under a minute on a laptop CPU.
 # prompts/example.parquet (24 prompts at full sizes and 50 steps) is the one for real use.

@@ -1,11 +1,11 @@
 """The Prefect flow `qwen-image-batch`: a manifest of prompts, or one shard of it, to images.
 
-A thin adapter over `qwen_batch.engine`, in the engine's own stages:
+A thin adapter over `qwen_batch.run.engine`, in the engine's own stages:
 
 1. **validate**: read and check the manifest, decide which rows to generate (resume); no model loads;
 2. **encode**: every prompt into the embedding cache; the text encoder loads once, then is freed;
 3. **denoise**: one task per chunk of whole batches (tens of rows), with the transformer loaded once
-   per flow run in this process and reused by every chunk (`qwen_batch.engine.load_generator`);
+   per flow run in this process and reused by every chunk (`qwen_batch.run.engine.load_generator`);
 4. **finalize**: merge the part files into `results.parquet`, then publish the report (flows/report.py).
 
 Tasks get the plan in memory, wrapped in `quote` so Prefect does not walk its rows, and return small
@@ -50,8 +50,11 @@ from flows.report import (
     publish_report,
 )
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
-from qwen_batch.encode import EncodeStats
-from qwen_batch.engine import (
+from qwen_batch.errors import QwenBatchError
+from qwen_batch.manifest import Request
+from qwen_batch.pipeline.encode import EncodeStats
+from qwen_batch.progress import show_library_progress_bars
+from qwen_batch.run.engine import (
     DenoiseStats,
     RunPlan,
     Summary,
@@ -63,10 +66,7 @@ from qwen_batch.engine import (
     plan_run,
     release_generator,
 )
-from qwen_batch.errors import QwenBatchError
-from qwen_batch.manifest import Request
-from qwen_batch.progress import show_library_progress_bars
-from qwen_batch.results import OK
+from qwen_batch.run.results import OK
 
 FLOW_NAME = "qwen-image-batch"
 

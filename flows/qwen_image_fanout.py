@@ -2,7 +2,7 @@
 
 1. **check**: read and validate the manifest; a manifest-level error stops here, before any shard starts;
 2. **start** `shards` runs of the `qwen-image-batch/shard` deployment with `run_deployment`, shard K of N
-   being the rows dealt to K by predicted cost (`qwen_batch.sharding`: balanced, disjoint). They show as
+   being the rows dealt to K by predicted cost (`qwen_batch.run.sharding`: balanced, disjoint). They show as
    child runs of this one in the UI, and the workers of the `gpu` pool pick them up, one per GPU;
 3. **wait** for all of them, however long they take: a batch may run for days, and Prefect's own
    waiter (`prefect.flow_runs.wait_for_flow_run`) gives up after 3 hours by default;
@@ -37,12 +37,12 @@ from prefect.utilities.hashing import file_hash
 from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import MAX_PROBLEMS_SHOWN, SAMPLE_IMAGES, RowsFailed, artifact_key, number, publish_report
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
-from qwen_batch.fleet import plan_fleet
+from qwen_batch.io.storage import Folder
 from qwen_batch.manifest import Manifest, read_manifest
-from qwen_batch.planner import Job, Machine
-from qwen_batch.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
-from qwen_batch.sharding import assign_shards, idle_tail, shard_costs
-from qwen_batch.storage import Folder
+from qwen_batch.memory.fleet import plan_fleet
+from qwen_batch.memory.planner import Job, Machine
+from qwen_batch.run.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
+from qwen_batch.run.sharding import assign_shards, idle_tail, shard_costs
 
 FLOW_NAME = "qwen-image-fanout"
 NOT_STARTED_WARNING_SECONDS = 600

@@ -30,8 +30,8 @@ from prefect.artifacts import (
 )
 
 from qwen_batch.errors import QwenBatchError
-from qwen_batch.results import IMAGES_FOLDER
-from qwen_batch.storage import Folder, read_url
+from qwen_batch.io.storage import Folder, read_url
+from qwen_batch.run.results import IMAGES_FOLDER
 
 MAX_PROBLEMS_SHOWN = 50  # rows listed in the UI; results.parquet has them all
 SAMPLE_IMAGES = 4

@@ -5,7 +5,7 @@
   results. So Prefect never hashes an input nor serialises a result: no tensor or model can reach it.
   A task's real outcome is on storage (images, part files, the cache, results.parquet).
 - **Retries only for storage I/O that may pass** (`STORAGE_RETRIES`): a network error, a timeout,
-  throttling, a 5xx. The storage layer (`qwen_batch.storage`) already retries those a few times within
+  throttling, a 5xx. The storage layer (`qwen_batch.io.storage`) already retries those a few times within
   seconds; a task retry, 10 to 40 s later, rides out a longer outage. A missing file, denied access,
   an invalid manifest or parameter, a model that does not load, or a row that failed to generate
   (recorded in the results, never raised) are not retried: the next attempt would fail the same way.
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from qwen_batch.errors import StorageError
-from qwen_batch.storage import is_transient
+from qwen_batch.io.storage import is_transient
 
 
 def is_transient_storage_failure(error: BaseException | None) -> bool:

@@ -4,7 +4,7 @@
 
 A product photo (a bottle on a table, drawn with Pillow, no randomness), the mask of its background
 (white repaints, black keeps the bottle), and the photo's canny edges made with OpenCV (the same
-`qwen_batch.control_preprocess` a row's `control_preprocess: canny` runs in stage 1), so the example has a
+`qwen_batch.pipeline.conditions.control_preprocess` a row's `control_preprocess: canny` runs in stage 1), so the example has a
 ready control image as well as a row that makes its own. `conditions_example.jsonl` names them relative to
 the manifest's folder. Run it:
 
@@ -44,7 +44,7 @@ def background_mask() -> Image.Image:
 
 
 def draw_inputs() -> list[Path]:
-    from qwen_batch.control_preprocess import preprocess
+    from qwen_batch.pipeline.conditions.control_preprocess import preprocess
 
     INPUTS.mkdir(exist_ok=True)
     photo = product_photo()

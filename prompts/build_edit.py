@@ -112,7 +112,7 @@ INPUT_IMAGES: dict[str, tuple[Callable[[], Image.Image], Callable[[Image.Image, 
 
 def draw_inputs(folder: Path = INPUTS) -> list[Path]:
     """Write the input images; check each reads back upright as drawn through qwen-batch's loader."""
-    from qwen_batch.input_image import load_input_image
+    from qwen_batch.io.input_images import load_input_image
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []

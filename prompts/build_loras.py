@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qwen_batch.tiny_lora import write_tiny_lora
+from qwen_batch.tiny.lora import write_tiny_lora
 
 HERE = Path(__file__).parent
 LORAS = HERE / "loras"

@@ -231,13 +231,13 @@ def _add_input_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _single_file_formats() -> tuple[str, ...]:
-    from qwen_batch.single_file import FORMATS
+    from qwen_batch.weights.single_file import FORMATS
 
     return FORMATS
 
 
 def _lora_formats() -> tuple[str, ...]:
-    from qwen_batch.tiny_lora import FORMATS
+    from qwen_batch.tiny.lora import FORMATS
 
     return FORMATS
 
@@ -276,7 +276,7 @@ def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _memory_mode_choices() -> tuple[str, ...]:
-    from qwen_batch.planner import MEMORY_MODES
+    from qwen_batch.memory.planner import MEMORY_MODES
 
     return MEMORY_MODES
 
@@ -323,7 +323,7 @@ def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _storage_options(args: argparse.Namespace):
-    from qwen_batch.storage import s3_storage_options
+    from qwen_batch.io.storage import s3_storage_options
 
     return s3_storage_options(args.s3_endpoint_url, args.s3_region, args.s3_profile, args.s3_anonymous)
 
@@ -355,9 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen_batch.adapters import parse_lora_option
-    from qwen_batch.engine import RunConfig, run
+    from qwen_batch.adapters.loras import parse_lora_option
     from qwen_batch.progress import ProgressBars, show_library_progress_bars
+    from qwen_batch.run.engine import RunConfig, run
 
     config = RunConfig(
         manifest=args.manifest,
@@ -428,7 +428,7 @@ def format_summary(summary) -> str:
             ("adapters", f"{summary.denoise.adapter_fuses} sets fused, {seconds(summary.denoise.adapter_seconds)}")
         )
     if summary.denoise.cached_steps:
-        from qwen_batch.step_cache import step_cache_line
+        from qwen_batch.pipeline.step_cache import step_cache_line
 
         rows.append(
             ("step cache", step_cache_line(summary.denoise.cached_steps_computed, summary.denoise.cached_steps))
@@ -460,7 +460,7 @@ def _plan(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    from qwen_batch.planner import (
+    from qwen_batch.memory.planner import (
         DISK_GBPS,
         DISK_SPEED_ENV,
         Job,
@@ -492,7 +492,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.gpus is None:
         print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.report())
         return EXIT_OK
-    from qwen_batch.fleet import plan_fleet
+    from qwen_batch.memory.fleet import plan_fleet
 
     fleet = plan_fleet(machine, job, args.gpus, args.memory_mode, args.gpus_per_host)
     if args.json:
@@ -504,25 +504,25 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _planned_weights(location: str):
     """A --transformer file as the planner sees it: kind and sizes from its header (nothing loaded)."""
-    from qwen_batch.planner import WeightsSummary
-    from qwen_batch.transformer_source import TransformerWeights, file_tensors, open_transformer_file
+    from qwen_batch.memory.planner import WeightsSummary
+    from qwen_batch.weights.transformer_file import TransformerWeights, file_tensors, open_transformer_file
 
     file = open_transformer_file(location)
     return WeightsSummary.of(TransformerWeights(config={}, tensors=file_tensors(file)[0], file=file))
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from qwen_batch.tiny_model import write_tiny_model
+    from qwen_batch.tiny.model import write_tiny_model
 
     if args.format != "diffusers":
-        from qwen_batch.model_source import ensure_tiny_model
-        from qwen_batch.single_file import write_model_transformer_file
+        from qwen_batch.weights.model_source import ensure_tiny_model
+        from qwen_batch.weights.single_file import write_model_transformer_file
 
         path = write_model_transformer_file(ensure_tiny_model(args.task), args.directory, args.format)
         print(f"wrote the tiny model's transformer as one {args.format} file to {path} (use it with --model tiny)")
         return EXIT_OK
     if args.task.startswith("controlnet"):
-        from qwen_batch.tiny_controlnet import write_tiny_controlnet
+        from qwen_batch.tiny.controlnet import write_tiny_controlnet
 
         kind = "inpaint" if args.task == "controlnet-inpaint" else "union"
         folder = write_tiny_controlnet(args.directory, kind, seed=args.seed)
@@ -535,7 +535,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _tiny_lora(args: argparse.Namespace) -> int:
-    from qwen_batch.tiny_lora import write_tiny_lora
+    from qwen_batch.tiny.lora import write_tiny_lora
 
     path = write_tiny_lora(args.model, args.output, rank=args.rank, layout=args.format, seed=args.seed)
     print(f"wrote a random rank-{args.rank} LoRA ({args.format} keys) for {args.model} to {path}")

@@ -22,11 +22,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from qwen_batch.adapters import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
+from qwen_batch.adapters.loras import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
 from qwen_batch.errors import ConfigError, ManifestError, StorageError
-from qwen_batch.input_urls import InputLocationError, InputPolicy
-from qwen_batch.step_cache.spec import StepCacheError, normalized
-from qwen_batch.storage import read_url
+from qwen_batch.io.input_urls import InputLocationError, InputPolicy
+from qwen_batch.io.storage import read_url
+from qwen_batch.pipeline.step_cache.spec import StepCacheError, normalized
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_NEGATIVE_PROMPT = " "  # a blank negative prompt still turns true CFG on, as the model card does
@@ -85,7 +85,7 @@ CONTROL_START_COLUMN, CONTROL_END_COLUMN, CONTROL_PREPROCESS_COLUMN = (
 CONTROL_COLUMNS = (CONTROL_IMAGE_COLUMN, CONTROL_SCALE_COLUMN, CONTROL_START_COLUMN, CONTROL_END_COLUMN,
                    CONTROL_PREPROCESS_COLUMN)  # fmt: skip
 MAX_CONTROL_IMAGES = 4
-# Step caching per row (qwen_batch.step_cache, docs/step-cache.md): none, first-block:T[,warmup=N] or
+# Step caching per row (qwen_batch.pipeline.step_cache, docs/step-cache.md): none, first-block:T[,warmup=N] or
 # taylorseer[:...].
 STEP_CACHE_COLUMN = "step_cache"
 # The columns of rows that bring more than text (image-to-image, inpainting, ControlNet).
@@ -163,7 +163,7 @@ class Request:
     mask_crop_padding: int | None = None
     controls: tuple[ControlRef, ...] = ()  # ControlNet rows: the control images, in order, with their scales
     control_range: tuple[float, float] = (0.0, 1.0)  # the part of the schedule the ControlNet acts on
-    step_cache: str | None = None  # the normalized step-cache spec (qwen_batch.step_cache.spec); None: none
+    step_cache: str | None = None  # the normalized step-cache spec (qwen_batch.pipeline.step_cache.spec); None: none
 
     @property
     def starts_from_image(self) -> bool:
@@ -686,7 +686,7 @@ def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...
 def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     """control_image (one or a list), control_scale (one for all, or one each), control_start/end, and
     control_preprocess: checked together."""
-    from qwen_batch.control_preprocess import ControlPreprocessError, check_preprocess
+    from qwen_batch.pipeline.conditions.control_preprocess import ControlPreprocessError, check_preprocess
 
     raw = values.get(CONTROL_IMAGE_COLUMN)
     if rules.edit:

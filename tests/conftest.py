@@ -33,7 +33,7 @@ def _isolated_home(qwen_batch_home: Path, monkeypatch: pytest.MonkeyPatch) -> No
 def tiny_model(qwen_batch_home: Path) -> Path:
     """The folder of the tiny model, as `--model tiny` resolves it."""
     os.environ["QWEN_BATCH_HOME"] = str(qwen_batch_home)
-    from qwen_batch.model_source import ensure_tiny_model
+    from qwen_batch.weights.model_source import ensure_tiny_model
 
     return ensure_tiny_model()
 

@@ -108,7 +108,7 @@ def _ok_ids(output: Path) -> set[str]:
 
 def run_crash_trial(point: str, nth: int, workdir: Path) -> CrashTrial:
     """Kill a run of ROWS rows at `point`, then run the same job again in this process."""
-    from qwen_batch.engine import RunConfig, run
+    from qwen_batch.run.engine import RunConfig, run
 
     workdir.mkdir(parents=True, exist_ok=True)
     manifest = write_manifest(workdir / "m.parquet", [small_row(f"row-{n}", f"prompt number {n}") for n in range(ROWS)])

@@ -8,7 +8,7 @@
 - `recording_generate(...)`: a stand-in for `ImageGenerator.generate` that records the batches and
   raises CUDA's OutOfMemoryError for those a test chooses.
 
-Mid-write kills replace `open` inside `qwen_batch.storage` (the one module that writes files) with one
+Mid-write kills replace `open` inside `qwen_batch.io.storage` (the one module that writes files) with one
 whose nth matching file dies after writing half its bytes: exactly what a crash during a write leaves.
 """
 
@@ -57,7 +57,7 @@ class _DiesMidWrite:
 
 
 def _kill_mid_write(matches: Callable[[str], bool], nth: int) -> None:
-    import qwen_batch.storage
+    import qwen_batch.io.storage
 
     lock, seen = threading.Lock(), [0]
 
@@ -70,7 +70,7 @@ def _kill_mid_write(matches: Callable[[str], bool], nth: int) -> None:
             hit = seen[0] == nth
         return _DiesMidWrite(handle) if hit else handle
 
-    qwen_batch.storage.open = open_that_dies  # shadows the builtin for that module only
+    qwen_batch.io.storage.open = open_that_dies  # shadows the builtin for that module only
 
 
 def _kill_on_call(owner: Any, name: str, nth: int, matches: Callable[..., bool] = lambda *a, **k: True) -> None:
@@ -100,7 +100,7 @@ def _kill_at_step(nth: int) -> None:
 
 
 def _kill_at_part_removal(nth: int) -> None:
-    from qwen_batch.storage import Folder
+    from qwen_batch.io.storage import Folder
 
     _kill_on_call(Folder, "remove", nth, lambda folder, relative: relative.startswith("_parts/"))
 
@@ -136,9 +136,9 @@ _PRELOAD = [
     "diffusers.pipelines.qwenimage.pipeline_qwenimage",
     "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
     "qwen_batch.cli",
-    "qwen_batch.engine",
-    "qwen_batch.denoise",
-    "qwen_batch.encode",
+    "qwen_batch.run.engine",
+    "qwen_batch.pipeline.denoise",
+    "qwen_batch.pipeline.encode",
     "tests.faults",
 ]
 
@@ -294,7 +294,7 @@ def recording_generate(calls: list[list[str]], out_of_memory_for: Callable[[list
     CUDA's OutOfMemoryError, as a GPU would, for the batches `out_of_memory_for(ids)` picks."""
     import torch
 
-    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.pipeline.denoise import ImageGenerator
 
     real_generate = ImageGenerator.generate
 

@@ -91,21 +91,21 @@ def fa4_layout(monkeypatch, packed: bool) -> list:
     stand-in of `prefix_attention`, as the CPU has no FlashAttention-4), the text stream packed to its
     real tokens or padded. Returns a list that gains each packed text's length each time a batch's text is
     packed."""
-    import qwen_batch.attention
-    import qwen_batch.denoise
-    import qwen_batch.packed_text
+    import qwen_batch.families.qwen_image.attention
+    import qwen_batch.families.qwen_image.packed_text
+    import qwen_batch.pipeline.denoise
 
     packs = []
-    pack_text = qwen_batch.packed_text.pack_text
-    monkeypatch.setattr(qwen_batch.attention, "fa4_available", lambda device, dtype: True)
-    monkeypatch.setattr(qwen_batch.denoise, "PACK_TEXT", packed)
+    pack_text = qwen_batch.families.qwen_image.packed_text.pack_text
+    monkeypatch.setattr(qwen_batch.families.qwen_image.attention, "fa4_available", lambda device, dtype: True)
+    monkeypatch.setattr(qwen_batch.pipeline.denoise, "PACK_TEXT", packed)
 
     def packing(*args):
         packed = pack_text(*args)
         packs.append(packed[0].shape[1])
         return packed
 
-    monkeypatch.setattr(qwen_batch.packed_text, "pack_text", packing)
+    monkeypatch.setattr(qwen_batch.families.qwen_image.packed_text, "pack_text", packing)
     return packs
 
 

@@ -21,13 +21,13 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_batch.adapters import LoraRef, parse_lora_option, run_lora
+from qwen_batch.adapters.loras import LoraRef, parse_lora_option, run_lora
 from qwen_batch.cli import main
-from qwen_batch.engine import RunConfig, plan_run, run
 from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
-from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
-from qwen_batch.tiny_lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
+from qwen_batch.run.engine import RunConfig, plan_run, run
+from qwen_batch.run.png import PARAMETERS_KEY, read_png_metadata
+from qwen_batch.tiny.lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
 from tests.support import (
     differing_images,
     diffusers_adapters,
@@ -100,7 +100,7 @@ def test_rows_with_adapters_and_shifts_match_diffusers_alone_and_batched(runs, t
 
 
 def test_adapters_fuse_the_same_with_the_text_stream_packed(runs, tmp_path, monkeypatch):
-    """Packing swaps the class of each block's text modulation (qwen_batch.packed_text); the adapters,
+    """Packing swaps the class of each block's text modulation (qwen_batch.families.qwen_image.packed_text); the adapters,
     which target those modules by name too, still fuse into them: every row as on the padded path."""
     manifest, outputs, _ = runs
     packs = fa4_layout(monkeypatch, packed=True)
@@ -193,8 +193,8 @@ def write_bad_adapters(folder):
 
 
 def _tiny_layout():
-    from qwen_batch.adapters import transformer_layout
-    from qwen_batch.model_source import resolve_model
+    from qwen_batch.adapters.loras import transformer_layout
+    from qwen_batch.weights.model_source import resolve_model
 
     return transformer_layout(resolve_model("tiny"))
 
@@ -218,13 +218,13 @@ def test_unusable_adapters_make_only_their_rows_invalid_before_any_model_loads(t
     manifest = write_manifest(manifest_folder / "m.parquet", rows)
     config = RunConfig(str(manifest), str(tmp_path / "out"), device="cpu")
 
-    import qwen_batch.model_source
+    import qwen_batch.weights.model_source
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded while planning")
 
     with monkeypatch.context() as patched:
-        patched.setattr(qwen_batch.model_source, "load_pipeline", no_loading)
+        patched.setattr(qwen_batch.weights.model_source, "load_pipeline", no_loading)
         plan = plan_run(config)
     reasons = {row.id: row.reason for row in plan.manifest.invalid}
     assert set(reasons) == set(cases)
@@ -343,8 +343,8 @@ def test_tiny_lora_command_writes_adapters_diffusers_loads(tmp_path, tiny_model,
 def test_adapters_on_s3_are_fetched_once_into_the_local_cache(
     tmp_path, tiny_model, s3_endpoint, s3, bucket, monkeypatch
 ):
-    import qwen_batch.adapters
-    from qwen_batch.adapters import adapter_cache_folder
+    import qwen_batch.adapters.loras
+    from qwen_batch.adapters.loras import adapter_cache_folder
     from tests.s3_server import upload_manifest
 
     path = write_tiny_lora("tiny", tmp_path / "style.safetensors", seed=4)
@@ -352,13 +352,13 @@ def test_adapters_on_s3_are_fetched_once_into_the_local_cache(
     rows = [small_row(f"r{n}", "a fox", seed=n, loras=[lora("loras/style.safetensors")]) for n in range(3)]
     manifest = upload_manifest(s3, bucket, "job/m.parquet", rows, tmp_path)
     fetched = []
-    original = qwen_batch.adapters.read_url
+    original = qwen_batch.adapters.loras.read_url
 
     def counting(url, options=None):
         fetched.append(url)
         return original(url, options)
 
-    monkeypatch.setattr(qwen_batch.adapters, "read_url", counting)
+    monkeypatch.setattr(qwen_batch.adapters.loras, "read_url", counting)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     summary = run(RunConfig(manifest, f"s3://{bucket}/out", device="cpu", batch_size=2))
     assert summary.exit_code == 0 and summary.generated == 3
@@ -372,7 +372,7 @@ def test_switching_adapters_never_recompiles_compiled_blocks(tmp_path, tiny_mode
     import torch._dynamo
     from diffusers import QwenImagePipeline
 
-    from qwen_batch.fusion import AdapterFusion
+    from qwen_batch.adapters.fusion import AdapterFusion
 
     refs = []
     for seed in (1, 2):

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from qwen_batch.model_source import resolve_model
-from qwen_batch.tiny_lora import write_tiny_lora
+from qwen_batch.run.engine import RunConfig, run
+from qwen_batch.tiny.lora import write_tiny_lora
+from qwen_batch.weights.model_source import resolve_model
 from tests.support import diffusers_adapters, pixels
 from tests.test_edit import SMALL, TOLERANCE, as_png, diffusers_edit, edit_row, write_edit_manifest
 from tests.test_edit import inputs as inputs  # the module-scoped fixture of input images

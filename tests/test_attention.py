@@ -1,4 +1,4 @@
-"""The text mask through `attention_kwargs` (qwen_batch/attention.py) is diffusers' masked arithmetic,
+"""The text mask through `attention_kwargs` (qwen_batch/families/qwen_image/attention.py) is diffusers' masked arithmetic,
 bit for bit on the CPU, without handing the mask to the transformer (which syncs with the GPU); the
 `fa4` layout (each row's real tokens a prefix, attended by `prefix_attention`) gives the same images
 up to rounding. Where FlashAttention-4 is absent (here) `prefix_attention` runs its masked SDPA
@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_batch.attention import ATTENTION_ENV, BatchAttention, choose_kernel, prefix_attention, use_batch_attention
+from qwen_batch.families.qwen_image.attention import (
+    ATTENTION_ENV,
+    BatchAttention,
+    choose_kernel,
+    prefix_attention,
+    use_batch_attention,
+)
 
 
 def _transformer(tiny_model):
@@ -97,7 +103,7 @@ def test_a_broken_flash_attention_4_install_falls_back_to_sdpa_and_says_why(monk
     import sys
     import types
 
-    import qwen_batch.attention as attention
+    import qwen_batch.families.qwen_image.attention as attention
 
     class Broken(types.ModuleType):
         def __getattr__(self, name):

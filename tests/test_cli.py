@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.png import read_png_metadata
+from qwen_batch.run.png import read_png_metadata
 from tests.support import small_row, write_manifest
 
 RESULT_COLUMNS = [
@@ -187,7 +187,7 @@ def test_a_failing_row_does_not_stop_the_others(tmp_path, tiny_model, capsys):
     cache = tmp_path / "cache"
     run_cli("run", str(manifest), "--output", str(tmp_path / "one"), "--cache", str(cache), "--device", "cpu")
     # Corrupt the cached embedding of "a dog": its row fails in stage 2, the other still runs.
-    from qwen_batch.cache import text_key
+    from qwen_batch.pipeline.embedding_cache import text_key
 
     key = text_key("a dog")
     (entry,) = cache.rglob(f"{key}.safetensors")
@@ -265,7 +265,7 @@ def test_a_model_that_cannot_be_loaded_exits_2_with_the_fix(tmp_path, capsys):
 
 def test_shards_split_the_rows_and_an_unsharded_run_merges_them(tmp_path, tiny_model, capsys):
     from qwen_batch.manifest import read_manifest
-    from qwen_batch.sharding import assign_shards
+    from qwen_batch.run.sharding import assign_shards
 
     rows = [small_row(f"row-{n}", f"prompt number {n}") for n in range(6)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)

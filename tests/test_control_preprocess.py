@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_batch.control_preprocess import ControlPreprocessError, check_preprocess, preprocess
 from qwen_batch.errors import QwenBatchError
+from qwen_batch.pipeline.conditions.control_preprocess import ControlPreprocessError, check_preprocess, preprocess
 
 SIZE = (96, 64)  # width, height: not square, so a swapped width and height shows
 BOX = (24, 16, 72, 48)  # left, top, right, bottom of the square

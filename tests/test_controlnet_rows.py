@@ -1,6 +1,6 @@
 """ControlNet rows: diffusers' `QwenImageControlNetPipeline` row for row (one control image, and several
 through `QwenImageMultiControlNetModel`, with scales and a start/end range), alone and batched with plain
-rows, on the tiny model and its tiny Union ControlNet (`qwen_batch.tiny_controlnet`), within 2/255."""
+rows, on the tiny model and its tiny Union ControlNet (`qwen_batch.tiny.controlnet`), within 2/255."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from qwen_batch.engine import RunConfig, plan_run, run
 from qwen_batch.errors import ConfigError
 from qwen_batch.manifest import read_manifest
+from qwen_batch.run.engine import RunConfig, plan_run, run
 from tests.support import diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
@@ -34,7 +34,7 @@ def _edges(path, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def controlnet(qwen_batch_home, tiny_model):
-    from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+    from qwen_batch.tiny.controlnet import ensure_tiny_controlnet
 
     return ensure_tiny_controlnet("union")
 
@@ -208,8 +208,8 @@ def test_the_controlnet_takes_the_runs_memory_mode(controlnet):
     """Under fp8 the ControlNet's block linears are stored in fp8 like the transformer's (here on the CPU: fp8
     storage, upcast per layer), the sensitive layers and everything outside the blocks kept; its residuals stay
     close to the bf16 ones. GGUF (a transformer file's format) leaves a ControlNet folder resident."""
-    from qwen_batch.conditions.controlnet import ControlNetSource
-    from qwen_batch.memory_modes import Placement
+    from qwen_batch.memory.placement import Placement
+    from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
 
     source = ControlNetSource(str(controlnet))
     reference, done = source.load("cpu", torch.float32, Placement("bf16"))
@@ -234,8 +234,8 @@ def test_compiled_controlnet_blocks_compile_once_for_every_text_length(controlne
     fail), dynamo compiles them again at the second length. Dynamo traces only (the eager backend)."""
     import torch._dynamo
 
-    from qwen_batch.conditions.controlnet import compile_once_for_every_text_length
-    from qwen_batch.engine import denoise_stage, encode_stage, plan_generator, release_generator
+    from qwen_batch.pipeline.conditions.controlnet import compile_once_for_every_text_length
+    from qwen_batch.run.engine import denoise_stage, encode_stage, plan_generator, release_generator
 
     edges = _edges(tmp_path / "edges.png", 0)
     prompts = [
@@ -279,7 +279,7 @@ def test_control_rows_run_in_every_memory_mode_on_the_gpu(setup, controlnet, tmp
     manifest, _, _ = setup
     output = tmp_path / "out"
     flags = ["--memory-mode", *mode.split(), "--batch-size", "4", "-q"]
-    with caplog.at_level("INFO", logger="qwen_batch.engine"):
+    with caplog.at_level("INFO", logger="qwen_batch.run.engine"):
         code = main(
             ["run", str(manifest), "-o", str(output), "--device", "cuda", "--controlnet", str(controlnet), *flags]
         )
@@ -336,7 +336,7 @@ def test_controlnet_inpainting_rows_match_diffusers(inpaint_setup, tiny_model):
     seed, so a row's image never depends on what ran before it."""
     from diffusers import QwenImageControlNetInpaintPipeline, QwenImageControlNetModel
 
-    from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+    from qwen_batch.tiny.controlnet import ensure_tiny_controlnet
 
     manifest, outputs = inpaint_setup
     net = QwenImageControlNetModel.from_pretrained(str(ensure_tiny_controlnet("inpaint")), torch_dtype=torch.float32)

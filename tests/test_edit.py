@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, run
 from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
-from qwen_batch.model_source import resolve_model
-from qwen_batch.png import read_png_metadata
+from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, run
+from qwen_batch.run.png import read_png_metadata
+from qwen_batch.weights.model_source import resolve_model
 from tests.support import differing_images, diffusers_reference, fa4_layout, pixels
 
 TOLERANCE = 2  # of 255
@@ -275,7 +275,7 @@ def test_the_edit_encoder_follows_the_memory_mode(inputs, tmp_path):
 
 
 def test_the_edit_encoder_out_of_gpu_memory_halves_its_batch(inputs, tmp_path, monkeypatch):
-    from qwen_batch.edit import EditEncoder
+    from qwen_batch.pipeline.conditions.edit import EditEncoder
 
     original = EditEncoder.encode_texts
     sizes: list[int] = []

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from qwen_batch.model_source import resolve_model
+from qwen_batch.run.engine import RunConfig, run
+from qwen_batch.weights.model_source import resolve_model
 from tests.support import diffusers_reference, pixels
 from tests.test_edit import edit_row, make_input, write_edit_manifest
 

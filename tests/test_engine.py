@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, pending, plan_run
+from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, pending, plan_run
 from tests.support import small_row, write_manifest
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from qwen_batch.cli import main
-from qwen_batch.fleet import PER_GPU_EFFICIENCY, plan_fleet, scaling
-from qwen_batch.planner import Job, Machine, plan_memory
+from qwen_batch.memory.fleet import PER_GPU_EFFICIENCY, plan_fleet, scaling
+from qwen_batch.memory.planner import Job, Machine, plan_memory
 
 
 def options(fleet) -> dict:

@@ -21,8 +21,8 @@ from flows.qwen_image_batch import make_chunks, qwen_image_batch
 from flows.qwen_image_fanout import qwen_image_fanout
 from flows.task_policy import STORAGE_RETRIES, is_transient_storage_failure, retry_on_storage_errors
 from qwen_batch.errors import ManifestError, NotFoundError, StorageError
+from qwen_batch.io.storage import Folder
 from qwen_batch.manifest import Request
-from qwen_batch.storage import Folder
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWS = [(qwen_image_batch, BatchParameters), (qwen_image_fanout, FanoutParameters)]
@@ -83,7 +83,7 @@ def test_each_shard_run_gets_the_job_and_its_shard():
 
 
 def test_adapters_and_shift_reach_the_run_and_every_shard(tmp_path, monkeypatch):
-    from qwen_batch.adapters import LoraRef
+    from qwen_batch.adapters.loras import LoraRef
 
     monkeypatch.chdir(tmp_path)  # a relative path is the worker's, from its working directory
     loras = [{"path": "loras/lightning.safetensors", "scale": 1.0}, {"path": "s3://b/style.safetensors", "scale": 0.5}]
@@ -123,7 +123,7 @@ def test_chunks_are_whole_batches_and_10000_rows_are_hundreds_of_tasks_not_thous
     assert sorted(row.index for chunk in chunks for row in chunk) == list(range(10_000)), "every row once"
     assert all(len(chunk) <= 32 for chunk in chunks)
     # No batch is split between chunks: a chunk's batches are the batches of the whole run.
-    from qwen_batch.engine import make_batches
+    from qwen_batch.run.engine import make_batches
 
     assert [batch for chunk in chunks for batch in make_batches(chunk, 4)] == make_batches(rows, 4)
 

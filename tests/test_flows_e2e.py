@@ -16,7 +16,7 @@ import pytest
 
 from flows.parameters import BatchParameters
 from qwen_batch.manifest import read_manifest
-from qwen_batch.sharding import assign_shards
+from qwen_batch.run.sharding import assign_shards
 from tests.prefect_server import PrefectStack
 from tests.support import small_row, write_manifest
 
@@ -243,10 +243,10 @@ def corrupt_cache_entry(cache: Path, text: str) -> Path:
     """Put an unreadable embedding for `text` where the tiny model's cache looks for it."""
     import torch
 
-    from qwen_batch.cache import text_key
-    from qwen_batch.encode import open_cache
-    from qwen_batch.model_source import resolve_model
-    from qwen_batch.storage import Folder
+    from qwen_batch.io.storage import Folder
+    from qwen_batch.pipeline.embedding_cache import text_key
+    from qwen_batch.pipeline.encode import open_cache
+    from qwen_batch.weights.model_source import resolve_model
 
     namespace = open_cache(Folder(str(cache)), resolve_model("tiny"), torch.float32).namespace
     key = text_key(text)

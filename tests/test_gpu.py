@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, release_generator
+from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, release_generator
 from tests.support import diffusers_reference, small_row, write_manifest
 
 pytestmark = pytest.mark.gpu

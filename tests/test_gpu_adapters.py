@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_batch.engine import RunConfig, release_generator, run
-from qwen_batch.memory_modes import fp8_compute_available
-from qwen_batch.tiny_lora import write_tiny_lora
+from qwen_batch.memory.placement import fp8_compute_available
+from qwen_batch.run.engine import RunConfig, release_generator, run
+from qwen_batch.tiny.lora import write_tiny_lora
 from tests.support import pixels, small_row, write_manifest
 
 pytestmark = pytest.mark.gpu
@@ -98,10 +98,10 @@ def test_offload_streams_the_fused_weights(manifests, monkeypatch):
     tiny random model amplifies (measured on an H200: 2.4-2.7/255 against adapter effects of 8-12/255).
     Resident runs here with the feed-forwards' GELU as a kernel of its own, as offload does: its GEMM
     epilogue rounds once instead of twice, a difference the tiny model amplifies as much (2.5/255)."""
-    import qwen_batch.memory_modes
+    import qwen_batch.memory.placement
 
     manifest, _, folder = manifests
-    monkeypatch.setattr(qwen_batch.memory_modes, "GELU_EPILOGUE", False)
+    monkeypatch.setattr(qwen_batch.memory.placement, "GELU_EPILOGUE", False)
     resident = generate(manifest, folder, "resident", "bf16", compile_="off")
     offload = generate(manifest, folder, "offload", "offload", compile_="off")
     figures = {}

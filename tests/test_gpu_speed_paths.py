@@ -1,13 +1,13 @@
 """On a CUDA GPU (`pytest -m gpu`): the fast paths of stage 2 keep the arithmetic and never wait.
 
-- Batch attention (qwen_batch/attention.py) takes the text mask past the transformer; its `fa4`
+- Batch attention (qwen_batch/families/qwen_image/attention.py) takes the text mask past the transformer; its `fa4`
   kernel replaces the mask with FlashAttention-4 over each row's prefix of real tokens: each kernel's
   output must be as close to an fp32 masked reference as diffusers' own bf16 masked path is, eagerly
   and compiled, and a row must come out the same padded or alone. (fa4 tests skip where
   `flash-attn-4` is not installed.)
-- RoPE in real arithmetic (qwen_batch/rotary.py), which Inductor fuses, is diffusers' complex RoPE
+- RoPE in real arithmetic (qwen_batch/families/qwen_image/rotary.py), which Inductor fuses, is diffusers' complex RoPE
   within one bf16 rounding step.
-- The feed-forwards' GELU in cuBLASLt's GEMM epilogue (qwen_batch/gelu_epilogue.py) is as close to
+- The feed-forwards' GELU in cuBLASLt's GEMM epilogue (qwen_batch/families/qwen_image/gelu_epilogue.py) is as close to
   fp32 as diffusers' separate GELU is, and survives regional compilation.
 - `ImageGenerator.generate` must not make the host wait for the GPU anywhere (inputs from pinned
   memory, schedule on the host, images copied back behind the next batch): checked with
@@ -19,7 +19,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_batch.attention import KERNELS, BatchAttention, _flash_attention_4, prefix_attention, use_batch_attention
+from qwen_batch.families.qwen_image.attention import (
+    KERNELS,
+    BatchAttention,
+    _flash_attention_4,
+    prefix_attention,
+    use_batch_attention,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -155,12 +161,16 @@ def test_flash_attention_4_attends_within_each_prefix_at_the_models_geometry():
 
 @pytest.mark.skipif(_flash_attention_4() is None, reason="flash-attn-4 is not installed")
 def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
-    """FlashAttention-4 with the text stream packed (qwen_batch.packed_text) against the same kernel on
+    """FlashAttention-4 with the text stream packed (qwen_batch.families.qwen_image.packed_text) against the same kernel on
     padded text, in bf16, eagerly and compiled; then a batch of other text lengths, which the compiled
     blocks meet with a new packed length and must not recompile for (the engine's marking)."""
     import torch._dynamo
 
-    from qwen_batch.packed_text import compile_once_for_every_packed_length, pack_text, share_timestep_modulation
+    from qwen_batch.families.qwen_image.packed_text import (
+        compile_once_for_every_packed_length,
+        pack_text,
+        share_timestep_modulation,
+    )
 
     hidden, text, _, _ = _inputs(torch.bfloat16)
     timestep = torch.full((ROWS,), 0.6, device="cuda", dtype=torch.bfloat16)  # a batch shares its timestep
@@ -204,7 +214,7 @@ def test_fp8_keeps_a_padded_batch_finite_and_near_bf16(kernel):
     """torchao fp8 with dynamic per-row scales on a padded batch. Under fa4 a padding token's attention
     output is exactly zero, and a zero row must not get scale 0 (0/0 = NaN, which the next layer's
     keys and values then carry to every token): measured on an H200, the images came out flat."""
-    from qwen_batch.memory_modes import Placement, fp8_compute_available, place_transformer
+    from qwen_batch.memory.placement import Placement, fp8_compute_available, place_transformer
 
     if not fp8_compute_available("cuda"):
         pytest.skip("fp8 matmuls need compute capability 8.9+ and torchao")
@@ -226,16 +236,16 @@ def test_fp8_runs_packed_text_of_a_few_tokens_at_the_released_width():
     """cuBLASLt (H200, torch 2.11, torchao 0.17) refuses the fp8 GEMM of the text MLP's 12,288-input
     down-projection for 1-32 tokens. Packed text is as short as its rows' real tokens: a step cache's sub-batch
     of one row stopped the fp8 step-cache benchmark (session 11), as would a batch of one short prompt. Both
-    get filler up to fp8's minimum (qwen_batch.packed_text.packed_places), at the released width (3,072
+    get filler up to fp8's minimum (qwen_batch.families.qwen_image.packed_text.packed_places), at the released width (3,072
     hidden, 12,288 in the feed-forward), two blocks, eagerly; the sub-batch's row must come out as it does in a
     forward of its own."""
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_batch.denoise import FP8_PACKED_TEXT_MINIMUM, _transformer_call
-    from qwen_batch.memory_modes import Placement, fp8_compute_available, place_transformer
-    from qwen_batch.packed_text import pack_text, share_timestep_modulation
-    from qwen_batch.step_cache import FirstBlock, Forward
-    from qwen_batch.step_cache.first_block import FirstBlockRows
+    from qwen_batch.families.qwen_image.packed_text import pack_text, share_timestep_modulation
+    from qwen_batch.memory.placement import Placement, fp8_compute_available, place_transformer
+    from qwen_batch.pipeline.denoise import FP8_PACKED_TEXT_MINIMUM, _transformer_call
+    from qwen_batch.pipeline.step_cache import FirstBlock, Forward
+    from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows
 
     if not fp8_compute_available("cuda") or _flash_attention_4() is None:
         pytest.skip("needs fp8 matmuls (compute capability 8.9+, torchao) and flash-attn-4 (packed text)")
@@ -276,7 +286,7 @@ def test_fp8_runs_packed_text_of_a_few_tokens_at_the_released_width():
 
 
 def test_the_gelu_epilogue_is_as_close_to_fp32_as_diffusers_gelu_and_compiles():
-    from qwen_batch.gelu_epilogue import GeluEpilogue, fuse_gelu_epilogues
+    from qwen_batch.families.qwen_image.gelu_epilogue import GeluEpilogue, fuse_gelu_epilogues
 
     reference = _forward(_transformer(torch.float32), *_inputs(torch.float32))
     stock = _forward(_transformer(torch.bfloat16), *_inputs(torch.bfloat16))
@@ -300,7 +310,7 @@ def test_real_rotary_is_diffusers_complex_rotary_on_the_gpu_eager_and_compiled()
     of its terms (under 1e-5 at these magnitudes)."""
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-    from qwen_batch.rotary import apply_rotary
+    from qwen_batch.families.qwen_image.rotary import apply_rotary
 
     generator = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(8, 4096, 24, 128, device="cuda", generator=generator, dtype=torch.bfloat16)
@@ -315,9 +325,9 @@ def test_real_rotary_is_diffusers_complex_rotary_on_the_gpu_eager_and_compiled()
 def test_generating_a_batch_never_makes_the_host_wait_for_the_gpu(tiny_model):
     """From the first input copy to the decoded pixels' copy home, nothing in `generate` synchronizes:
     the host queues a whole batch (and then the next one) while the GPU works."""
-    from qwen_batch.denoise import ImageGenerator
     from qwen_batch.manifest import Request
-    from qwen_batch.model_source import resolve_model
+    from qwen_batch.pipeline.denoise import ImageGenerator
+    from qwen_batch.weights.model_source import resolve_model
 
     generator = ImageGenerator(resolve_model("tiny"), "cuda", torch.bfloat16)
     hidden = generator.pipe.transformer.config.joint_attention_dim

@@ -23,9 +23,9 @@ STEPS, ROWS = 6, 4
 
 
 def _generator():
-    from qwen_batch.denoise import ImageGenerator
-    from qwen_batch.memory_modes import Placement
-    from qwen_batch.model_source import resolve_model
+    from qwen_batch.memory.placement import Placement
+    from qwen_batch.pipeline.denoise import ImageGenerator
+    from qwen_batch.weights.model_source import resolve_model
 
     return ImageGenerator(resolve_model("tiny"), "cuda", torch.bfloat16, Placement("bf16", compile=True))
 
@@ -50,7 +50,7 @@ def _staggered(step: int, first: int, rows: int) -> list[bool]:
 def test_sub_batches_run_compiled_and_compile_once_per_size(monkeypatch):
     import torch._dynamo
 
-    from qwen_batch.step_cache import first_block
+    from qwen_batch.pipeline.step_cache import first_block
 
     torch._dynamo.reset()
     generator = _generator()
@@ -77,14 +77,14 @@ def test_streamed_weights_give_the_same_decisions_and_images(tmp_path, tiny_mode
     instead of twice), and CFG's halves in one forward, the negatives padded and masked (resident SDPA runs
     them apart: 2.2-2.5/255 on the CPU in bf16, rows with and without a step cache alike). So aligned, the
     images on an H200 were identical to the bit (session 12)."""
-    import qwen_batch.denoise
-    import qwen_batch.memory_modes
-    from qwen_batch.engine import RunConfig, release_generator, run
-    from qwen_batch.step_cache import first_block
+    import qwen_batch.memory.placement
+    import qwen_batch.pipeline.denoise
+    from qwen_batch.pipeline.step_cache import first_block
+    from qwen_batch.run.engine import RunConfig, release_generator, run
     from tests.support import pixels, small_row, write_manifest
 
-    monkeypatch.setattr(qwen_batch.memory_modes, "GELU_EPILOGUE", False)
-    monkeypatch.setattr(qwen_batch.denoise, "CFG_LAYOUT", "joint")
+    monkeypatch.setattr(qwen_batch.memory.placement, "GELU_EPILOGUE", False)
+    monkeypatch.setattr(qwen_batch.pipeline.denoise, "CFG_LAYOUT", "joint")
     monkeypatch.setattr(first_block, "FORCED", _staggered)  # sub-batches of 2 and 4 rows, whatever the weights
     rows = [small_row(f"fb{n}", f"prompt {n}", seed=n, step_cache="first-block:0.1") for n in range(ROWS)]
     rows += [

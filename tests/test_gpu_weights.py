@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.engine import RunConfig, release_generator, run
+from qwen_batch.run.engine import RunConfig, release_generator, run
 from tests.support import differing_images, small_row, write_manifest
 
 pytestmark = pytest.mark.gpu
@@ -50,9 +50,9 @@ def generate(tmp_path, name: str, **options) -> tuple:
 
 
 def test_an_fp8_file_runs_as_stored_with_fp8_matmuls(tmp_path, files, caplog):
-    from qwen_batch.memory_modes import fp8_compute_available
+    from qwen_batch.memory.placement import fp8_compute_available
 
-    with caplog.at_level("INFO", logger="qwen_batch.engine"):
+    with caplog.at_level("INFO", logger="qwen_batch.run.engine"):
         generate(tmp_path, "fp8", transformer=str(files["fp8"]), memory_mode="fp8")
     placed = " ".join(record.getMessage() for record in caplog.records if "denoise: transformer" in record.getMessage())
     assert "fp8 as stored in the file" in placed
@@ -69,7 +69,7 @@ def test_gguf_resident_and_streamed_give_the_same_images(tmp_path, files, layout
 def test_offload_with_a_small_pinned_budget_streams_the_rest_from_the_file(tmp_path, monkeypatch):
     """Pinned for a third of the blocks only: the others are read from the memory-mapped checkpoint and pinned
     on the fly as they stream. Same images as everything pinned."""
-    import qwen_batch.memory_modes as memory_modes
+    import qwen_batch.memory.placement as memory_modes
 
     _, pinned = generate(tmp_path, "all-pinned", memory_mode="offload")
     original = memory_modes.plan_run_memory
@@ -78,7 +78,7 @@ def test_offload_with_a_small_pinned_budget_streams_the_rest_from_the_file(tmp_p
         memory = original(*args, **kwargs)
         return replace(memory, denoiser=replace(memory.denoiser, pinned_bytes=60_000))
 
-    monkeypatch.setattr("qwen_batch.engine.plan_run_memory", budgeted)
+    monkeypatch.setattr("qwen_batch.run.engine.plan_run_memory", budgeted)
     _, partial = generate(tmp_path, "partly-pinned", memory_mode="offload")
     assert not differing_images([row["id"] for row in ROWS], pinned, partial, 0)
 
@@ -96,9 +96,9 @@ def test_fp8_offload_streams_fp8_weights_and_stays_close_to_bf16(tmp_path):
 def test_streamed_loading_puts_every_weight_on_the_gpu_without_a_host_copy(tiny_model):
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_batch.memory_modes import Placement
-    from qwen_batch.streamed_load import load_transformer
-    from qwen_batch.transformer_source import published_weights
+    from qwen_batch.memory.placement import Placement
+    from qwen_batch.memory.streamed_load import load_transformer
+    from qwen_batch.weights.transformer_file import published_weights
 
     config = QwenImageTransformer2DModel.load_config(tiny_model, subfolder="transformer")
     reference = QwenImageTransformer2DModel.from_pretrained(

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from qwen_batch.errors import InputImageError, QwenBatchError
-from qwen_batch.input_image import DEFAULT_MAX_PIXELS, image_sha256, load_input_image
+from qwen_batch.io.input_images import DEFAULT_MAX_PIXELS, image_sha256, load_input_image
 
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 

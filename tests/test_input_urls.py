@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from qwen_batch.input_urls import InputLocationError, InputPolicy
+from qwen_batch.io.input_urls import InputLocationError, InputPolicy
 
 
 def test_relative_paths_resolve_against_the_manifest_folder_and_may_not_climb_out(tmp_path):

@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.denoise import FP8_TEXT_MULTIPLE, TEXT_BUCKET, _pad_embeddings
-from qwen_batch.memory_modes import (
+from qwen_batch.memory.placement import (
     COMPILE_CACHE_ENV,
     Placement,
     place_text_encoder,
     place_transformer,
     use_compile_cache,
 )
+from qwen_batch.pipeline.denoise import FP8_TEXT_MULTIPLE, TEXT_BUCKET, _pad_embeddings
 from tests.support import small_row, write_manifest
 
 
@@ -131,7 +131,7 @@ def test_run_in_fp8_on_the_cpu_writes_images(tmp_path, tiny_model, capsys, caplo
     manifest = write_manifest(tmp_path / "m.parquet", [small_row("a", "a cat"), small_row("b", "a dog")])
     output = tmp_path / "out"
     flags = ["--memory-mode", "fp8", "-q"] + (["--fp8-every-linear"] if every_linear else [])
-    with caplog.at_level("INFO", logger="qwen_batch.engine"):
+    with caplog.at_level("INFO", logger="qwen_batch.run.engine"):
         assert main(["run", str(manifest), "-o", str(output), "--device", "cpu", *flags]) == 0
     rows = pq.read_table(output / "results.parquet").to_pylist()
     assert [row["status"] for row in rows] == ["ok", "ok"]

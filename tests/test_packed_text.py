@@ -1,4 +1,4 @@
-"""The packed text stream (qwen_batch/packed_text.py): a padded batch's text runs through the text
+"""The packed text stream (qwen_batch/families/qwen_image/packed_text.py): a padded batch's text runs through the text
 stream's layers as its real tokens only, and the transformer's output is the padded path's. On the CPU
 the `fa4` layout runs `prefix_attention`'s masked stand-in; tests/test_gpu_speed_paths.py runs the
 real kernel."""
@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwen_batch.attention import BatchAttention, use_batch_attention
-from qwen_batch.denoise import _pad_embeddings
-from qwen_batch.packed_text import (
+from qwen_batch.families.qwen_image.attention import BatchAttention, use_batch_attention
+from qwen_batch.families.qwen_image.packed_text import (
     FirstRowModulation,
     compile_once_for_every_packed_length,
     pack,
@@ -19,6 +18,7 @@ from qwen_batch.packed_text import (
     share_timestep_modulation,
     unpack,
 )
+from qwen_batch.pipeline.denoise import _pad_embeddings
 
 LENGTHS = (9, 4, 1)  # a prompt, a shorter one, a negative " "
 PADDED = 16
@@ -149,7 +149,7 @@ def test_a_run_compiles_the_blocks_once_over_batches_of_any_text_length(tmp_path
     second padded to another bucket, compiled (Dynamo, no code generation) once."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from qwen_batch.engine import RunConfig, run
+    from qwen_batch.run.engine import RunConfig, run
     from tests.support import fa4_layout, small_row, write_manifest
 
     packs = fa4_layout(monkeypatch, packed=True)

@@ -16,7 +16,7 @@ import pytest
 
 from qwen_batch.cli import main
 from qwen_batch.errors import ConfigError
-from qwen_batch.planner import DoesNotFitError, Job, Machine, denoise_peak_gib, plan_encode, plan_memory
+from qwen_batch.memory.planner import DoesNotFitError, Job, Machine, denoise_peak_gib, plan_encode, plan_memory
 
 RESULTS = Path(__file__).parents[1] / "bench" / "results" / "qwen_image_gpu_h100.jsonl"
 
@@ -127,7 +127,7 @@ def test_fp8_offload_needs_its_whole_fp8_copy_in_host_ram():
 
 
 def test_quantized_files_open_their_own_modes():
-    from qwen_batch.planner import WeightsSummary
+    from qwen_batch.memory.planner import WeightsSummary
 
     q4 = WeightsSummary.gguf_file("Q4_K_M")
     assert plan_memory(Machine(gpu_gib=16, host_gib=16), Job(weights=q4)).denoise.mode == "gguf"
@@ -200,7 +200,7 @@ def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
     GGUF run: 15.85 GiB of RSS, 5.7 of it mapped file pages, in a 16 GiB group that never OOM-killed). So
     the prediction bounds what cannot be dropped (RSS less its file part; pinned memory counts in RSS as
     shared memory), and the whole run's VmHWM stays inside the machine's RAM."""
-    from qwen_batch.planner import WeightsSummary
+    from qwen_batch.memory.planner import WeightsSummary
 
     runs = [json.loads(line) for line in H200_TIERS.read_text().splitlines()]
     checked = 0

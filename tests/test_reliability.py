@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.storage import Folder
+from qwen_batch.io.storage import Folder
 from tests.crash_trials import MAX_ROWS_IN_FLIGHT, ROWS, TRIALS, run_crash_trial
 from tests.faults import FaultyFileSystem, cli_process, recording_generate
 from tests.support import pixels, small_row, write_manifest
@@ -82,7 +82,7 @@ def test_the_merge_sweeps_away_temporary_files_of_killed_writers_but_not_fresh_o
 def test_a_batch_out_of_gpu_memory_is_retried_in_halves_and_only_a_row_that_never_fits_fails(
     tmp_path, tiny_model, monkeypatch, capsys
 ):
-    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.pipeline.denoise import ImageGenerator
 
     rows = [small_row(f"r{n}", f"prompt number {n}") for n in range(3)] + [small_row("huge", "it never fits")]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -95,7 +95,7 @@ def test_a_batch_out_of_gpu_memory_is_retried_in_halves_and_only_a_row_that_neve
     releases = []
     too_big = lambda ids: len(ids) > 1 or "huge" in ids  # noqa: E731
     monkeypatch.setattr(ImageGenerator, "generate", recording_generate(calls, out_of_memory_for=too_big))
-    monkeypatch.setattr("qwen_batch.oom.release_memory", lambda device: releases.append(device))
+    monkeypatch.setattr("qwen_batch.memory.oom.release_memory", lambda device: releases.append(device))
     output = tmp_path / "out"
     assert main(["run", *args, "--output", str(output)]) == 1
 
@@ -120,7 +120,7 @@ def test_the_text_encoder_out_of_gpu_memory_halves_its_batch_and_a_single_prompt
 ):
     import torch
 
-    from qwen_batch.encode import PromptEncoder
+    from qwen_batch.pipeline.encode import PromptEncoder
 
     original = PromptEncoder.encode
     sizes: list[int] = []
@@ -132,7 +132,7 @@ def test_the_text_encoder_out_of_gpu_memory_halves_its_batch_and_a_single_prompt
         return original(self, texts)
 
     monkeypatch.setattr(PromptEncoder, "encode", encode)
-    monkeypatch.setattr("qwen_batch.oom.release_memory", lambda device: None)
+    monkeypatch.setattr("qwen_batch.memory.oom.release_memory", lambda device: None)
     rows = [small_row(f"r{n}", f"prompt number {n}", true_cfg_scale=1.0) for n in range(3)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
     assert (
@@ -152,7 +152,7 @@ def test_the_text_encoder_out_of_gpu_memory_halves_its_batch_and_a_single_prompt
 def test_what_counts_as_out_of_memory():
     import torch
 
-    from qwen_batch.oom import halves, is_out_of_memory
+    from qwen_batch.memory.oom import halves, is_out_of_memory
 
     assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
@@ -169,7 +169,7 @@ def test_what_counts_as_out_of_memory():
 
 @pytest.fixture
 def store(monkeypatch):
-    monkeypatch.setattr("qwen_batch.storage.RETRY_BASE_DELAY", 0.001)
+    monkeypatch.setattr("qwen_batch.io.storage.RETRY_BASE_DELAY", 0.001)
     yield FaultyFileSystem.reset()
     FaultyFileSystem.reset()
 
@@ -209,7 +209,7 @@ def test_transient_errors_on_every_kind_of_read_and_write_are_retried_and_no_row
 def test_an_outage_that_outlasts_the_retries_stops_the_run_early_and_keeps_what_was_written(
     store, tmp_path, tiny_model, monkeypatch, capsys
 ):
-    from qwen_batch.denoise import ImageGenerator
+    from qwen_batch.pipeline.denoise import ImageGenerator
 
     rows = [small_row(f"r{n}", f"prompt number {n}") for n in range(10)]
     manifest = write_manifest(tmp_path / "m.parquet", rows)
@@ -449,8 +449,8 @@ def test_a_run_unpickles_nothing_and_writes_only_data_formats(tmp_path, tiny_mod
     import safetensors.torch
     import torch
 
-    from qwen_batch.engine import release_generator
-    from qwen_batch.png import read_png_metadata
+    from qwen_batch.run.engine import release_generator
+    from qwen_batch.run.png import read_png_metadata
 
     release_generator()  # load the model in this test, under the guard below
     refused = []

@@ -1,4 +1,4 @@
-"""RoPE in real arithmetic (qwen_batch/rotary.py): diffusers' complex result bit for bit, and no complex
+"""RoPE in real arithmetic (qwen_batch/families/qwen_image/rotary.py): diffusers' complex result bit for bit, and no complex
 arithmetic left in the compiled blocks, where Inductor cannot generate code for it and runs it as
 eager kernels (about 3% of a full-size forward on an H200)."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-import qwen_batch.attention as attention
-from qwen_batch.rotary import apply_rotary
+import qwen_batch.families.qwen_image.attention as attention
+from qwen_batch.families.qwen_image.rotary import apply_rotary
 from tests.test_packed_text import _embeddings, _run, _transformer
 
 
@@ -55,9 +55,9 @@ def _complex_values_in_compiled_blocks(transformer, *batch) -> list[str]:
 
 @pytest.mark.parametrize("packed", [False, True], ids=["sdpa-padded", "fa4-packed"])
 def test_the_compiled_blocks_compute_no_complex_tensor(tiny_model, monkeypatch, packed):
-    from qwen_batch.attention import use_batch_attention
-    from qwen_batch.denoise import _pad_embeddings
-    from qwen_batch.packed_text import pack_text, share_timestep_modulation
+    from qwen_batch.families.qwen_image.attention import use_batch_attention
+    from qwen_batch.families.qwen_image.packed_text import pack_text, share_timestep_modulation
+    from qwen_batch.pipeline.denoise import _pad_embeddings
 
     def model_and_batch():
         transformer = _transformer(tiny_model)  # fa4 layout

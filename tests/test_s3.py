@@ -112,7 +112,7 @@ def test_missing_output_bucket_fails_before_any_model_loads(s3_endpoint, s3, buc
 
 
 def test_wrong_endpoint_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("qwen_batch.storage.RETRY_BASE_DELAY", 0.01)
+    monkeypatch.setattr("qwen_batch.io.storage.RETRY_BASE_DELAY", 0.01)
     dead = f"http://127.0.0.1:{free_port()}"
     assert main(["validate", "s3://bucket/m.parquet", "--s3-endpoint-url", dead]) == 2
     error = capsys.readouterr().err

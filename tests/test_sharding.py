@@ -8,7 +8,7 @@ import random
 import pytest
 
 from qwen_batch.manifest import ControlRef, Request
-from qwen_batch.sharding import assign_shards, batch_overhead, idle_tail, predicted_cost, shard_costs
+from qwen_batch.run.sharding import assign_shards, batch_overhead, idle_tail, predicted_cost, shard_costs
 
 
 def request(

@@ -21,13 +21,13 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.engine import RunConfig, run
 from qwen_batch.errors import ConfigError
 from qwen_batch.manifest import RowDefaults, read_manifest, validate_table
-from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
-from qwen_batch.step_cache import FirstBlock, TaylorSeer, parse_step_cache
-from qwen_batch.step_cache.first_block import FirstBlockRows, sub_batch_size
-from qwen_batch.step_cache.spec import StepCacheError, normalized
+from qwen_batch.pipeline.step_cache import FirstBlock, TaylorSeer, parse_step_cache
+from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows, sub_batch_size
+from qwen_batch.pipeline.step_cache.spec import StepCacheError, normalized
+from qwen_batch.run.engine import RunConfig, run
+from qwen_batch.run.png import PARAMETERS_KEY, read_png_metadata
 from tests.support import (
     differing_images,
     diffusers_adapters,
@@ -206,23 +206,23 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
     fp8's minimum of tokens (cuBLASLt refuses fp8 GEMMs of 1-32 text tokens; a sub-batch of one or two rows
     stopped an fp8 run on an H200), and CFG's halves as one forward of twice the rows (the CPU's default is
     two): the same images and counts."""
-    import qwen_batch.denoise
-    import qwen_batch.step_cache.first_block as first_block
+    import qwen_batch.pipeline.denoise
+    import qwen_batch.pipeline.step_cache.first_block as first_block
 
     if lever == "joint CFG":
-        monkeypatch.setattr(qwen_batch.denoise, "CFG_LAYOUT", "joint")
+        monkeypatch.setattr(qwen_batch.pipeline.denoise, "CFG_LAYOUT", "joint")
         packs = []
     else:
         packs = fa4_layout(monkeypatch, packed=True)
-    minimum = qwen_batch.denoise.FP8_PACKED_TEXT_MINIMUM if lever == "text packed to fp8's minimum" else 0
+    minimum = qwen_batch.pipeline.denoise.FP8_PACKED_TEXT_MINIMUM if lever == "text packed to fp8's minimum" else 0
     if minimum:  # as under fp8 matmuls, which the CPU does not run
-        init = qwen_batch.denoise.ImageGenerator.__init__
+        init = qwen_batch.pipeline.denoise.ImageGenerator.__init__
 
         def with_fp8_text_minimum(generator, *args, **kwargs):
             init(generator, *args, **kwargs)
             generator.packed_text_minimum = minimum
 
-        monkeypatch.setattr(qwen_batch.denoise.ImageGenerator, "__init__", with_fp8_text_minimum)
+        monkeypatch.setattr(qwen_batch.pipeline.denoise.ImageGenerator, "__init__", with_fp8_text_minimum)
     sub_batch_texts = []
     packed_tokens = first_block._packed_tokens
 
@@ -424,8 +424,8 @@ def test_compiled_blocks_compile_once_per_sub_batch_size(tmp_path, tiny_model, m
     its length symbolic, as the whole batch's. Dynamo traces only (the eager backend): no kernels are built."""
     import torch._dynamo
 
-    import qwen_batch.step_cache.first_block as first_block
-    from qwen_batch.engine import denoise_stage, encode_stage, load_generator, plan_run, release_generator
+    import qwen_batch.pipeline.step_cache.first_block as first_block
+    from qwen_batch.run.engine import denoise_stage, encode_stage, load_generator, plan_run, release_generator
 
     if layout == "packed":
         fa4_layout(monkeypatch, packed=True)
@@ -473,7 +473,7 @@ def test_compiled_blocks_compile_once_per_sub_batch_size(tmp_path, tiny_model, m
 def test_edit_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, monkeypatch):
     from diffusers import QwenImageEditPipeline
 
-    from qwen_batch.model_source import resolve_model
+    from qwen_batch.weights.model_source import resolve_model
     from tests.test_edit import diffusers_edit, edit_row, make_input, write_edit_manifest
 
     (tmp_path / "img").mkdir()
@@ -501,7 +501,7 @@ def test_edit_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, mon
 def test_lightning_adapter_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, monkeypatch):
     from diffusers import QwenImagePipeline
 
-    from qwen_batch.tiny_lora import write_tiny_lora
+    from qwen_batch.tiny.lora import write_tiny_lora
 
     write_tiny_lora("tiny", tmp_path / "lightning.safetensors", rank=4, layout="kohya", seed=3)
     lightning = {
@@ -533,7 +533,7 @@ def test_control_rows_match_diffusers_with_the_same_cache(tmp_path, tiny_model, 
     diffusers' skipped blocks let the transformer's loop add them."""
     from diffusers import QwenImageControlNetModel, QwenImageControlNetPipeline
 
-    from qwen_batch.tiny_controlnet import ensure_tiny_controlnet
+    from qwen_batch.tiny.controlnet import ensure_tiny_controlnet
     from tests.test_controlnet_rows import _edges
 
     controlnet = ensure_tiny_controlnet("union")

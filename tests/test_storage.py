@@ -8,7 +8,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from qwen_batch.cli import main
 from qwen_batch.errors import NotFoundError, StorageError
-from qwen_batch.storage import Folder, s3_storage_options
+from qwen_batch.io.storage import Folder, s3_storage_options
 from tests.support import small_row, write_manifest
 
 
@@ -40,7 +40,7 @@ def flaky(monkeypatch):
     import fsspec
 
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
-    monkeypatch.setattr("qwen_batch.storage.RETRY_BASE_DELAY", 0.001)
+    monkeypatch.setattr("qwen_batch.io.storage.RETRY_BASE_DELAY", 0.001)
     FlakyFileSystem.failures, FlakyFileSystem.calls = 0, 0
     FlakyFileSystem.store.clear()
     FlakyFileSystem.pseudo_dirs.clear()

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_batch import tiny_controlnet
+import qwen_batch.tiny.controlnet as tiny_controlnet
 from qwen_batch.errors import ConfigError
-from qwen_batch.tiny_controlnet import ensure_tiny_controlnet, write_tiny_controlnet
+from qwen_batch.tiny.controlnet import ensure_tiny_controlnet, write_tiny_controlnet
 
 SIZE = 64  # the tiny model takes multiples of 16 pixels (VAE factor 8, 2x2 patches); 64 is 4x4 tokens
 KINDS = ("union", "inpaint")

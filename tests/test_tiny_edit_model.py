@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from qwen_batch import tiny_model
+import qwen_batch.tiny.model as tiny_model
 from qwen_batch.errors import ConfigError
-from qwen_batch.model_source import resolve_model
+from qwen_batch.weights.model_source import resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = {"edit": diffusers.QwenImageEditPipeline, "edit-plus": diffusers.QwenImageEditPlusPipeline}
@@ -212,7 +212,7 @@ def test_same_seed_gives_identical_files_and_another_seed_does_not(folders, tmp_
 def test_edit_tokenizer_is_the_same_in_another_process(edit_pipe):
     # Rust hash maps are randomly seeded per process: BPE training must not depend on it.
     code = (
-        "import hashlib; from qwen_batch.tiny_model import build_tiny_tokenizer as build; "
+        "import hashlib; from qwen_batch.tiny.model import build_tiny_tokenizer as build; "
         "print(hashlib.sha256(build('edit').backend_tokenizer.to_str().encode()).hexdigest())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}
@@ -249,7 +249,7 @@ def test_a_model_built_in_memory_names_its_pipeline_and_an_unknown_one_is_refuse
     """Benchmarks build full-size edit models in memory (bench/full_size.py): such a source says which
     pipeline it is, as model_index.json does for a model on disk; one qwen-batch cannot run is refused."""
     from qwen_batch.errors import ModelError
-    from qwen_batch.model_source import ModelSource, pipeline_class_name
+    from qwen_batch.weights.model_source import ModelSource, pipeline_class_name
 
     def build(dtype, **components):
         raise AssertionError("not loaded to name its pipeline")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from qwen_batch import tiny_model
+import qwen_batch.tiny.model as tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ def digests(directory: Path) -> dict[str, str]:
 
 def test_import_is_light():
     heavy = ["torch", "diffusers", "transformers", "tokenizers"]
-    code = f"import sys, qwen_batch.tiny_model; print(sorted(set({heavy}) & set(sys.modules)))"
+    code = f"import sys, qwen_batch.tiny.model; print(sorted(set({heavy}) & set(sys.modules)))"
     assert run_python(code) == "[]"
 
 
@@ -194,7 +194,7 @@ def test_building_leaves_the_global_rng_alone():
 def test_tokenizer_is_the_same_in_another_process(pipe):
     # Rust hash maps are randomly seeded per process: BPE training (vocab and merges) must not depend on it.
     code = (
-        "import hashlib; from qwen_batch.tiny_model import build_tiny_tokenizer as build; "
+        "import hashlib; from qwen_batch.tiny.model import build_tiny_tokenizer as build; "
         "print(hashlib.sha256(build().backend_tokenizer.to_str().encode()).hexdigest())"
     )
     here = hashlib.sha256(tiny_model.build_tiny_tokenizer().backend_tokenizer.to_str().encode()).hexdigest()

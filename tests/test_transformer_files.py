@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.engine import RunConfig, run
 from qwen_batch.manifest import read_manifest
-from qwen_batch.png import PARAMETERS_KEY, read_png_metadata
+from qwen_batch.run.engine import RunConfig, run
+from qwen_batch.run.png import PARAMETERS_KEY, read_png_metadata
 from tests.support import differing_images, diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255
@@ -109,9 +109,9 @@ def test_each_layout_really_loads_its_own_weights(runs):
 def test_streamed_loading_gives_from_pretrained_weights_bit_for_bit(tiny_model):
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_batch.memory_modes import Placement
-    from qwen_batch.streamed_load import load_transformer
-    from qwen_batch.transformer_source import published_weights
+    from qwen_batch.memory.placement import Placement
+    from qwen_batch.memory.streamed_load import load_transformer
+    from qwen_batch.weights.transformer_file import published_weights
 
     config = QwenImageTransformer2DModel.load_config(tiny_model, subfolder="transformer")
     for dtype in (torch.float32, torch.bfloat16):
@@ -230,7 +230,7 @@ def test_a_mode_the_file_cannot_run_is_refused(tmp_path, files, capsys):
 
 
 def test_rows_with_adapters_are_invalid_with_a_gguf_file_and_the_others_run(tmp_path, files, tiny_model):
-    from qwen_batch.tiny_lora import write_tiny_lora
+    from qwen_batch.tiny.lora import write_tiny_lora
 
     adapter = write_tiny_lora("tiny", tmp_path / "style.safetensors", seed=1)
     rows = [ROWS[0], small_row("styled", "a fox", loras=[{"path": str(adapter), "scale": 1.0}])]
@@ -244,7 +244,7 @@ def test_rows_with_adapters_are_invalid_with_a_gguf_file_and_the_others_run(tmp_
 def test_an_fp8_file_takes_adapters_and_gives_the_original_weights_back(tmp_path, files, tiny_model):
     """fp8 weights cannot take a fuse: the layers an adapter changes are dequantized from the file, fused and
     quantized again; a row without adapters after one with them is the image it is alone."""
-    from qwen_batch.tiny_lora import write_tiny_lora
+    from qwen_batch.tiny.lora import write_tiny_lora
 
     adapter = write_tiny_lora("tiny", tmp_path / "style.safetensors", seed=1)
     plain = small_row("plain", "a fox", seed=7)
@@ -263,14 +263,14 @@ def test_an_fp8_file_takes_adapters_and_gives_the_original_weights_back(tmp_path
 
 
 def test_a_transformer_file_on_s3_is_copied_once(tmp_path, files, s3_endpoint, s3, bucket, monkeypatch):
-    import qwen_batch.transformer_source
+    import qwen_batch.weights.transformer_file
 
     s3.put_object(Bucket=bucket, Key="models/tiny.gguf", Body=files["gguf-q8_0"].read_bytes())
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     copies = []
-    original = qwen_batch.transformer_source.download
+    original = qwen_batch.weights.transformer_file.download
     monkeypatch.setattr(
-        qwen_batch.transformer_source, "download", lambda *args: copies.append(args[0]) or original(*args)
+        qwen_batch.weights.transformer_file, "download", lambda *args: copies.append(args[0]) or original(*args)
     )
     manifest = write_manifest(tmp_path / "m.parquet", ROWS[:1])
     for output in ("a", "b"):
@@ -293,7 +293,7 @@ def test_plan_reads_a_files_header_for_its_kind_and_size(files, capsys):
 
 
 def test_safetensors_header_offsets_are_checked_against_the_file(tmp_path, files):
-    from qwen_batch.checkpoint_files import CheckpointError, read_safetensors
+    from qwen_batch.weights.checkpoint_files import CheckpointError, read_safetensors
 
     data = bytearray(files["bf16"].read_bytes())
     (length,) = struct.unpack("<Q", data[:8])
@@ -313,9 +313,9 @@ def test_loading_gives_each_blocks_file_pages_back(tmp_path):
     block, not the checkpoint (transformers and diffusers' from_pretrained keep them all until the end)."""
     from diffusers import QwenImageTransformer2DModel
 
-    from qwen_batch.memory_modes import Placement
-    from qwen_batch.streamed_load import load_transformer
-    from qwen_batch.transformer_source import published_weights
+    from qwen_batch.memory.placement import Placement
+    from qwen_batch.memory.streamed_load import load_transformer
+    from qwen_batch.weights.transformer_file import published_weights
 
     with torch.device("cpu"):
         model = QwenImageTransformer2DModel(

@@ -84,7 +84,7 @@ def test_a_local_folder_the_user_cannot_write_is_reported_as_such_not_as_s3_cred
     """The image's working directory is read-only to its user, so a run whose output is relative (the
     nightly deployment's default, out/nightly) is refused there: the message must say whose permission is
     missing, not send the user to check S3 credentials. tests/test_worker_image_run.py sees it in the image."""
-    from qwen_batch.storage import describe
+    from qwen_batch.io.storage import describe
 
     denied = PermissionError(13, "Permission denied", "/opt/qwen-batch/out")
     local = describe(denied, "/opt/qwen-batch/out/nightly")

@@ -219,7 +219,7 @@ def test_flow_runs_find_every_module_compiled_in_the_image(engine, image):
     the library again at start."""
     check = (
         "import importlib.util, os, sys\n"
-        "import flows.qwen_image_batch, flows.qwen_image_fanout, qwen_batch.cli, qwen_batch.engine\n"
+        "import flows.qwen_image_batch, flows.qwen_image_fanout, qwen_batch.cli, qwen_batch.run.engine\n"
         "for module in list(sys.modules.values()):\n"
         "    source = getattr(module, '__file__', None) or ''\n"
         "    if source.endswith('.py') and not os.path.exists(importlib.util.cache_from_source(source)):\n"

@@ -14,4 +14,4 @@ step() { local left=$(( deadline - $(date +%s) )); if [ $left -lt 20 ]; then ech
 mem=$(awk '/MemTotal/ {print int($2/1048576)}' /proc/meminfo); echo "MemTotal ${mem} GiB" > "$OUT/host.txt"
 [ "$mem" -lt 100 ] && export QWEN_BATCH_HOST_MEMORY_GIB=125  # RAM that grows on use: plan for the machine's 128
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import qwen_batch.model_source as m; m.ensure_tiny_model()"
+python3 -c "import qwen_batch.weights.model_source as m; m.ensure_tiny_model()"

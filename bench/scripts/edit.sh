@@ -10,7 +10,7 @@ source "$(dirname "$0")/fast_env.sh"  # on the lent device: the carried wheels, 
 source "$(dirname "$0")/common.sh"
 X="python3 bench/edit_gpu.py"
 wants() { [[ ",${TASKS:-edit,edit-plus}," == *",$1,"* ]]; }
-python3 -c "import qwen_batch.model_source as m; m.ensure_tiny_model('edit'); m.ensure_tiny_model('edit-plus')"
+python3 -c "import qwen_batch.weights.model_source as m; m.ensure_tiny_model('edit'); m.ensure_tiny_model('edit-plus')"
 wants edit && step $X versus --task edit --steps $S --images ${EDIT_IMAGES:-2} --variants ${EDIT_VARIANTS:-bf16-compile,fp8-compile-b4} --compile-cache $W/cce --work $W/edit --json $J
 wants edit-plus && step $X versus --task edit-plus --steps $S --images ${PLUS_IMAGES:-1} --variants ${PLUS_VARIANTS:-bf16-compile} --compile-cache $W/cce --work $W/edit-plus --json $J
 echo "=== done $(date +%T)"

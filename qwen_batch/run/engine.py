@@ -1,0 +1,672 @@
+"""The staged run: validate -> plan (resume) -> encode every text -> denoise in batches -> merge results.
+
+Each stage is a function a caller can run on its own (the CLI runs them in order; a Prefect flow
+wraps them in tasks over chunks of rows), and the GPU never holds the text encoder and the
+transformer together: stage 1 frees the encoder before stage 2 loads the transformer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from qwen_batch.adapters.loras import LoraRef, resolve_adapters, transformer_layout
+from qwen_batch.errors import ConfigError, QwenBatchError
+from qwen_batch.io.input_images import DEFAULT_MAX_PIXELS, input_versions
+from qwen_batch.io.storage import Folder, StorageOptions
+from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
+from qwen_batch.memory.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
+from qwen_batch.memory.oom import is_out_of_memory, retry_in_halves
+from qwen_batch.memory.placement import Placement, RunMemory, plan_run_memory
+from qwen_batch.memory.planner import WeightsSummary, check_mode_for_weights
+from qwen_batch.pipeline.conditions.cached_images import prepare_image_inputs
+from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
+from qwen_batch.pipeline.conditions.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
+from qwen_batch.pipeline.conditions.rows import LoadedRow, RowSource, finished_images, stack
+from qwen_batch.pipeline.embedding_cache import EmbeddingCache
+from qwen_batch.pipeline.encode import EncodeStats, encode_texts, open_cache
+from qwen_batch.progress import Progress, Silent
+from qwen_batch.run.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
+from qwen_batch.run.sharding import assign_shards
+from qwen_batch.run.writer import BatchWriter
+from qwen_batch.weights.model_source import (
+    DENOISER_COMPONENTS,
+    ENCODER_COMPONENTS,
+    TINY_MODEL_NAME,
+    ModelSource,
+    pipeline_class_name,
+    resolve_model,
+)
+from qwen_batch.weights.transformer_file import TransformerFile, file_weights, is_gguf, open_transformer_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_batch.pipeline.denoise import ImageGenerator
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", Request, EditRow)
+
+DEFAULT_MODEL = "tiny"
+CACHE_FOLDER = "cache"
+TRUNCATION_WARNING = "prompt longer than the encoder's 1024-token limit: truncated"
+
+
+@dataclass
+class RunConfig:
+    manifest: str
+    output: str
+    model: str = DEFAULT_MODEL
+    # The transformer from one file (safetensors bf16/fp8 or GGUF; path or URL) instead of the model's
+    # own; the rest of the model (text encoder, VAE, scheduler, the transformer's config) from `model`.
+    transformer: str | None = None
+    batch_size: int | None = None  # None: the memory plan's (4 when resident)
+    encode_batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+    cache: str | None = None  # default: <output>/cache
+    storage_options: StorageOptions = field(default_factory=dict)  # by protocol; may hold credentials
+    # Fan-out: this run generates only the rows of shard `shard_index` of `shard_count` (split by
+    # predicted cost, see qwen_batch.run.sharding), and leaves its results as part files; an unsharded
+    # run merges them.
+    shard_index: int = 0
+    shard_count: int = 1
+    task: str | None = None  # generate | edit; None: from the manifest's columns
+    # Edit inputs may come from the manifest's folder and these prefixes (see qwen_batch.io.input_urls).
+    allowed_inputs: tuple[str, ...] = ()
+    max_input_pixels: int = DEFAULT_MAX_PIXELS  # larger input images are refused (decompression bombs)
+    # How the models use GPU memory (see qwen_batch.memory.placement and qwen_batch.memory.planner).
+    memory_mode: str = "auto"  # auto | bf16 | fp8 | offload | sequential
+    fp8_every_linear: bool = False  # under fp8, the image MLP's last linear in fp8 too (faster, riskier)
+    compile: str = "auto"  # auto (when enough images repay it) | on | off
+    compile_cache: str | None = None  # default: $QWEN_BATCH_HOME/compile-cache
+    # For rows that name none: LoRA adapters (--lora) and a fixed sampling shift (--scheduler-shift).
+    loras: tuple[LoraRef, ...] = ()
+    scheduler_shift: float | None = None
+    # The ControlNet of rows with control images (hub id or folder); one per run.
+    controlnet: str | None = None
+    # The step cache of rows whose step_cache column is empty (--step-cache): none, first-block:T[,warmup=N],
+    # taylorseer:...
+    step_cache: str | None = None
+
+    def __post_init__(self) -> None:
+        self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift, self.step_cache)  # checks them
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
+        if self.encode_batch_size < 1:
+            raise ConfigError(f"encode batch size {self.encode_batch_size}: use 1 or more")
+        if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
+            raise ConfigError(
+                f"shard {self.shard_index}/{self.shard_count}: the index must be from 0 to shard_count - 1"
+            )
+        if self.max_input_pixels < 1:
+            raise ConfigError(f"--max-input-pixels {self.max_input_pixels}: use 1 or more")
+
+    @property
+    def is_shard(self) -> bool:
+        return self.shard_count > 1
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, decided before any model loads."""
+
+    config: RunConfig
+    manifest: Manifest
+    output: Folder
+    store: ResultStore
+    cache: EmbeddingCache
+    source: ModelSource
+    device: str
+    dtype: torch.dtype
+    fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
+    todo: list[Request]  # rows to generate
+    skipped: list[Request]  # rows whose image and result already exist with the same parameters
+    pipeline_class: str  # QwenImagePipeline, QwenImageEditPipeline or QwenImageEditPlusPipeline
+    memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
+    transformer_file: TransformerFile | None = None  # --transformer, checked and hashed
+    controlnet: ControlNetSource | None = None  # --controlnet, checked against the transformer
+
+    @property
+    def is_edit(self) -> bool:
+        return self.manifest.task == EDIT
+
+    @property
+    def batch_size(self) -> int:
+        return self.memory.batch_size
+
+    @property
+    def encode_batch_size(self) -> int:
+        return self.memory.encode_batch_size
+
+
+@dataclass
+class DenoiseStats:
+    generated: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    storage_wait_seconds: float = 0.0  # of `seconds`, spent waiting for image and result writes
+    peak_gpu_gib: float | None = None
+    adapter_fuses: int = 0  # adapter sets fused into the weights (once per set when batches are ordered)
+    adapter_seconds: float = 0.0  # of `seconds`, spent switching adapter sets
+    # Rows with a step cache: the steps they ran (each CFG pass counted) and those computed in full.
+    cached_steps: int = 0
+    cached_steps_computed: int = 0
+    records: list[Record] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    rows: int
+    generated: int
+    skipped: int
+    invalid: int
+    failed: int
+    encode: EncodeStats
+    denoise: DenoiseStats
+    output: str
+    results: str
+    problems: list[tuple[int, str | None, str, str]]  # (row, id, status, error)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.invalid == 0 and self.failed == 0 else 1
+
+    @property
+    def images_per_hour(self) -> float | None:
+        if not self.denoise.generated or not self.denoise.seconds:
+            return None
+        return self.denoise.generated / self.denoise.seconds * 3600
+
+
+def plan_run(config: RunConfig) -> RunPlan:
+    """Validate the manifest, check the output can be written, and decide which rows to generate.
+
+    Loads no model. A manifest-level error is raised before anything is written; a missing bucket
+    or denied access to the output or cache is raised before any model loads.
+    """
+    manifest = read_manifest(
+        config.manifest, config.storage_options, config.task, tuple(config.allowed_inputs), config.row_defaults
+    )
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    source = resolve_model(_model_for(config.model, manifest))
+    pipeline_class = pipeline_class_name(source)
+    _check_model_fits(manifest, source, pipeline_class)
+    transformer_file, transformer_summary = _transformer_file(config, source)
+    manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
+    controlnet, manifest = _with_controlnet(config, source, manifest)
+    output = Folder(config.output, config.storage_options)
+    cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
+    store = ResultStore(output)
+    output.check_writable()
+    if config.cache:
+        cache_folder.check_writable()
+
+    components = ENCODER_COMPONENTS + DENOISER_COMPONENTS + (("processor",) if manifest.task == EDIT else ())
+    if transformer_file is None:
+        model_identity = source.identity(components)
+    else:  # the model's own transformer weights play no part; the file's content does
+        kept = tuple(component for component in components if component != "transformer")
+        model_identity = f"{source.identity(kept)}+{transformer_file.identity}"
+    # A row with control images is also the ControlNet's: other weights, another image.
+    control_identity = f"{model_identity}+controlnet:{controlnet.identity()}" if controlnet else model_identity
+    versions = input_versions(
+        [url for request in manifest.requests for url in request.input_urls], config.storage_options
+    )
+    fingerprints = {
+        request.id: fingerprint(request, control_identity if request.controls else model_identity, versions)
+        for request in manifest.requests
+    }
+    previous, _ = store.previous_records()
+    shards = assign_shards(manifest.requests, config.shard_count, config.batch_size) if config.is_shard else {}
+    mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
+    done = _done_ids(mine, fingerprints, store, previous)
+    todo = [request for request in mine if request.id not in done]
+    skipped = [request for request in mine if request.id in done]
+    memory = plan_run_memory(
+        config.memory_mode,
+        config.compile,
+        config.compile_cache,
+        config.batch_size,
+        config.encode_batch_size,
+        device,
+        todo,
+        task=manifest.task,
+        fp8_every_linear=config.fp8_every_linear,
+        transformer=transformer_summary,
+        controlnet_layers=controlnet.config().get("num_layers", 0) if controlnet else 0,
+    )
+    return RunPlan(
+        config=config,
+        manifest=manifest,
+        output=output,
+        store=store,
+        cache=(
+            open_edit_cache(cache_folder, source, pipeline_class, dtype)
+            if manifest.task == EDIT
+            else open_cache(cache_folder, source, dtype)
+        ),
+        source=source,
+        device=device,
+        dtype=dtype,
+        fingerprints=fingerprints,
+        todo=todo,
+        skipped=skipped,
+        pipeline_class=pipeline_class,
+        memory=memory,
+        transformer_file=transformer_file,
+        controlnet=controlnet,
+    )
+
+
+def _transformer_file(config: RunConfig, source: ModelSource) -> tuple[TransformerFile | None, WeightsSummary | None]:
+    """--transformer: found, read and checked against the model's transformer config, and the memory mode
+    asked for checked against its weights, before anything is written or loaded (a wrong file or mode is a
+    usage error, exit 2). Returns the file and what the planner needs of it (kind and sizes as stored)."""
+    if not config.transformer:
+        return None, None
+    file = open_transformer_file(config.transformer, config.storage_options)
+    summary = WeightsSummary.of(file_weights(file, source.transformer_config()))  # the architecture check
+    check_mode_for_weights(config.memory_mode, summary)
+    log.info("transformer: %s (%s, %.1f GB, sha256 %s)", file.location, file.storage, file.size / 1e9, file.sha256)
+    return file, summary
+
+
+def _model_for(model: str, manifest: Manifest) -> str:
+    """`tiny` means the tiny model of the manifest's task."""
+    if model != TINY_MODEL_NAME or manifest.task != EDIT:
+        return model
+    return "tiny-edit-plus" if IMAGES_COLUMN in manifest.table.column_names else "tiny-edit"
+
+
+def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: str) -> None:
+    """A text-to-image model cannot edit and vice versa: say so before anything loads."""
+    if manifest.task == EDIT and pipeline_class == "QwenImagePipeline":
+        raise ConfigError(
+            f"{manifest.url} is an edit manifest but model {source.name!r} is a text-to-image {pipeline_class}; "
+            "use an edit model (--model Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509 or tiny)"
+        )
+    if manifest.task != EDIT and pipeline_class != "QwenImagePipeline":
+        raise ConfigError(
+            f"model {source.name!r} is an edit model ({pipeline_class}) but {manifest.url} has no input images; "
+            "use a text-to-image model (--model Qwen/Qwen-Image) or add an 'image' column"
+        )
+    several = [request.id for request in manifest.requests if len(request.images) > 1]
+    if several and pipeline_class != "QwenImageEditPlusPipeline":
+        raise ConfigError(
+            f"rows {several[:5]} have several input images, which only Edit-Plus models take; "
+            "use --model Qwen/Qwen-Image-Edit-2509 (or tiny)"
+        )
+
+
+TINY_CONTROLNETS = {"tiny": "union", "tiny-inpaint": "inpaint"}  # --controlnet NAME -> tiny_controlnet kind
+
+
+def _with_controlnet(
+    config: RunConfig, source: ModelSource, manifest: Manifest
+) -> tuple[ControlNetSource | None, Manifest]:
+    """--controlnet checked against the transformer (a usage error, before anything loads); without it, rows
+    with control images are invalid with the reason and the others run."""
+    if config.controlnet is not None:
+        location = config.controlnet
+        if location in TINY_CONTROLNETS:  # the tiny model's random-weight ControlNets, as --model tiny
+            from qwen_batch.tiny.controlnet import ensure_tiny_controlnet
+
+            location = str(ensure_tiny_controlnet(TINY_CONTROLNETS[location]))
+        controlnet = ControlNetSource(location)
+        controlnet.check_fits(source.transformer_config())
+        reasons = {r.id: controlnet.check_row(r) for r in manifest.requests if r.controls}
+        return controlnet, _invalidate(manifest, {row_id: reason for row_id, reason in reasons.items() if reason})
+    reason = "control_image needs a ControlNet: run with --controlnet MODEL (flow parameter controlnet)"
+    return None, _invalidate(manifest, {request.id: reason for request in manifest.requests if request.controls})
+
+
+def _invalidate(manifest: Manifest, reasons: dict[str, str]) -> Manifest:
+    """The manifest with the rows named in `reasons` turned invalid with their reason."""
+    if not reasons:
+        return manifest
+    invalid = list(manifest.invalid) + [
+        InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in manifest.requests if r.id in reasons
+    ]
+    requests = [request for request in manifest.requests if request.id not in reasons]
+    return replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
+
+
+def _with_adapters(
+    manifest: Manifest, source: ModelSource, storage_options: StorageOptions, transformer_file: TransformerFile | None
+) -> Manifest:
+    """Read and check every adapter the rows name (`qwen_batch.adapters.loras.resolve_adapters`): a row whose
+    adapter cannot be used becomes invalid with the reason; the others carry their files' SHA-256."""
+    urls = [ref.url for request in manifest.requests for ref in request.loras]
+    if not urls:
+        return manifest
+    gguf = is_gguf(transformer_file)
+    resolved = resolve_adapters([] if gguf else urls, storage_options, transformer_layout(source))
+    requests, invalid = [], list(manifest.invalid)
+    for request in manifest.requests:
+        if gguf and request.loras:
+            reason = (
+                f"loras: adapters cannot be fused into the GGUF-quantized transformer {transformer_file.name}; "
+                "run these rows with the model's own (bf16) transformer or an fp8 file"
+            )
+            invalid.append(InvalidRow(request.index, request.id, reason, request.parameters()))
+            continue
+        problems = [
+            f"loras[{position}] {resolved.problems[ref.url]}"
+            for position, ref in enumerate(request.loras)
+            if ref.url in resolved.problems
+        ]
+        if problems:
+            invalid.append(InvalidRow(request.index, request.id, "; ".join(problems), request.parameters()))
+            continue
+        loras = tuple(replace(ref, sha256=resolved.sha256[ref.url]) for ref in request.loras)
+        requests.append(replace(request, loras=loras))
+    return replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
+
+
+def _done_ids(
+    requests: list[Request], fingerprints: dict[str, str], store: ResultStore, records: dict[str, Record]
+) -> set[str]:
+    """Rows with an ok record of the same fingerprint whose image is still there: nothing to redo."""
+    images = store.existing_images() if records else set()
+    return {
+        request.id
+        for request in requests
+        if (record := records.get(request.id)) is not None
+        and record.status == OK
+        and record.fingerprint == fingerprints[request.id]
+        and f"{request.id}.png" in images
+    }
+
+
+def pending(plan: RunPlan, requests: list[Request]) -> list[Request]:
+    """Those of `requests` not done yet, judged from the output folder now: a retried chunk whose
+    first attempt wrote some rows before failing regenerates only the rest."""
+    records, _ = plan.store.previous_records()
+    done = _done_ids(requests, plan.fingerprints, plan.store, records)
+    return [request for request in requests if request.id not in done]
+
+
+def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress: Progress | None = None) -> EncodeStats:
+    """Stage 1: every text the rows need is in the embedding cache afterwards."""
+    release_generator()  # never hold the transformer while the encoder loads
+    requests = plan.todo if requests is None else requests
+    if plan.is_edit:
+        stats = encode_edit_inputs(
+            requests,
+            plan.cache,
+            plan.source,
+            plan.device,
+            plan.dtype,
+            plan.config.storage_options,
+            plan.config.max_input_pixels,
+            batch_size=plan.encode_batch_size,
+            progress=progress,
+            memory_mode=plan.memory.encoder_mode,
+            pinned_bytes=plan.memory.encoder_pinned_bytes,
+        )
+    else:
+        stats = encode_texts(
+            [text for request in requests for text in request.texts],
+            plan.cache,
+            plan.source,
+            plan.device,
+            plan.dtype,
+            batch_size=plan.encode_batch_size,
+            progress=progress,
+            memory_mode=plan.memory.encoder_mode,
+            pinned_bytes=plan.memory.encoder_pinned_bytes,
+        )
+    # After the text encoder is gone: the VAE alone encodes init images, masks and control images.
+    stats.encoded += prepare_image_inputs(
+        requests,
+        plan.cache,
+        plan.source,
+        plan.device,
+        plan.dtype,
+        plan.config.storage_options,
+        plan.config.max_input_pixels,
+        progress=progress,
+    )
+    return stats
+
+
+def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
+    """Rows (or edit rows) that share a batch key, in chunks of `batch_size`, in manifest order, except that
+    the batches of one adapter set run one after another: each set is fused once per run, not per batch."""
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(item.batch_key, []).append(item)
+    first_seen: dict[tuple[LoraRef, ...], int] = {}
+    for key in groups:
+        first_seen.setdefault(_loras_of(groups[key][0]), len(first_seen))
+    ordered = sorted(groups.values(), key=lambda group: first_seen[_loras_of(group[0])])  # stable
+    return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
+
+
+def _loras_of(item: Request | EditRow) -> tuple[LoraRef, ...]:
+    return (item.request if isinstance(item, EditRow) else item).loras
+
+
+def denoise_stage(
+    plan: RunPlan, requests: list[Request] | None = None, progress: Progress | None = None
+) -> DenoiseStats:
+    """Stage 2: generate and write the images of `requests` (default: every row to do)."""
+    progress = progress or Silent()
+    requests = plan.todo if requests is None else requests
+    stats = DenoiseStats()
+    if not requests:
+        return stats
+    started = time.perf_counter()
+    reset_peak_memory(plan.device)
+    generator = plan_generator(plan)
+    writer = BatchWriter(plan.output, plan.store)
+    fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
+    cached_before = (generator.cached_steps, generator.cached_steps_computed)
+    progress.start("denoise", len(requests), "images")
+    try:
+        if plan.is_edit:
+            conditions = EditConditions(plan.cache, generator.pipe.vae_scale_factor)
+            batches = _edit_batches(plan, conditions, writer, requests)
+        else:
+            conditions, batches = None, make_batches(requests, plan.batch_size)
+        for batch in batches:
+            _generate_batch(plan, generator, writer, batch, conditions)
+            progress.advance(len(batch))
+        stats.records = writer.drain()
+    finally:
+        progress.finish()
+        writer.close()
+        stats.storage_wait_seconds = writer.wait_seconds
+        stats.adapter_fuses = generator.fusion.stats.fuses - fusion_before[0]
+        stats.adapter_seconds = generator.fusion.stats.seconds - fusion_before[1]
+        stats.cached_steps = generator.cached_steps - cached_before[0]
+        stats.cached_steps_computed = generator.cached_steps_computed - cached_before[1]
+    memory = gpu_memory_gib(plan.device)
+    stats.peak_gpu_gib = memory[1] if memory else None
+    stats.generated = sum(record.status == OK for record in stats.records)
+    stats.failed = sum(record.status == FAILED for record in stats.records)
+    stats.seconds = time.perf_counter() - started
+    log.info(
+        "denoise: %d images, %d failed, %.1f s (%.2f s per image, %.1f s waiting on storage, %d adapter sets "
+        "fused in %.1f s)",
+        stats.generated,
+        stats.failed,
+        stats.seconds,
+        stats.seconds / max(len(requests), 1),
+        stats.storage_wait_seconds,
+        stats.adapter_fuses,
+        stats.adapter_seconds,
+    )
+    return stats
+
+
+def _record(plan: RunPlan, request: Request, **outcome: Any) -> Record:
+    if plan.transformer_file is not None:
+        outcome = {**plan.transformer_file.describe(), **outcome}
+    return Record.for_request(request, plan.source.name, plan.fingerprints[request.id], **outcome)
+
+
+def _failure(plan: RunPlan, request: Request, error: Exception) -> Record:
+    return _record(plan, request, status=FAILED, error=f"{type(error).__name__}: {error}")
+
+
+def _edit_batches(
+    plan: RunPlan, conditions: EditConditions, writer: BatchWriter, requests: list[Request]
+) -> list[list[EditRow]]:
+    """Edit rows grouped by output size, schedule, guidance and input grids, from the cache's notes
+    (a few bytes per input); a row whose input could not be used fails here with stage 1's reason."""
+    rows, failed = [], []
+    for request in requests:
+        try:
+            rows.append(conditions.resolve(request))
+        except QwenBatchError as error:
+            failed.append(_failure(plan, request, error))
+    if failed:
+        writer.submit_failures(failed)
+    return make_batches(rows, plan.batch_size)
+
+
+def _generate_batch(
+    plan: RunPlan,
+    generator: ImageGenerator,
+    writer: BatchWriter,
+    batch: list[Request] | list[EditRow],
+    edit_conditions: EditConditions | None = None,
+) -> None:
+    # A row whose cached inputs cannot be read fails alone; the rest of the batch still runs.
+    started = time.perf_counter()
+    source = RowSource(plan.cache, edit_conditions)
+    rows: list[LoadedRow] = []
+    kept = []  # the items of `rows`, to retry in halves if the GPU runs out of memory
+    failed = []
+    for item in batch:
+        try:
+            rows.append(source.load(item))
+        except QwenBatchError as error:
+            failed.append(_failure(plan, item.request if isinstance(item, EditRow) else item, error))
+            continue
+        kept.append(item)
+    if failed:
+        writer.submit_failures(failed)
+    if not rows:
+        return
+    ready = [row.request for row in rows]
+    try:
+        images = generator.generate(
+            ready,
+            [row.prompt for row in rows],
+            [row.negative for row in rows] if ready[0].uses_cfg else None,
+            stack(rows, batch[0].image_shapes if isinstance(batch[0], EditRow) else ()),
+        )
+    except Exception as error:  # a failing batch must not stop the others; its rows carry the error
+        if not (is_out_of_memory(error) and len(ready) > 1):
+            log.warning("batch of %d rows (first id %r) failed: %s", len(ready), ready[0].id, error, exc_info=True)
+            writer.submit_failures([_failure(plan, request, error) for request in ready])
+            return
+        images = None  # out of GPU memory: retried below, once the error no longer holds the attempt's tensors
+    if images is None:
+        retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
+        return
+    computed = getattr(images, "steps_computed", None) or [(None, None)] * len(rows)  # rows with a step cache
+    images = finished_images(images, rows, generator.pipe.vae_scale_factor * 2)
+    seconds = (time.perf_counter() - started) / len(ready)
+    records = []
+    for row, (steps, uncond_steps) in zip(rows, computed, strict=True):
+        record = _record(plan, row.request, seconds=seconds, warning=TRUNCATION_WARNING if row.truncated else "")
+        record.input_sha256 = row.input_sha256
+        record.steps_computed, record.uncond_steps_computed = steps, uncond_steps
+        records.append(record)
+    writer.submit(ready, images, records)
+
+
+def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summary:
+    """Merge part files into results.parquet (one row per manifest row) and summarise the run.
+
+    A shard does not merge (shards run concurrently and the merge removes the part files it folds
+    in): its summary covers its own rows, and the unsharded run that follows merges everything.
+    """
+    records, parts = plan.store.previous_records()
+    if plan.config.is_shard:
+        missing = Record(id=None, status=FAILED, error="not generated")
+        rows = [
+            (r.index, r.id, records.get(r.id, missing).status, records.get(r.id, missing).error)
+            for r in plan.todo + plan.skipped
+        ]
+        results = plan.output.display(PARTS_FOLDER)
+    else:
+        table = plan.store.merge(plan.manifest, records, parts)
+        columns = [table.column(name).to_pylist() for name in ("id", "status", "error")]
+        rows = [(index, *row) for index, row in enumerate(zip(*columns, strict=True))]
+        results = plan.output.display(RESULTS_FILE)
+    statuses = [status for _, _, status, _ in rows]
+    return Summary(
+        rows=len(rows),
+        generated=denoise.generated,
+        skipped=len(plan.skipped),
+        invalid=statuses.count(INVALID),
+        failed=statuses.count(FAILED),
+        encode=encode,
+        denoise=denoise,
+        output=plan.output.display(),
+        results=results,
+        problems=[row for row in rows if row[2] != OK],
+    )
+
+
+def run(config: RunConfig, progress: Progress | None = None) -> Summary:
+    """The whole job, as `qwen-batch run` does it."""
+    plan = plan_run(config)
+    log.info(
+        "%d rows: %d to generate, %d already done, %d invalid",
+        plan.manifest.num_rows,
+        len(plan.todo),
+        len(plan.skipped),
+        len(plan.manifest.invalid),
+    )
+    encode = encode_stage(plan, progress=progress)
+    denoise = denoise_stage(plan, progress=progress)
+    return finalize(plan, encode, denoise)
+
+
+# One transformer per process, reused across calls (a flow runs many chunks in one worker).
+_loaded: dict[tuple[Any, ...], ImageGenerator] = {}
+
+
+def plan_generator(plan: RunPlan) -> ImageGenerator:
+    """The generator a plan's denoise stage uses (loaded once, then reused): its model, transformer file and
+    ControlNet in its memory placement."""
+    return load_generator(
+        plan.source, plan.device, plan.dtype, plan.memory.denoiser, plan.transformer_file, plan.controlnet
+    )
+
+
+def load_generator(
+    source: ModelSource,
+    device: str,
+    dtype: torch.dtype,
+    placement: Placement | None = None,
+    transformer_file: TransformerFile | None = None,
+    controlnet: ControlNetSource | None = None,
+) -> ImageGenerator:
+    from qwen_batch.pipeline.denoise import ImageGenerator
+
+    key = (source.location, device, str(dtype), placement, transformer_file, controlnet)
+    if key not in _loaded:
+        release_generator()
+        _loaded[key] = ImageGenerator(source, device, dtype, placement, transformer_file, controlnet)
+        log.info("denoise: transformer %s", _loaded[key].memory_mode)
+        memory = gpu_memory_gib(device)
+        if memory:
+            log.info("denoise: transformer and VAE loaded: %.2f GiB allocated on %s", memory[0], device)
+    return _loaded[key]
+
+
+def release_generator() -> None:
+    while _loaded:
+        _, generator = _loaded.popitem()
+        generator.close()
