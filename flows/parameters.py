@@ -1,41 +1,32 @@
 """The flows' parameters: one pydantic model per flow, shown by the Prefect UI as the run form.
 
-Each field has a type, a default, limits and a description; unknown fields are refused
-(extra="forbid"). `flat_parameters` turns a model into a flow's keyword parameters (see there why).
-Storage credentials are never parameters: the server stores and shows parameters, so credentials
-come from the worker's environment (AWS_PROFILE, AWS_ACCESS_KEY_ID...) as for the AWS CLI.
+The run options are not declared here: every field of `qwen_batch.run.config.RunConfig` that is a run
+option becomes a parameter, with its type, default, limits and description (`run_option_fields`), so the
+CLI, the flows and the engine cannot drift apart. Only what exists for the flows alone is declared below
+(`chunk_size`, the fan-out's own fields) and the one option whose form differs: `loras`, a list of
+{path, scale} objects in the UI where the CLI takes PATH[:SCALE] texts.
+
+Unknown fields are refused (extra="forbid"). `flat_parameters` turns a model into a flow's keyword
+parameters (see there why). Storage credentials are never parameters: the server stores and shows
+parameters, so credentials come from the worker's environment (AWS_PROFILE, AWS_ACCESS_KEY_ID...) as for
+the AWS CLI.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
+from dataclasses import MISSING
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from qwen_batch.adapters.loras import MAX_LORA_SCALE, MAX_LORAS_PER_ROW, MIN_LORA_SCALE, run_lora
+from qwen_batch.adapters.loras import MAX_LORA_SCALE, MIN_LORA_SCALE, run_lora
 from qwen_batch.io.storage import StorageOptions, s3_storage_options
-from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT
-from qwen_batch.pipeline.step_cache.spec import normalized
-from qwen_batch.run.engine import DEFAULT_MODEL, RunConfig
+from qwen_batch.run.config import Option, RunConfig, option_default, option_types, run_options
 
-# The first run's manifest: eight rows that show the features in under a minute on a laptop CPU.
-# prompts/example.parquet (24 prompts at full sizes and 50 steps) is the one for real use.
-DEMO_MANIFEST = "prompts/demo.parquet"
-DEMO_OUTPUT = "out/demo"
 SHARD_DEPLOYMENT = "qwen-image-batch/shard"
-
-
-def _check_step_cache(value: str | None) -> str | None:
-    return normalized(value)  # a StepCacheError is a ValueError: pydantic reports it on the field
-
-
-def _check_shard(value: str) -> str:
-    index, count = (int(part) for part in value.split("/"))
-    if not 0 <= index < count:
-        raise ValueError(f"shard {value}: K must be from 0 to N - 1 (e.g. 0/2 and 1/2)")
-    return value
 
 
 class LoraParameter(BaseModel):
@@ -51,123 +42,55 @@ class LoraParameter(BaseModel):
     scale: float = Field(1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE, description="How strongly it applies.")
 
 
-class JobParameters(BaseModel):
-    """What any run over a manifest needs."""
+# The option whose flow form differs from its engine form, and how a flow value becomes the engine's.
+FLOW_TYPES: dict[str, Any] = {"loras": list[LoraParameter]}
+
+
+def _engine_value(name: str, value: Any) -> Any:
+    if name == "loras":
+        return tuple(run_lora(lora.path, lora.scale, "loras") for lora in value)
+    if value == "" and option_default(name) is None:  # an emptied text box: the option's default
+        return None
+    return value
+
+
+def _flow_field(name: str, how: Option, kind: Any) -> tuple[Any, Any]:
+    """One run option as a pydantic field: its annotation (choices as a Literal) and its `Field`."""
+    optional = type(None) in typing.get_args(kind)
+    if name in FLOW_TYPES:
+        kind = FLOW_TYPES[name]
+    elif typing.get_origin(kind) is tuple:
+        kind = list[typing.get_args(kind)[0]]
+    elif how.choices is not None:
+        kind = Literal[how.choices] | None if optional else Literal[how.choices]
+    if how.check is not None:
+        kind = Annotated[kind, AfterValidator(how.check)]  # its ValueError is reported on the field
+    default = option_default(name)
+    default = how.flow_default if default is MISSING else default
+    default = list(default) if isinstance(default, tuple) else default
+    limits = {
+        "ge": how.minimum,
+        "le": how.maximum,
+        "gt": how.above,
+        "pattern": how.pattern,
+        "max_length": how.max_items,
+    }
+    limits = {key: value for key, value in limits.items() if value is not None}
+    return kind, Field(default, description=how.help, **limits)
+
+
+def run_option_fields(exclude: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
+    """Every run option that is a flow parameter, as `create_model` takes fields, in declaration order."""
+    types = option_types()
+    return {
+        name: _flow_field(name, how, types[name]) for name, how in run_options() if how.flow and name not in exclude
+    }
+
+
+class _Job(BaseModel):
+    """What any run over a manifest needs (the fields are added by `create_model` below)."""
 
     model_config = ConfigDict(extra="forbid")
-
-    manifest: str = Field(
-        DEMO_MANIFEST,
-        min_length=1,
-        description="Parquet manifest of prompts, one row per image: a path (relative to the worker's working "
-        "directory, the repository root) or a URL such as s3://bucket/prompts.parquet. Columns: docs/manifest.md.",
-    )
-    output: str = Field(
-        DEMO_OUTPUT,
-        min_length=1,
-        description="Output folder, a path or URL: the images (images/ID.png) and results.parquet go here. "
-        "Running again over the same folder resumes: finished rows are skipped.",
-    )
-    model: str = Field(
-        DEFAULT_MODEL,
-        min_length=1,
-        description="Qwen/Qwen-Image (a hub id, downloaded once per worker), a diffusers folder on the worker, "
-        "or 'tiny': random weights for trying the pipeline (its images are noise).",
-    )
-    transformer: str | None = Field(
-        None,
-        description="The transformer from one file on the worker (path) or a URL such as s3://bucket/models/"
-        "qwen-image-Q4_K_M.gguf: safetensors in bf16 or fp8 e4m3fn (ComfyUI's qwen_image_fp8_e4m3fn.safetensors) "
-        "or GGUF (Q8_0 ... Q3_K_M). Copied once per worker; the rest of the model comes from 'model'. Empty: "
-        "the model's own transformer.",
-    )
-    controlnet: str | None = Field(
-        None,
-        description="The ControlNet of rows with a control_image column: a hub id such as "
-        "InstantX/Qwen-Image-ControlNet-Union or a folder on the worker. Empty: rows with control images are "
-        "reported invalid, the others run.",
-    )
-    batch_size: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="Images per transformer batch; empty: the memory planner's choice for the worker's GPU "
-        "(4 when the model is resident, more when weights stream from host RAM, so each copy serves more images).",
-    )
-    chunk_size: int = Field(
-        32,
-        ge=1,
-        le=1000,
-        description="Rows per denoise task: the unit of progress, retries and task runs in the UI. Chunks hold "
-        "whole batches, so 10,000 prompts make a few hundred tasks, not 10,000.",
-    )
-    encode_batch_size: int = Field(16, ge=1, le=256, description="Prompts per text-encoder batch.")
-    cache: str | None = Field(
-        None,
-        description="Embedding cache folder (path or URL) to share between runs and manifests; empty: OUTPUT/cache.",
-    )
-    device: str = Field(
-        "auto",
-        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
-        description="auto (the GPU when there is one), cuda, cuda:N or cpu. Give each worker its GPU with "
-        "CUDA_VISIBLE_DEVICES rather than choosing one here.",
-    )
-    dtype: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU, fp32 on the CPU (fp16 overflows in Qwen-Image)."
-    )
-    memory_mode: Literal["auto", "bf16", "fp8", "gguf", "offload", "fp8-offload", "sequential"] = Field(
-        "auto",
-        description="auto: the plan for the worker's GPU and RAM (qwen-batch plan); bf16 resident; fp8 linears in "
-        "float8; gguf: a GGUF transformer file resident; offload: weights streamed from host RAM in large batches "
-        "(pinned as far as the RAM allows, the rest read from disk); fp8-offload: the same with fp8 weights, half "
-        "the bytes; sequential: last resort. docs/memory.md.",
-    )
-    fp8_every_linear: bool = Field(
-        False,
-        description="When the mode is fp8: the image MLP's last linear in fp8 too, which fp8 otherwise keeps in "
-        "bf16 for quality: 1.94x the diffusers recipe on an H200 against 1.76x. Check the images first (docs/memory.md).",
-    )
-    task: Literal["auto", "generate", "edit"] = Field(
-        "auto",
-        description="generate (text to image) or edit (Qwen-Image-Edit: an input image per row); auto: edit when "
-        "the manifest has an 'image' or 'images' column.",
-    )
-    allow_inputs: list[str] = Field(
-        [],
-        description="Edit manifests: folders or URL prefixes (s3://bucket/inputs/) input images may also come "
-        "from; by default only the manifest's own folder is allowed.",
-    )
-    max_input_pixels: int = Field(
-        50_000_000,
-        ge=1,
-        description="Edit manifests: input images with more pixels are refused (decompression bombs).",
-    )
-    loras: list[LoraParameter] = Field(
-        [],
-        max_length=MAX_LORAS_PER_ROW,
-        description="LoRA adapters fused for the rows whose 'loras' column is empty, each {path, scale}: e.g. a "
-        "Lightning LoRA with scheduler_shift 3 for 8-step rows. docs/manifest.md.",
-    )
-    scheduler_shift: float | None = Field(
-        None,
-        gt=MIN_SCHEDULER_SHIFT,
-        le=MAX_SCHEDULER_SHIFT,
-        description="A fixed sampling shift for the rows whose 'scheduler_shift' column is empty; 3 for the "
-        "Lightning LoRAs (with true_cfg_scale 1 and 8 or 4 steps). Empty: the model's own schedule.",
-    )
-    step_cache: Annotated[str | None, AfterValidator(_check_step_cache)] = Field(
-        None,
-        description="Step caching for the rows whose 'step_cache' column is empty, decided row by row: none "
-        "(empty), first-block:T[,warmup=N] (diffusers' FirstBlockCache, e.g. first-block:0.1: 0.05-0.2 is what "
-        "users of the real model report; warmup=N: the first N steps always compute) or taylorseer (e.g. "
-        "taylorseer:interval=5,warmup=3,order=1). Faster 50-step rows, lossy: judge the images. docs/step-cache.md.",
-    )
-    s3_endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint, e.g. http://minio:9000; empty: AWS_ENDPOINT_URL, else AWS."
-    )
-    s3_region: str | None = Field(None, description="S3 region; empty: AWS_REGION or the profile's.")
-    s3_profile: str | None = Field(None, description="A profile of the worker's ~/.aws/config; empty: AWS_PROFILE.")
-    s3_anonymous: bool = Field(False, description="Use S3 without credentials (public buckets).")
 
     def storage_options(self) -> StorageOptions:
         return s3_storage_options(self.s3_endpoint_url, self.s3_region, self.s3_profile, self.s3_anonymous)
@@ -177,15 +100,26 @@ class JobParameters(BaseModel):
         return self.model_dump(include=set(JobParameters.model_fields))
 
 
-class BatchParameters(JobParameters):
-    """The parameters of `qwen-image-batch`."""
+JobParameters = create_model(
+    "JobParameters",
+    __base__=_Job,
+    __module__=__name__,
+    **run_option_fields(exclude=("shard",)),
+    chunk_size=(
+        int,
+        Field(
+            32,
+            ge=1,
+            le=1000,
+            description="Rows per denoise task: the unit of progress, retries and task runs in the UI. Chunks hold "
+            "whole batches, so 10,000 prompts make a few hundred tasks, not 10,000.",
+        ),
+    ),
+)
 
-    shard: Annotated[str, AfterValidator(_check_shard)] = Field(
-        "0/1",
-        pattern=r"^\d+/\d+$",
-        description="Generate only shard K of N ('K/N'): the rows dealt to K by predicted GPU time. 0/1: every row. A shard "
-        "leaves its results as part files; qwen-image-fanout (or a run with 0/1) merges them.",
-    )
+
+class _Batch(JobParameters):
+    """The parameters of `qwen-image-batch`: the job, and which shard of it (`shard`, added below)."""
 
     @property
     def is_shard(self) -> bool:
@@ -197,30 +131,24 @@ class BatchParameters(JobParameters):
         return int(index), int(count)
 
     def run_config(self) -> RunConfig:
-        index, count = self.shard_numbers
-        return RunConfig(
-            manifest=self.manifest,
-            output=self.output,
-            model=self.model,
-            transformer=self.transformer or None,
-            controlnet=self.controlnet or None,
-            batch_size=self.batch_size,
-            encode_batch_size=self.encode_batch_size,
-            device=self.device,
-            dtype=self.dtype,
-            cache=self.cache or None,
-            storage_options=self.storage_options(),
-            shard_index=index,
-            shard_count=count,
-            task=None if self.task == "auto" else self.task,
-            allowed_inputs=tuple(self.allow_inputs),
-            max_input_pixels=self.max_input_pixels,
-            memory_mode=self.memory_mode,
-            fp8_every_linear=self.fp8_every_linear,
-            loras=tuple(run_lora(lora.path, lora.scale, "loras") for lora in self.loras),
-            scheduler_shift=self.scheduler_shift,
-            step_cache=self.step_cache,
-        )
+        names = [name for name, how in run_options() if how.flow]
+        return RunConfig(**{name: _engine_value(name, getattr(self, name)) for name in names})
+
+
+def _check_shard(value: str) -> str:
+    index, count = (int(part) for part in value.split("/"))
+    if not 0 <= index < count:
+        raise ValueError(f"shard {value}: K must be from 0 to N - 1 (e.g. 0/2 and 1/2)")
+    return value
+
+
+_shard_kind, _shard_field = run_option_fields()["shard"]
+BatchParameters = create_model(
+    "BatchParameters",
+    __base__=_Batch,
+    __module__=__name__,
+    shard=(Annotated[_shard_kind, AfterValidator(_check_shard)], _shard_field),
+)
 
 
 class FanoutParameters(JobParameters):

@@ -29,7 +29,6 @@ if __package__ in (None, ""):  # `python flows/qwen_image_batch.py`: import `flo
 import argparse
 import os
 import time
-from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -55,9 +54,7 @@ from qwen_batch.manifest import Request
 from qwen_batch.pipeline.encode import EncodeStats
 from qwen_batch.progress import show_library_progress_bars
 from qwen_batch.run.engine import (
-    DenoiseStats,
     RunPlan,
-    Summary,
     denoise_stage,
     encode_stage,
     finalize,
@@ -67,6 +64,7 @@ from qwen_batch.run.engine import (
     release_generator,
 )
 from qwen_batch.run.results import OK
+from qwen_batch.run.summary import DenoiseStats, summary_rows
 
 FLOW_NAME = "qwen-image-batch"
 
@@ -125,7 +123,7 @@ def encode(plan: RunPlan, progress: ArtifactProgress) -> dict[str, Any]:
         stats.seconds,
         f", peak GPU memory {stats.peak_gpu_gib:.1f} GiB" if stats.peak_gpu_gib is not None else "",
     )
-    return asdict(stats)
+    return stats.to_dict()
 
 
 @task(name="denoise", task_run_name="denoise {index} of {count}", **TASK_OPTIONS, **STORAGE_RETRIES)
@@ -146,35 +144,15 @@ def denoise(plan: RunPlan, chunk: list[Request], progress: ArtifactProgress, ind
     )
     ok = {record.id for record in stats.records if record.status == OK}
     samples = [sample_of(request) for request in chunk if request.id in ok]
-    return {
-        "generated": stats.generated,
-        "failed": stats.failed,
-        "seconds": stats.seconds,
-        "peak_gpu_gib": stats.peak_gpu_gib,
-        "adapter_fuses": stats.adapter_fuses,
-        "adapter_seconds": stats.adapter_seconds,
-        "cached_steps": stats.cached_steps,
-        "cached_steps_computed": stats.cached_steps_computed,
-        "samples": samples[:SAMPLE_IMAGES],
-    }
+    return {"stats": stats.to_dict(), "samples": samples[:SAMPLE_IMAGES]}
 
 
 @task(name="finalize", **TASK_OPTIONS, **STORAGE_RETRIES)
 def finalize_run(plan: RunPlan, encoded: dict[str, Any], chunks: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge the part files into results.parquet (a shard leaves them to the merge) and sum the run up."""
-    peaks = [chunk["peak_gpu_gib"] for chunk in chunks if chunk["peak_gpu_gib"] is not None]
-    denoised = DenoiseStats(
-        generated=sum(chunk["generated"] for chunk in chunks),
-        failed=sum(chunk["failed"] for chunk in chunks),
-        seconds=sum(chunk["seconds"] for chunk in chunks),
-        peak_gpu_gib=max(peaks) if peaks else None,
-        adapter_fuses=sum(chunk["adapter_fuses"] for chunk in chunks),
-        adapter_seconds=sum(chunk["adapter_seconds"] for chunk in chunks),
-        cached_steps=sum(chunk["cached_steps"] for chunk in chunks),
-        cached_steps_computed=sum(chunk["cached_steps_computed"] for chunk in chunks),
-    )
+    denoised = sum((DenoiseStats.from_dict(chunk["stats"]) for chunk in chunks), start=DenoiseStats())
     started = time.perf_counter()
-    report = run_report(finalize(plan, EncodeStats(**encoded), denoised))
+    report = finalize(plan, EncodeStats.from_dict(encoded), denoised).to_dict(MAX_PROBLEMS_SHOWN)
     get_run_logger().info(
         "results %s: %d rows, %d generated, %d skipped, %d invalid, %d failed; %s images per hour; %.1f s",
         report["results"],
@@ -189,54 +167,12 @@ def finalize_run(plan: RunPlan, encoded: dict[str, Any], chunks: list[dict[str, 
     return report
 
 
-def run_report(summary: Summary) -> dict[str, Any]:
-    """A run's outcome as a small JSON-able dict: the flow's result and what the UI shows."""
-    return {
-        "rows": summary.rows,
-        "generated": summary.generated,
-        "skipped": summary.skipped,
-        "invalid": summary.invalid,
-        "failed": summary.failed,
-        "images_per_hour": summary.images_per_hour,
-        "encode_seconds": summary.encode.seconds,
-        "denoise_seconds": summary.denoise.seconds,
-        "encode_peak_gpu_gib": summary.encode.peak_gpu_gib,
-        "denoise_peak_gpu_gib": summary.denoise.peak_gpu_gib,
-        "adapter_fuses": summary.denoise.adapter_fuses,
-        "adapter_seconds": summary.denoise.adapter_seconds,
-        "cached_steps": summary.denoise.cached_steps,
-        "cached_steps_computed": summary.denoise.cached_steps_computed,
-        "texts_encoded": summary.encode.encoded,
-        "texts_cached": summary.encode.cached,
-        "output": summary.output,
-        "results": summary.results,
-        "problem_count": len(summary.problems),
-        "problems": [list(problem) for problem in summary.problems[:MAX_PROBLEMS_SHOWN]],
-    }
-
-
 def summary_metrics(report: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The rows of the summary table."""
-    no_gpu = "n/a (no GPU used)"
-    cached = report["cached_steps"]
-    step_cache = (
-        [("step cache: steps computed / run", f"{report['cached_steps_computed']} / {cached}")] if cached else []
-    )
-    return [
-        ("rows", report["rows"]),
-        ("ok (generated by this run)", report["generated"]),
-        ("skipped (already done)", report["skipped"]),
-        ("invalid", report["invalid"]),
-        ("failed", report["failed"]),
-        ("images per hour", number(report["images_per_hour"], 0)),
-        ("encode seconds", number(report["encode_seconds"])),
-        ("denoise seconds", number(report["denoise_seconds"])),
-        ("peak GPU memory, encode (GiB)", number(report["encode_peak_gpu_gib"], missing=no_gpu)),
-        ("peak GPU memory, denoise (GiB)", number(report["denoise_peak_gpu_gib"], missing=no_gpu)),
-        ("texts encoded / from cache", f"{report['texts_encoded']} / {report['texts_cached']}"),
-        ("adapter sets fused / seconds", f"{report['adapter_fuses']} / {number(report['adapter_seconds'])}"),
-        *step_cache,
-    ]
+    """The rows of the summary table: the CLI's summary rows, and where no GPU was used, that said."""
+    rows = summary_rows(report)
+    if report["denoise"]["peak_gpu_gib"] is None:
+        rows.append(("peak GPU", "n/a (no GPU used)"))
+    return rows
 
 
 @flow(

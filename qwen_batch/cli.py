@@ -15,9 +15,13 @@ from collections.abc import Sequence
 
 from qwen_batch import __version__
 from qwen_batch.errors import QwenBatchError
+from qwen_batch.manifest import EDIT, GENERATE
+from qwen_batch.memory.modes import AUTO, MEMORY_MODES
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_PROBLEMS_SHOWN = 20
+# The run options `validate` takes too: what reading and checking a manifest depends on.
+VALIDATE_OPTIONS = ("manifest", "task", "allow_inputs", "s3_endpoint_url", "s3_region", "s3_profile", "s3_anonymous")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,73 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="generate the images of a manifest", description=_run_description())
-    run.add_argument("manifest", metavar="MANIFEST", help="Parquet manifest: a path or fsspec URL (file://, s3://...)")
-    run.add_argument("--output", "-o", required=True, metavar="OUT", help="output folder (path or fsspec URL)")
-    run.add_argument(
-        "--model",
-        default="tiny",
-        metavar="M",
-        help="hub id (Qwen/Qwen-Image), local diffusers folder, or 'tiny' (random weights, the default: "
-        "for trying the pipeline, its images are noise)",
-    )
-    run.add_argument(
-        "--transformer",
-        metavar="FILE",
-        help="take the transformer from one file (path or URL): a safetensors file in bf16 or fp8 e4m3fn "
-        "(ComfyUI's qwen_image_fp8_e4m3fn.safetensors) or a GGUF file (Q8_0 ... Q3_K_M); the text encoder, VAE "
-        "and the transformer's config still come from --model (docs/memory.md)",
-    )
-    run.add_argument(
-        "--controlnet",
-        metavar="MODEL",
-        help="the ControlNet of rows with control_image: a hub id (InstantX/Qwen-Image-ControlNet-Union), a "
-        "folder, or 'tiny' (random weights, for --model tiny); checked against the transformer before anything "
-        "loads (docs/conditions.md)",
-    )
-    run.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="images per transformer batch (default: the memory plan's; 4 when the transformer is resident)",
-    )
-    run.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N or cpu")
-    run.add_argument("--dtype", default="auto", help="auto (default: bf16 on GPU, fp32 on CPU), bf16 or fp32")
-    run.add_argument("--cache", metavar="URI", help="embedding cache folder (default: OUT/cache)")
-    run.add_argument(
-        "--encode-batch-size",
-        type=int,
-        default=16,
-        metavar="N",
-        help="prompts per text-encoder batch (default 16)",
-    )
-    run.add_argument(
-        "--shard",
-        metavar="K/N",
-        type=_shard,
-        default=(0, 1),
-        help="generate only shard K of N (rows dealt out by predicted GPU time, so shards finish together), e.g. one per GPU; "
-        "then run again without --shard to merge the results",
-    )
-    _add_input_flags(run)
-    run.add_argument(
-        "--max-input-pixels",
-        type=int,
-        default=None,
-        metavar="N",
-        help="edit manifests: refuse input images of more pixels than this (decompression bombs; default 50 MP)",
-    )
-    _add_sampling_flags(run)
-    _add_memory_flags(run)
-    _add_storage_flags(run)
+    add_run_options(run)
     _add_output_flags(run)
 
     validate = commands.add_parser(
         "validate", help="check a manifest without loading models", description="Print the validation report."
     )
-    validate.add_argument("manifest", metavar="MANIFEST")
-    _add_input_flags(validate)
-    _add_storage_flags(validate)
+    add_run_options(validate, VALIDATE_OPTIONS)
     _add_output_flags(validate)
 
     plan = commands.add_parser(
@@ -114,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--height", type=int, default=1024, metavar="H", help="image height (default 1024)")
     plan.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
     plan.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: chosen)")
-    plan.add_argument("--task", choices=("generate", "edit"), default="generate")
-    plan.add_argument("--memory-mode", default="auto", choices=_memory_mode_choices(), help="default auto")
+    plan.add_argument("--task", choices=(GENERATE, EDIT), default=GENERATE)
+    plan.add_argument("--memory-mode", default=AUTO, choices=MEMORY_MODES, help="default auto")
     plan.add_argument(
         "--transformer",
         metavar="FILE",
@@ -204,30 +148,59 @@ def _run_description() -> str:
     )
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write the shard as K/N, e.g. 0/2") from None
-    return index, count
+def add_run_options(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """The flags of the run options (`qwen_batch.run.config`), or of those named, grouped as declared."""
+    from qwen_batch.run.config import GROUP_HELP, option_default, option_types, run_options
+
+    types, groups = option_types(), {}
+    for name, how in run_options():
+        if names is not None and name not in names:
+            continue
+        if how.group is None:
+            target = parser
+        elif how.group not in groups:
+            target = groups[how.group] = parser.add_argument_group(how.group, GROUP_HELP[how.group])
+        else:
+            target = groups[how.group]
+        flags, settings = _argparse_settings(name, how, types[name], option_default(name))
+        target.add_argument(*flags, **settings)
 
 
-def _add_input_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--task",
-        choices=("generate", "edit"),
-        default=None,
-        help="generate (text to image) or edit (an input image per row); default: edit when the manifest "
-        "has an 'image' or 'images' column",
-    )
-    parser.add_argument(
-        "--allow-inputs",
-        action="append",
-        default=[],
-        metavar="PREFIX",
-        help="edit manifests: also read input images under PREFIX (a folder path or URL such as "
-        "s3://bucket/inputs/); by default only the manifest's own folder is allowed. Repeatable.",
-    )
+def _argparse_settings(name: str, how, kind, default) -> tuple[list[str], dict]:
+    """argparse's spelling of one run option: flags and keyword arguments."""
+    import typing
+
+    from qwen_batch.run.config import MISSING
+
+    settings: dict = {"help": how.help.replace("%", "%%"), "metavar": how.metavar}
+    if how.flag == "":
+        return [name], settings
+    flags = [how.cli_flag(name), *([how.short] if how.short else [])]
+    settings["dest"] = name
+    optional = type(None) in typing.get_args(kind)  # X | None
+    base = next(arg for arg in typing.get_args(kind) if arg is not type(None)) if optional else kind
+    if base is bool:
+        return flags, {"help": settings["help"], "dest": name, "action": "store_true"}
+    if typing.get_origin(base) is tuple:  # repeatable: the raw texts, parsed in _option_value
+        return flags, {**settings, "action": "append", "default": []}
+    if default is MISSING:
+        settings["required"] = True
+    else:
+        settings["default"] = default
+    if how.choices is not None:  # checked by RunConfig, whose message says why (e.g. fp16 overflows)
+        settings["metavar"] = "{" + ",".join(how.choices) + "}"
+    elif how.parse is None and base in (int, float):
+        settings["type"] = base
+    return flags, settings
+
+
+def _option_value(how, value):
+    """A flag's value as the run option takes it: `how.parse` applied (its errors are usage errors, exit 2)."""
+    if how.parse is None or value is None:
+        return value
+    if isinstance(value, list):
+        return tuple(how.parse(item) for item in value)
+    return how.parse(value)
 
 
 def _single_file_formats() -> tuple[str, ...]:
@@ -240,92 +213,6 @@ def _lora_formats() -> tuple[str, ...]:
     from qwen_batch.tiny.lora import FORMATS
 
     return FORMATS
-
-
-def _add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "Adapters and sampling",
-        "Run-wide values for the rows whose 'loras', 'scheduler_shift' or 'step_cache' column is empty "
-        "(docs/manifest.md).",
-    )
-    group.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="PATH[:SCALE]",
-        help="a LoRA adapter (.safetensors path or URL; diffusers, kohya, ComfyUI or DiffSynth keys) fused for "
-        "those rows, at SCALE (default 1.0). Repeatable.",
-    )
-    group.add_argument(
-        "--scheduler-shift",
-        type=float,
-        default=None,
-        metavar="S",
-        help="sample with a fixed shift S instead of the model's size-dependent one; the Lightning LoRAs "
-        "want 3, for rows with true_cfg_scale 1 and 8 or 4 steps",
-    )
-    group.add_argument(
-        "--step-cache",
-        default=None,
-        metavar="SPEC",
-        help="reuse the transformer's work across steps, decided row by row: none (default), "
-        "first-block:T[,warmup=N] (diffusers' FirstBlockCache, e.g. first-block:0.1 or first-block:0.12,warmup=4: "
-        "the first 4 steps always compute) or taylorseer[:interval=5,warmup=3,order=1]; faster, lossy: check the "
-        "images (docs/step-cache.md)",
-    )
-
-
-def _memory_mode_choices() -> tuple[str, ...]:
-    from qwen_batch.memory.planner import MEMORY_MODES
-
-    return MEMORY_MODES
-
-
-def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("GPU memory and speed", "See `qwen-batch plan` and docs/memory.md.")
-    group.add_argument(
-        "--memory-mode",
-        default="auto",
-        choices=_memory_mode_choices(),
-        help="auto (default: the plan for this GPU and host RAM), bf16 (resident), fp8 (float8 linears), "
-        "offload (weights streamed from pinned host RAM, large batches) or sequential (last resort)",
-    )
-    group.add_argument(
-        "--fp8-every-linear",
-        action="store_true",
-        help="when the mode is fp8: the image MLP's last linear in fp8 too, which fp8 otherwise keeps in bf16 for "
-        "quality (8%% faster per step on an H200; check your images, docs/memory.md)",
-    )
-    group.add_argument(
-        "--compile",
-        default="auto",
-        choices=("auto", "on", "off"),
-        help="torch.compile the transformer blocks: auto (default) when resident on a GPU with 8 or more images",
-    )
-    group.add_argument(
-        "--compile-cache",
-        metavar="DIR",
-        help="compiled kernels are kept here for the next run (default: $TORCHINDUCTOR_CACHE_DIR, else "
-        "$QWEN_BATCH_HOME/compile-cache)",
-    )
-
-
-def _add_storage_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "S3 and S3-compatible storage",
-        "Unset options come from AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION and ~/.aws, as for the AWS CLI. "
-        "Credentials are never printed or written to results.",
-    )
-    group.add_argument("--s3-endpoint-url", metavar="URL", help="e.g. http://minio:9000 or an R2 endpoint")
-    group.add_argument("--s3-region", metavar="REGION")
-    group.add_argument("--s3-profile", metavar="NAME", help="a profile of ~/.aws/config")
-    group.add_argument("--s3-anonymous", action="store_true", help="no credentials (public buckets)")
-
-
-def _storage_options(args: argparse.Namespace):
-    from qwen_batch.io.storage import s3_storage_options
-
-    return s3_storage_options(args.s3_endpoint_url, args.s3_region, args.s3_profile, args.s3_anonymous)
 
 
 def _add_output_flags(parser: argparse.ArgumentParser) -> None:
@@ -355,35 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qwen_batch.adapters.loras import parse_lora_option
     from qwen_batch.progress import ProgressBars, show_library_progress_bars
-    from qwen_batch.run.engine import RunConfig, run
+    from qwen_batch.run.config import RunConfig, run_options
+    from qwen_batch.run.engine import run
 
-    config = RunConfig(
-        manifest=args.manifest,
-        output=args.output,
-        model=args.model,
-        transformer=args.transformer,
-        controlnet=args.controlnet,
-        batch_size=args.batch_size,
-        memory_mode=args.memory_mode,
-        fp8_every_linear=args.fp8_every_linear,
-        compile=args.compile,
-        compile_cache=args.compile_cache,
-        encode_batch_size=args.encode_batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        cache=args.cache,
-        shard_index=args.shard[0],
-        shard_count=args.shard[1],
-        storage_options=_storage_options(args),
-        task=args.task,
-        allowed_inputs=tuple(args.allow_inputs),
-        loras=tuple(parse_lora_option(option) for option in args.lora),
-        scheduler_shift=args.scheduler_shift,
-        step_cache=args.step_cache,
-        **({"max_input_pixels": args.max_input_pixels} if args.max_input_pixels is not None else {}),
-    )
+    config = RunConfig(**{name: _option_value(how, getattr(args, name)) for name, how in run_options()})
     if args.model == "tiny" and not args.quiet:
         print(
             "qwen-batch: using the tiny random-weight model (its images are noise); "
@@ -398,44 +261,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def format_summary(summary) -> str:
-    def seconds(value: float) -> str:
-        return f"{value:.1f} s"
+    from qwen_batch.run.summary import summary_rows
 
-    rate = summary.images_per_hour
-    rows = [
-        ("rows", f"{summary.rows}"),
-        ("generated", f"{summary.generated}"),
-        ("skipped", f"{summary.skipped}  (already done with the same parameters)"),
-        ("invalid", f"{summary.invalid}"),
-        ("failed", f"{summary.failed}"),
-        (
-            "encode",
-            f"{seconds(summary.encode.seconds)}  ({summary.encode.encoded} texts encoded, "
-            f"{summary.encode.cached} from cache)",
-        ),
-        (
-            "denoise",
-            f"{seconds(summary.denoise.seconds)}"
-            + (
-                f"  ({rate:,.0f} images/hour, {summary.denoise.storage_wait_seconds:.1f} s waiting on storage)"
-                if rate
-                else ""
-            ),
-        ),
-    ]
-    if summary.denoise.adapter_fuses:
-        rows.append(
-            ("adapters", f"{summary.denoise.adapter_fuses} sets fused, {seconds(summary.denoise.adapter_seconds)}")
-        )
-    if summary.denoise.cached_steps:
-        from qwen_batch.pipeline.step_cache import step_cache_line
-
-        rows.append(
-            ("step cache", step_cache_line(summary.denoise.cached_steps_computed, summary.denoise.cached_steps))
-        )
-    for stage, stats in (("encode", summary.encode), ("denoise", summary.denoise)):
-        if stats.peak_gpu_gib is not None:
-            rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
+    rows = summary_rows(summary.to_dict())
     rows += [("images", f"{summary.output.rstrip('/')}/images/"), ("results", summary.results)]
     width = max(len(name) for name, _ in rows)
     lines = ["", "qwen-batch summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]
@@ -449,9 +277,12 @@ def format_summary(summary) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from qwen_batch.io.storage import s3_storage_options
     from qwen_batch.manifest import read_manifest
 
-    manifest = read_manifest(args.manifest, _storage_options(args), args.task, tuple(args.allow_inputs))
+    storage = s3_storage_options(args.s3_endpoint_url, args.s3_region, args.s3_profile, args.s3_anonymous)
+    task = None if args.task == AUTO else args.task
+    manifest = read_manifest(args.manifest, storage, task, tuple(args.allow_inputs))
     print(manifest.report())
     return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
 

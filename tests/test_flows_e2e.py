@@ -292,8 +292,8 @@ def test_the_demo_shows_the_features_and_resumes(stack, tmp_path, capsys):
     without), and a resume."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.parameters import DEMO_MANIFEST
     from flows.qwen_image_batch import main
+    from qwen_batch.run.config import DEMO_MANIFEST
 
     manifest = read_manifest(str(REPO / DEMO_MANIFEST))
     requests = manifest.requests

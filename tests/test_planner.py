@@ -236,8 +236,8 @@ def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
 
 def test_page_cache_in_the_cgroup_counts_as_available(tmp_path, monkeypatch):
     """A container that just read a checkpoint has its page cache filled to its limit: that cache is the
-    kernel's to drop, so the planner must not warn that the OOM killer may strike (it did, session 8)."""
-    from qwen_batch import planner
+    kernel's to drop, so the planner must not warn that the OOM killer may strike."""
+    from qwen_batch.memory import planner
 
     (tmp_path / "memory.max").write_text(str(16 * 2**30))
     (tmp_path / "memory.current").write_text(str(int(15.5 * 2**30)))

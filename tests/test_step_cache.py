@@ -359,14 +359,15 @@ def test_the_cli_takes_a_run_default_and_refuses_a_bad_one(tmp_path, tiny_model,
 
 def test_the_flow_summary_shows_the_step_cache_only_when_a_row_used_one():
     from flows.qwen_image_batch import summary_metrics
+    from qwen_batch.pipeline.encode import EncodeStats
+    from qwen_batch.run.summary import DenoiseStats, Summary
 
-    report = dict.fromkeys(("rows", "generated", "skipped", "invalid", "failed", "texts_encoded", "texts_cached"), 0)
-    report |= dict.fromkeys(("images_per_hour", "encode_seconds", "denoise_seconds", "adapter_seconds"), None)
-    report |= {"encode_peak_gpu_gib": None, "denoise_peak_gpu_gib": None, "adapter_fuses": 0}
-    plain = dict(summary_metrics({**report, "cached_steps": 0, "cached_steps_computed": 0}))
-    cached = dict(summary_metrics({**report, "cached_steps": 100, "cached_steps_computed": 37}))
-    assert "step cache: steps computed / run" not in plain
-    assert cached["step cache: steps computed / run"] == "37 / 100"
+    def report(cached_steps: int, computed: int) -> dict:
+        denoise = DenoiseStats(generated=2, seconds=4.0, cached_steps=cached_steps, cached_steps_computed=computed)
+        return Summary(2, 2, 0, 0, 0, EncodeStats(), denoise, "out", "out/results.parquet", []).to_dict()
+
+    assert "step cache" not in dict(summary_metrics(report(0, 0)))
+    assert dict(summary_metrics(report(100, 37)))["step cache"].startswith("37 of 100 steps computed in full (37%)")
 
 
 def test_the_flow_parameter_is_checked_and_normalized():

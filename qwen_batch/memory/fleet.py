@@ -16,17 +16,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.memory.modes import AUTO, BF16, FP8, FP8_OFFLOAD, GGUF, OFFLOAD, SEQUENTIAL
 from qwen_batch.memory.planner import LOSSLESS, MODES_FOR, DoesNotFitError, Job, Machine, MemoryPlan, plan_memory
 
 # docs/scale-out.md: 2 x H100, 26 mixed rows at 50 steps, launch to merged results: 1.909x and 1.898x.
 MEASURED_SCALING = {2: 1.904}
 PER_GPU_EFFICIENCY = MEASURED_SCALING[2] / 2
 OPTION_LABELS = {
-    "bf16": "bf16, resident on each GPU",
-    "fp8": "fp8 on each GPU",
-    "gguf": "the GGUF file's weights, resident on each GPU",
-    "offload": "bf16 with the weights streamed from host RAM (offload) on each GPU",
-    "fp8-offload": "fp8 weights streamed from host RAM (fp8-offload) on each GPU",
+    BF16: "bf16, resident on each GPU",
+    FP8: "fp8 on each GPU",
+    GGUF: "the GGUF file's weights, resident on each GPU",
+    OFFLOAD: "bf16 with the weights streamed from host RAM (offload) on each GPU",
+    FP8_OFFLOAD: "fp8 weights streamed from host RAM (fp8-offload) on each GPU",
 }
 
 
@@ -90,9 +91,7 @@ def scaling(gpus: int) -> float:
     return 1.0 if gpus == 1 else MEASURED_SCALING.get(gpus, gpus * PER_GPU_EFFICIENCY)
 
 
-def plan_fleet(
-    machine: Machine, job: Job, gpus: int, mode: str = "auto", gpus_per_host: int | None = None
-) -> FleetPlan:
+def plan_fleet(machine: Machine, job: Job, gpus: int, mode: str = AUTO, gpus_per_host: int | None = None) -> FleetPlan:
     """The plan for `gpus` GPUs like `machine`'s, `gpus_per_host` of them sharing one host's RAM (default:
     all of them, as in a dual-GPU workstation). Raises DoesNotFitError when no mode fits one process."""
     if gpus < 1:
@@ -102,7 +101,7 @@ def plan_fleet(
         raise ConfigError(f"--gpus-per-host {gpus_per_host}: use 1 or more")
     process = replace(machine, host_gib=machine.host_gib / per_host)  # each process's share of its host
     speedup = scaling(gpus)
-    candidates = [mode for mode in MODES_FOR[job.weights.kind] if mode != "sequential"]
+    candidates = [mode for mode in MODES_FOR[job.weights.kind] if mode != SEQUENTIAL]
     options = [_option(candidate, process, job, speedup, per_host) for candidate in candidates]
     chosen_plan = plan_memory(process, job, mode)  # the one-GPU planner's own choice (or refusal)
     chosen = next((o for o in options if o.mode == chosen_plan.denoise.mode), None)
@@ -176,7 +175,7 @@ def _reasons(chosen: FleetOption, options: list[FleetOption], gpus: int, per_hos
                 f"for bf16-exact images, {best.label}: {_rate(best.images_per_hour)} images/hour, "
                 f"{slower:.1f}x fewer than fp8 (fp8 rounds every block's weights and activations)"
             )
-    offload = next((option for option in options if option.mode == "offload"), None)
+    offload = next((option for option in options if option.mode == OFFLOAD), None)
     if offload is not None and offload.plan is not None:
         denoise = offload.plan.denoise
         if denoise.streamed_from_disk_gib:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD, GGUF, OFFLOAD, PLACEMENT_MODES, SEQUENTIAL, STREAMING_MODES
 from qwen_batch.weights.model_source import qwen_batch_home
 
 if TYPE_CHECKING:
@@ -54,9 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESIDENT, FP8, GGUF, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL = "bf16", "fp8", "gguf", "offload", "fp8-offload", "sequential"
-PLACEMENT_MODES = (RESIDENT, FP8, GGUF, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL)
-STREAMING_MODES = (OFFLOAD, FP8_OFFLOAD, SEQUENTIAL)  # weights live in host memory, copied to the GPU as used
 FP8_KEPT_BF16 = (r"img_mlp\.net\.2$",)  # inside the blocks; all layers outside them stay bf16 too
 BLOCKS = "transformer_blocks"
 COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
@@ -77,7 +75,7 @@ FP8_SCALE_FLOOR = 1e-12  # see _fp8_config
 class Placement:
     """How one stage's model goes on the device."""
 
-    mode: str = RESIDENT
+    mode: str = BF16
     compile: bool = False
     vae_tiling: bool = False
     compile_cache: str | None = None  # None: $QWEN_BATCH_HOME/compile-cache
@@ -124,7 +122,7 @@ def fp8_compute_available(device: str) -> bool:
 def weights_stay_put(mode: str, device: str) -> bool:
     """Whether a forward uses the transformer's weights where they lie: not streamed from host RAM
     (offload, sequential), not cast per layer (fp8 storage without fp8 matmuls, GGUF dequantized)."""
-    return mode == RESIDENT or (mode == FP8 and fp8_compute_available(device))
+    return mode == BF16 or (mode == FP8 and fp8_compute_available(device))
 
 
 # --- Block by block --------------------------------------------------------------------------------
@@ -271,7 +269,7 @@ def place_transformer(
     way). Returns what was done, in words, for the log."""
     blocks = getattr(transformer, BLOCKS)
     for index, block in enumerate(blocks):
-        if placement.mode in (RESIDENT, FP8, GGUF):
+        if placement.mode in (BF16, FP8, GGUF):
             block.to(device)
         convert_block(block, f"{BLOCKS}.{index}", placement, device, dtype)
         if arena is not None and placement.mode in (OFFLOAD, FP8_OFFLOAD):
@@ -291,9 +289,9 @@ def finish_placement(
     hooks (layerwise casting, group offload), the GELU epilogue. Returns the placement line. Compiling
     comes after (`compile_blocks`), once the attention processors are in."""
     mode, kept = placement.mode, placement.fp8_kept_bf16
-    if mode in (RESIDENT, FP8, GGUF):
+    if mode in (BF16, FP8, GGUF):
         transformer.to(device)
-    if mode == RESIDENT:
+    if mode == BF16:
         done = f"resident in {str(dtype).removeprefix('torch.')}"
         if GELU_EPILOGUE and device.startswith("cuda"):
             from qwen_batch.families.qwen_image.gelu_epilogue import fuse_gelu_epilogues
@@ -321,13 +319,14 @@ def finish_placement(
     return done
 
 
-def compile_blocks(model: torch.nn.Module, placement: Placement, done: str, name: str = "blocks") -> str:
+def compile_blocks(model: torch.nn.Module, placement: Placement, placed: str, name: str = "blocks") -> str | None:
     """Regional torch.compile of a model's blocks (after the attention processors are set: they are traced);
-    returns the placement line with what was done. A ControlNet's blocks are the transformer's kind: the
-    same compiled code serves them, guarded by their shapes."""
-    if placement.streams or "layerwise" in done:
+    returns what was done in words, or None where it is skipped. `placed`: the placement so far in words (layerwise
+    casting shows there). A ControlNet's blocks are the transformer's kind: the same compiled code serves them,
+    guarded by their shapes."""
+    if placement.streams or "layerwise" in placed:
         log.warning("compile is skipped under %s: its hooks move or cast weights around each layer", placement.mode)
-        return done
+        return None
     use_compile_cache(placement.compile_cache)
     options = dict(COMPILE_OPTIONS) or None
     if getattr(model, "_repeated_blocks", None):
@@ -336,7 +335,7 @@ def compile_blocks(model: torch.nn.Module, placement: Placement, done: str, name
     else:  # QwenImageControlNetModel declares no repeated blocks: its blocks, one by one, to the same effect
         for block in getattr(model, BLOCKS):
             block.compile(fullgraph=True, options=options)
-    return done + f"; {name} compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
+    return f"{name} compiled (cache {os.environ[COMPILE_CACHE_ENV]})"
 
 
 def _pinned_share(arena: PinnedArena, transformer: torch.nn.Module) -> str:
@@ -371,7 +370,7 @@ def place_text_encoder(
 
     if hasattr(text_encoder, "lm_head"):
         text_encoder.lm_head = torch.nn.Identity()
-    if mode == RESIDENT:
+    if mode == BF16:
         text_encoder.to(device)
         return "resident"
     if mode == FP8:
@@ -637,7 +636,7 @@ def plan_run_memory(
         chosen = open_modes[0] if mode == "auto" else mode
         return RunMemory(
             # The encoder follows a mode asked for (fp8 on the CPU stores it in fp8 too); auto keeps it as it is.
-            encoder_mode=chosen if mode in (RESIDENT, FP8) else RESIDENT,
+            encoder_mode=chosen if mode in (BF16, FP8) else BF16,
             denoiser=Placement(
                 chosen,
                 compile=compile == "on",
@@ -655,8 +654,8 @@ def plan_run_memory(
     denoise = plan.denoise
     compiled = compile == "on" or (
         compile == "auto"
-        and denoise.mode in (RESIDENT, FP8)
-        and (denoise.mode == RESIDENT or plan.machine.fp8_compute)
+        and denoise.mode in (BF16, FP8)
+        and (denoise.mode == BF16 or plan.machine.fp8_compute)
         and len(requests) >= COMPILE_MIN_IMAGES
     )
     if adapters and denoise.mode == SEQUENTIAL:

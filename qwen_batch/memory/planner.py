@@ -25,19 +25,28 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.memory.modes import (
+    AUTO,
+    BF16,
+    FP8,
+    FP8_OFFLOAD,
+    GGUF,
+    MEMORY_MODES,
+    OFFLOAD,
+    SEQUENTIAL,
+    STREAMING_MODES,
+)
 from qwen_batch.pipeline.step_cache.spec import FirstBlock, parse_step_cache
 
 GiB = 2**30
 FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS = "float", "fp8", "gguf"
-MEMORY_MODES = ("auto", "bf16", "fp8", "gguf", "offload", "fp8-offload", "sequential")
-STREAMING = ("offload", "fp8-offload", "sequential")
 # The modes open to each kind of transformer weights, fastest resident first.
 MODES_FOR = {
-    FLOAT_WEIGHTS: ("bf16", "fp8", "offload", "fp8-offload", "sequential"),
-    FP8_WEIGHTS: ("fp8", "offload"),
-    GGUF_WEIGHTS: ("gguf", "offload"),
+    FLOAT_WEIGHTS: (BF16, FP8, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL),
+    FP8_WEIGHTS: (FP8, OFFLOAD),
+    GGUF_WEIGHTS: (GGUF, OFFLOAD),
 }
-LOSSLESS = {"bf16": True, "offload": True, "sequential": True, "fp8": False, "fp8-offload": False, "gguf": False}
+LOSSLESS = {"bf16": True, OFFLOAD: True, SEQUENTIAL: True, FP8: False, FP8_OFFLOAD: False, GGUF: False}
 TASKS = ("generate", "edit")
 
 # --- The model (QwenImageTransformer2DModel and Qwen2.5-VL-7B, counted on the meta device) -------
@@ -102,10 +111,10 @@ HOST_MARGIN_FRACTION = 0.10  # keep this much of the host's RAM for the OS and t
 # --- Speed, measured on an H100 80GB (1024x1024: 4096 image + 128 text tokens; docs/memory.md) ------
 # Seconds per transformer forward per sample row, bench/results/qwen_image_gpu_h100.jsonl.
 FORWARD_SECONDS = {
-    ("bf16", False): 0.178,  # eager, 8 rows a forward (the recipe's 1-row forwards: 0.183)
-    ("bf16", True): 0.139,  # regional torch.compile
-    ("fp8", True): 0.118,  # torchao fp8 (dynamic activation, per-row scales), compiled, 2 rows a forward
-    ("fp8", False): 0.153,  # torchao fp8 eager, per row, on top of FP8_EAGER_SECONDS_PER_FORWARD
+    (BF16, False): 0.178,  # eager, 8 rows a forward (the recipe's 1-row forwards: 0.183)
+    (BF16, True): 0.139,  # regional torch.compile
+    (FP8, True): 0.118,  # torchao fp8 (dynamic activation, per-row scales), compiled, 2 rows a forward
+    (FP8, False): 0.153,  # torchao fp8 eager, per row, on top of FP8_EAGER_SECONDS_PER_FORWARD
     ("fp8-storage", False): 0.286,  # layerwise casting: fp8 weights upcast per layer (an earlier H100 run)
     ("fp8-storage", True): 0.286,
 }
@@ -239,7 +248,7 @@ class Job:
     def controlnet_bytes(self) -> int:
         """The ControlNet's bf16 weights: its blocks (copies of the transformer's), one output linear each,
         and embedders as the transformer's."""
-        return self.controlnet_gpu_bytes("bf16")
+        return self.controlnet_gpu_bytes(BF16)
 
     def controlnet_gpu_bytes(self, mode: str) -> int:
         """The ControlNet's bytes on the GPU when the transformer runs in `mode`: it is placed as the
@@ -250,20 +259,20 @@ class Job:
         if not layers:
             return 0
         outside = DIT_OUTSIDE_BLOCKS_PARAMS + layers * DIT_HIDDEN**2  # embedders, and one output linear a block
-        if mode == "fp8":
+        if mode == FP8:
             kept = layers * DIT_FP8_KEPT_BF16_PARAMS // DIT_BLOCKS
             fp8 = layers * DIT_BLOCK_PARAMS - kept
             return fp8 + 2 * (outside + kept)
-        if mode in ("offload", "fp8-offload"):
+        if mode in (OFFLOAD, FP8_OFFLOAD):
             return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * DIT_BLOCK_PARAMS)
-        if mode == "sequential":
+        if mode == SEQUENTIAL:
             return 0
         return 2 * (outside + layers * DIT_BLOCK_PARAMS)
 
     def controlnet_residual_bytes(self, batch: int) -> int:
         """The ControlNet's residuals, held through the transformer's forward: one per ControlNet block, the
         image stream's size, for the batch's rows (each row's scaled sum), and again for both CFG halves where
-        the forward runs them joint (`denoise._for_rows` concatenates the copies). Measured on an H200 (fp8,
+        the forward runs them joint (`denoise.blocks._for_rows` concatenates the copies). Measured on an H200 (fp8,
         batch 4, CFG, 1024x1024, bench/results/conditions_h200.jsonl, session 10): the ControlNet's fp8 weights
         (1.9 GB) left 1.4 GiB of the denoise peak unexplained; these residuals are 1.4 GiB there."""
         if not self.controlnet_layers:
@@ -356,7 +365,7 @@ def forward_flops(tokens: int) -> float:
 
 def streamed_bytes(mode: str, weights: WeightsSummary) -> tuple[int, int]:
     """What a streaming mode moves to the GPU at every step: (all of it, one block of it)."""
-    if mode == "fp8-offload":
+    if mode == FP8_OFFLOAD:
         total = DIT_BLOCKS * DIT_BLOCK_PARAMS + DIT_FP8_KEPT_BF16_PARAMS + DIT_FP8_SCALE_BYTES // 2
         return total, total // DIT_BLOCKS
     return weights.nbytes - 2 * DIT_OUTSIDE_BLOCKS_PARAMS, weights.block_nbytes
@@ -366,20 +375,20 @@ def dit_weight_bytes(mode: str, fp8_compute: bool = True, weights: WeightsSummar
     """Transformer bytes resident on the GPU in `mode` (for streaming modes: what is there at a time)."""
     weights = weights or WeightsSummary()
     outside = 2 * DIT_OUTSIDE_BLOCKS_PARAMS
-    if mode == "bf16":
+    if mode == BF16:
         return DIT_PARAMS * 2
-    if mode == "fp8":
+    if mode == FP8:
         if weights.kind == FP8_WEIGHTS:  # the file's fp8 weights as stored, with one scale per row
             return weights.nbytes + DIT_FP8_SCALE_BYTES
         fp8 = DIT_BLOCKS * DIT_BLOCK_PARAMS - DIT_FP8_KEPT_BF16_PARAMS
         return fp8 + 2 * (DIT_PARAMS - fp8) + (DIT_FP8_SCALE_BYTES if fp8_compute else 0)
-    if mode == "gguf":  # quantized bytes, and one layer dequantized at a time
+    if mode == GGUF:  # quantized bytes, and one layer dequantized at a time
         return weights.nbytes + DIT_LARGEST_LINEAR_BYTES
-    if mode in ("offload", "fp8-offload"):
+    if mode in (OFFLOAD, FP8_OFFLOAD):
         _, block = streamed_bytes(mode, weights)
-        dequantized = DIT_LARGEST_LINEAR_BYTES if mode == "fp8-offload" or weights.kind != FLOAT_WEIGHTS else 0
+        dequantized = DIT_LARGEST_LINEAR_BYTES if mode == FP8_OFFLOAD or weights.kind != FLOAT_WEIGHTS else 0
         return outside + OFFLOAD_BLOCKS_ON_GPU * block + dequantized
-    if mode == "sequential":
+    if mode == SEQUENTIAL:
         return SEQUENTIAL_GPU_WEIGHT_BYTES
     raise ValueError(mode)
 
@@ -403,12 +412,12 @@ def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: 
 
 def encoder_weight_bytes(mode: str) -> int:
     kept = ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS
-    if mode == "bf16":
+    if mode == BF16:
         return kept * 2
-    if mode == "fp8":
+    if mode == FP8:
         # Layerwise casting: linears in fp8, the embedding table and norms in bf16.
         return (kept - ENCODER_EMBED_PARAMS) + 2 * ENCODER_EMBED_PARAMS
-    if mode == "offload":
+    if mode == OFFLOAD:
         return 3 * ENCODER_EMBED_PARAMS * 2  # leaf-level: the largest leaves, current and prefetched
     raise ValueError(mode)
 
@@ -442,7 +451,7 @@ def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> Host
     spare = machine.host_usable_gib - fixed
     if total / GiB <= spare:
         return HostStreaming(total, 0, fixed + total / GiB)
-    if mode == "fp8-offload" or spare - staging <= 0:
+    if mode == FP8_OFFLOAD or spare - staging <= 0:
         return None
     pinned = int((spare - staging) * GiB)
     return HostStreaming(pinned, total - pinned, fixed + staging + pinned / GiB)
@@ -451,18 +460,18 @@ def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> Host
 def denoise_host_gib(mode: str, machine: Machine | None = None, weights: WeightsSummary | None = None) -> float | None:
     """Host RAM of the denoise stage in `mode`; None when it cannot fit this host at all."""
     weights = weights or WeightsSummary()
-    if mode in ("offload", "fp8-offload"):
+    if mode in (OFFLOAD, FP8_OFFLOAD):
         machine = machine or Machine(gpu_gib=None, host_gib=1e6)
         streaming = host_streaming(mode, machine, weights)
         return None if streaming is None else streaming.host_gib
     return HOST_BASE_GIB + DIT_LOAD_GIB
 
 
-def encode_host_gib(mode: str = "bf16", machine: Machine | None = None) -> float | None:
+def encode_host_gib(mode: str = BF16, machine: Machine | None = None) -> float | None:
     """Host RAM of the encode stage: resident modes load through the GPU; offload pins what it can."""
-    if mode == "bf16":
+    if mode == BF16:
         return HOST_BASE_GIB + ENCODER_LOAD_GIB
-    if mode == "fp8":
+    if mode == FP8:
         return HOST_BASE_GIB + ENCODER_MAPPED_LOAD_GIB
     machine = machine or Machine(gpu_gib=None, host_gib=1e6)
     weights = (ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS) * 2 / GiB
@@ -474,19 +483,19 @@ def dit_compute_seconds(mode: str, rows: int, job: Job, machine: Machine) -> flo
     """GPU seconds of one forward of `rows` sample rows, and of dequantizing the weights where a mode does."""
     scale = forward_flops(job.tokens) / forward_flops(REFERENCE_TOKENS)
     kind = job.weights.kind
-    if mode == "bf16":
-        return rows * FORWARD_SECONDS[("bf16", job.compile)] * scale
-    if mode == "fp8":
+    if mode == BF16:
+        return rows * FORWARD_SECONDS[(BF16, job.compile)] * scale
+    if mode == FP8:
         if machine.fp8_compute:
             overhead = 0.0 if job.compile else FP8_EAGER_SECONDS_PER_FORWARD
-            return rows * FORWARD_SECONDS[("fp8", job.compile)] * scale + overhead
+            return rows * FORWARD_SECONDS[(FP8, job.compile)] * scale + overhead
         if kind == FP8_WEIGHTS:  # the file's fp8 upcast as used (torchao weight-only)
-            return rows * FORWARD_SECONDS[("bf16", job.compile)] * scale + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
+            return rows * FORWARD_SECONDS[(BF16, job.compile)] * scale + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
         return rows * FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
-    eager = rows * FORWARD_SECONDS[("bf16", False)] * scale
-    if mode == "gguf" or (mode == "offload" and kind == GGUF_WEIGHTS):
+    eager = rows * FORWARD_SECONDS[(BF16, False)] * scale
+    if mode == GGUF or (mode == OFFLOAD and kind == GGUF_WEIGHTS):
         return eager + DEQUANT_SECONDS_PER_FORWARD[GGUF_WEIGHTS]
-    if mode == "fp8-offload" or (mode == "offload" and kind == FP8_WEIGHTS):
+    if mode == FP8_OFFLOAD or (mode == OFFLOAD and kind == FP8_WEIGHTS):
         return eager + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
     return eager
 
@@ -495,16 +504,16 @@ def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine,
     rows = batch * job.rows_per_image
     compute = dit_compute_seconds(mode, rows, job, machine)
     # ControlNet rows: its blocks run in bf16 on the conditional rows, once per control image and step.
-    control = job.control_images * batch * FORWARD_SECONDS[("bf16", False)] * job.controlnet_layers / DIT_BLOCKS
-    if mode in ("bf16", "fp8", "gguf"):
+    control = job.control_images * batch * FORWARD_SECONDS[(BF16, False)] * job.controlnet_layers / DIT_BLOCKS
+    if mode in (BF16, FP8, GGUF):
         # Weights where they lie (bf16, fp8 matmuls): a CFG batch's halves run as two forwards (each half at
-        # its own text length; denoise.Generator's CFG layout), so what a forward costs whatever its rows
+        # its own text length; denoise.text.CFG_LAYOUT), so what a forward costs whatever its rows
         # (eager fp8's quantization) is paid twice a step.
-        if mode == "bf16" or (mode == "fp8" and machine.fp8_compute):
+        if mode == BF16 or (mode == FP8 and machine.fp8_compute):
             halves = job.rows_per_image
             compute = halves * dit_compute_seconds(mode, rows // halves, job, machine)
         return job.steps * (compute + control) / batch
-    if mode in ("offload", "fp8-offload"):
+    if mode in (OFFLOAD, FP8_OFFLOAD):
         # Each step streams every block once for the whole batch; pinned copies overlap the compute, reads
         # from disk hold the host thread that feeds the GPU.
         streaming = host_streaming(mode, machine, job.weights)
@@ -529,14 +538,14 @@ def _largest_batch(peak, usable: float, limit: int) -> int:
 def _fit(candidate: str, machine: Machine, job: Job) -> tuple[StagePlan | None, str]:
     """The plan for one mode, or why it does not fit."""
     usable = machine.usable_gib
-    for tiled in (False, True) if candidate != "bf16" else (False,):
+    for tiled in (False, True) if candidate != BF16 else (False,):
 
         def peak(batch: int, tiled: bool = tiled) -> float:
             return denoise_peak_gib(candidate, batch, job, tiled, machine.fp8_compute)
 
         # Resident modes gain little past 4 images a batch; streaming modes raise the batch so that one
         # pass over the weights serves more images (until the copies hide behind the compute).
-        resident = candidate in ("bf16", "fp8", "gguf")
+        resident = candidate in (BF16, FP8, GGUF)
         limit = job.batch_size or (4 if resident else _offload_batch_limit(candidate, job, machine))
         batch = job.batch_size if job.batch_size and peak(job.batch_size) <= usable else 0
         if not job.batch_size:
@@ -559,7 +568,7 @@ def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...
     if mode not in MEMORY_MODES:
         raise ConfigError(f"--memory-mode {mode!r}: use one of {', '.join(MEMORY_MODES)}")
     open_modes = MODES_FOR[weights.kind]
-    if mode != "auto" and mode not in open_modes:
+    if mode != AUTO and mode not in open_modes:
         raise ConfigError(
             f"--memory-mode {mode}: the transformer's weights are {weights.kind} ({weights.label}); with them use "
             f"auto, {', '.join(open_modes)}"
@@ -567,39 +576,39 @@ def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...
     return open_modes
 
 
-def plan_denoise(machine: Machine, job: Job, mode: str = "auto") -> StagePlan:
+def plan_denoise(machine: Machine, job: Job, mode: str = AUTO) -> StagePlan:
     """The first resident mode that fits (lossless first), else the fastest streaming one."""
     kind = job.weights.kind
     check_mode_for_weights(mode, job.weights)
-    if mode == "fp8-offload" and job.adapters:
+    if mode == FP8_OFFLOAD and job.adapters:
         raise ConfigError(
             "rows with LoRA adapters cannot run with --memory-mode fp8-offload (its fp8 copy of the weights cannot "
             "take a fuse): use --memory-mode offload or auto"
         )
-    candidates = MODES_FOR[kind] if mode == "auto" else (mode,)
-    candidates = tuple(c for c in candidates if not (job.adapters and c == "fp8-offload"))
+    candidates = MODES_FOR[kind] if mode == AUTO else (mode,)
+    candidates = tuple(c for c in candidates if not (job.adapters and c == FP8_OFFLOAD))
     tried: list[str] = []
     streaming: list[StagePlan] = []
     for candidate in candidates:
         plan, refused = _fit(candidate, machine, job)
         if plan is None:
             tried.append(refused)
-        elif candidate not in STREAMING:
+        elif candidate not in STREAMING_MODES:
             return plan
         else:
             streaming.append(plan)
     if streaming:
         chosen = _fastest_streaming(streaming)
-        if mode == "auto" and kind == FLOAT_WEIGHTS and chosen.streamed_from_disk_gib:
+        if mode == AUTO and kind == FLOAT_WEIGHTS and chosen.streamed_from_disk_gib:
             hint = _suggestion(machine, job, faster_than=chosen.seconds_per_image[0])
             chosen = replace(chosen, notes=[*chosen.notes, hint.strip()] if hint else chosen.notes)
         return chosen
     gpu = "no CUDA GPU" if machine.gpu_gib is None else f"a {machine.gpu_gib:.0f} GiB GPU"
-    hint = _suggestion(machine, job) if mode == "auto" and kind == FLOAT_WEIGHTS else ""
+    hint = _suggestion(machine, job) if mode == AUTO and kind == FLOAT_WEIGHTS else ""
     raise DoesNotFitError(
         f"Qwen-Image's denoise stage does not fit {gpu} with {machine.host_gib:.0f} GiB of host RAM: "
         + "; ".join(tried)
-        + (". Try a smaller --batch-size or --memory-mode auto" if job.batch_size or mode != "auto" else "")
+        + (". Try a smaller --batch-size or --memory-mode auto" if job.batch_size or mode != AUTO else "")
         + "."
         + hint
     )
@@ -608,7 +617,7 @@ def plan_denoise(machine: Machine, job: Job, mode: str = "auto") -> StagePlan:
 def _fastest_streaming(plans: list[StagePlan]) -> StagePlan:
     """The fastest streaming plan; a lossless one when it is within 5% of the fastest (sequential only when
     nothing else fits)."""
-    usable = [plan for plan in plans if plan.mode != "sequential"] or plans
+    usable = [plan for plan in plans if plan.mode != SEQUENTIAL] or plans
     fastest = min(usable, key=lambda plan: plan.seconds_per_image[0])
     exact = [plan for plan in usable if LOSSLESS[plan.mode]]
     best_exact = min(exact, key=lambda plan: plan.seconds_per_image[0], default=None)
@@ -652,8 +661,8 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machin
     weights = job.weights
     stored = "fp8 as stored in the file" if weights.kind == FP8_WEIGHTS else ""
     how = {
-        "bf16": "transformer resident in bf16",
-        "fp8": (
+        BF16: "transformer resident in bf16",
+        FP8: (
             f"transformer {stored or 'linears in fp8'} through torchao (dynamic activation, per-row scales)"
             + ("" if stored else ", img_mlp's last linear and the embedders in bf16")
             if machine.fp8_compute
@@ -662,21 +671,21 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machin
             + "; this GPU has no fp8 matmuls)"
             + ("" if stored else ", img_mlp's last linear and the embedders in bf16")
         ),
-        "gguf": f"transformer {weights.label} resident, dequantized layer by layer as it runs",
-        "offload": f"transformer ({'bf16' if weights.kind == FLOAT_WEIGHTS else weights.label}) streamed to the "
+        GGUF: f"transformer {weights.label} resident, dequantized layer by layer as it runs",
+        OFFLOAD: f"transformer ({'bf16' if weights.kind == FLOAT_WEIGHTS else weights.label}) streamed to the "
         "GPU block by block on a side stream (diffusers group offload), one pass over the weights per step for "
         "the whole batch",
-        "fp8-offload": "transformer linears quantized once to fp8 (per-row scales) and streamed to the GPU block by "
+        FP8_OFFLOAD: "transformer linears quantized once to fp8 (per-row scales) and streamed to the GPU block by "
         "block, computed in bf16: half the bytes of offload, one pass per step for the whole batch",
-        "sequential": "every layer copied to the GPU when it runs (accelerate sequential CPU offload)",
+        SEQUENTIAL: "every layer copied to the GPU when it runs (accelerate sequential CPU offload)",
     }[mode]
     notes = []
     if tiled:
         notes.append("the VAE decodes in tiles (an untiled decode would not fit); seams may differ slightly")
-    if mode == "fp8" and not job.compile and machine.fp8_compute:
+    if mode == FP8 and not job.compile and machine.fp8_compute:
         notes.append("fp8 without compile is slower than bf16: leave compile on")
     pinned_gib, from_disk_gib = None, 0.0
-    if mode in ("offload", "fp8-offload"):
+    if mode in (OFFLOAD, FP8_OFFLOAD):
         streaming = host_streaming(mode, machine, weights)
         pinned_gib, from_disk_gib = streaming.pinned / GiB, streaming.from_disk / GiB
         if streaming.from_disk:
@@ -689,7 +698,7 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machin
             notes.append(f"pins {pinned_gib:.1f} GiB of host RAM for the weights that stream (nothing read from disk)")
     seconds = denoise_seconds_per_image(mode, batch, job, machine, machine.host_link_gbps)
     pcie4 = None
-    if mode in STREAMING:
+    if mode in STREAMING_MODES:
         pcie4 = _band(denoise_seconds_per_image(mode, batch, job, machine, PCIE4_HOST_LINK_GBPS))
     return StagePlan(
         stage="denoise",
@@ -707,10 +716,10 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machin
     )
 
 
-def plan_encode(machine: Machine, job: Job, mode: str = "auto", batch_size: int = 16) -> StagePlan:
+def plan_encode(machine: Machine, job: Job, mode: str = AUTO, batch_size: int = 16) -> StagePlan:
     """The text encoder picks its own mode: bf16 when it fits, else fp8 storage, else offload."""
     usable = machine.usable_gib
-    candidates = ("bf16", "fp8", "offload") if mode in ("auto", "sequential", "gguf", "fp8-offload") else (mode,)
+    candidates = (BF16, FP8, OFFLOAD) if mode in (AUTO, SEQUENTIAL, GGUF, FP8_OFFLOAD) else (mode,)
     tried = []
     for candidate in candidates:
         batch = _largest_batch(lambda b, c=candidate: encode_peak_gib(c, b, job), usable, batch_size)
@@ -722,14 +731,14 @@ def plan_encode(machine: Machine, job: Job, mode: str = "auto", batch_size: int 
             tried.append(f"{candidate} needs about {host:.0f} GiB of host RAM; this machine has {machine.host_gib:.0f}")
             continue
         how = {
-            "bf16": "text encoder loaded straight to the GPU in bf16",
-            "fp8": "text encoder linears stored in fp8, computed in bf16 (layerwise casting), cast layer by layer "
+            BF16: "text encoder loaded straight to the GPU in bf16",
+            FP8: "text encoder linears stored in fp8, computed in bf16 (layerwise casting), cast layer by layer "
             "on the GPU as it loads",
-            "offload": "text encoder streamed from host RAM layer by layer (group offload)",
+            OFFLOAD: "text encoder streamed from host RAM layer by layer (group offload)",
         }[candidate]
-        seconds = ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == "fp8" else 1.0)
+        seconds = ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == FP8 else 1.0)
         notes = []
-        if candidate == "offload":
+        if candidate == OFFLOAD:
             weights = (ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS) * 2
             pinned = (host - HOST_BASE_GIB - DIT_LOAD_GIB) * GiB
             from_disk = max(0.0, weights - pinned)
@@ -756,7 +765,7 @@ def plan_encode(machine: Machine, job: Job, mode: str = "auto", batch_size: int 
     )
 
 
-def plan_memory(machine: Machine, job: Job, mode: str = "auto", encode_batch_size: int = 16) -> MemoryPlan:
+def plan_memory(machine: Machine, job: Job, mode: str = AUTO, encode_batch_size: int = 16) -> MemoryPlan:
     """Both stages' plans, or DoesNotFitError saying why nothing fits. `mode` applies to the
     transformer; the text encoder chooses its own unless `mode` forces one it can use."""
     check_mode_for_weights(mode, job.weights)
@@ -770,7 +779,7 @@ def plan_memory(machine: Machine, job: Job, mode: str = "auto", encode_batch_siz
             "or run on the CPU with the tiny model"
         )
     denoise = plan_denoise(machine, job, mode)
-    encode = plan_encode(machine, job, mode if mode in ("bf16", "fp8", "offload") else "auto", encode_batch_size)
+    encode = plan_encode(machine, job, mode if mode in (BF16, FP8, OFFLOAD) else AUTO, encode_batch_size)
     return MemoryPlan(machine=machine, job=job, encode=encode, denoise=denoise)
 
 

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 from qwen_batch.errors import ModelError
 from qwen_batch.io.storage import Folder
 from qwen_batch.memory.device import gpu_memory_gib, release_memory, reset_peak_memory
+from qwen_batch.memory.modes import BF16
 from qwen_batch.memory.oom import run_in_halves
-from qwen_batch.memory.placement import RESIDENT, place_text_encoder
+from qwen_batch.memory.placement import place_text_encoder
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache, cache_namespace
 from qwen_batch.progress import Progress, Silent
+from qwen_batch.stats import Stats, peak
 from qwen_batch.weights.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -32,13 +34,13 @@ MAX_TEXT_TOKENS = 1024  # the pipeline's limit after the template tokens are dro
 
 
 @dataclass
-class EncodeStats:
+class EncodeStats(Stats):
     texts: int = 0  # distinct texts the manifest needs
     cached: int = 0  # of which were already in the cache
     encoded: int = 0
     truncated: int = 0
     seconds: float = 0.0
-    peak_gpu_gib: float | None = None
+    peak_gpu_gib: float | None = peak()
 
 
 class PromptEncoder:
@@ -94,7 +96,7 @@ def load_encoder_pipeline(
     16.6 GB never pass through host RAM. Other modes read it memory-mapped and place it layer by layer."""
 
     encoder = None
-    if memory_mode == RESIDENT and device.startswith("cuda") and source.loader is None:
+    if memory_mode == BF16 and device.startswith("cuda") and source.loader is None:
         encoder = _encoder_straight_to(source, device, dtype)
     pipe = load_pipeline(source, dtype, **components, **({"text_encoder": encoder} if encoder is not None else {}))
     return pipe, place_text_encoder(pipe.text_encoder, memory_mode, device, dtype, pinned_bytes)

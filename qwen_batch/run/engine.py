@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_batch.adapters.loras import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.errors import ConfigError, QwenBatchError
-from qwen_batch.io.input_images import DEFAULT_MAX_PIXELS, input_versions
+from qwen_batch.io.input_images import input_versions
 from qwen_batch.io.storage import Folder, StorageOptions
-from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, RowDefaults, read_manifest
+from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, read_manifest
 from qwen_batch.memory.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.memory.oom import is_out_of_memory, retry_in_halves
 from qwen_batch.memory.placement import Placement, RunMemory, plan_run_memory
@@ -29,8 +29,10 @@ from qwen_batch.pipeline.conditions.rows import LoadedRow, RowSource, finished_i
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache
 from qwen_batch.pipeline.encode import EncodeStats, encode_texts, open_cache
 from qwen_batch.progress import Progress, Silent
+from qwen_batch.run.config import RunConfig
 from qwen_batch.run.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
 from qwen_batch.run.sharding import assign_shards
+from qwen_batch.run.summary import DenoiseStats, Summary
 from qwen_batch.run.writer import BatchWriter
 from qwen_batch.weights.model_source import (
     DENOISER_COMPONENTS,
@@ -50,64 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T", Request, EditRow)
 
-DEFAULT_MODEL = "tiny"
 CACHE_FOLDER = "cache"
 TRUNCATION_WARNING = "prompt longer than the encoder's 1024-token limit: truncated"
-
-
-@dataclass
-class RunConfig:
-    manifest: str
-    output: str
-    model: str = DEFAULT_MODEL
-    # The transformer from one file (safetensors bf16/fp8 or GGUF; path or URL) instead of the model's
-    # own; the rest of the model (text encoder, VAE, scheduler, the transformer's config) from `model`.
-    transformer: str | None = None
-    batch_size: int | None = None  # None: the memory plan's (4 when resident)
-    encode_batch_size: int = 16
-    device: str = "auto"
-    dtype: str = "auto"
-    cache: str | None = None  # default: <output>/cache
-    storage_options: StorageOptions = field(default_factory=dict)  # by protocol; may hold credentials
-    # Fan-out: this run generates only the rows of shard `shard_index` of `shard_count` (split by
-    # predicted cost, see qwen_batch.run.sharding), and leaves its results as part files; an unsharded
-    # run merges them.
-    shard_index: int = 0
-    shard_count: int = 1
-    task: str | None = None  # generate | edit; None: from the manifest's columns
-    # Edit inputs may come from the manifest's folder and these prefixes (see qwen_batch.io.input_urls).
-    allowed_inputs: tuple[str, ...] = ()
-    max_input_pixels: int = DEFAULT_MAX_PIXELS  # larger input images are refused (decompression bombs)
-    # How the models use GPU memory (see qwen_batch.memory.placement and qwen_batch.memory.planner).
-    memory_mode: str = "auto"  # auto | bf16 | fp8 | offload | sequential
-    fp8_every_linear: bool = False  # under fp8, the image MLP's last linear in fp8 too (faster, riskier)
-    compile: str = "auto"  # auto (when enough images repay it) | on | off
-    compile_cache: str | None = None  # default: $QWEN_BATCH_HOME/compile-cache
-    # For rows that name none: LoRA adapters (--lora) and a fixed sampling shift (--scheduler-shift).
-    loras: tuple[LoraRef, ...] = ()
-    scheduler_shift: float | None = None
-    # The ControlNet of rows with control images (hub id or folder); one per run.
-    controlnet: str | None = None
-    # The step cache of rows whose step_cache column is empty (--step-cache): none, first-block:T[,warmup=N],
-    # taylorseer:...
-    step_cache: str | None = None
-
-    def __post_init__(self) -> None:
-        self.row_defaults = RowDefaults(tuple(self.loras), self.scheduler_shift, self.step_cache)  # checks them
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: use 1 or more")
-        if self.encode_batch_size < 1:
-            raise ConfigError(f"encode batch size {self.encode_batch_size}: use 1 or more")
-        if self.shard_count < 1 or not 0 <= self.shard_index < self.shard_count:
-            raise ConfigError(
-                f"shard {self.shard_index}/{self.shard_count}: the index must be from 0 to shard_count - 1"
-            )
-        if self.max_input_pixels < 1:
-            raise ConfigError(f"--max-input-pixels {self.max_input_pixels}: use 1 or more")
-
-    @property
-    def is_shard(self) -> bool:
-        return self.shard_count > 1
 
 
 @dataclass
@@ -143,45 +89,6 @@ class RunPlan:
         return self.memory.encode_batch_size
 
 
-@dataclass
-class DenoiseStats:
-    generated: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    storage_wait_seconds: float = 0.0  # of `seconds`, spent waiting for image and result writes
-    peak_gpu_gib: float | None = None
-    adapter_fuses: int = 0  # adapter sets fused into the weights (once per set when batches are ordered)
-    adapter_seconds: float = 0.0  # of `seconds`, spent switching adapter sets
-    # Rows with a step cache: the steps they ran (each CFG pass counted) and those computed in full.
-    cached_steps: int = 0
-    cached_steps_computed: int = 0
-    records: list[Record] = field(default_factory=list)
-
-
-@dataclass
-class Summary:
-    rows: int
-    generated: int
-    skipped: int
-    invalid: int
-    failed: int
-    encode: EncodeStats
-    denoise: DenoiseStats
-    output: str
-    results: str
-    problems: list[tuple[int, str | None, str, str]]  # (row, id, status, error)
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.invalid == 0 and self.failed == 0 else 1
-
-    @property
-    def images_per_hour(self) -> float | None:
-        if not self.denoise.generated or not self.denoise.seconds:
-            return None
-        return self.denoise.generated / self.denoise.seconds * 3600
-
-
 def plan_run(config: RunConfig) -> RunPlan:
     """Validate the manifest, check the output can be written, and decide which rows to generate.
 
@@ -189,7 +96,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     or denied access to the output or cache is raised before any model loads.
     """
     manifest = read_manifest(
-        config.manifest, config.storage_options, config.task, tuple(config.allowed_inputs), config.row_defaults
+        config.manifest, config.storage_options, config.manifest_task, config.allow_inputs, config.row_defaults
     )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

@@ -140,8 +140,9 @@ class ControlNetSource:
         covers the transformer file alone: a ControlNet folder is bf16)."""
         from diffusers import QwenImageControlNetModel
 
+        from qwen_batch.memory.modes import BF16, GGUF
         from qwen_batch.memory.pinned_arena import PinnedArena
-        from qwen_batch.memory.placement import GGUF, RESIDENT, place_transformer
+        from qwen_batch.memory.placement import place_transformer
 
         try:
             model = QwenImageControlNetModel.from_pretrained(
@@ -150,7 +151,7 @@ class ControlNetSource:
         except (OSError, ValueError) as error:
             raise ModelError(f"--controlnet {self.location}: cannot load it ({error})") from error
         if placement.mode == GGUF:
-            placement = replace(placement, mode=RESIDENT)
+            placement = replace(placement, mode=BF16)
         # The pinned budget belongs to the transformer's blocks: the ControlNet pins only when nothing is budgeted.
         arena = None if placement.pinned_bytes is None or not placement.streams else PinnedArena(0)
         done = place_transformer(model.eval(), placement, device, dtype, arena)

@@ -1,0 +1,95 @@
+"""What a run did: the denoise stage's stats, the run's summary, and the one way both are shown.
+
+The CLI prints `summary_rows` under "qwen-batch summary"; the flow shows the same rows as its summary
+table, from `Summary.to_dict()` (the flow's result), so the two cannot say different things.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_batch.pipeline.encode import EncodeStats
+from qwen_batch.pipeline.step_cache import step_cache_line
+from qwen_batch.run.results import Record
+from qwen_batch.stats import Stats, in_process, peak
+
+
+@dataclass
+class DenoiseStats(Stats):
+    generated: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    storage_wait_seconds: float = 0.0  # of `seconds`, spent waiting for image and result writes
+    peak_gpu_gib: float | None = peak()
+    adapter_fuses: int = 0  # adapter sets fused into the weights (once per set when batches are ordered)
+    adapter_seconds: float = 0.0  # of `seconds`, spent switching adapter sets
+    # Rows with a step cache: the steps they ran (each CFG pass counted) and those computed in full.
+    cached_steps: int = 0
+    cached_steps_computed: int = 0
+    records: list[Record] = in_process()
+
+
+@dataclass
+class Summary:
+    rows: int
+    generated: int
+    skipped: int
+    invalid: int
+    failed: int
+    encode: EncodeStats
+    denoise: DenoiseStats
+    output: str
+    results: str
+    problems: list[tuple[int, str | None, str, str]]  # (row, id, status, error)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.invalid == 0 and self.failed == 0 else 1
+
+    @property
+    def images_per_hour(self) -> float | None:
+        if not self.denoise.generated or not self.denoise.seconds:
+            return None
+        return self.denoise.generated / self.denoise.seconds * 3600
+
+    def to_dict(self, max_problems: int | None = None) -> dict[str, Any]:
+        """JSON-able, as a flow returns it; the first `max_problems` problems (all by default)."""
+        return {
+            "rows": self.rows,
+            "generated": self.generated,
+            "skipped": self.skipped,
+            "invalid": self.invalid,
+            "failed": self.failed,
+            "images_per_hour": self.images_per_hour,
+            "encode": self.encode.to_dict(),
+            "denoise": self.denoise.to_dict(),
+            "output": self.output,
+            "results": self.results,
+            "problem_count": len(self.problems),
+            "problems": [list(problem) for problem in self.problems[:max_problems]],
+        }
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """A run's summary as (name, value) rows, from `Summary.to_dict()`: the CLI's and the flow's."""
+    encode, denoise = EncodeStats.from_dict(report["encode"]), DenoiseStats.from_dict(report["denoise"])
+    rate = report["images_per_hour"]
+    storage = f", {denoise.storage_wait_seconds:.1f} s waiting on storage" if rate else ""
+    rows = [
+        ("rows", f"{report['rows']}"),
+        ("generated", f"{report['generated']}"),
+        ("skipped", f"{report['skipped']}  (already done with the same parameters)"),
+        ("invalid", f"{report['invalid']}"),
+        ("failed", f"{report['failed']}"),
+        ("encode", f"{encode.seconds:.1f} s  ({encode.encoded} texts encoded, {encode.cached} from cache)"),
+        ("denoise", f"{denoise.seconds:.1f} s" + (f"  ({rate:,.0f} images/hour{storage})" if rate else "")),
+    ]
+    if denoise.adapter_fuses:
+        rows.append(("adapters", f"{denoise.adapter_fuses} sets fused, {denoise.adapter_seconds:.1f} s"))
+    if denoise.cached_steps:
+        rows.append(("step cache", step_cache_line(denoise.cached_steps_computed, denoise.cached_steps)))
+    for stage, stats in (("encode", encode), ("denoise", denoise)):
+        if stats.peak_gpu_gib is not None:
+            rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
+    return rows
