@@ -1,38 +1,37 @@
-"""Reliability figures for docs/reliability.md: kill a run at every point, inject storage faults and OOM.
+"""Does a run lose or redo rows when it is killed at any point, when storage fails, when the GPU runs out?
 
-    python bench/reliability.py [--quick] [--json bench/results/reliability.json]
+    python -m bench.reliability --json out.jsonl                # every kill point, about 10 minutes on 2 cores
+    python -m bench.reliability --only crashes-quick,storage-faults,out-of-memory
 
 On the tiny model, on the CPU, with the same machinery as tests/test_reliability.py (tests/faults.py,
-tests/crash_trials.py), which asserts the invariants; this script counts:
-1. crashes: a 6-row run SIGKILLed at every occurrence of every kill point (every embedding write,
-   every denoising step, every image write, every part-file write, the merge's write and each of its
-   part-file removals; `--quick`: one occurrence each), then run again: rows lost, duplicated,
-   regenerated, rows done before the kill that were redone;
-2. storage: the same run against a store where every call fails once (connection reset, timeout or
-   503): faults injected, retries, rows lost;
-3. GPU memory: a batch of 4 that does not fit, with one row that never fits: batches tried, rows ok,
-   rows failed.
+tests/crash_trials.py), which asserts the invariants; this counts them (docs/reliability.md):
+- `crashes`: a 6-row run SIGKILLed at every occurrence of every kill point (every embedding write, every
+  denoising step, every image write, every part-file write, the merge's write and each of its part-file
+  removals; `crashes-quick`: one occurrence each), then run again: rows lost, duplicated, regenerated, rows
+  done before the kill that were redone;
+- `storage-faults`: the same run against a store where every call fails once (connection reset, timeout or
+  503): faults injected, retries, rows lost;
+- `out-of-memory`: a batch of 4 that does not fit, with one row that never fits: batches tried, rows ok,
+  rows failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPOSITORY))  # tests/ holds the fault injection
+from bench.harness import Scenario, main, scenarios
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tests.crash_trials import BATCH_SIZE, ROWS, TRIALS, run_crash_trial  # noqa: E402
-from tests.faults import FaultyFileSystem, recording_generate  # noqa: E402
-from tests.support import small_row, write_manifest  # noqa: E402
+from tests.crash_trials import BATCH_SIZE, ROWS, TRIALS, run_crash_trial
+from tests.faults import FaultyFileSystem, recording_generate
+from tests.support import small_row, write_manifest
 
 # How many times each kill point occurs in a 6-row run (7 texts, 3 batches of 2 steps, 3 part files).
 OCCURRENCES = {
@@ -45,7 +44,7 @@ OCCURRENCES = {
 }
 
 
-def crashes(workdir: Path, quick: bool) -> dict:
+def crash_figures(workdir: Path, quick: bool) -> dict:
     trials = TRIALS if quick else [(point, nth) for point, count in OCCURRENCES.items() for nth in range(1, count + 1)]
     figures = []
     for point, nth in trials:
@@ -86,7 +85,7 @@ class _Count(logging.Handler):
         self.retries += "retrying in" in record.getMessage()
 
 
-def storage_faults(workdir: Path) -> dict:
+def storage_fault_figures(workdir: Path) -> dict:
     import io
 
     import pyarrow.parquet as pq
@@ -122,7 +121,7 @@ def storage_faults(workdir: Path) -> dict:
     }
 
 
-def out_of_memory(workdir: Path) -> dict:
+def out_of_memory_figures(workdir: Path) -> dict:
     from qwen_batch.cli import main
     from qwen_batch.pipeline.denoise import ImageGenerator
 
@@ -149,37 +148,35 @@ def out_of_memory(workdir: Path) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one kill per point instead of every occurrence")
-    parser.add_argument("--json", default=str(REPOSITORY / "bench" / "results" / "reliability.json"))
-    args = parser.parse_args()
-
-    import diffusers
-    import torch
-
-    report = {
+def machine() -> dict:
+    return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
         "model": "tiny (random weights), CPU, 256x256, 2 steps",
     }
-    with tempfile.TemporaryDirectory(prefix="qwen-batch-reliability-") as directory:
-        workdir = Path(directory)
-        os.environ.setdefault("QWEN_BATCH_HOME", str(workdir / "home"))
-        print("crashes:", flush=True)
-        report["crashes"] = crashes(workdir / "crashes", args.quick)
-        print("storage faults:", flush=True)
-        report["storage_faults"] = storage_faults(workdir)
-        print(f"  {report['storage_faults']}\nout of memory:", flush=True)
-        report["out_of_memory"] = out_of_memory(workdir)
-        print(f"  {report['out_of_memory']}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    summary = {key: value for key, value in report["crashes"].items() if key != "by_point"}
-    print(f"crashes: {summary}\nwrote {args.json}")
+
+
+def measured(figures) -> callable:
+    """A scenario measure: `figures(workdir)` in a fresh folder, as one line. The engine's home (its tiny model)
+    is `$QWEN_BATCH_HOME`, or one kept in the work root for the scenarios."""
+
+    def measure(runner, **params) -> None:
+        os.environ.setdefault("QWEN_BATCH_HOME", str(runner.root / "reliability-home"))
+        with tempfile.TemporaryDirectory(prefix="qwen-batch-reliability-") as directory:
+            runner.write({"run": runner.scenario.name, **machine(), **figures(Path(directory), **params)})
+
+    return measure
+
+
+SCENARIOS = scenarios(
+    Scenario("crashes", measured(crash_figures), {"quick": False}, "killed at every occurrence of every point", 10),
+    Scenario("crashes-quick", measured(crash_figures), {"quick": True}, "killed once at each point", 3),
+    Scenario("storage-faults", measured(storage_fault_figures), {}, "every storage call fails once", 1),
+    Scenario(
+        "out-of-memory", measured(out_of_memory_figures), {}, "a batch that does not fit, a row that never does", 1
+    ),
+)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main(SCENARIOS, __spec__.name, __doc__))

@@ -1,34 +1,35 @@
-"""Scale check for object storage: manifest validation at 100,000 rows, and output writes at 1,000 rows.
+"""Does object storage keep up at scale: manifests of 100,000 rows, 1,000 images written, a whole run on S3?
 
-    python bench/s3_scale.py [--endpoint-url URL] [--rows 100000] [--images 1000] [--json out.json]
+    python -m bench.s3_scale --json out.jsonl                          # moto's S3 server on loopback
+    python -m bench.s3_scale --endpoint-url URL --bucket B --json out.jsonl   # MinIO or a real bucket
 
-Without --endpoint-url it starts moto's S3 server on loopback (what the tests use); point it at
-MinIO or a real bucket (AWS_* credentials in the environment, --bucket) for numbers on real storage.
-Measures, on the same store:
-1. writing a 100,000-row manifest, then reading + validating it through `read_manifest` (seconds and
-   the resident memory it adds);
-2. writing 1,000 generated-size PNGs plus their part files through the engine's `BatchWriter`
-   (objects per second, MB per second) with the background writer's default concurrency;
-3. a full `qwen-batch run` over `--run-rows` rows of the tiny model (256x256, 2 steps) with S3 output,
-   split into time in the model and time waiting for storage.
+Without --endpoint-url it starts moto's S3 server on loopback (what the tests use); point it at MinIO or a real
+bucket (AWS_* credentials in the environment, --bucket) for numbers on real storage (docs/storage.md). On the
+same store:
+- `manifest-100k`: writing a 100,000-row manifest, then reading + validating it through `read_manifest`
+  (seconds and the resident memory it adds);
+- `small-object-puts`, `png-encoding`: the store's per-object cost alone; the CPU cost of one 1024x1024 PNG;
+- `writer-1000`: 1,000 generated-size PNGs plus their part files through the engine's `BatchWriter` (objects
+  per second, MB per second) with the background writer's default concurrency;
+- `run-1000`: a full `qwen-batch run` over 1,000 rows of the tiny model (256x256, 2 steps) with S3 output,
+  split into time in the model and time waiting for storage.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import os
 import platform
 import resource
 import socket
-import sys
 import time
 import uuid
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bench.harness import Scenario, main, scenarios
 
 
 def rss_mib() -> float:
@@ -193,57 +194,69 @@ def bench_run(bucket_url: str, options: dict, rows: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class Store:
+    """The bucket the scenarios share: moto's server on loopback unless `--endpoint-url` names one."""
+
+    def __init__(self, endpoint: str | None, bucket: str | None):
+        self.server = None
+        if endpoint is None:
+            from moto.server import ThreadedMotoServer
+
+            os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+            os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+            os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+            self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+            self.server.start()
+            host, port = self.server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+        import s3fs
+
+        from qwen_batch.io.storage import s3_storage_options
+
+        self.options = s3_storage_options(endpoint_url=endpoint)
+        name = bucket or f"qwen-batch-bench-{uuid.uuid4().hex[:8]}"
+        if not bucket:
+            s3fs.S3FileSystem(**self.options["s3"]).mkdir(name)
+        self.url = f"s3://{name}/bench-{uuid.uuid4().hex[:8]}"
+        self.description = "moto server (loopback)" if self.server else endpoint
+
+    def close(self) -> None:
+        if self.server:
+            self.server.stop()
+
+
+def on_the_store(figures, uses_store: bool = True):
+    """A scenario measure: `figures(bucket url, options, **params)` on the shared store, as one line with the
+    store, the machine and the process's peak RSS."""
+
+    def measure(runner, **params) -> None:
+        context = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                   "python": platform.python_version()}  # fmt: skip
+        if uses_store:
+            store = runner.shared("store", lambda: Store(runner.args.endpoint_url, runner.args.bucket))
+            context["store"] = store.description
+            result = figures(store.url, store.options, **params)
+        else:
+            result = figures(**params)
+        peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        runner.write({"run": runner.scenario.name, **context, **result, "peak_rss_mib": peak})
+
+    return measure
+
+
+SCENARIOS = scenarios(
+    Scenario("manifest-100k", on_the_store(bench_manifest), {"rows": 100_000}, "read and validate 100,000 rows", 1),
+    Scenario("small-object-puts", on_the_store(bench_small_objects), {}, "1 KiB PUTs, one at a time", 1),
+    Scenario("png-encoding", on_the_store(bench_png_encoding, uses_store=False), {}, "one 1024x1024 PNG's CPU cost"),
+    Scenario("writer-1000", on_the_store(bench_writer), {"images": 1_000}, "1,000 images through the writer", 3),
+    Scenario("run-1000", on_the_store(bench_run), {"rows": 1_000}, "a 1,000-row run with S3 output", 10),
+)
+
+
+def options(parser) -> None:
     parser.add_argument("--endpoint-url", help="S3 endpoint; default: start moto's server on loopback")
     parser.add_argument("--bucket", help="existing bucket to use (default: a new one)")
-    parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--images", type=int, default=1_000)
-    parser.add_argument("--run-rows", type=int, default=1_000)
-    parser.add_argument("--json", help="write the results here too")
-    args = parser.parse_args()
-
-    server = None
-    endpoint = args.endpoint_url
-    if endpoint is None:
-        from moto.server import ThreadedMotoServer
-
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-    import s3fs
-
-    from qwen_batch.io.storage import s3_storage_options
-
-    options = s3_storage_options(endpoint_url=endpoint)
-    bucket = args.bucket or f"qwen-batch-bench-{uuid.uuid4().hex[:8]}"
-    if not args.bucket:
-        s3fs.S3FileSystem(**options["s3"]).mkdir(bucket)
-    bucket_url = f"s3://{bucket}/bench-{uuid.uuid4().hex[:8]}"
-    try:
-        results = {
-            "store": "moto server (loopback)" if server else endpoint,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "python": platform.python_version(),
-            "manifest": bench_manifest(bucket_url, options, args.rows),
-            "small_object_puts": bench_small_objects(bucket_url, options),
-            "png_encoding_1024": bench_png_encoding(),
-            "writer": bench_writer(bucket_url, options, args.images),
-            "run": bench_run(bucket_url, options, args.run_rows) if args.run_rows else None,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        }
-    finally:
-        if server:
-            server.stop()
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(SCENARIOS, __spec__.name, __doc__, options=options))

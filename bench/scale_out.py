@@ -1,21 +1,21 @@
-"""Scale-out benchmark: one manifest on 1 GPU, then on N GPUs as N shard processes, full-size weights.
+"""How much faster is one manifest on N GPUs, as N shard processes, than on one?
 
-One GPU is one unsharded process, as `qwen-batch run` is. N GPUs are N shard processes, each the
-entry point the `qwen-image-batch/shard` deployment runs (the engine with `shard_index/shard_count`),
-started directly and pinned to its GPU with CUDA_VISIBLE_DEVICES (no Prefect server on the GPU
-machine), then the merge the fan-out flow does. Every process builds its own model (random
-full-size weights, on its GPU) and encodes its own rows, as a worker does; the wall time counts all of
-it, from the first launch to the merged results.parquet. Each shard records its timeline, so the
-report says where a process's fixed cost goes.
+    python -m bench.scale_out --json out.jsonl                     # both sides (about 12 minutes on 2 H100s)
+    python -m bench.scale_out --only two-gpus --json out.jsonl     # one side per command; the same file
+    python -m bench.scale_out --model tiny                         # the same code on the CPU, tiny model
 
-    bash bench/scripts/scale_out.sh 2 26 50          # both sides in one command (about 12 minutes)
-    python bench/scale_out.py --gpus 2 --rows 26 --steps 50 --only one --json one.json
-    python bench/scale_out.py --json both.json combine one.json many.json
+One GPU is one unsharded process, as `qwen-batch run` is. N GPUs are N shard processes, each the entry point
+the `qwen-image-batch/shard` deployment runs (the engine with `--shard K/N`), started directly and
+pinned to its GPU with CUDA_VISIBLE_DEVICES (no Prefect server on the GPU machine), then the merge the fan-out
+flow does. Every process builds its own model (random full-size weights, on its GPU) and encodes its own rows,
+as a worker does; the wall time counts all of it, from the first launch to the merged results.parquet. Each
+shard records its timeline, so the line says where a process's fixed cost goes.
 
-The manifest mixes sizes (512x512, 1024x1024, 1664x928, in a seeded random order), the case where a
-split by row count leaves one GPU idle at the end; the report gives the measured idle tail of
-qwen-batch's split and the tails other splits would have had, predicted with the same cost model.
-`--tiny` runs the same code on the CPU with the tiny model (a dry run).
+The manifest mixes sizes (512x512, 1024x1024, 1664x928, in a seeded random order), the case where a split by
+row count leaves one GPU idle at the end; each line gives the measured idle tail of qwen-batch's split and the
+tails other splits would have had, predicted with the same cost model. Each side records the GPUs' identities
+and matmul rates; once both sides are in the results file, a `scale-out` line gives the speedup, refused when
+they ran on different GPUs.
 """
 
 from __future__ import annotations
@@ -27,15 +27,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 PROCESS_STARTED = time.time()  # before the heavy imports (torch, diffusers): a shard's timeline starts here
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from bench.harness import Scenario, main, read_lines, scenarios  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 SIZES = [(512, 512), (1024, 1024), (1664, 928)]
 
 
@@ -85,7 +84,6 @@ def run_shard(args) -> None:
         torch.empty(1, device=device)  # the context is made here, not inside a stage
     marks["cuda_ready"] = time.time()
     full_size_source(device=device, timings=timings, tiny=args.tiny)
-    index, count = (int(part) for part in args.shard.split("/"))
     plan = plan_run(
         RunConfig(
             manifest=args.manifest,
@@ -95,8 +93,7 @@ def run_shard(args) -> None:
             device=device,
             memory_mode="bf16" if not args.tiny else "auto",
             compile="off",  # each process would pay its own compile: kept out of the comparison
-            shard_index=index,
-            shard_count=count,
+            shard=args.shard,
         )
     )
     marks["planned"] = time.time()
@@ -133,11 +130,20 @@ def launch(manifest: Path, output: Path, gpus: int, args, record: Path) -> list[
     processes = []
     for index in range(gpus):
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
-        command = [sys.executable, __file__, "shard", "--manifest", str(manifest), "--output", str(output)]
+        command = [
+            sys.executable,
+            "-m",
+            "bench.scale_out",
+            "shard",
+            "--manifest",
+            str(manifest),
+            "--output",
+            str(output),
+        ]
         command += ["--shard", f"{index}/{gpus}", "--batch-size", str(args.batch_size), "--record", str(record)]
         command += ["--launched", repr(time.time())]
         command += ["--tiny"] if args.tiny else []
-        processes.append(subprocess.Popen(command, env=env))
+        processes.append(subprocess.Popen(command, env=env, cwd=REPO))
     return processes
 
 
@@ -247,94 +253,97 @@ def check_gpus() -> dict:
     return {"machine": socket.gethostname(), "gpus": gpus}
 
 
-def combine(one_path: str, many_path: str) -> dict:
-    """The two sides of a run made as two device commands on one warm machine, with their ratio."""
-    one, many = (json.loads(Path(path).read_text()) for path in (one_path, many_path))
-    gpus = [sorted(gpu["uuid"] for gpu in side.get("gpu_check", {}).get("gpus", [])) for side in (one, many)]
-    if gpus[0] != gpus[1]:  # the host name says nothing on the lent machines: every one is "vm"
-        raise SystemExit(f"the sides ran on different GPUs ({gpus[0]} and {gpus[1]}): their times do not compare")
-    combined = {
-        **many,
-        "one": one["one"],
-        "gpu_check_one": one.get("gpu_check"),
-        "gpu_check_many": many.get("gpu_check"),
-    }
-    combined["speedup"] = round(one["one"]["wall_seconds"] / many["many"]["wall_seconds"], 3)
-    return combined
+def check_gpus_here() -> dict:
+    """`check_gpus` in a process of its own: this one holds no GPU memory while the sides run."""
+    done = subprocess.run([sys.executable, "-m", "bench.scale_out", "check-gpus"], capture_output=True, text=True,
+                          check=True, cwd=REPO)  # fmt: skip
+    return json.loads(done.stdout)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command")
-    shard = commands.add_parser("shard")
-    shard.add_argument("--manifest", required=True)
-    shard.add_argument("--output", required=True)
-    shard.add_argument("--shard", required=True)
-    shard.add_argument("--batch-size", type=int, default=4)
-    shard.add_argument("--record", required=True)
-    shard.add_argument("--tiny", action="store_true")
-    shard.add_argument("--launched", type=float, required=True, help="when the parent started this process")
-    commands.add_parser("check-gpus")
-    joined = commands.add_parser("combine")
-    joined.add_argument("one")
-    joined.add_argument("many")
-    parser.add_argument("--gpus", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--work", default=None)
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--tiny", action="store_true", help="dry run on the CPU with the tiny model")
-    parser.add_argument(
-        "--only",
-        choices=("one", "many"),
-        help="run one side (a long run may not fit one device command: run each on the same warm machine)",
-    )
-    args = parser.parse_args(argv)
-    if args.command == "shard":
-        run_shard(args)
-        return
-    if args.command in ("check-gpus", "combine"):
-        result = check_gpus() if args.command == "check-gpus" else combine(args.one, args.many)
-        write_result(result, args.json)
-        return
-
+def side(runner, gpus: int, rows: int = 26, steps: int = 50, batch_size: int = 4, compared: int = 2) -> None:
+    """The manifest on `gpus` GPUs (1: one unsharded process), timed from the first launch to the merged results;
+    the idle tails predicted for the `compared` GPUs of the comparison."""
     import torch
 
-    work = Path(args.work or tempfile.mkdtemp(prefix="qwen-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
-    manifest = write_manifest(work / "manifest.parquet", args.rows, args.steps)
+    manifest = write_manifest(runner.work / "manifest.parquet", rows, steps)
+    shards = argparse.Namespace(batch_size=batch_size, tiny=runner.tiny)
     result = {
         "benchmark": "scale_out",
+        "side": "one" if gpus == 1 else "many",
         "machine": socket.gethostname(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpu_count": torch.cuda.device_count(),
         "torch": torch.__version__,
-        "rows": args.rows,
-        "steps": args.steps,
+        "rows": rows,
+        "steps": steps,
         "sizes": SIZES,
-        "batch_size": args.batch_size,
-        "predicted_idle_tail": predicted_tails(manifest, args.gpus, args.batch_size),
+        "batch_size": batch_size,
+        "predicted_idle_tail": predicted_tails(manifest, compared, batch_size),
     }
-    if torch.cuda.is_available():  # in its own process: this one holds no GPU memory while the sides run
-        subprocess.run([sys.executable, __file__, "--json", str(work / "gpus.json"), "check-gpus"], check=True)
-        result["gpu_check"] = json.loads((work / "gpus.json").read_text())
-    if args.only in (None, "one"):
-        result["one"] = timed_run(manifest, work / "out-1", 1, args, work)
-    if args.only in (None, "many"):
-        result["many"] = timed_run(manifest, work / f"out-{args.gpus}", args.gpus, args, work)
-    if args.only is None:
-        result["speedup"] = round(result["one"]["wall_seconds"] / result["many"]["wall_seconds"], 3)
-    write_result(result, args.json)
+    if torch.cuda.is_available():
+        result["gpu_check"] = check_gpus_here()
+    key = "one" if gpus == 1 else "many"
+    result[key] = timed_run(manifest, runner.work / f"out-{gpus}", gpus, shards, runner.work)
+    runner.write(result)
 
 
-def write_result(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+def report(runner) -> dict | None:
+    """The speedup of the latest two sides in the results file of the same rows and steps, on the same GPUs
+    (checked by UUID: the host name says nothing on lent machines)."""
+    lines = [line for line in read_lines(runner.results) if line.get("benchmark") == "scale_out"]
+    many = next((line for line in reversed(lines) if line.get("side") == "many"), None)
+    if many is None:
+        return None
+    one = next(
+        (line for line in reversed(lines)
+         if line.get("side") == "one" and (line["rows"], line["steps"]) == (many["rows"], many["steps"])),
+        None,
+    )  # fmt: skip
+    if one is None:
+        return None
+    gpus = [sorted(gpu["uuid"] for gpu in side.get("gpu_check", {}).get("gpus", [])) for side in (one, many)]
+    if gpus[0] != gpus[1]:
+        runner.progress(f"the sides ran on different GPUs ({gpus[0]} and {gpus[1]}): their times do not compare")
+        return None
+    return {
+        "scenario": "speedup",
+        "benchmark": "scale_out",
+        "rows": many["rows"],
+        "steps": many["steps"],
+        "gpus": len(many["many"]["shards"]),
+        "one_wall_seconds": one["one"]["wall_seconds"],
+        "many_wall_seconds": many["many"]["wall_seconds"],
+        "speedup": round(one["one"]["wall_seconds"] / many["many"]["wall_seconds"], 3),
+        "gpu_check_one": one.get("gpu_check"),
+        "gpu_check_many": many.get("gpu_check"),
+    }
+
+
+SCENARIOS = scenarios(
+    Scenario("one-gpu", side, {"gpus": 1}, "26 rows of mixed sizes at 50 steps, bf16, on one GPU", 8),
+    Scenario("two-gpus", side, {"gpus": 2}, "the same manifest as two shard processes and the merge", 5),
+)
+
+
+def entry(argv: list[str] | None = None) -> int:
+    """The harness's command line, or a shard process (`shard ...`), or the GPUs' check (`check-gpus`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shard"]:
+        parser = argparse.ArgumentParser(prog="python -m bench.scale_out shard")
+        parser.add_argument("--manifest", required=True)
+        parser.add_argument("--output", required=True)
+        parser.add_argument("--shard", required=True)
+        parser.add_argument("--batch-size", type=int, default=4)
+        parser.add_argument("--record", required=True)
+        parser.add_argument("--tiny", action="store_true")
+        parser.add_argument("--launched", type=float, required=True, help="when the parent started this process")
+        run_shard(parser.parse_args(argv[1:]))
+        return 0
+    if argv[:1] == ["check-gpus"]:
+        print(json.dumps(check_gpus()))
+        return 0
+    return main(SCENARIOS, "bench.scale_out", __doc__, report=report, argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(entry())

@@ -53,7 +53,7 @@ def test_batching_changes_images_no_more_than_the_common_recipe_differs_from_us(
     """In bf16 on a GPU, kernels round differently per shape, and the tiny random model amplifies
     rounding (diffusers' own bf16 and fp32 images differ by ~20/255 on average), so exact equality is
     not the contract here. The contract: batching moves an image no more than running the same row
-    through diffusers' pipeline does (bench/gpu_consistency.py prints the full comparison)."""
+    through diffusers' pipeline does (bench/consistency.py writes the full comparison)."""
     from diffusers import QwenImagePipeline
 
     from qwen_batch.manifest import read_manifest

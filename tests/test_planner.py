@@ -1,7 +1,7 @@
 """The memory planner: which mode and batch fit a GPU and host, what it predicts, and its refusals.
 
 Pure arithmetic (no GPU, no torch). The predictions are checked against the peaks measured on an H100
-with full-size random weights (bench/results/qwen_image_gpu_h100.jsonl): a planner change that would
+with full-size random weights (bench/results/memory_tiers_h100.jsonl): a planner change that would
 have let a measured run exceed its prediction fails here.
 """
 
@@ -18,7 +18,7 @@ from qwen_batch.cli import main
 from qwen_batch.errors import ConfigError
 from qwen_batch.memory.planner import DoesNotFitError, Job, Machine, denoise_peak_gib, plan_encode, plan_memory
 
-RESULTS = Path(__file__).parents[1] / "bench" / "results" / "qwen_image_gpu_h100.jsonl"
+RESULTS = Path(__file__).parents[1] / "bench" / "results" / "memory_tiers_h100.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -190,7 +190,7 @@ H200_TIERS = Path(__file__).parents[1] / "bench" / "results" / "host_memory_h200
 
 
 def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
-    """The runs of bench/host_memory.py (the model read from its files, each in a cgroup of its RAM): every
+    """The runs of bench/memory_tiers.py (the model read from its files, each in a cgroup of its RAM): every
     stage's peak RSS under the planner's host RAM for it, the denoise peak under its GPU prediction, and the
     seconds per image inside the band for the batch that ran. Call 2 ran code since replaced (the text
     encoder's shards all mapped at once, fp8 streamed as torchao tensors): its lines are history.

@@ -1,0 +1,1 @@
+"""Benchmarks, one module per question, all run by one harness (bench/harness.py); see bench/README.md."""
