@@ -176,7 +176,7 @@ def engine(runner, adapter: Path, mode: str, count: int, size: int, batch_size: 
         RunConfig,
         denoise_stage,
         encode_stage,
-        plan_generator,
+        generator_for,
         plan_run,
         release_generator,
     )
@@ -217,7 +217,7 @@ def engine(runner, adapter: Path, mode: str, count: int, size: int, batch_size: 
     result["plan_s (adapter read, hash, check)"] = round(time.perf_counter() - started, 2)
     encode_stage(plan)
     started = time.perf_counter()
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     synchronize()
     result["load_s"] = round(time.perf_counter() - started, 1)
     result["placed"] = generator.memory_mode
@@ -293,8 +293,8 @@ def switching(
         RunConfig,
         denoise_stage,
         encode_stage,
+        generator_for,
         make_batches,
-        plan_generator,
         plan_run,
         release_generator,
     )
@@ -337,7 +337,7 @@ def switching(
     plan = plan_run(config)
     result["plan_s (4 adapters read, hashed, checked)"] = round(time.perf_counter() - started, 2)
     encode_stage(plan)
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     batches = make_batches(plan.todo, plan.batch_size)  # the run's order: each set's batches together
     first_batch = denoise_stage(plan, batches[0])  # compiles
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -141,7 +141,7 @@ def cgroup_figures() -> dict:
 
 
 def tier_result(args: Tier) -> dict:
-    from qwen_batch.run.engine import RunConfig, encode_stage, finalize, plan_generator, plan_run, release_generator
+    from qwen_batch.run.engine import RunConfig, encode_stage, finalize, generator_for, plan_run, release_generator
 
     result = {"run": "tier", "label": args.label, **environment(), "steps_run": args.steps, "prompts": args.prompts}
     result.update({"gpu_gib": args.gpu_gib, "host_gib": args.host_gib, "transformer": args.transformer})
@@ -188,7 +188,7 @@ def tier_result(args: Tier) -> dict:
     host = HostPeak()
     reset_peak()
     load_started = time.perf_counter()
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     synchronize()
     result["denoise_load"] = {
         "seconds": round(time.perf_counter() - load_started, 2),
@@ -248,7 +248,7 @@ def versus_memory_result(args: Tier) -> dict:
         RunConfig,
         denoise_stage,
         encode_stage,
-        plan_generator,
+        generator_for,
         plan_run,
         release_generator,
     )
@@ -268,7 +268,7 @@ def versus_memory_result(args: Tier) -> dict:
         plan = plan_run(config)
         encode = encode_stage(plan)
         started = time.perf_counter()
-        generator = plan_generator(plan)
+        generator = generator_for(plan)
         synchronize()
         load = time.perf_counter() - started
         timer = ForwardTimer(generator.pipe.transformer)

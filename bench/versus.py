@@ -398,7 +398,7 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     per-batch rest: noise, scheduler, VAE decode, PNG writes). Frees the generator afterwards.
     `trace`: profile the denoise stage (torch.profiler), write its Chrome trace there and add where
     the GPU sat idle (`gpu_gaps`) to the result; timings are then the profiler's, not the plain run's."""
-    from qwen_batch.run.engine import denoise_stage, finalize, plan_generator, release_generator
+    from qwen_batch.run.engine import denoise_stage, finalize, generator_for, release_generator
 
     memory = plan.memory
     rss = RssPeak()
@@ -406,7 +406,7 @@ def timed_denoise(plan, encode, timings: dict[str, float], steps: int, trace: st
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     load_seconds = time.perf_counter() - started

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from qwen_batch import __version__
 from qwen_batch.errors import QwenBatchError
-from qwen_batch.manifest import EDIT, GENERATE
+from qwen_batch.families import EDIT, EDIT_PLUS, GENERATE
 from qwen_batch.memory.modes import AUTO, MEMORY_MODES
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tiny.add_argument(
         "--task",
-        choices=("generate", "edit", "edit-plus", "controlnet", "controlnet-inpaint"),
-        default="generate",
+        choices=(GENERATE, EDIT, EDIT_PLUS, "controlnet", "controlnet-inpaint"),
+        default=GENERATE,
         help="generate: QwenImagePipeline (default); edit: QwenImageEditPipeline; "
         "edit-plus: QwenImageEditPlusPipeline (several input images); controlnet, controlnet-inpaint: a tiny "
         "QwenImageControlNetModel for the tiny model, for --controlnet (as InstantX's Union and Inpainting)",
@@ -294,9 +294,9 @@ def _plan(args: argparse.Namespace) -> int:
     from qwen_batch.memory.planner import (
         DISK_GBPS,
         DISK_SPEED_ENV,
-        Job,
         Machine,
         WeightsSummary,
+        Workload,
         detect_machine,
         env_number,
         host_memory_gib,
@@ -311,7 +311,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.fp8_matmul is not None:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
     weights = WeightsSummary.published() if not args.transformer else _planned_weights(args.transformer)
-    job = Job(
+    job = Workload(
         width=args.width,
         height=args.height,
         steps=args.steps,
@@ -360,7 +360,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
         print(f"wrote a tiny random-weight {kind} ControlNet for --model tiny to {folder} (use it with --controlnet)")
         return EXIT_OK
     folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
-    pipeline = {"generate": "Qwen-Image", "edit": "Qwen-Image-Edit", "edit-plus": "Qwen-Image-Edit-Plus"}[args.task]
+    pipeline = {GENERATE: "Qwen-Image", EDIT: "Qwen-Image-Edit", EDIT_PLUS: "Qwen-Image-Edit-Plus"}[args.task]
     print(f"wrote a tiny random-weight {pipeline} pipeline to {folder}")
     return EXIT_OK
 

@@ -24,18 +24,15 @@ import pyarrow.parquet as pq
 
 from qwen_batch.adapters.loras import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
 from qwen_batch.errors import ConfigError, ManifestError, StorageError
+from qwen_batch.families import EDIT, GENERATE, RowRules, default_family
 from qwen_batch.io.input_urls import InputLocationError, InputPolicy
 from qwen_batch.io.storage import read_url
 from qwen_batch.pipeline.step_cache.spec import StepCacheError, normalized
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_NEGATIVE_PROMPT = " "  # a blank negative prompt still turns true CFG on, as the model card does
-DEFAULT_SIZE = 1024
-MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 256, 2048, 16
-# Not 1: with a single step the scheduler's terminal shift (shift_terminal 0.02) divides 0 by 0 and
-# the image is NaN, in diffusers' own pipeline too.
-DEFAULT_STEPS, MIN_STEPS, MAX_STEPS = 50, 2, 200
-DEFAULT_TRUE_CFG_SCALE, MIN_TRUE_CFG_SCALE, MAX_TRUE_CFG_SCALE = 4.0, 0.0, 50.0
+# Sizes, steps and the default guidance are the model family's (`RowRules`); these bounds are everyone's.
+MIN_TRUE_CFG_SCALE, MAX_TRUE_CFG_SCALE = 0.0, 50.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # A fixed sampling shift (Lightning's recipe is 3): sigma' = s * sigma / (1 + (s - 1) * sigma).
 MIN_SCHEDULER_SHIFT, MAX_SCHEDULER_SHIFT = 0.0, 100.0  # exclusive, inclusive
@@ -91,8 +88,7 @@ STEP_CACHE_COLUMN = "step_cache"
 # The columns of rows that bring more than text (image-to-image, inpainting, ControlNet).
 CONDITION_COLUMNS = (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN, "mask_crop_padding", *CONTROL_COLUMNS)
 MAX_INPUT_IMAGES = 8
-GENERATE, EDIT = "generate", "edit"
-TASKS = (GENERATE, EDIT)
+TASKS = (GENERATE, EDIT)  # what a manifest is; edit-plus is a kind of edit model, not of manifest
 REQUIRED_COLUMNS = ("id", "prompt")
 TEXT_COLUMNS = (
     "id",
@@ -323,12 +319,14 @@ def read_manifest(
     task: str | None = None,
     allowed_inputs: tuple[str, ...] = (),
     defaults: RowDefaults | None = None,
+    family_rules: RowRules | None = None,
 ) -> Manifest:
     """Read and validate a Parquet manifest from any fsspec URL. Raises `ManifestError`.
 
     `task` (generate or edit) defaults to what the columns say; `allowed_inputs` are the prefixes
     besides the manifest's folder that an edit row's input images and any row's adapters may come
-    from; `defaults` fill the rows that name no adapters or sampling shift.
+    from; `defaults` fill the rows that name no adapters or sampling shift; `family_rules` are the model
+    family's sizes, steps and guidance (Qwen-Image's when no model is named yet).
     """
     try:
         data = read_url(url, storage_options)
@@ -343,7 +341,7 @@ def read_manifest(
             f"{url}: not a readable Parquet file ({error}). Write the manifest with "
             "pandas.DataFrame.to_parquet or pyarrow.parquet.write_table."
         ) from error
-    return validate_table(table, url, task=task, allowed_inputs=allowed_inputs, defaults=defaults)
+    return validate_table(table, url, task, allowed_inputs, defaults, family_rules)
 
 
 def validate_table(
@@ -352,6 +350,7 @@ def validate_table(
     task: str | None = None,
     allowed_inputs: tuple[str, ...] = (),
     defaults: RowDefaults | None = None,
+    family_rules: RowRules | None = None,
 ) -> Manifest:
     task = _check_task(table, url, task)
     _check_columns(table, url, task)
@@ -363,7 +362,7 @@ def validate_table(
         policy = InputPolicy.for_manifest(url, allowed_inputs)
     except InputLocationError as error:
         raise ManifestError(f"--allow-inputs: {error}") from error
-    rules = _RowRules(policy=policy, edit=task == EDIT, defaults=defaults or RowDefaults())
+    rules = _RowRules(policy, task == EDIT, defaults or RowDefaults(), family_rules or default_family().rows)
 
     requests: list[Request] = []
     invalid: list[InvalidRow] = []
@@ -551,6 +550,7 @@ class _RowRules:
     policy: InputPolicy  # where input images and adapters may come from
     edit: bool
     defaults: RowDefaults
+    family: RowRules  # the model family's sizes, steps and guidance
 
 
 def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Request | InvalidRow:
@@ -583,12 +583,12 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
     if rules.edit:
         check("images", lambda: _input_images(values, rules.policy))
     # An edit row without a size takes its input image's aspect ratio (resolved in stage 2).
-    default_size = None if rules.edit else DEFAULT_SIZE
-    check("width", lambda: _size(values, "width", default_size))
-    check("height", lambda: _size(values, "height", default_size))
+    default_size = None if rules.edit else rules.family.default_size
+    check("width", lambda: _size(values, "width", rules.family, default_size))
+    check("height", lambda: _size(values, "height", rules.family, default_size))
     check("seed", lambda: _seed(values, row_id))
-    check("num_inference_steps", lambda: _steps(values))
-    check("true_cfg_scale", lambda: _true_cfg_scale(values))
+    check("num_inference_steps", lambda: _steps(values, rules.family))
+    check("true_cfg_scale", lambda: _true_cfg_scale(values, rules.family))
     check("loras", lambda: _loras(values, rules))
     check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
     check(STEP_CACHE_COLUMN, lambda: _step_cache(values, rules.defaults))
@@ -787,8 +787,8 @@ def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
         padding = _integer(values, "mask_crop_padding", None)
         if mask is None:
             raise _RowProblem("mask_crop_padding needs mask_image: it pads the mask's bounding box")
-        if not 0 <= padding <= MAX_SIZE:
-            raise _RowProblem(f"mask_crop_padding {padding} is out of range: use 0 to {MAX_SIZE} pixels")
+        if not 0 <= padding <= rules.family.max_size:
+            raise _RowProblem(f"mask_crop_padding {padding} is out of range: use 0 to {rules.family.max_size} pixels")
         start["mask_crop_padding"] = padding
     for column, raw in ((INIT_IMAGE_COLUMN, init), (MASK_IMAGE_COLUMN, mask)):
         if raw is None:
@@ -800,15 +800,17 @@ def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     return start
 
 
-def _size(values: dict[str, Any], name: str, default: int | None = DEFAULT_SIZE) -> int | None:
+def _size(values: dict[str, Any], name: str, rules: RowRules, default: int | None) -> int | None:
+    """A width or height, `default` when the row gives none (None: the row has none)."""
     size = _integer(values, name, default)
     if size is None:
         return None
-    if not MIN_SIZE <= size <= MAX_SIZE:
-        raise _RowProblem(f"{name} {size} is out of range: use {MIN_SIZE} to {MAX_SIZE}")
-    if size % SIZE_MULTIPLE:
-        lower = size - size % SIZE_MULTIPLE
-        raise _RowProblem(f"{name} {size} is not a multiple of {SIZE_MULTIPLE}: use {lower} or {lower + SIZE_MULTIPLE}")
+    if not rules.min_size <= size <= rules.max_size:
+        raise _RowProblem(f"{name} {size} is out of range: use {rules.min_size} to {rules.max_size}")
+    multiple = rules.size_multiple
+    if size % multiple:
+        lower = size - size % multiple
+        raise _RowProblem(f"{name} {size} is not a multiple of {multiple}: use {lower} or {lower + multiple}")
     return size
 
 
@@ -821,17 +823,19 @@ def _seed(values: dict[str, Any], row_id: str | None) -> int:
     return seed
 
 
-def _steps(values: dict[str, Any]) -> int:
-    steps = _integer(values, "num_inference_steps", DEFAULT_STEPS)
-    if not MIN_STEPS <= steps <= MAX_STEPS:
+def _steps(values: dict[str, Any], rules: RowRules) -> int:
+    steps = _integer(values, "num_inference_steps", rules.default_steps)
+    if not rules.min_steps <= steps <= rules.max_steps:
         hint = " (one step gives a NaN image with this model's scheduler)" if steps == 1 else ""
-        raise _RowProblem(f"num_inference_steps {steps} is out of range: use {MIN_STEPS} to {MAX_STEPS}{hint}")
+        raise _RowProblem(
+            f"num_inference_steps {steps} is out of range: use {rules.min_steps} to {rules.max_steps}{hint}"
+        )
     return steps
 
 
-def _true_cfg_scale(values: dict[str, Any]) -> float:
+def _true_cfg_scale(values: dict[str, Any], rules: RowRules) -> float:
     scale = values.get("true_cfg_scale")
-    scale = DEFAULT_TRUE_CFG_SCALE if scale is None else float(scale)
+    scale = rules.default_true_cfg_scale if scale is None else float(scale)
     if not (math.isfinite(scale) and MIN_TRUE_CFG_SCALE <= scale <= MAX_TRUE_CFG_SCALE):
         raise _RowProblem(
             f"true_cfg_scale {scale} is out of range: use a number from {MIN_TRUE_CFG_SCALE} to "

@@ -93,12 +93,12 @@ def fa4_layout(monkeypatch, packed: bool) -> list:
     packed."""
     import qwen_batch.families.qwen_image.attention
     import qwen_batch.families.qwen_image.packed_text
-    import qwen_batch.pipeline.denoise
+    import qwen_batch.pipeline.denoise.text
 
     packs = []
     pack_text = qwen_batch.families.qwen_image.packed_text.pack_text
     monkeypatch.setattr(qwen_batch.families.qwen_image.attention, "fa4_available", lambda device, dtype: True)
-    monkeypatch.setattr(qwen_batch.pipeline.denoise, "PACK_TEXT", packed)
+    monkeypatch.setattr(qwen_batch.pipeline.denoise.text, "PACK_TEXT", packed)
 
     def packing(*args):
         packed = pack_text(*args)

@@ -75,11 +75,11 @@ def test_speed_levers_change_no_image(runs, tmp_path, monkeypatch, lever):
     row's real tokens a prefix; its masked stand-in here, as the CPU has no FlashAttention-4), with the
     text stream packed to its real tokens or padded, and CFG's halves as two forwards each give the
     same images as the default path."""
-    import qwen_batch.pipeline.denoise
+    import qwen_batch.pipeline.denoise.text
 
     packed = []
     if lever == "split CFG":
-        monkeypatch.setattr(qwen_batch.pipeline.denoise, "CFG_LAYOUT", "split")
+        monkeypatch.setattr(qwen_batch.pipeline.denoise.text, "CFG_LAYOUT", "split")
     else:
         packed = fa4_layout(monkeypatch, packed=lever.endswith("packed"))
     manifest, outputs = runs

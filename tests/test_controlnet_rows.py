@@ -235,7 +235,7 @@ def test_compiled_controlnet_blocks_compile_once_for_every_text_length(controlne
     import torch._dynamo
 
     from qwen_batch.pipeline.conditions.controlnet import compile_once_for_every_text_length
-    from qwen_batch.run.engine import denoise_stage, encode_stage, plan_generator, release_generator
+    from qwen_batch.run.engine import denoise_stage, encode_stage, generator_for, release_generator
 
     edges = _edges(tmp_path / "edges.png", 0)
     prompts = [
@@ -249,7 +249,7 @@ def test_compiled_controlnet_blocks_compile_once_for_every_text_length(controlne
         RunConfig(str(manifest), str(tmp_path / "out"), batch_size=1, device="cpu", controlnet=str(controlnet))
     )
     encode_stage(plan)
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     graphs = []
 
     def backend(graph, example_inputs):

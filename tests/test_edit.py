@@ -218,7 +218,7 @@ def test_bad_input_images_fail_their_row_and_the_others_run(inputs, tmp_path):
 
     # The operator can allow another location explicitly.
     allowed = run(
-        RunConfig(str(manifest), str(folder / "out2"), device="cpu", allowed_inputs=(str(tmp_path),), cache=cache)
+        RunConfig(str(manifest), str(folder / "out2"), device="cpu", allow_inputs=(str(tmp_path),), cache=cache)
     )
     outcome = {row["id"]: row["status"] for row in pq.read_table(folder / "out2" / "results.parquet").to_pylist()}
     assert outcome["outside"] == "ok" and outcome["escape"] == "ok" and outcome["etc"] == "invalid"

@@ -9,7 +9,7 @@ import pytest
 
 from qwen_batch.cli import main
 from qwen_batch.memory.fleet import PER_GPU_EFFICIENCY, plan_fleet, scaling
-from qwen_batch.memory.planner import Job, Machine, plan_memory
+from qwen_batch.memory.planner import Machine, Workload, plan_memory
 
 
 def options(fleet) -> dict:
@@ -17,7 +17,7 @@ def options(fleet) -> dict:
 
 
 def test_two_24_gib_cards_on_one_host_run_fp8_each_and_say_why_not_offload():
-    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=64), Job(), gpus=2)
+    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=64), Workload(), gpus=2)
     assert fleet.chosen.mode == "fp8" and fleet.chosen.plan.denoise.peak_gpu_gib <= 24
     assert fleet.chosen.host_gib_per_host <= 20  # both processes, their loads included: no staggering needed
     by_mode = options(fleet)
@@ -25,13 +25,13 @@ def test_two_24_gib_cards_on_one_host_run_fp8_each_and_say_why_not_offload():
     # Offload streams 38 GiB a step per process; with 32 GiB of the host each, part of it comes from disk.
     assert by_mode["offload"].plan.denoise.streamed_from_disk_gib > 0
     assert fleet.chosen.images_per_hour[0] > 5 * by_mode["offload"].images_per_hour[0]
-    one = plan_memory(Machine(gpu_gib=24, host_gib=32), Job()).denoise.seconds_per_image
+    one = plan_memory(Machine(gpu_gib=24, host_gib=32), Workload()).denoise.seconds_per_image
     assert fleet.chosen.images_per_hour == pytest.approx((3600 / one[1] * 1.904, 3600 / one[0] * 1.904), rel=1e-3)
     assert "need no staggering" in " ".join(fleet.reasons)
 
 
 def test_with_room_for_two_pinned_copies_offload_fits_and_fp8_is_still_faster():
-    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=192), Job(), gpus=2)
+    fleet = plan_fleet(Machine(gpu_gib=24, host_gib=192), Workload(), gpus=2)
     fp8, offload = options(fleet)["fp8"], options(fleet)["offload"]
     assert offload.plan is not None and offload.lossless and not fp8.lossless
     assert offload.host_gib_per_host == pytest.approx(2 * offload.plan.denoise.host_gib)
@@ -44,17 +44,17 @@ def test_with_room_for_two_pinned_copies_offload_fits_and_fp8_is_still_faster():
 
 
 def test_big_cards_keep_bf16_and_name_the_faster_lossy_option():
-    fleet = plan_fleet(Machine(gpu_gib=80, host_gib=256), Job(), gpus=8, gpus_per_host=1)
+    fleet = plan_fleet(Machine(gpu_gib=80, host_gib=256), Workload(), gpus=8, gpus_per_host=1)
     assert fleet.chosen.mode == "bf16" and fleet.scaling == pytest.approx(8 * PER_GPU_EFFICIENCY)
     assert "would be faster" in fleet.reasons[0] and "--memory-mode fp8" in fleet.reasons[0]
-    forced = plan_fleet(Machine(gpu_gib=80, host_gib=256), Job(), gpus=8, mode="fp8", gpus_per_host=1)
+    forced = plan_fleet(Machine(gpu_gib=80, host_gib=256), Workload(), gpus=8, mode="fp8", gpus_per_host=1)
     assert forced.chosen.mode == "fp8"
 
 
 def test_one_gpu_is_the_one_gpu_plan():
     assert scaling(1) == 1.0 and scaling(2) == pytest.approx(1.904)
-    fleet = plan_fleet(Machine(gpu_gib=80, host_gib=128), Job(), gpus=1)
-    low, high = plan_memory(Machine(gpu_gib=80, host_gib=128), Job()).denoise.seconds_per_image
+    fleet = plan_fleet(Machine(gpu_gib=80, host_gib=128), Workload(), gpus=1)
+    low, high = plan_memory(Machine(gpu_gib=80, host_gib=128), Workload()).denoise.seconds_per_image
     assert fleet.chosen.images_per_hour == pytest.approx((3600 / high, 3600 / low), rel=1e-3)
 
 

@@ -243,7 +243,8 @@ def test_fp8_runs_packed_text_of_a_few_tokens_at_the_released_width():
 
     from qwen_batch.families.qwen_image.packed_text import pack_text, share_timestep_modulation
     from qwen_batch.memory.placement import Placement, fp8_compute_available, place_transformer
-    from qwen_batch.pipeline.denoise import FP8_PACKED_TEXT_MINIMUM, _transformer_call
+    from qwen_batch.pipeline.denoise.blocks import transformer_call
+    from qwen_batch.pipeline.denoise.text import FP8_PACKED_TEXT_MINIMUM
     from qwen_batch.pipeline.step_cache import FirstBlock, Forward
     from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows
 
@@ -264,7 +265,7 @@ def test_fp8_runs_packed_text_of_a_few_tokens_at_the_released_width():
     def forward(rows: list[int]) -> Forward:
         packed, mask, index = pack_text([texts[row] for row in rows], TEXT, torch.bfloat16, FP8_PACKED_TEXT_MINIMUM)
         kwargs = {"text_mask": mask.cuda(), "text_index": index.cuda()}
-        call = _transformer_call(model, hidden[rows], timestep[rows], packed.cuda(), kwargs, [[IMAGE_GRID]] * len(rows))
+        call = transformer_call(model, hidden[rows], timestep[rows], packed.cuda(), kwargs, [[IMAGE_GRID]] * len(rows))
         return Forward(0, len(rows), call, None, [lengths[row] for row in rows], FP8_PACKED_TEXT_MINIMUM)
 
     with torch.inference_mode():

@@ -78,13 +78,13 @@ def test_streamed_weights_give_the_same_decisions_and_images(tmp_path, tiny_mode
     them apart: 2.2-2.5/255 on the CPU in bf16, rows with and without a step cache alike). So aligned, the
     images on an H200 were identical to the bit (session 12)."""
     import qwen_batch.memory.placement
-    import qwen_batch.pipeline.denoise
+    import qwen_batch.pipeline.denoise.text
     from qwen_batch.pipeline.step_cache import first_block
     from qwen_batch.run.engine import RunConfig, release_generator, run
     from tests.support import pixels, small_row, write_manifest
 
     monkeypatch.setattr(qwen_batch.memory.placement, "GELU_EPILOGUE", False)
-    monkeypatch.setattr(qwen_batch.pipeline.denoise, "CFG_LAYOUT", "joint")
+    monkeypatch.setattr(qwen_batch.pipeline.denoise.text, "CFG_LAYOUT", "joint")
     monkeypatch.setattr(first_block, "FORCED", _staggered)  # sub-batches of 2 and 4 rows, whatever the weights
     rows = [small_row(f"fb{n}", f"prompt {n}", seed=n, step_cache="first-block:0.1") for n in range(ROWS)]
     rows += [

@@ -72,13 +72,13 @@ def test_offload_with_a_small_pinned_budget_streams_the_rest_from_the_file(tmp_p
     import qwen_batch.memory.placement as memory_modes
 
     _, pinned = generate(tmp_path, "all-pinned", memory_mode="offload")
-    original = memory_modes.plan_run_memory
+    original = memory_modes.decide_run_memory
 
     def budgeted(*args, **kwargs):
         memory = original(*args, **kwargs)
         return replace(memory, denoiser=replace(memory.denoiser, pinned_bytes=60_000))
 
-    monkeypatch.setattr("qwen_batch.run.engine.plan_run_memory", budgeted)
+    monkeypatch.setattr("qwen_batch.run.engine.decide_run_memory", budgeted)
     _, partial = generate(tmp_path, "partly-pinned", memory_mode="offload")
     assert not differing_images([row["id"] for row in ROWS], pinned, partial, 0)
 

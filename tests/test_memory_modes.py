@@ -20,7 +20,7 @@ from qwen_batch.memory.placement import (
     place_transformer,
     use_compile_cache,
 )
-from qwen_batch.pipeline.denoise import FP8_TEXT_MULTIPLE, TEXT_BUCKET, _pad_embeddings
+from qwen_batch.pipeline.denoise.text import FP8_TEXT_MULTIPLE, TEXT_BUCKET, pad_embeddings
 from tests.support import small_row, write_manifest
 
 
@@ -102,19 +102,19 @@ def test_the_text_encoder_drops_its_lm_head_and_keeps_its_hidden_states(tiny_mod
 
 
 def test_ragged_text_is_padded_to_a_bucket_and_even_text_is_not_masked():
-    ragged, mask = _pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32)
+    ragged, mask = pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32)
     assert ragged.shape[1] == 2 * TEXT_BUCKET and mask.sum(dim=1).tolist() == [3, 70]
-    even, no_mask = _pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32)
+    even, no_mask = pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32)
     assert even.shape[1] == 5 and no_mask is None
 
 
 def test_under_fp8_matmuls_even_short_text_is_padded_to_a_whole_bucket():
     """cuBLASLt refused the fp8 GEMM of the text MLP's 12,288-wide down-projection for 6 rows (H200)."""
-    short, mask = _pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    short, mask = pad_embeddings([torch.ones(5, 8), torch.ones(5, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
     assert short.shape[1] == TEXT_BUCKET and mask.sum(dim=1).tolist() == [5, 5]
-    exact, no_mask = _pad_embeddings([torch.ones(128, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    exact, no_mask = pad_embeddings([torch.ones(128, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
     assert exact.shape[1] == 128 and no_mask is None
-    ragged, _ = _pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
+    ragged, _ = pad_embeddings([torch.ones(3, 8), torch.ones(70, 8)], "cpu", torch.float32, FP8_TEXT_MULTIPLE)
     assert ragged.shape[1] == 2 * TEXT_BUCKET
 
 

@@ -18,7 +18,7 @@ from qwen_batch.families.qwen_image.packed_text import (
     share_timestep_modulation,
     unpack,
 )
-from qwen_batch.pipeline.denoise import _pad_embeddings
+from qwen_batch.pipeline.denoise.text import pad_embeddings
 
 LENGTHS = (9, 4, 1)  # a prompt, a shorter one, a negative " "
 PADDED = 16
@@ -69,7 +69,7 @@ def test_the_packed_text_stream_gives_the_padded_output_from_real_tokens_only(ti
     transformer = _transformer(tiny_model)
     embeddings = _embeddings(transformer.config.joint_attention_dim)
     hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
-    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    text, mask = pad_embeddings(embeddings, "cpu", torch.float32)
     padded = _run(transformer, hidden, text, {"text_mask": mask})
 
     assert share_timestep_modulation(transformer) == len(transformer.transformer_blocks)
@@ -91,7 +91,7 @@ def test_a_short_packed_text_gets_filler_the_mask_hides(tiny_model):
     transformer = _transformer(tiny_model)
     embeddings = _embeddings(transformer.config.joint_attention_dim)
     hidden = torch.randn(len(LENGTHS), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
-    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    text, mask = pad_embeddings(embeddings, "cpu", torch.float32)
     padded = _run(transformer, hidden, text, {"text_mask": mask})
 
     share_timestep_modulation(transformer)
@@ -177,7 +177,7 @@ def test_sharing_the_timestep_modulation_changes_no_name_and_no_unpacked_output(
     names = list(transformer.state_dict())
     embeddings = [embedding[:4] for embedding in _embeddings(transformer.config.joint_attention_dim)[:2]]
     hidden = torch.randn(2, 16, 64, generator=torch.Generator("cpu").manual_seed(1))
-    text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+    text, mask = pad_embeddings(embeddings, "cpu", torch.float32)
     assert mask is None  # equal lengths: diffusers' unmasked path
     before = _run(transformer, hidden, text, {"text_mask": None})
     share_timestep_modulation(transformer)

@@ -16,7 +16,7 @@ import pytest
 
 from qwen_batch.cli import main
 from qwen_batch.errors import ConfigError
-from qwen_batch.memory.planner import DoesNotFitError, Job, Machine, denoise_peak_gib, plan_encode, plan_memory
+from qwen_batch.memory.planner import DoesNotFitError, Machine, Workload, denoise_peak_gib, plan_encode, plan_memory
 
 RESULTS = Path(__file__).parents[1] / "bench" / "results" / "memory_tiers_h100.jsonl"
 
@@ -33,32 +33,32 @@ RESULTS = Path(__file__).parents[1] / "bench" / "results" / "memory_tiers_h100.j
     ],
 )
 def test_each_card_size_gets_the_fastest_mode_that_fits(gpu, host, mode, batch, encoder):
-    plan = plan_memory(Machine(gpu_gib=gpu, host_gib=host), Job())
+    plan = plan_memory(Machine(gpu_gib=gpu, host_gib=host), Workload())
     assert (plan.denoise.mode, plan.denoise.batch_size, plan.encode.mode) == (mode, batch, encoder)
     assert plan.denoise.peak_gpu_gib <= gpu - 0.5 and plan.encode.peak_gpu_gib <= gpu - 0.5
 
 
 def test_offload_is_near_resident_speed_and_sequential_is_not_chosen_when_offload_fits():
     machine = Machine(gpu_gib=16, host_gib=128)
-    offload = plan_memory(machine, Job()).denoise
-    resident = plan_memory(Machine(gpu_gib=80, host_gib=128), Job(compile=False)).denoise
+    offload = plan_memory(machine, Workload()).denoise
+    resident = plan_memory(Machine(gpu_gib=80, host_gib=128), Workload(compile=False)).denoise
     assert offload.seconds_per_image[1] < 2 * resident.seconds_per_image[1]
     assert offload.seconds_per_image_pcie4 is not None  # the consumer-card link is predicted too
-    sequential = plan_memory(machine, Job(), mode="sequential").denoise
+    sequential = plan_memory(machine, Workload(), mode="sequential").denoise
     assert sequential.seconds_per_image[0] > 2 * offload.seconds_per_image[1]
 
 
 def test_without_fp8_matmuls_fp8_means_fp8_storage():
-    plan = plan_memory(Machine(gpu_gib=24, host_gib=128, fp8_compute=False), Job())
+    plan = plan_memory(Machine(gpu_gib=24, host_gib=128, fp8_compute=False), Workload())
     assert plan.denoise.mode == "fp8" and "layerwise casting" in plan.denoise.how
-    assert plan.denoise.seconds_per_image[0] > plan_memory(Machine(24, 128), Job()).denoise.seconds_per_image[0]
+    assert plan.denoise.seconds_per_image[0] > plan_memory(Machine(24, 128), Workload()).denoise.seconds_per_image[0]
 
 
 def test_bigger_images_and_edits_need_more_memory_and_time():
     machine = Machine(gpu_gib=80, host_gib=128)
-    small = plan_memory(machine, Job(batch_size=4)).denoise
-    large = plan_memory(machine, Job(width=1664, height=928, batch_size=4)).denoise  # 1.5x the pixels
-    edit = plan_memory(machine, Job(task="edit", batch_size=4)).denoise  # the input image's tokens ride along
+    small = plan_memory(machine, Workload(batch_size=4)).denoise
+    large = plan_memory(machine, Workload(width=1664, height=928, batch_size=4)).denoise  # 1.5x the pixels
+    edit = plan_memory(machine, Workload(task="edit", batch_size=4)).denoise  # the input image's tokens ride along
     assert small.peak_gpu_gib < large.peak_gpu_gib and small.peak_gpu_gib < edit.peak_gpu_gib
     assert small.seconds_per_image[0] < large.seconds_per_image[0] < edit.seconds_per_image[0]
 
@@ -69,12 +69,14 @@ def test_a_first_block_step_cache_plans_its_state_per_row():
 
     machine = Machine(gpu_gib=80, host_gib=128)
     rows = [Request(0, "a", "p", " ", 1024, 1024, 0, 50, 4.0, step_cache="first-block:0.1")]
-    job = Job.for_requests(rows, batch_size=4)
+    job = Workload.for_requests(rows, batch_size=4)
     assert (
         job.first_block_cache
-        and not Job.for_requests([Request(0, "a", "p", " ", 1024, 1024, 0, 50, 4.0)]).first_block_cache
+        and not Workload.for_requests([Request(0, "a", "p", " ", 1024, 1024, 0, 50, 4.0)]).first_block_cache
     )
-    plain, cached = (plan_memory(machine, Job(batch_size=4, first_block_cache=flag)).denoise for flag in (False, True))
+    plain, cached = (
+        plan_memory(machine, Workload(batch_size=4, first_block_cache=flag)).denoise for flag in (False, True)
+    )
     assert cached.peak_gpu_gib - plain.peak_gpu_gib == pytest.approx(8 * 4096 * 2 * 3072 * 2 * 1.01 / 2**30, abs=0.1)
 
 
@@ -86,9 +88,9 @@ def test_edit_plus_inputs_count_in_the_plan_and_the_h200_figures_fall_inside_it(
 
     machine = Machine(gpu_gib=141, host_gib=128)
     rows = [Request(0, "a", "make it blue", " ", 1024, 1024, 0, 50, 4.0, images=("a.png", "b.png"))]
-    assert Job.for_requests(rows, "edit").input_images == 2
-    edit = plan_memory(machine, Job(task="edit", batch_size=4)).denoise
-    plus = plan_memory(machine, Job(task="edit", batch_size=4, input_images=2)).denoise
+    assert Workload.for_requests(rows, "edit").input_images == 2
+    edit = plan_memory(machine, Workload(task="edit", batch_size=4)).denoise
+    plus = plan_memory(machine, Workload(task="edit", batch_size=4, input_images=2)).denoise
     assert edit.peak_gpu_gib < plus.peak_gpu_gib and edit.peak_gpu_gib >= 42.5
     assert edit.seconds_per_image[0] <= 41.0 <= edit.seconds_per_image[1]
     assert plus.seconds_per_image[0] <= 61.2 <= plus.seconds_per_image[1]
@@ -98,57 +100,57 @@ def test_machines_people_rent_are_planned_not_refused():
     """A 24 GiB card on a 16 GiB VM (g5/g6.xlarge), 16 GiB cards on 32 and 16 GiB hosts: the model is read
     block by block from its memory-mapped files, so only what streams needs host RAM, and only as far as
     the RAM allows (docs/memory.md)."""
-    g6 = plan_memory(Machine(gpu_gib=24, host_gib=16), Job())
+    g6 = plan_memory(Machine(gpu_gib=24, host_gib=16), Workload())
     assert g6.denoise.mode == "fp8" and g6.host_gib <= 10  # the issue's target: a 16 GiB node runs it
-    sixteen = plan_memory(Machine(gpu_gib=16, host_gib=32), Job()).denoise
+    sixteen = plan_memory(Machine(gpu_gib=16, host_gib=32), Workload()).denoise
     assert sixteen.mode == "fp8-offload" and sixteen.streamed_from_disk_gib == 0  # fp8 copy pinned in 32 GiB
     assert sixteen.host_gib <= 32 * 0.9 and sixteen.pinned_gib > 18
-    lean = plan_memory(Machine(gpu_gib=16, host_gib=16), Job()).denoise
+    lean = plan_memory(Machine(gpu_gib=16, host_gib=16), Workload()).denoise
     assert lean.mode == "offload" and lean.host_gib <= 16 * 0.9 and lean.streamed_from_disk_gib > 30
     assert any("Q4_K_M GGUF" in note for note in lean.notes)  # and it says what would run faster
 
 
 def test_offload_pins_what_the_ram_allows_and_reads_the_rest_from_disk():
-    roomy = plan_memory(Machine(gpu_gib=12, host_gib=128), Job()).denoise
+    roomy = plan_memory(Machine(gpu_gib=12, host_gib=128), Workload()).denoise
     assert roomy.mode == "offload" and roomy.streamed_from_disk_gib == 0
     assert roomy.host_gib == pytest.approx(38 + 5.75, abs=0.5)  # the weights once, no power-of-two rounding
     for host in (16, 24):
-        tight = plan_memory(Machine(gpu_gib=8, host_gib=host), Job(), mode="offload").denoise
+        tight = plan_memory(Machine(gpu_gib=8, host_gib=host), Workload(), mode="offload").denoise
         assert tight.host_gib <= host * 0.9 + 0.05
         assert tight.pinned_gib + tight.streamed_from_disk_gib == pytest.approx(38.0, abs=0.1)
-    slow_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=0.25), Job(), mode="offload").denoise
-    fast_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=4.0), Job(), mode="offload").denoise
+    slow_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=0.25), Workload(), mode="offload").denoise
+    fast_disk = plan_memory(Machine(gpu_gib=8, host_gib=16, disk_gbps=4.0), Workload(), mode="offload").denoise
     assert slow_disk.seconds_per_image[0] > 3 * fast_disk.seconds_per_image[0]
 
 
 def test_fp8_offload_needs_its_whole_fp8_copy_in_host_ram():
     with pytest.raises(DoesNotFitError, match=r"fp8-offload needs about 2[0-9] GiB of host RAM; this machine has 16"):
-        plan_memory(Machine(gpu_gib=16, host_gib=16), Job(), mode="fp8-offload")
+        plan_memory(Machine(gpu_gib=16, host_gib=16), Workload(), mode="fp8-offload")
 
 
 def test_quantized_files_open_their_own_modes():
     from qwen_batch.memory.planner import WeightsSummary
 
     q4 = WeightsSummary.gguf_file("Q4_K_M")
-    assert plan_memory(Machine(gpu_gib=16, host_gib=16), Job(weights=q4)).denoise.mode == "gguf"
-    assert plan_memory(Machine(gpu_gib=8, host_gib=16), Job(weights=q4)).denoise.mode == "offload"
+    assert plan_memory(Machine(gpu_gib=16, host_gib=16), Workload(weights=q4)).denoise.mode == "gguf"
+    assert plan_memory(Machine(gpu_gib=8, host_gib=16), Workload(weights=q4)).denoise.mode == "offload"
     fp8_file = WeightsSummary("fp8", int(20.4e9), int(20.4e9) // 60, "qwen_image_fp8_e4m3fn.safetensors")
-    plan = plan_memory(Machine(gpu_gib=24, host_gib=16), Job(weights=fp8_file)).denoise
+    plan = plan_memory(Machine(gpu_gib=24, host_gib=16), Workload(weights=fp8_file)).denoise
     assert plan.mode == "fp8" and "as stored" in plan.how
     with pytest.raises(ConfigError, match=r"weights are gguf .*use auto, gguf, offload"):
-        plan_memory(Machine(gpu_gib=80, host_gib=128), Job(weights=q4), mode="bf16")
+        plan_memory(Machine(gpu_gib=80, host_gib=128), Workload(weights=q4), mode="bf16")
 
 
 def test_a_forced_mode_or_batch_that_does_not_fit_is_refused():
     with pytest.raises(DoesNotFitError, match=r"bf16 needs about .* GiB of GPU memory at batch 1.*--memory-mode auto"):
-        plan_memory(Machine(gpu_gib=24, host_gib=128), Job(), mode="bf16")
+        plan_memory(Machine(gpu_gib=24, host_gib=128), Workload(), mode="bf16")
     with pytest.raises(DoesNotFitError, match="at batch 64"):
-        plan_memory(Machine(gpu_gib=48, host_gib=128), Job(batch_size=64), mode="bf16")
+        plan_memory(Machine(gpu_gib=48, host_gib=128), Workload(batch_size=64), mode="bf16")
 
 
 def test_a_tiny_gpu_is_refused_because_of_the_text_encoder():
     with pytest.raises(DoesNotFitError, match="text encoder does not fit a 3 GiB GPU"):
-        plan_memory(Machine(gpu_gib=3, host_gib=128), Job())
+        plan_memory(Machine(gpu_gib=3, host_gib=128), Workload())
 
 
 def test_the_h100_measurements_stayed_under_the_current_predictions():
@@ -157,7 +159,7 @@ def test_the_h100_measurements_stayed_under_the_current_predictions():
     for run in runs:
         if run.get("run") != "engine" or "denoise" not in run:
             continue
-        job = Job(width=run["width"], height=run["height"], steps=run["steps_run"], batch_size=run["batch_size"])
+        job = Workload(width=run["width"], height=run["height"], steps=run["steps_run"], batch_size=run["batch_size"])
         machine = Machine(gpu_gib=run.get("planned_for_gib") or 80, host_gib=125)
         plan = plan_memory(machine, job, run["mode"])
         assert run["denoise"]["peak_gpu_gib"] <= plan.denoise.peak_gpu_gib, run["label"]
@@ -213,7 +215,7 @@ def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
             weights = WeightsSummary("gguf", int(size * 1e9), int(size * 1e9) // 60, "Q4_K")
         machine = Machine(gpu_gib=run["gpu_gib"], host_gib=run["host_gib"])
         compiled = "compiled" in run["label"]  # the bench's default is --compile off
-        plan = plan_memory(machine, Job(weights=weights, compile=compiled))
+        plan = plan_memory(machine, Workload(weights=weights, compile=compiled))
         for stage, predicted in (("encode", plan.encode), ("denoise_load", plan.denoise), ("denoise", plan.denoise)):
             held = run[stage]["peak_rss_gib"] - run[stage]["peak_file_gib"]
             assert held <= predicted.host_gib, (run["label"], stage)
@@ -221,7 +223,7 @@ def test_the_h200_tiers_from_disk_stayed_under_the_current_predictions():
         assert run["vm_hwm_gib"] <= (run["cgroup_limit_gib"] or run["host_gib"]), run["label"]
         if "seconds_per_image_at_50_steps" in run:
             batch = min(run["prompts"], plan.denoise.batch_size)
-            job = Job(weights=weights, batch_size=batch, compile=compiled)
+            job = Workload(weights=weights, batch_size=batch, compile=compiled)
             if run["denoise"]["peak_file_gib"] >= plan.denoise.streamed_from_disk_gib > 0:
                 # What the plan reads from disk at every step stayed in the page cache (the group had room),
                 # so those reads ran at page-fault speed, not the 1 GB/s disk the planner assumes: 3 GB/s
@@ -251,7 +253,7 @@ def test_controlnet_rows_count_the_controlnet_beside_the_transformer():
     """InstantX's Union ControlNet (5 blocks, 3.5 GB in bf16) is placed as the transformer is: its weights add
     to the denoise peak (about half under fp8), its blocks to each step; a 24 GiB card, where fp8 alone just
     fits, streams instead, and a 32 GiB card runs it in fp8."""
-    plain, controlled = Job(), Job(controlnet_layers=5, control_images=1)
+    plain, controlled = Workload(), Workload(controlnet_layers=5, control_images=1)
     assert 3.2 < controlled.controlnet_bytes / 2**30 < 3.6
     assert 1.7 < controlled.controlnet_gpu_bytes("fp8") / 2**30 < 2.0
     assert controlled.controlnet_gpu_bytes("offload") < controlled.controlnet_bytes
@@ -273,9 +275,9 @@ def test_the_controlnet_peaks_measured_on_the_h200_fall_inside_the_plan(mode, me
     conditions_h200.jsonl): denoise peaks 46.29 GiB in bf16 (session 9) and 28.96 GiB in fp8 (session 10). The
     fp8 run exceeded the plan's 28.1 GiB while the residuals held through the forward went uncounted; they are
     counted now, and the plan stays within 2 GiB above what was measured."""
-    job = Job(batch_size=4, controlnet_layers=5, control_images=1, text_tokens=259)
+    job = Workload(batch_size=4, controlnet_layers=5, control_images=1, text_tokens=259)
     predicted = denoise_peak_gib(mode, 4, job, False)
     assert measured <= predicted < measured + 2.0
     residuals = job.controlnet_residual_bytes(4)
     assert residuals == 5 * (4 + 8) * 4096 * 3072 * 2, "each block's residual for the rows, and their CFG copies"
-    assert Job(true_cfg=False, controlnet_layers=5).controlnet_residual_bytes(4) == residuals // 3
+    assert Workload(true_cfg=False, controlnet_layers=5).controlnet_residual_bytes(4) == residuals // 3

@@ -57,7 +57,7 @@ def _complex_values_in_compiled_blocks(transformer, *batch) -> list[str]:
 def test_the_compiled_blocks_compute_no_complex_tensor(tiny_model, monkeypatch, packed):
     from qwen_batch.families.qwen_image.attention import use_batch_attention
     from qwen_batch.families.qwen_image.packed_text import pack_text, share_timestep_modulation
-    from qwen_batch.pipeline.denoise import _pad_embeddings
+    from qwen_batch.pipeline.denoise.text import pad_embeddings
 
     def model_and_batch():
         transformer = _transformer(tiny_model)  # fa4 layout
@@ -65,7 +65,7 @@ def test_the_compiled_blocks_compute_no_complex_tensor(tiny_model, monkeypatch, 
         hidden = torch.randn(len(embeddings), 16, 64, generator=torch.Generator("cpu").manual_seed(1))
         if not packed:
             use_batch_attention(transformer, "cpu", torch.float32, kernel="sdpa")
-            text, mask = _pad_embeddings(embeddings, "cpu", torch.float32)
+            text, mask = pad_embeddings(embeddings, "cpu", torch.float32)
             return transformer, hidden, text, {"text_mask": mask}
         share_timestep_modulation(transformer)
         text, mask, index = pack_text(embeddings, 16, torch.float32)

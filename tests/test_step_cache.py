@@ -163,6 +163,7 @@ def test_rows_match_diffusers_with_the_same_cache(runs, tiny_model):
     manifest, outputs = runs
     pipe = QwenImagePipeline.from_pretrained(str(tiny_model), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    compared = []
     for request in read_manifest(str(manifest)).requests:
         if request.step_cache is None:
             continue
@@ -170,6 +171,10 @@ def test_rows_match_diffusers_with_the_same_cache(runs, tiny_model):
         for batch_size, output in outputs.items():
             ours = pixels(output / "images" / f"{request.id}.png")
             assert np.abs(ours - reference).max() <= TOLERANCE, (request.id, batch_size)
+            compared.append((request.id, batch_size))
+    cached = [row["id"] for row in ROWS if row.get("step_cache")]
+    assert len(cached) == len(ROWS) - 1  # all but the twin without a cache
+    assert sorted(compared) == sorted((key, batch_size) for key in cached for batch_size in (1, 4))
 
 
 def test_a_row_is_the_same_alone_and_batched_and_computes_the_same_steps(runs):
@@ -206,23 +211,27 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
     fp8's minimum of tokens (cuBLASLt refuses fp8 GEMMs of 1-32 text tokens; a sub-batch of one or two rows
     stopped an fp8 run on an H200), and CFG's halves as one forward of twice the rows (the CPU's default is
     two): the same images and counts."""
-    import qwen_batch.pipeline.denoise
+    from dataclasses import replace
+
+    import qwen_batch.pipeline.denoise.text
     import qwen_batch.pipeline.step_cache.first_block as first_block
+    from qwen_batch.pipeline.denoise import ImageGenerator
 
     if lever == "joint CFG":
-        monkeypatch.setattr(qwen_batch.pipeline.denoise, "CFG_LAYOUT", "joint")
+        monkeypatch.setattr(qwen_batch.pipeline.denoise.text, "CFG_LAYOUT", "joint")
         packs = []
     else:
         packs = fa4_layout(monkeypatch, packed=True)
-    minimum = qwen_batch.pipeline.denoise.FP8_PACKED_TEXT_MINIMUM if lever == "text packed to fp8's minimum" else 0
+    minimum = qwen_batch.pipeline.denoise.text.FP8_PACKED_TEXT_MINIMUM if lever == "text packed to fp8's minimum" else 0
     if minimum:  # as under fp8 matmuls, which the CPU does not run
-        init = qwen_batch.pipeline.denoise.ImageGenerator.__init__
+        init = ImageGenerator.__init__
 
         def with_fp8_text_minimum(generator, *args, **kwargs):
             init(generator, *args, **kwargs)
-            generator.packed_text_minimum = minimum
+            components = generator.components
+            components.text_layout = replace(components.text_layout, packed_minimum=minimum)
 
-        monkeypatch.setattr(qwen_batch.pipeline.denoise.ImageGenerator, "__init__", with_fp8_text_minimum)
+        monkeypatch.setattr(ImageGenerator, "__init__", with_fp8_text_minimum)
     sub_batch_texts = []
     packed_tokens = first_block._packed_tokens
 
@@ -251,9 +260,7 @@ def test_speed_levers_keep_images_and_decisions(runs, tmp_path, monkeypatch, lev
 def test_a_shard_gives_each_row_the_same_image(runs, tmp_path):
     manifest, outputs = runs
     for shard in (0, 1):
-        config = RunConfig(
-            str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu", shard_index=shard, shard_count=2
-        )
+        config = RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu", shard=f"{shard}/2")
         assert run(config).exit_code == 0
     assert not differing_images(IDS, tmp_path / "out", outputs[1], TOLERANCE)
     run(RunConfig(str(manifest), str(tmp_path / "out"), batch_size=4, device="cpu"))  # merges, generates nothing

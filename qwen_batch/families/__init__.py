@@ -1,0 +1,103 @@
+"""Model families: everything specific to one architecture, behind one object chosen from `model_index.json`.
+
+A family (`ModelFamily`) says which diffusers pipeline classes it runs and the task of each, which
+components each stage loads, the rules a manifest row must follow for it (size multiple and bounds,
+default steps and guidance), its tiny random-weight models, the planner's cost constants, and how its
+stages are built. The engine, the manifest, the planner and `weights.model_source` ask the family;
+none of them names a pipeline class.
+
+A model's family comes from the `_class_name` its `model_index.json` names (`family_of_pipeline`), or for
+the tiny models from their name (`tiny_model`). Adding a family (Qwen-Image-2.1: a single-stream
+transformer with block-causal attention, a Qwen3-VL encoder and a prefix KV cache) is a subpackage
+here with its `FAMILY`, and one entry in `FAMILIES`; see docs/architecture.md.
+
+This module and the families' `__init__` stay light (no torch, no diffusers): `qwen-batch validate` and
+`--help` read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from qwen_batch.errors import ModelError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+GENERATE, EDIT, EDIT_PLUS = "generate", "edit", "edit-plus"  # what a pipeline class does
+
+
+@dataclass(frozen=True)
+class RowRules:
+    """What a manifest row of this family may ask for, and what it gets when it asks for nothing."""
+
+    size_multiple: int  # width and height: the VAE's downscale times the transformer's patch size
+    min_size: int
+    max_size: int
+    default_size: int
+    default_steps: int
+    min_steps: int
+    max_steps: int
+    default_true_cfg_scale: float
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    name: str  # e.g. qwen-image, in messages and docs
+    pipelines: Mapping[str, str]  # diffusers pipeline class -> the task it does (GENERATE, EDIT, EDIT_PLUS)
+    encoder_components: tuple[str, ...]  # what stage 1 loads
+    denoiser_components: tuple[str, ...]  # what stage 2 loads
+    rows: RowRules
+    example_models: Mapping[str, str]  # a published model for each task, named in messages
+    tiny_models: Mapping[str, str]  # --model names of the tiny random-weight models -> their task
+    # Writes a tiny random-weight model of a task into a folder: (folder, seed, task) -> folder. Imports torch.
+    write_tiny_model: Callable[[Path, int, str], Any]
+    tiny_model_revision: Callable[[str], str]  # changes when what write_tiny_model writes changes
+    # The planner's constants for this architecture (sizes counted from the configs, costs measured).
+    cost_constants: Callable[[], ModuleType]
+    # Stage 1: (rows, EncodeContext, edit manifest?) -> EncodeStats; every text (and edit input) into the cache.
+    encode: Callable[[list, Any, bool], Any]
+    # Stage 2: the class that loads the transformer and VAE once and denoises batches (its `generate`).
+    generator_class: Callable[[], type]
+
+    def task_of(self, pipeline_class: str) -> str:
+        return self.pipelines[pipeline_class]
+
+    @property
+    def edit_pipelines(self) -> tuple[str, ...]:
+        return tuple(name for name, task in self.pipelines.items() if task != GENERATE)
+
+    def pipeline_for(self, task: str) -> str:
+        return next(name for name, does in self.pipelines.items() if does == task)
+
+
+def _families() -> tuple[ModelFamily, ...]:
+    from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+
+    return (QWEN_IMAGE,)
+
+
+def family_of_pipeline(pipeline_class: str | None, model: str) -> ModelFamily:
+    """The family that runs `pipeline_class` (model_index.json's `_class_name`); a ModelError that lists
+    what qwen-batch runs otherwise."""
+    for family in _families():
+        if pipeline_class in family.pipelines:
+            return family
+    known = [name for family in _families() for name in family.pipelines]
+    raise ModelError(f"model {model!r} is a {pipeline_class}; qwen-batch runs {', '.join(known)} models")
+
+
+def tiny_model(name: str) -> tuple[ModelFamily, str] | None:
+    """The family and task of the tiny model `--model name` names, None when it names none."""
+    for family in _families():
+        if name in family.tiny_models:
+            return family, family.tiny_models[name]
+    return None
+
+
+def default_family() -> ModelFamily:
+    """The family a manifest is checked against before any model is named (`qwen-batch validate`)."""
+    return _families()[0]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
 from qwen_batch.memory.modes import AUTO, BF16, FP8, FP8_OFFLOAD, GGUF, OFFLOAD, SEQUENTIAL
-from qwen_batch.memory.planner import LOSSLESS, MODES_FOR, DoesNotFitError, Job, Machine, MemoryPlan, plan_memory
+from qwen_batch.memory.planner import LOSSLESS, MODES_FOR, DoesNotFitError, Machine, MemoryPlan, Workload, plan_memory
 
 # docs/scale-out.md: 2 x H100, 26 mixed rows at 50 steps, launch to merged results: 1.909x and 1.898x.
 MEASURED_SCALING = {2: 1.904}
@@ -48,7 +48,7 @@ class FleetPlan:
     gpus: int
     gpus_per_host: int
     machine: Machine  # one GPU, and the whole host's RAM
-    job: Job
+    job: Workload
     chosen: FleetOption
     options: list[FleetOption]
     scaling: float  # the fan-out's speed-up over one GPU assumed here
@@ -91,7 +91,9 @@ def scaling(gpus: int) -> float:
     return 1.0 if gpus == 1 else MEASURED_SCALING.get(gpus, gpus * PER_GPU_EFFICIENCY)
 
 
-def plan_fleet(machine: Machine, job: Job, gpus: int, mode: str = AUTO, gpus_per_host: int | None = None) -> FleetPlan:
+def plan_fleet(
+    machine: Machine, job: Workload, gpus: int, mode: str = AUTO, gpus_per_host: int | None = None
+) -> FleetPlan:
     """The plan for `gpus` GPUs like `machine`'s, `gpus_per_host` of them sharing one host's RAM (default:
     all of them, as in a dual-GPU workstation). Raises DoesNotFitError when no mode fits one process."""
     if gpus < 1:
@@ -118,7 +120,7 @@ def plan_fleet(machine: Machine, job: Job, gpus: int, mode: str = AUTO, gpus_per
     )
 
 
-def _option(mode: str, process: Machine, job: Job, speedup: float, per_host: int) -> FleetOption:
+def _option(mode: str, process: Machine, job: Workload, speedup: float, per_host: int) -> FleetOption:
     label, lossless = OPTION_LABELS.get(mode, f"{mode} on each GPU"), LOSSLESS[mode]
     try:
         plan = plan_memory(process, job, mode)

@@ -16,3 +16,6 @@ PLACEMENT_MODES = (BF16, FP8, GGUF, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL)
 MEMORY_MODES = (AUTO, *PLACEMENT_MODES)
 STREAMING_MODES = (OFFLOAD, FP8_OFFLOAD, SEQUENTIAL)  # weights live in host memory, copied to the GPU as used
 RESIDENT_MODES = (BF16, FP8, GGUF)
+
+# The kinds of transformer weights a mode can be given (the model's own, or a --transformer file's).
+FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS = "float", "fp8", "gguf"

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.families import GENERATE
 from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD, GGUF, OFFLOAD, PLACEMENT_MODES, SEQUENTIAL, STREAMING_MODES
 from qwen_batch.weights.model_source import qwen_batch_home
 
@@ -604,7 +605,7 @@ class RunMemory:
     encoder_pinned_bytes: int | None = None  # the encoder offloaded: host RAM to pin (None: all of it)
 
 
-def plan_run_memory(
+def decide_run_memory(
     mode: str,
     compile: str,
     compile_cache: str | None,
@@ -612,7 +613,7 @@ def plan_run_memory(
     encode_batch_size: int,
     device: str,
     requests: list,
-    task: str = "generate",
+    task: str = GENERATE,
     fp8_every_linear: bool = False,
     transformer: WeightsSummary | None = None,
     controlnet_layers: int = 0,
@@ -620,7 +621,7 @@ def plan_run_memory(
     """Resolve --memory-mode and --compile for the rows to generate; raises DoesNotFitError (a
     ConfigError: exit 2, nothing loaded) when no mode fits this GPU and host. `transformer` describes
     the transformer's weights (a --transformer file's kind and size; None: the model's own)."""
-    from qwen_batch.memory.planner import Job, WeightsSummary, check_mode_for_weights, detect_machine, plan_memory
+    from qwen_batch.memory.planner import WeightsSummary, Workload, check_mode_for_weights, detect_machine, plan_memory
 
     if compile not in COMPILE_CHOICES:
         raise ConfigError(f"--compile {compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
@@ -647,7 +648,7 @@ def plan_run_memory(
             batch_size=batch_size or DEFAULT_BATCH_SIZE,
             encode_batch_size=encode_batch_size,
         )
-    job = Job.for_requests(
+    job = Workload.for_requests(
         requests, task, batch_size, compile=compile != "off", weights=weights, controlnet_layers=controlnet_layers
     )
     plan = plan_memory(detect_machine(device), job, mode, encode_batch_size)
@@ -719,8 +720,8 @@ def _log_plan(plan: MemoryPlan) -> None:
 
 def _encoder_pinned_bytes(plan: MemoryPlan) -> int | None:
     """The offloaded encoder pins what its plan's host RAM allows beyond the process itself; None: all."""
-    from qwen_batch.memory.planner import DIT_LOAD_GIB, HOST_BASE_GIB
+    from qwen_batch.memory.planner import COSTS, HOST_BASE_GIB
 
     if plan.encode.mode != OFFLOAD or not plan.encode.notes:  # no note: nothing is read back from disk
         return None
-    return int((plan.encode.host_gib - HOST_BASE_GIB - DIT_LOAD_GIB) * 2**30)
+    return int((plan.encode.host_gib - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB) * 2**30)

@@ -25,12 +25,16 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.families import EDIT, GENERATE, default_family
 from qwen_batch.memory.modes import (
     AUTO,
     BF16,
+    FLOAT_WEIGHTS,
     FP8,
     FP8_OFFLOAD,
+    FP8_WEIGHTS,
     GGUF,
+    GGUF_WEIGHTS,
     MEMORY_MODES,
     OFFLOAD,
     SEQUENTIAL,
@@ -39,7 +43,8 @@ from qwen_batch.memory.modes import (
 from qwen_batch.pipeline.step_cache.spec import FirstBlock, parse_step_cache
 
 GiB = 2**30
-FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS = "float", "fp8", "gguf"
+# The model's sizes and measured costs, from its family (Qwen-Image's: qwen_batch/families/qwen_image/costs.py).
+COSTS = default_family().cost_constants()
 # The modes open to each kind of transformer weights, fastest resident first.
 MODES_FOR = {
     FLOAT_WEIGHTS: (BF16, FP8, OFFLOAD, FP8_OFFLOAD, SEQUENTIAL),
@@ -47,60 +52,18 @@ MODES_FOR = {
     GGUF_WEIGHTS: (GGUF, OFFLOAD),
 }
 LOSSLESS = {"bf16": True, OFFLOAD: True, SEQUENTIAL: True, FP8: False, FP8_OFFLOAD: False, GGUF: False}
-TASKS = ("generate", "edit")
+TASKS = (GENERATE, EDIT)
 
-# --- The model (QwenImageTransformer2DModel and Qwen2.5-VL-7B, counted on the meta device) -------
-DIT_PARAMS = 20_430_401_088
-DIT_BLOCKS = 60
-DIT_BLOCK_PARAMS = 339_831_296  # one QwenImageTransformerBlock
-DIT_HIDDEN = 3072  # the blocks' width (24 heads of 128)
-DIT_OUTSIDE_BLOCKS_PARAMS = DIT_PARAMS - DIT_BLOCKS * DIT_BLOCK_PARAMS  # embedders, norm_out, proj_out
-# fp8 keeps in bf16 what is known to be sensitive: the last linear of the image MLP (`img_mlp.net.2`,
-# as vLLM-Omni and SGLang do), and everything outside the 60 blocks (patch and text embedders, the
-# timestep embedding, the output projection), which is 0.2% of the weights.
-DIT_FP8_KEPT_BF16_PARAMS = DIT_BLOCKS * (3072 * 12288 + 3072)
-DIT_FP8_SCALE_BYTES = DIT_BLOCKS * 4 * (2 * 18432 + 8 * 3072 + 2 * 12288 + 3072)  # per-row float32 scales
-DIT_LARGEST_LINEAR_BYTES = 18432 * 3072 * 2  # the modulation linear in bf16: dequantized layers are this at most
-ENCODER_PARAMS = 8_292_166_656  # language model 7.07 B, vision tower 0.68 B, lm_head 0.54 B
-ENCODER_LM_HEAD_PARAMS = 544_997_376  # dropped when encoding: the pipeline reads hidden states only
-ENCODER_EMBED_PARAMS = 544_997_376
-VAE_PARAMS = 126_892_531
-MAX_TEXT_TOKENS = 1024 + 34  # the pipeline's limit plus the chat-template tokens it drops afterwards
-TYPICAL_TEXT_TOKENS = 256  # text tokens assumed for a denoise batch (prompt and negative padded alike)
-EDIT_IMAGE_TEXT_TOKENS = 1400  # the vision tokens an edit's input image adds to the text (~1024x1024)
-# city96's GGUF files of the Qwen-Image transformer (huggingface.co/city96/Qwen-Image-gguf), in GB: what
-# the planner suggests when the model's own weights do not fit a machine well.
-GGUF_FILE_GB = {"Q8_0": 21.8, "Q6_K": 16.8, "Q5_K_M": 14.9, "Q4_K_M": 13.1, "Q4_0": 11.9, "Q3_K_M": 9.7}
 
-# --- Memory, measured (bench/qwen_image_gpu.py on an H100, bf16; docs/memory.md) ----------------------
-# Activations of one transformer forward per sample row per token (image + text): the residual streams,
-# q/k/v, the 4x MLP and its GELU, at the peak inside a block.
-DIT_ACTIVATION_BYTES_PER_ROW_TOKEN = 110 * 1024
-# Rows with a first-block step cache keep, per row and pass, two image-stream tensors across steps (the residual
-# of the last full step and the tail residual; qwen_batch.pipeline.step_cache.first_block), in bf16. Computed, not measured.
-FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN = 2 * DIT_HIDDEN * 2
-# VAE decode of one image, per output pixel; decoding goes one image at a time (VAE slicing).
-VAE_DECODE_BYTES_PER_PIXEL = 4096
-VAE_TILED_DECODE_BYTES = int(1.0 * GiB)  # 256-pixel tiles: independent of the image size
+# --- Memory, measured (bench/memory_tiers.py on an H100, bf16; docs/memory.md) ------------------------
 # Group offload keeps the blocks being computed, prefetched and not yet reclaimed on the GPU.
 OFFLOAD_BLOCKS_ON_GPU = 3
-# Sequential offload (accelerate) holds one leaf module at a time: the largest is a 3072x18432 linear.
-SEQUENTIAL_GPU_WEIGHT_BYTES = 4 * 18432 * 3072 * 2
-ENCODER_ACTIVATION_BYTES_PER_TOKEN = 400 * 1024  # 29 kept hidden states, the MLP, attention
 ALLOCATOR_OVERHEAD_BYTES = int(0.5 * GiB)  # cuBLAS workspaces, rotary tables, latents, fragmentation
 ALLOCATOR_OVERHEAD_FRACTION = 0.01
 CUDA_CONTEXT_GIB = 0.6  # a real card's memory the allocator never sees
 
 # --- Host RAM ----------------------------------------------------------------------------------------
 HOST_BASE_GIB = 4.0  # the Python process with torch, diffusers and CUDA loaded, and its working memory
-# Loading: the streamed loader holds one block's file pages (0.7 GB in bf16) and a block in flight; the bf16
-# text encoder goes to the GPU tensor by tensor, each one's pages given back once copied. Measured on an H200
-# from disk (bench/results/host_memory_h200.jsonl): peak RSS 2.3 GiB loading the transformer in bf16 or fp8,
-# 4.9-5.1 GiB encoding with the bf16 encoder. An fp8 or offloaded encoder is read memory-mapped by
-# transformers and placed layer by layer: 6.6 GiB of its file pages were resident at the peak (7.2 GiB RSS).
-DIT_LOAD_GIB = 1.5
-ENCODER_LOAD_GIB = 5.0
-ENCODER_MAPPED_LOAD_GIB = 3.5
 # What offload pins on the fly for blocks beyond its budget: a few blocks, rounded up to powers of two
 # by PyTorch's pinned allocator.
 STAGING_BLOCKS = 3
@@ -108,35 +71,13 @@ PINNED_ROUNDING = 2.0
 PINNED_SLAB_GIB = 0.25  # the pinned arena's last, partly used slab (qwen_batch.memory.pinned_arena)
 HOST_MARGIN_FRACTION = 0.10  # keep this much of the host's RAM for the OS and the page cache
 
-# --- Speed, measured on an H100 80GB (1024x1024: 4096 image + 128 text tokens; docs/memory.md) ------
-# Seconds per transformer forward per sample row, bench/results/qwen_image_gpu_h100.jsonl.
-FORWARD_SECONDS = {
-    (BF16, False): 0.178,  # eager, 8 rows a forward (the recipe's 1-row forwards: 0.183)
-    (BF16, True): 0.139,  # regional torch.compile
-    (FP8, True): 0.118,  # torchao fp8 (dynamic activation, per-row scales), compiled, 2 rows a forward
-    (FP8, False): 0.153,  # torchao fp8 eager, per row, on top of FP8_EAGER_SECONDS_PER_FORWARD
-    ("fp8-storage", False): 0.286,  # layerwise casting: fp8 weights upcast per layer (an earlier H100 run)
-    ("fp8-storage", True): 0.286,
-}
-# Weights dequantized as they are used (GGUF; fp8 weight-only): the whole model once per forward, whatever
-# the batch, on top of the bf16 compute. Measured on an H200, eager, 1024x1024 (bench/results/
-# host_memory_h200.jsonl): a Q4_K forward of 4 rows took 1.05-1.13 s against 4 x 0.186 s in bf16 (0.31-0.39 s
-# more); fp8-offload's forward of 6 rows 1.32 s against 6 x 0.186 (0.20 s more, streaming waits included).
-DEQUANT_SECONDS_PER_FORWARD = {GGUF_WEIGHTS: 0.35, FP8_WEIGHTS: 0.20}
-# Eager torchao fp8 pays its activation quantization op by op, for every linear of every forward, whatever
-# the batch: 0.221 s per row at 8 rows a forward (H100) but 0.685-0.77 s for a forward of 1 row (H200,
-# bench/results/host_memory_h200.jsonl, call 5): about 0.55 s a forward plus 0.153 s a row. Compiled, the
-# quantization fuses into the matmuls and this is gone.
-FP8_EAGER_SECONDS_PER_FORWARD = 0.55
-REFERENCE_TOKENS = 4096 + 128
+# --- Speed of the machine (the model's own figures: the family's costs) ---------------------------
 H100_HOST_LINK_GBPS = 55.0  # pinned host-to-GPU copies, measured (PCIe 5.0 x16)
 PCIE4_HOST_LINK_GBPS = 25.0  # PCIe 4.0 x16 in practice (32 GB/s on paper)
 # Reading weights that are not pinned back from the checkpoint file at every step: a local NVMe disk read
 # through page faults, one reader. Conservative: a cloud volume can be slower (an EBS gp3 volume's
 # default is 0.125 GB/s): pass --disk-gbps, or QWEN_BATCH_DISK_GBPS.
 DISK_GBPS = 1.0
-SEQUENTIAL_SECONDS_PER_FORWARD = 7.6  # accelerate sequential CPU offload, one forward, any batch
-ENCODE_SECONDS_PER_PROMPT = 0.02
 SPEED_BAND = (0.85, 1.25)  # the predicted seconds per image are a band: measured H100 figures +-
 
 
@@ -169,8 +110,8 @@ class WeightsSummary:
     """The transformer's weights as stored: the model's own (bf16), or the file given with --transformer."""
 
     kind: str = FLOAT_WEIGHTS  # float (bf16 and such), fp8 (the blocks' linears in fp8) or gguf
-    nbytes: int = DIT_PARAMS * 2
-    block_nbytes: int = DIT_BLOCK_PARAMS * 2
+    nbytes: int = COSTS.DIT_PARAMS * 2
+    block_nbytes: int = COSTS.DIT_BLOCK_PARAMS * 2
     label: str = "the model's own transformer (bf16)"
 
     @classmethod
@@ -188,21 +129,23 @@ class WeightsSummary:
     @classmethod
     def gguf_file(cls, quant: str) -> WeightsSummary:
         """One of city96's GGUF files, by its quantization: for suggestions."""
-        nbytes = int(GGUF_FILE_GB[quant] * 1e9)
-        return cls(GGUF_WEIGHTS, nbytes, nbytes // DIT_BLOCKS, f"a {quant} GGUF file ({GGUF_FILE_GB[quant]} GB)")
+        nbytes = int(COSTS.GGUF_FILE_GB[quant] * 1e9)
+        return cls(
+            GGUF_WEIGHTS, nbytes, nbytes // COSTS.DIT_BLOCKS, f"a {quant} GGUF file ({COSTS.GGUF_FILE_GB[quant]} GB)"
+        )
 
 
 @dataclass(frozen=True)
-class Job:
+class Workload:
     """What one denoise batch looks like, and the transformer weights it runs with."""
 
     width: int = 1024
     height: int = 1024
     steps: int = 50
     true_cfg: bool = True
-    task: str = "generate"
+    task: str = GENERATE
     batch_size: int | None = None  # None: chosen by the plan
-    text_tokens: int = TYPICAL_TEXT_TOKENS
+    text_tokens: int = COSTS.TYPICAL_TEXT_TOKENS
     compile: bool = True
     input_images: int = 1  # edits: input images per row (Edit-Plus takes several; each rides along as latents)
     weights: WeightsSummary = field(default_factory=WeightsSummary)
@@ -217,12 +160,12 @@ class Job:
     def for_requests(
         cls,
         requests: list,
-        task: str = "generate",
+        task: str = GENERATE,
         batch_size: int | None = None,
         compile: bool = True,
         weights: WeightsSummary | None = None,
         controlnet_layers: int = 0,
-    ) -> Job:
+    ) -> Workload:
         """The job to plan for a set of manifest rows: their largest image (an edit row without a size
         comes out at about 1024x1024), their most steps, CFG if any row uses it."""
         largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
@@ -258,27 +201,29 @@ class Job:
         layers = self.controlnet_layers
         if not layers:
             return 0
-        outside = DIT_OUTSIDE_BLOCKS_PARAMS + layers * DIT_HIDDEN**2  # embedders, and one output linear a block
+        outside = (
+            COSTS.DIT_OUTSIDE_BLOCKS_PARAMS + layers * COSTS.DIT_HIDDEN**2
+        )  # embedders, and one output linear a block
         if mode == FP8:
-            kept = layers * DIT_FP8_KEPT_BF16_PARAMS // DIT_BLOCKS
-            fp8 = layers * DIT_BLOCK_PARAMS - kept
+            kept = layers * COSTS.DIT_FP8_KEPT_BF16_PARAMS // COSTS.DIT_BLOCKS
+            fp8 = layers * COSTS.DIT_BLOCK_PARAMS - kept
             return fp8 + 2 * (outside + kept)
         if mode in (OFFLOAD, FP8_OFFLOAD):
-            return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * DIT_BLOCK_PARAMS)
+            return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * COSTS.DIT_BLOCK_PARAMS)
         if mode == SEQUENTIAL:
             return 0
-        return 2 * (outside + layers * DIT_BLOCK_PARAMS)
+        return 2 * (outside + layers * COSTS.DIT_BLOCK_PARAMS)
 
     def controlnet_residual_bytes(self, batch: int) -> int:
         """The ControlNet's residuals, held through the transformer's forward: one per ControlNet block, the
         image stream's size, for the batch's rows (each row's scaled sum), and again for both CFG halves where
         the forward runs them joint (`denoise.blocks._for_rows` concatenates the copies). Measured on an H200 (fp8,
-        batch 4, CFG, 1024x1024, bench/results/conditions_h200.jsonl, session 10): the ControlNet's fp8 weights
+        batch 4, CFG, 1024x1024, bench/results/conditions_h200.jsonl, controlnet-fp8): the ControlNet's fp8 weights
         (1.9 GB) left 1.4 GiB of the denoise peak unexplained; these residuals are 1.4 GiB there."""
         if not self.controlnet_layers:
             return 0
         rows = batch + (batch * self.rows_per_image if self.rows_per_image > 1 else 0)
-        return self.controlnet_layers * rows * self.image_tokens * DIT_HIDDEN * 2
+        return self.controlnet_layers * rows * self.image_tokens * COSTS.DIT_HIDDEN * 2
 
     @property
     def image_tokens(self) -> int:
@@ -286,11 +231,11 @@ class Job:
         # An edit's input images' latents ride along, each about the output's size (the pipelines resize
         # every input to about the output's area): 8,192 tokens for Edit at 1024x1024, 12,288 for Edit-Plus
         # with two inputs (measured, docs/benchmarks.md).
-        return (1 + self.input_images) * tokens if self.task == "edit" else tokens
+        return (1 + self.input_images) * tokens if self.task == EDIT else tokens
 
     @property
     def tokens(self) -> int:
-        return self.image_tokens + self.text_tokens + (EDIT_IMAGE_TEXT_TOKENS if self.task == "edit" else 0)
+        return self.image_tokens + self.text_tokens + (COSTS.EDIT_IMAGE_TEXT_TOKENS if self.task == EDIT else 0)
 
     @property
     def rows_per_image(self) -> int:
@@ -316,7 +261,7 @@ class StagePlan:
 @dataclass(frozen=True)
 class MemoryPlan:
     machine: Machine
-    job: Job
+    job: Workload
     encode: StagePlan
     denoise: StagePlan
 
@@ -360,73 +305,80 @@ class MemoryPlan:
 
 def forward_flops(tokens: int) -> float:
     """One transformer forward of one sample row: the 60 blocks' linears and attention."""
-    return 2 * 12 * 3072**2 * tokens * DIT_BLOCKS + 4 * tokens**2 * 3072 * DIT_BLOCKS
+    return 2 * 12 * 3072**2 * tokens * COSTS.DIT_BLOCKS + 4 * tokens**2 * 3072 * COSTS.DIT_BLOCKS
 
 
 def streamed_bytes(mode: str, weights: WeightsSummary) -> tuple[int, int]:
     """What a streaming mode moves to the GPU at every step: (all of it, one block of it)."""
     if mode == FP8_OFFLOAD:
-        total = DIT_BLOCKS * DIT_BLOCK_PARAMS + DIT_FP8_KEPT_BF16_PARAMS + DIT_FP8_SCALE_BYTES // 2
-        return total, total // DIT_BLOCKS
-    return weights.nbytes - 2 * DIT_OUTSIDE_BLOCKS_PARAMS, weights.block_nbytes
+        total = (
+            COSTS.DIT_BLOCKS * COSTS.DIT_BLOCK_PARAMS + COSTS.DIT_FP8_KEPT_BF16_PARAMS + COSTS.DIT_FP8_SCALE_BYTES // 2
+        )
+        return total, total // COSTS.DIT_BLOCKS
+    return weights.nbytes - 2 * COSTS.DIT_OUTSIDE_BLOCKS_PARAMS, weights.block_nbytes
 
 
 def dit_weight_bytes(mode: str, fp8_compute: bool = True, weights: WeightsSummary | None = None) -> int:
     """Transformer bytes resident on the GPU in `mode` (for streaming modes: what is there at a time)."""
     weights = weights or WeightsSummary()
-    outside = 2 * DIT_OUTSIDE_BLOCKS_PARAMS
+    outside = 2 * COSTS.DIT_OUTSIDE_BLOCKS_PARAMS
     if mode == BF16:
-        return DIT_PARAMS * 2
+        return COSTS.DIT_PARAMS * 2
     if mode == FP8:
         if weights.kind == FP8_WEIGHTS:  # the file's fp8 weights as stored, with one scale per row
-            return weights.nbytes + DIT_FP8_SCALE_BYTES
-        fp8 = DIT_BLOCKS * DIT_BLOCK_PARAMS - DIT_FP8_KEPT_BF16_PARAMS
-        return fp8 + 2 * (DIT_PARAMS - fp8) + (DIT_FP8_SCALE_BYTES if fp8_compute else 0)
+            return weights.nbytes + COSTS.DIT_FP8_SCALE_BYTES
+        fp8 = COSTS.DIT_BLOCKS * COSTS.DIT_BLOCK_PARAMS - COSTS.DIT_FP8_KEPT_BF16_PARAMS
+        return fp8 + 2 * (COSTS.DIT_PARAMS - fp8) + (COSTS.DIT_FP8_SCALE_BYTES if fp8_compute else 0)
     if mode == GGUF:  # quantized bytes, and one layer dequantized at a time
-        return weights.nbytes + DIT_LARGEST_LINEAR_BYTES
+        return weights.nbytes + COSTS.DIT_LARGEST_LINEAR_BYTES
     if mode in (OFFLOAD, FP8_OFFLOAD):
         _, block = streamed_bytes(mode, weights)
-        dequantized = DIT_LARGEST_LINEAR_BYTES if mode == FP8_OFFLOAD or weights.kind != FLOAT_WEIGHTS else 0
+        dequantized = COSTS.DIT_LARGEST_LINEAR_BYTES if mode == FP8_OFFLOAD or weights.kind != FLOAT_WEIGHTS else 0
         return outside + OFFLOAD_BLOCKS_ON_GPU * block + dequantized
     if mode == SEQUENTIAL:
-        return SEQUENTIAL_GPU_WEIGHT_BYTES
+        return COSTS.SEQUENTIAL_GPU_WEIGHT_BYTES
     raise ValueError(mode)
 
 
-def vae_decode_bytes(job: Job, tiled: bool) -> int:
-    return VAE_TILED_DECODE_BYTES if tiled else VAE_DECODE_BYTES_PER_PIXEL * job.width * job.height
+def vae_decode_bytes(job: Workload, tiled: bool) -> int:
+    return COSTS.VAE_TILED_DECODE_BYTES if tiled else COSTS.VAE_DECODE_BYTES_PER_PIXEL * job.width * job.height
 
 
-def denoise_peak_gib(mode: str, batch: int, job: Job, tiled: bool, fp8_compute: bool = True) -> float:
+def denoise_peak_gib(mode: str, batch: int, job: Workload, tiled: bool, fp8_compute: bool = True) -> float:
     """Peak allocator memory of the denoise stage: weights plus the larger of the step loop's
     activations and one image's VAE decode (they never coincide), plus the allocator's own."""
     rows = batch * job.rows_per_image
-    activations = rows * job.tokens * DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
-    state = rows * job.image_tokens * FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
+    activations = rows * job.tokens * COSTS.DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
+    state = rows * job.image_tokens * COSTS.FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
     forward = activations + job.controlnet_residual_bytes(batch)  # the residuals live through the forward
-    working = max(forward, vae_decode_bytes(job, tiled)) + 2 * VAE_PARAMS + state
+    working = max(forward, vae_decode_bytes(job, tiled)) + 2 * COSTS.VAE_PARAMS + state
     weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_gpu_bytes(mode)
     total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
 
 
 def encoder_weight_bytes(mode: str) -> int:
-    kept = ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS
+    kept = COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS
     if mode == BF16:
         return kept * 2
     if mode == FP8:
         # Layerwise casting: linears in fp8, the embedding table and norms in bf16.
-        return (kept - ENCODER_EMBED_PARAMS) + 2 * ENCODER_EMBED_PARAMS
+        return (kept - COSTS.ENCODER_EMBED_PARAMS) + 2 * COSTS.ENCODER_EMBED_PARAMS
     if mode == OFFLOAD:
-        return 3 * ENCODER_EMBED_PARAMS * 2  # leaf-level: the largest leaves, current and prefetched
+        return 3 * COSTS.ENCODER_EMBED_PARAMS * 2  # leaf-level: the largest leaves, current and prefetched
     raise ValueError(mode)
 
 
-def encode_peak_gib(mode: str, batch: int, job: Job) -> float:
+def encode_peak_gib(mode: str, batch: int, job: Workload) -> float:
     # Encoding sorts texts by length, so the worst batch is `batch` texts at the token limit.
-    tokens = batch * (MAX_TEXT_TOKENS + (EDIT_IMAGE_TEXT_TOKENS if job.task == "edit" else 0))
-    vision = GiB if job.task == "edit" else 0
-    total = encoder_weight_bytes(mode) + tokens * ENCODER_ACTIVATION_BYTES_PER_TOKEN + vision + ALLOCATOR_OVERHEAD_BYTES
+    tokens = batch * (COSTS.MAX_TEXT_TOKENS + (COSTS.EDIT_IMAGE_TEXT_TOKENS if job.task == EDIT else 0))
+    vision = GiB if job.task == EDIT else 0
+    total = (
+        encoder_weight_bytes(mode)
+        + tokens * COSTS.ENCODER_ACTIVATION_BYTES_PER_TOKEN
+        + vision
+        + ALLOCATOR_OVERHEAD_BYTES
+    )
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
 
 
@@ -446,7 +398,7 @@ def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> Host
     """Pin what the host can spare of what streams, read the rest from disk; None when even that does not
     fit (fp8-offload keeps all of its fp8 copy in host memory: it exists nowhere else)."""
     total, block = streamed_bytes(mode, weights)
-    fixed = HOST_BASE_GIB + DIT_LOAD_GIB + PINNED_SLAB_GIB
+    fixed = HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + PINNED_SLAB_GIB
     staging = STAGING_BLOCKS * block * PINNED_ROUNDING / GiB
     spare = machine.host_usable_gib - fixed
     if total / GiB <= spare:
@@ -464,47 +416,52 @@ def denoise_host_gib(mode: str, machine: Machine | None = None, weights: Weights
         machine = machine or Machine(gpu_gib=None, host_gib=1e6)
         streaming = host_streaming(mode, machine, weights)
         return None if streaming is None else streaming.host_gib
-    return HOST_BASE_GIB + DIT_LOAD_GIB
+    return HOST_BASE_GIB + COSTS.DIT_LOAD_GIB
 
 
 def encode_host_gib(mode: str = BF16, machine: Machine | None = None) -> float | None:
     """Host RAM of the encode stage: resident modes load through the GPU; offload pins what it can."""
     if mode == BF16:
-        return HOST_BASE_GIB + ENCODER_LOAD_GIB
+        return HOST_BASE_GIB + COSTS.ENCODER_LOAD_GIB
     if mode == FP8:
-        return HOST_BASE_GIB + ENCODER_MAPPED_LOAD_GIB
+        return HOST_BASE_GIB + COSTS.ENCODER_MAPPED_LOAD_GIB
     machine = machine or Machine(gpu_gib=None, host_gib=1e6)
-    weights = (ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS) * 2 / GiB
-    spare = machine.host_usable_gib - HOST_BASE_GIB - DIT_LOAD_GIB
-    return HOST_BASE_GIB + DIT_LOAD_GIB + min(weights, max(spare, 0.0))
+    weights = (COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS) * 2 / GiB
+    spare = machine.host_usable_gib - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB
+    return HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + min(weights, max(spare, 0.0))
 
 
-def dit_compute_seconds(mode: str, rows: int, job: Job, machine: Machine) -> float:
+def dit_compute_seconds(mode: str, rows: int, job: Workload, machine: Machine) -> float:
     """GPU seconds of one forward of `rows` sample rows, and of dequantizing the weights where a mode does."""
-    scale = forward_flops(job.tokens) / forward_flops(REFERENCE_TOKENS)
+    scale = forward_flops(job.tokens) / forward_flops(COSTS.REFERENCE_TOKENS)
     kind = job.weights.kind
     if mode == BF16:
-        return rows * FORWARD_SECONDS[(BF16, job.compile)] * scale
+        return rows * COSTS.FORWARD_SECONDS[(BF16, job.compile)] * scale
     if mode == FP8:
         if machine.fp8_compute:
-            overhead = 0.0 if job.compile else FP8_EAGER_SECONDS_PER_FORWARD
-            return rows * FORWARD_SECONDS[(FP8, job.compile)] * scale + overhead
+            overhead = 0.0 if job.compile else COSTS.FP8_EAGER_SECONDS_PER_FORWARD
+            return rows * COSTS.FORWARD_SECONDS[(FP8, job.compile)] * scale + overhead
         if kind == FP8_WEIGHTS:  # the file's fp8 upcast as used (torchao weight-only)
-            return rows * FORWARD_SECONDS[(BF16, job.compile)] * scale + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
-        return rows * FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
-    eager = rows * FORWARD_SECONDS[(BF16, False)] * scale
+            return (
+                rows * COSTS.FORWARD_SECONDS[(BF16, job.compile)] * scale
+                + COSTS.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
+            )
+        return rows * COSTS.FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
+    eager = rows * COSTS.FORWARD_SECONDS[(BF16, False)] * scale
     if mode == GGUF or (mode == OFFLOAD and kind == GGUF_WEIGHTS):
-        return eager + DEQUANT_SECONDS_PER_FORWARD[GGUF_WEIGHTS]
+        return eager + COSTS.DEQUANT_SECONDS_PER_FORWARD[GGUF_WEIGHTS]
     if mode == FP8_OFFLOAD or (mode == OFFLOAD and kind == FP8_WEIGHTS):
-        return eager + DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
+        return eager + COSTS.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
     return eager
 
 
-def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine, link_gbps: float) -> float:
+def denoise_seconds_per_image(mode: str, batch: int, job: Workload, machine: Machine, link_gbps: float) -> float:
     rows = batch * job.rows_per_image
     compute = dit_compute_seconds(mode, rows, job, machine)
     # ControlNet rows: its blocks run in bf16 on the conditional rows, once per control image and step.
-    control = job.control_images * batch * FORWARD_SECONDS[(BF16, False)] * job.controlnet_layers / DIT_BLOCKS
+    control = (
+        job.control_images * batch * COSTS.FORWARD_SECONDS[(BF16, False)] * job.controlnet_layers / COSTS.DIT_BLOCKS
+    )
     if mode in (BF16, FP8, GGUF):
         # Weights where they lie (bf16, fp8 matmuls): a CFG batch's halves run as two forwards (each half at
         # its own text length; denoise.text.CFG_LAYOUT), so what a forward costs whatever its rows
@@ -519,7 +476,7 @@ def denoise_seconds_per_image(mode: str, batch: int, job: Job, machine: Machine,
         streaming = host_streaming(mode, machine, job.weights)
         transfer = streaming.transfer_seconds(machine, link_gbps) if streaming else math.inf
         return job.steps * (max(transfer, compute) + control) / batch
-    transfer = SEQUENTIAL_SECONDS_PER_FORWARD * H100_HOST_LINK_GBPS / link_gbps
+    transfer = COSTS.SEQUENTIAL_SECONDS_PER_FORWARD * H100_HOST_LINK_GBPS / link_gbps
     return job.steps * (max(transfer, compute) + control) / batch
 
 
@@ -535,7 +492,7 @@ def _largest_batch(peak, usable: float, limit: int) -> int:
     return max((batch for batch in range(1, limit + 1) if peak(batch) <= usable), default=0)
 
 
-def _fit(candidate: str, machine: Machine, job: Job) -> tuple[StagePlan | None, str]:
+def _fit(candidate: str, machine: Machine, job: Workload) -> tuple[StagePlan | None, str]:
     """The plan for one mode, or why it does not fit."""
     usable = machine.usable_gib
     for tiled in (False, True) if candidate != BF16 else (False,):
@@ -557,7 +514,7 @@ def _fit(candidate: str, machine: Machine, job: Job) -> tuple[StagePlan | None, 
         return None, f"{candidate} needs about {needed:.1f} GiB of GPU memory at batch {job.batch_size or 1}"
     host = denoise_host_gib(candidate, machine, job.weights)
     if host is None or host > machine.host_usable_gib:
-        needed = host or (HOST_BASE_GIB + DIT_LOAD_GIB + streamed_bytes(candidate, job.weights)[0] / GiB)
+        needed = host or (HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + streamed_bytes(candidate, job.weights)[0] / GiB)
         return None, f"{candidate} needs about {needed:.0f} GiB of host RAM; this machine has {machine.host_gib:.0f}"
     return _denoise_stage(candidate, batch, tiled, job, machine), ""
 
@@ -576,7 +533,7 @@ def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...
     return open_modes
 
 
-def plan_denoise(machine: Machine, job: Job, mode: str = AUTO) -> StagePlan:
+def plan_denoise(machine: Machine, job: Workload, mode: str = AUTO) -> StagePlan:
     """The first resident mode that fits (lossless first), else the fastest streaming one."""
     kind = job.weights.kind
     check_mode_for_weights(mode, job.weights)
@@ -626,10 +583,10 @@ def _fastest_streaming(plans: list[StagePlan]) -> StagePlan:
     return fastest
 
 
-def _suggestion(machine: Machine, job: Job, faster_than: float | None = None) -> str:
+def _suggestion(machine: Machine, job: Workload, faster_than: float | None = None) -> str:
     """When the model's own weights do not fit (or only streaming from disk): the largest GGUF file that
     would run, and how fast (only if it is at least 1.5x faster than `faster_than`)."""
-    for quant in GGUF_FILE_GB:  # largest (best quality) first
+    for quant in COSTS.GGUF_FILE_GB:  # largest (best quality) first
         trial = replace(job, weights=WeightsSummary.gguf_file(quant))
         try:
             plan = plan_denoise(machine, trial)
@@ -646,7 +603,7 @@ def _suggestion(machine: Machine, job: Job, faster_than: float | None = None) ->
     return ""
 
 
-def _offload_batch_limit(mode: str, job: Job, machine: Machine) -> int:
+def _offload_batch_limit(mode: str, job: Workload, machine: Machine) -> int:
     """Enough images per batch that computing one step takes as long as streaming the weights once
     (at this host link, and at PCIe 4.0, with what must come from disk), at most 8."""
     per_image = dit_compute_seconds(mode, job.rows_per_image, job, machine)
@@ -657,7 +614,7 @@ def _offload_batch_limit(mode: str, job: Job, machine: Machine) -> int:
     return max(1, min(8, math.ceil(transfer / per_image)))
 
 
-def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machine) -> StagePlan:
+def _denoise_stage(mode: str, batch: int, tiled: bool, job: Workload, machine: Machine) -> StagePlan:
     weights = job.weights
     stored = "fp8 as stored in the file" if weights.kind == FP8_WEIGHTS else ""
     how = {
@@ -716,7 +673,7 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Job, machine: Machin
     )
 
 
-def plan_encode(machine: Machine, job: Job, mode: str = AUTO, batch_size: int = 16) -> StagePlan:
+def plan_encode(machine: Machine, job: Workload, mode: str = AUTO, batch_size: int = 16) -> StagePlan:
     """The text encoder picks its own mode: bf16 when it fits, else fp8 storage, else offload."""
     usable = machine.usable_gib
     candidates = (BF16, FP8, OFFLOAD) if mode in (AUTO, SEQUENTIAL, GGUF, FP8_OFFLOAD) else (mode,)
@@ -736,11 +693,11 @@ def plan_encode(machine: Machine, job: Job, mode: str = AUTO, batch_size: int = 
             "on the GPU as it loads",
             OFFLOAD: "text encoder streamed from host RAM layer by layer (group offload)",
         }[candidate]
-        seconds = ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == FP8 else 1.0)
+        seconds = COSTS.ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == FP8 else 1.0)
         notes = []
         if candidate == OFFLOAD:
-            weights = (ENCODER_PARAMS - ENCODER_LM_HEAD_PARAMS) * 2
-            pinned = (host - HOST_BASE_GIB - DIT_LOAD_GIB) * GiB
+            weights = (COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS) * 2
+            pinned = (host - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB) * GiB
             from_disk = max(0.0, weights - pinned)
             seconds = max(
                 seconds, (pinned / (machine.host_link_gbps * 1e9) + from_disk / (machine.disk_gbps * 1e9)) / batch
@@ -765,7 +722,7 @@ def plan_encode(machine: Machine, job: Job, mode: str = AUTO, batch_size: int = 
     )
 
 
-def plan_memory(machine: Machine, job: Job, mode: str = AUTO, encode_batch_size: int = 16) -> MemoryPlan:
+def plan_memory(machine: Machine, job: Workload, mode: str = AUTO, encode_batch_size: int = 16) -> MemoryPlan:
     """Both stages' plans, or DoesNotFitError saying why nothing fits. `mode` applies to the
     transformer; the text encoder chooses its own unless `mode` forces one it can use."""
     check_mode_for_weights(mode, job.weights)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ModelError
-from qwen_batch.io.storage import Folder
+from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+from qwen_batch.io.input_images import DEFAULT_MAX_PIXELS
+from qwen_batch.io.storage import Folder, StorageOptions
 from qwen_batch.memory.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.memory.modes import BF16
 from qwen_batch.memory.oom import run_in_halves
@@ -23,7 +25,7 @@ from qwen_batch.memory.placement import place_text_encoder
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache, cache_namespace
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.stats import Stats, peak
-from qwen_batch.weights.model_source import ENCODER_COMPONENTS, ModelSource, load_pipeline
+from qwen_batch.weights.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
     import torch
@@ -41,6 +43,24 @@ class EncodeStats(Stats):
     truncated: int = 0
     seconds: float = 0.0
     peak_gpu_gib: float | None = peak()
+
+
+@dataclass(frozen=True)
+class EncodeContext:
+    """What every part of stage 1 works with (texts, edit inputs, init and control images): built once per run."""
+
+    cache: EmbeddingCache  # where the embeddings and latents go, keyed by content
+    source: ModelSource
+    device: str
+    dtype: torch.dtype
+    batch_size: int = 16  # texts (or edit rows) per encoder call
+    # The text encoder's placement, as the run's memory plan decided it.
+    memory_mode: str = BF16
+    pinned_bytes: int | None = None
+    # Where input images come from, and the largest one read (decompression bombs are refused).
+    storage_options: StorageOptions = field(default_factory=dict)
+    max_input_pixels: int = DEFAULT_MAX_PIXELS
+    progress: Progress = field(default_factory=Silent)
 
 
 class PromptEncoder:
@@ -109,7 +129,7 @@ def _encoder_straight_to(source: ModelSource, device: str, dtype: torch.dtype):
 
     from qwen_batch.weights.checkpoint_files import ReleasedAfterRead, read_safetensors, safetensors_files
 
-    folder = source.folder_with(ENCODER_COMPONENTS)
+    folder = source.folder_with(QWEN_IMAGE.encoder_components)
     _, class_name = json.loads((folder / "model_index.json").read_text())["text_encoder"]
     state = {
         name: ReleasedAfterRead(stored)
@@ -130,7 +150,7 @@ def encoder_cache_identity(source: ModelSource, dtype: torch.dtype) -> dict[str,
     # The template is set in the pipeline's __init__; an instance without components has it.
     template = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
     return {
-        "encoder": source.identity(ENCODER_COMPONENTS),
+        "encoder": source.identity(QWEN_IMAGE.encoder_components),
         "template": template.prompt_template_encode,
         "template_tokens_dropped": template.prompt_template_encode_start_idx,
         "max_tokens": MAX_TEXT_TOKENS,
@@ -142,31 +162,35 @@ def open_cache(folder: Folder, source: ModelSource, dtype: torch.dtype) -> Embed
     return EmbeddingCache(folder, cache_namespace(**encoder_cache_identity(source, dtype)))
 
 
-def encode_texts(
-    texts: list[str],
-    cache: EmbeddingCache,
-    source: ModelSource,
-    device: str,
-    dtype: torch.dtype,
-    batch_size: int = 16,
-    progress: Progress | None = None,
-    memory_mode: str = "bf16",
-    pinned_bytes: int | None = None,
-) -> EncodeStats:
-    """Make sure every text has an embedding in `cache`; load the encoder only if one is missing."""
-    progress = progress or Silent()
+def encode_texts(texts: list[str], context: EncodeContext) -> EncodeStats:
+    """Make sure every text has an embedding in the context's cache; load the encoder only if one is missing."""
     started = time.perf_counter()
     distinct = list(dict.fromkeys(texts))
-    todo = cache.missing(distinct)
+    todo = context.cache.missing(distinct)
     stats = EncodeStats(texts=len(distinct), cached=len(distinct) - len(todo))
     if not todo:
         if distinct:
             log.info("encode: all %d texts already cached; the text encoder is not loaded", len(distinct))
         stats.seconds = time.perf_counter() - started
         return stats
+    _encode_missing(todo, context, stats)
+    stats.seconds = time.perf_counter() - started
+    log.info(
+        "encode: %d texts encoded, %d cached, %d truncated to %d tokens, %.1f s",
+        stats.encoded,
+        stats.cached,
+        stats.truncated,
+        MAX_TEXT_TOKENS,
+        stats.seconds,
+    )
+    return stats
 
+
+def _encode_missing(todo: list[str], context: EncodeContext, stats: EncodeStats) -> None:
+    """Load the text encoder, encode `todo` into the cache in batches of similar token length, and free it."""
+    cache, device, progress = context.cache, context.device, context.progress
     reset_peak_memory(device)
-    encoder = PromptEncoder(source, device, dtype, memory_mode, pinned_bytes)
+    encoder = PromptEncoder(context.source, device, context.dtype, context.memory_mode, context.pinned_bytes)
     _log_memory("encode: text encoder loaded", device)
     try:
         counts = encoder.token_counts(todo)
@@ -189,8 +213,8 @@ def encode_texts(
                 f"({error}); free the GPU or use --memory-mode offload. Texts encoded so far stay cached."
             )
 
-        for begin in range(0, len(order), batch_size):
-            run_in_halves(order[begin : begin + batch_size], encode_batch, device, too_big)
+        for begin in range(0, len(order), context.batch_size):
+            run_in_halves(order[begin : begin + context.batch_size], encode_batch, device, too_big)
         progress.finish()
         memory = gpu_memory_gib(device)
         stats.peak_gpu_gib = memory[1] if memory else None
@@ -198,16 +222,6 @@ def encode_texts(
         encoder.close()  # drops the pipeline: nothing of the encoder's stays referenced
         release_memory(device)
         _log_memory("encode: text encoder freed", device)
-    stats.seconds = time.perf_counter() - started
-    log.info(
-        "encode: %d texts encoded, %d cached, %d truncated to %d tokens, %.1f s",
-        stats.encoded,
-        stats.cached,
-        stats.truncated,
-        MAX_TEXT_TOKENS,
-        stats.seconds,
-    )
-    return stats
 
 
 def _log_memory(event: str, device: str) -> None:

@@ -20,9 +20,10 @@ from typing import Any
 
 from qwen_batch.adapters.loras import MAX_LORAS_PER_ROW, LoraRef, parse_lora_option
 from qwen_batch.errors import ConfigError
+from qwen_batch.families import EDIT, GENERATE
 from qwen_batch.io.input_images import DEFAULT_MAX_PIXELS
 from qwen_batch.io.storage import StorageOptions, s3_storage_options
-from qwen_batch.manifest import EDIT, GENERATE, MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT, RowDefaults
+from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT, RowDefaults
 from qwen_batch.memory.device import DTYPES
 from qwen_batch.memory.modes import AUTO, MEMORY_MODES
 from qwen_batch.pipeline.step_cache.spec import normalized as normalized_step_cache
@@ -319,18 +320,18 @@ def checked(name: str, how: Option, value: Any) -> Any:
     if how.pattern is not None and not (isinstance(value, str) and re.fullmatch(how.pattern, value)):
         raise ConfigError(f"{flag} {value!r}: {_pattern_hint(how)}")
     if how.minimum is not None and value < how.minimum:
-        raise ConfigError(f"{flag} {value}: use {how.minimum:g} or more")
+        raise ConfigError(f"{flag} {value} is out of range: use {how.minimum:g} or more")
     if how.maximum is not None and value > how.maximum:
-        raise ConfigError(f"{flag} {value}: use {how.maximum:g} or less")
+        raise ConfigError(f"{flag} {value} is out of range: use {how.maximum:g} or less")
     if how.above is not None and value <= how.above:
-        raise ConfigError(f"{flag} {value}: use more than {how.above:g}")
+        raise ConfigError(f"{flag} {value} is out of range: use more than {how.above:g}")
     if how.max_items is not None and len(value) > how.max_items:
         raise ConfigError(f"{flag}: {len(value)} given, at most {how.max_items}")
     if how.check is not None:
         try:
             value = how.check(value)
         except ValueError as error:
-            raise ConfigError(f"{flag}: {error}") from None
+            raise ConfigError(f"{flag} {error}") from None
     return value
 
 

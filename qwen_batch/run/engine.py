@@ -15,30 +15,29 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_batch.adapters.loras import LoraRef, resolve_adapters, transformer_layout
 from qwen_batch.errors import ConfigError, QwenBatchError
+from qwen_batch.families import EDIT_PLUS, GENERATE, ModelFamily, tiny_model
 from qwen_batch.io.input_images import input_versions
 from qwen_batch.io.storage import Folder, StorageOptions
 from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, read_manifest
 from qwen_batch.memory.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.memory.oom import is_out_of_memory, retry_in_halves
-from qwen_batch.memory.placement import Placement, RunMemory, plan_run_memory
+from qwen_batch.memory.placement import Placement, RunMemory, decide_run_memory
 from qwen_batch.memory.planner import WeightsSummary, check_mode_for_weights
 from qwen_batch.pipeline.conditions.cached_images import prepare_image_inputs
 from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
-from qwen_batch.pipeline.conditions.edit import EditConditions, EditRow, encode_edit_inputs, open_edit_cache
-from qwen_batch.pipeline.conditions.rows import LoadedRow, RowSource, finished_images, stack
+from qwen_batch.pipeline.conditions.edit import EditConditions, EditRow, open_edit_cache
+from qwen_batch.pipeline.conditions.rows import CachedRows, LoadedRow, finished_images, stack
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache
-from qwen_batch.pipeline.encode import EncodeStats, encode_texts, open_cache
+from qwen_batch.pipeline.encode import EncodeContext, EncodeStats, open_cache
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.run.config import RunConfig
 from qwen_batch.run.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
 from qwen_batch.run.sharding import assign_shards
-from qwen_batch.run.summary import DenoiseStats, Summary
+from qwen_batch.run.summary import DenoiseStats, Summary, write_shard_stats
 from qwen_batch.run.writer import BatchWriter
 from qwen_batch.weights.model_source import (
-    DENOISER_COMPONENTS,
-    ENCODER_COMPONENTS,
-    TINY_MODEL_NAME,
     ModelSource,
+    model_family,
     pipeline_class_name,
     resolve_model,
 )
@@ -71,7 +70,8 @@ class RunPlan:
     fingerprints: dict[str, str]  # id -> fingerprint, for every valid row
     todo: list[Request]  # rows to generate
     skipped: list[Request]  # rows whose image and result already exist with the same parameters
-    pipeline_class: str  # QwenImagePipeline, QwenImageEditPipeline or QwenImageEditPlusPipeline
+    family: ModelFamily  # what the model's architecture decides (qwen_batch.families)
+    pipeline_class: str  # the model's diffusers pipeline class, one of the family's
     memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
     transformer_file: TransformerFile | None = None  # --transformer, checked and hashed
     controlnet: ControlNetSource | None = None  # --controlnet, checked against the transformer
@@ -95,14 +95,20 @@ def plan_run(config: RunConfig) -> RunPlan:
     Loads no model. A manifest-level error is raised before anything is written; a missing bucket
     or denied access to the output or cache is raised before any model loads.
     """
+    family = _family_of(config.model)
     manifest = read_manifest(
-        config.manifest, config.storage_options, config.manifest_task, config.allow_inputs, config.row_defaults
+        config.manifest,
+        config.storage_options,
+        config.manifest_task,
+        config.allow_inputs,
+        config.row_defaults,
+        family.rows,
     )
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model(_model_for(config.model, manifest))
+    source = resolve_model(_model_for(config.model, manifest, family))
     pipeline_class = pipeline_class_name(source)
-    _check_model_fits(manifest, source, pipeline_class)
+    _check_model_fits(manifest, source, family, pipeline_class)
     transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     controlnet, manifest = _with_controlnet(config, source, manifest)
@@ -113,7 +119,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     if config.cache:
         cache_folder.check_writable()
 
-    components = ENCODER_COMPONENTS + DENOISER_COMPONENTS + (("processor",) if manifest.task == EDIT else ())
+    components = (
+        family.encoder_components + family.denoiser_components + (("processor",) if manifest.task == EDIT else ())
+    )
     if transformer_file is None:
         model_identity = source.identity(components)
     else:  # the model's own transformer weights play no part; the file's content does
@@ -134,7 +142,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     done = _done_ids(mine, fingerprints, store, previous)
     todo = [request for request in mine if request.id not in done]
     skipped = [request for request in mine if request.id in done]
-    memory = plan_run_memory(
+    memory = decide_run_memory(
         config.memory_mode,
         config.compile,
         config.compile_cache,
@@ -163,6 +171,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         fingerprints=fingerprints,
         todo=todo,
         skipped=skipped,
+        family=family,
         pipeline_class=pipeline_class,
         memory=memory,
         transformer_file=transformer_file,
@@ -183,30 +192,39 @@ def _transformer_file(config: RunConfig, source: ModelSource) -> tuple[Transform
     return file, summary
 
 
-def _model_for(model: str, manifest: Manifest) -> str:
-    """`tiny` means the tiny model of the manifest's task."""
-    if model != TINY_MODEL_NAME or manifest.task != EDIT:
+def _family_of(model: str) -> ModelFamily:
+    """The family of `--model`: a tiny model's from its name (it is built later, for the manifest's task),
+    any other's from the pipeline class its model_index.json names."""
+    registered = tiny_model(model)
+    return registered[0] if registered is not None else model_family(resolve_model(model))
+
+
+def _model_for(model: str, manifest: Manifest, family: ModelFamily) -> str:
+    """A tiny model's name means the family's tiny model of the manifest's task."""
+    if tiny_model(model) is None or manifest.task != EDIT:
         return model
-    return "tiny-edit-plus" if IMAGES_COLUMN in manifest.table.column_names else "tiny-edit"
+    task = EDIT_PLUS if IMAGES_COLUMN in manifest.table.column_names else EDIT
+    return next(name for name, does in family.tiny_models.items() if does == task)
 
 
-def _check_model_fits(manifest: Manifest, source: ModelSource, pipeline_class: str) -> None:
+def _check_model_fits(manifest: Manifest, source: ModelSource, family: ModelFamily, pipeline_class: str) -> None:
     """A text-to-image model cannot edit and vice versa: say so before anything loads."""
-    if manifest.task == EDIT and pipeline_class == "QwenImagePipeline":
+    task, examples = family.task_of(pipeline_class), family.example_models
+    if manifest.task == EDIT and task == GENERATE:
         raise ConfigError(
             f"{manifest.url} is an edit manifest but model {source.name!r} is a text-to-image {pipeline_class}; "
-            "use an edit model (--model Qwen/Qwen-Image-Edit, Qwen/Qwen-Image-Edit-2509 or tiny)"
+            f"use an edit model (--model {examples[EDIT]}, {examples[EDIT_PLUS]} or tiny)"
         )
-    if manifest.task != EDIT and pipeline_class != "QwenImagePipeline":
+    if manifest.task != EDIT and task != GENERATE:
         raise ConfigError(
             f"model {source.name!r} is an edit model ({pipeline_class}) but {manifest.url} has no input images; "
-            "use a text-to-image model (--model Qwen/Qwen-Image) or add an 'image' column"
+            f"use a text-to-image model (--model {examples[GENERATE]}) or add an 'image' column"
         )
     several = [request.id for request in manifest.requests if len(request.images) > 1]
-    if several and pipeline_class != "QwenImageEditPlusPipeline":
+    if several and task != EDIT_PLUS:
         raise ConfigError(
             f"rows {several[:5]} have several input images, which only Edit-Plus models take; "
-            "use --model Qwen/Qwen-Image-Edit-2509 (or tiny)"
+            f"use --model {examples[EDIT_PLUS]} (or tiny)"
         )
 
 
@@ -302,43 +320,21 @@ def encode_stage(plan: RunPlan, requests: list[Request] | None = None, progress:
     """Stage 1: every text the rows need is in the embedding cache afterwards."""
     release_generator()  # never hold the transformer while the encoder loads
     requests = plan.todo if requests is None else requests
-    if plan.is_edit:
-        stats = encode_edit_inputs(
-            requests,
-            plan.cache,
-            plan.source,
-            plan.device,
-            plan.dtype,
-            plan.config.storage_options,
-            plan.config.max_input_pixels,
-            batch_size=plan.encode_batch_size,
-            progress=progress,
-            memory_mode=plan.memory.encoder_mode,
-            pinned_bytes=plan.memory.encoder_pinned_bytes,
-        )
-    else:
-        stats = encode_texts(
-            [text for request in requests for text in request.texts],
-            plan.cache,
-            plan.source,
-            plan.device,
-            plan.dtype,
-            batch_size=plan.encode_batch_size,
-            progress=progress,
-            memory_mode=plan.memory.encoder_mode,
-            pinned_bytes=plan.memory.encoder_pinned_bytes,
-        )
-    # After the text encoder is gone: the VAE alone encodes init images, masks and control images.
-    stats.encoded += prepare_image_inputs(
-        requests,
-        plan.cache,
-        plan.source,
-        plan.device,
-        plan.dtype,
-        plan.config.storage_options,
-        plan.config.max_input_pixels,
-        progress=progress,
+    context = EncodeContext(
+        cache=plan.cache,
+        source=plan.source,
+        device=plan.device,
+        dtype=plan.dtype,
+        batch_size=plan.encode_batch_size,
+        memory_mode=plan.memory.encoder_mode,
+        pinned_bytes=plan.memory.encoder_pinned_bytes,
+        storage_options=plan.config.storage_options,
+        max_input_pixels=plan.config.max_input_pixels,
+        progress=progress or Silent(),
     )
+    stats = plan.family.encode(requests, context, plan.is_edit)
+    # After the text encoder is gone: the VAE alone encodes init images, masks and control images.
+    stats.encoded += prepare_image_inputs(requests, context)
     return stats
 
 
@@ -370,7 +366,7 @@ def denoise_stage(
         return stats
     started = time.perf_counter()
     reset_peak_memory(plan.device)
-    generator = plan_generator(plan)
+    generator = generator_for(plan)
     writer = BatchWriter(plan.output, plan.store)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     cached_before = (generator.cached_steps, generator.cached_steps_computed)
@@ -447,7 +443,7 @@ def _generate_batch(
 ) -> None:
     # A row whose cached inputs cannot be read fails alone; the rest of the batch still runs.
     started = time.perf_counter()
-    source = RowSource(plan.cache, edit_conditions)
+    source = CachedRows(plan.cache, edit_conditions)
     rows: list[LoadedRow] = []
     kept = []  # the items of `rows`, to retry in halves if the GPU runs out of memory
     failed = []
@@ -505,6 +501,7 @@ def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summa
             for r in plan.todo + plan.skipped
         ]
         results = plan.output.display(PARTS_FOLDER)
+        write_shard_stats(plan.output, plan.config.shard, encode, denoise)  # for the fan-out's merge to sum
     else:
         table = plan.store.merge(plan.manifest, records, parts)
         columns = [table.column(name).to_pylist() for name in ("id", "status", "error")]
@@ -544,7 +541,7 @@ def run(config: RunConfig, progress: Progress | None = None) -> Summary:
 _loaded: dict[tuple[Any, ...], ImageGenerator] = {}
 
 
-def plan_generator(plan: RunPlan) -> ImageGenerator:
+def generator_for(plan: RunPlan) -> ImageGenerator:
     """The generator a plan's denoise stage uses (loaded once, then reused): its model, transformer file and
     ControlNet in its memory placement."""
     return load_generator(
@@ -560,12 +557,11 @@ def load_generator(
     transformer_file: TransformerFile | None = None,
     controlnet: ControlNetSource | None = None,
 ) -> ImageGenerator:
-    from qwen_batch.pipeline.denoise import ImageGenerator
-
     key = (source.location, device, str(dtype), placement, transformer_file, controlnet)
     if key not in _loaded:
         release_generator()
-        _loaded[key] = ImageGenerator(source, device, dtype, placement, transformer_file, controlnet)
+        generator_class = model_family(source).generator_class()  # the family's denoise stage
+        _loaded[key] = generator_class(source, device, dtype, placement, transformer_file, controlnet)
         log.info("denoise: transformer %s", _loaded[key].memory_mode)
         memory = gpu_memory_gib(device)
         if memory:

@@ -1,14 +1,21 @@
 """What a run did: the denoise stage's stats, the run's summary, and the one way both are shown.
 
 The CLI prints `summary_rows` under "qwen-batch summary"; the flow shows the same rows as its summary
-table, from `Summary.to_dict()` (the flow's result), so the two cannot say different things.
+table, from `Summary.to_dict()` (the flow's result), so the two cannot say different things. A shard run
+also leaves its stats in the output folder (`write_shard_stats`), where the fan-out's merge sums every
+shard's (`sum_shard_stats`) for the whole fleet's figures.
 """
 
 from __future__ import annotations
 
+import json
+import posixpath
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
+from qwen_batch.io.storage import Folder
 from qwen_batch.pipeline.encode import EncodeStats
 from qwen_batch.pipeline.step_cache import step_cache_line
 from qwen_batch.run.results import Record
@@ -71,17 +78,26 @@ class Summary:
         }
 
 
+STATS_FOLDER = "_stats"  # in the output folder: one JSON file per shard run, summed by the fan-out's merge
+
+
 def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     """A run's summary as (name, value) rows, from `Summary.to_dict()`: the CLI's and the flow's."""
-    encode, denoise = EncodeStats.from_dict(report["encode"]), DenoiseStats.from_dict(report["denoise"])
-    rate = report["images_per_hour"]
-    storage = f", {denoise.storage_wait_seconds:.1f} s waiting on storage" if rate else ""
-    rows = [
+    counts = [
         ("rows", f"{report['rows']}"),
         ("generated", f"{report['generated']}"),
         ("skipped", f"{report['skipped']}  (already done with the same parameters)"),
         ("invalid", f"{report['invalid']}"),
         ("failed", f"{report['failed']}"),
+    ]
+    return counts + stats_rows(EncodeStats.from_dict(report["encode"]), DenoiseStats.from_dict(report["denoise"]))
+
+
+def stats_rows(encode: EncodeStats, denoise: DenoiseStats) -> list[tuple[str, str]]:
+    """What the stages did, as (name, value) rows: one run's, or several shards' summed."""
+    rate = denoise.generated / denoise.seconds * 3600 if denoise.generated and denoise.seconds else None
+    storage = f", {denoise.storage_wait_seconds:.1f} s waiting on storage" if rate else ""
+    rows = [
         ("encode", f"{encode.seconds:.1f} s  ({encode.encoded} texts encoded, {encode.cached} from cache)"),
         ("denoise", f"{denoise.seconds:.1f} s" + (f"  ({rate:,.0f} images/hour{storage})" if rate else "")),
     ]
@@ -93,3 +109,21 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         if stats.peak_gpu_gib is not None:
             rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
     return rows
+
+
+def write_shard_stats(output: Folder, shard: str, encode: EncodeStats, denoise: DenoiseStats) -> str:
+    """Leave a shard run's stats for the fan-out's merge: JSON, named by when it was written."""
+    name = posixpath.join(STATS_FOLDER, f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}.json")
+    record = {"shard": shard, "encode": encode.to_dict(), "denoise": denoise.to_dict()}
+    output.write_bytes(name, json.dumps(record).encode())
+    return name
+
+
+def sum_shard_stats(output: Folder, since: datetime) -> tuple[EncodeStats, DenoiseStats, int]:
+    """The stats of every shard run that finished since `since`, summed, and how many there were."""
+    stamp = f"{since.astimezone(timezone.utc):%Y%m%dT%H%M%S}"
+    names = [name for name in output.list_files(STATS_FOLDER, ".json") if posixpath.basename(name) >= stamp]
+    records = [json.loads(output.read_bytes(name)) for name in names]
+    encode = sum((EncodeStats.from_dict(record["encode"]) for record in records), start=EncodeStats())
+    denoise = sum((DenoiseStats.from_dict(record["denoise"]) for record in records), start=DenoiseStats())
+    return encode, denoise, len(records)

@@ -50,6 +50,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.families import GENERATE
+from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+from qwen_batch.weights.model_source import TINY_MODEL_SEED
 
 if TYPE_CHECKING:
     import diffusers
@@ -71,7 +74,6 @@ __all__ = [
     "write_tiny_model",
 ]
 
-TINY_MODEL_SEED = 0
 # Bump when the builder changes what it writes, so a tiny model cached under $QWEN_BATCH_HOME is rebuilt.
 TINY_MODEL_REVISION = 2
 
@@ -88,12 +90,7 @@ PROMPT_TEMPLATE_PREFIX_TOKENS = 34
 
 # What the tiny model can be built for (the names `write_tiny_model(task=...)` and `qwen-batch tiny-model
 # --task` take) and the diffusers pipeline class each is saved as.
-GENERATE = "generate"  # text to image
-TINY_MODEL_TASKS = {
-    GENERATE: "QwenImagePipeline",
-    "edit": "QwenImageEditPipeline",  # as Qwen/Qwen-Image-Edit
-    "edit-plus": "QwenImageEditPlusPipeline",  # as Qwen/Qwen-Image-Edit-2509 (one or more input images)
-}
+TINY_MODEL_TASKS = {task: pipeline for pipeline, task in QWEN_IMAGE.pipelines.items()}
 # Bump when what only the edit flavours write changes (processor, edit tokenizer). A change to what all
 # flavours share bumps TINY_MODEL_REVISION, which rebuilds them all (see `tiny_model_revision`).
 TINY_EDIT_MODEL_REVISION = 1

@@ -1,8 +1,9 @@
 """Where a model comes from, and a content identity for it.
 
-A model is named by a hub id (`Qwen/Qwen-Image`), a local diffusers-format folder, or `tiny`: the
-random-weight model qwen-batch builds itself (no download), used by the demo and the tests
-(`tiny-edit` and `tiny-edit-plus` are its image-edit flavours).
+A model is named by a hub id (`Qwen/Qwen-Image`), a local diffusers-format folder, or the name of a tiny
+random-weight model that a family registers (`tiny`, `tiny-edit`, `tiny-edit-plus` for Qwen-Image;
+`qwen_batch.families`): built by qwen-batch itself on first use (no download), for the demo and the tests.
+Its family (`model_family`) comes from the pipeline class its model_index.json names.
 
 The identity of a component (for example the text encoder and tokenizer) keys the embedding cache
 and the resume fingerprints: it is derived from the files' names, sizes and the bytes at both ends of
@@ -22,19 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ModelError
+from qwen_batch.families import GENERATE, ModelFamily, family_of_pipeline, tiny_model
 
 if TYPE_CHECKING:
     import torch
     from diffusers import QwenImagePipeline
 
-TINY_MODEL_NAME = "tiny"
-# The tiny random-weight models `--model` can name, and the task (`write_tiny_model(task=...)`) of each.
-TINY_MODELS = {TINY_MODEL_NAME: "generate", "tiny-edit": "edit", "tiny-edit-plus": "edit-plus"}
+TINY_MODEL_NAME = "tiny"  # the default model: Qwen-Image's tiny text-to-image model
 HOME_ENV = "QWEN_BATCH_HOME"  # roots every path qwen-batch keeps for itself
+TINY_MODEL_SEED = 0  # the tiny models' weights: the same on every machine, so tests can pin their images
 _SAMPLE_BYTES = 1 << 16
-
-ENCODER_COMPONENTS = ("text_encoder", "tokenizer")
-DENOISER_COMPONENTS = ("transformer", "vae", "scheduler")
 
 
 def qwen_batch_home() -> Path:
@@ -55,7 +53,7 @@ class ModelSource:
 
     @property
     def is_tiny(self) -> bool:
-        return self.name in TINY_MODELS
+        return tiny_model(self.name) is not None
 
     @property
     def local_folder(self) -> Path | None:
@@ -107,34 +105,35 @@ class ModelSource:
             raise _cannot_load(self, error) from error
 
 
-SUPPORTED_PIPELINES = ("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
-
-
 def pipeline_class_name(source: ModelSource) -> str:
-    """The diffusers pipeline class the model was saved with (`_class_name` in model_index.json)."""
+    """The diffusers pipeline class the model was saved with (`_class_name` in model_index.json), checked
+    against the families qwen-batch runs."""
     import json
 
     if source.loader is not None:
         name = source.pipeline_class  # a model built in memory says which it is
-        if name not in SUPPORTED_PIPELINES:
-            raise ModelError(
-                f"model {source.name!r} is a {name}; qwen-batch runs {', '.join(SUPPORTED_PIPELINES)} models"
-            )
-        return name
-    folder = source.local_folder
-    try:
-        if folder is not None:
-            config = json.loads((folder / "model_index.json").read_text())
-        else:
-            from diffusers import DiffusionPipeline
+    else:
+        folder = source.local_folder
+        try:
+            if folder is not None:
+                config = json.loads((folder / "model_index.json").read_text())
+            else:
+                from diffusers import DiffusionPipeline
 
-            config = DiffusionPipeline.load_config(source.location)
-    except (OSError, ValueError) as error:
-        raise _cannot_load(source, error) from error
-    name = config.get("_class_name")
-    if name not in SUPPORTED_PIPELINES:
-        raise ModelError(f"model {source.name!r} is a {name}; qwen-batch runs {', '.join(SUPPORTED_PIPELINES)} models")
+                config = DiffusionPipeline.load_config(source.location)
+        except (OSError, ValueError) as error:
+            raise _cannot_load(source, error) from error
+        name = config.get("_class_name")
+    family_of_pipeline(name, source.name)  # a ModelError naming what runs, for any other class
     return name
+
+
+def model_family(source: ModelSource) -> ModelFamily:
+    """The family that runs the model: from its pipeline class, or for a tiny model from its name."""
+    registered = tiny_model(source.name)
+    if registered is not None and source.loader is None:
+        return registered[0]
+    return family_of_pipeline(pipeline_class_name(source), source.name)
 
 
 def load_pipeline(source: ModelSource, dtype: torch.dtype, **components: None) -> QwenImagePipeline:
@@ -180,8 +179,10 @@ def resolve_model(name: str) -> ModelSource:
     """Turn `--model` into a source; the tiny models are built on first use under $QWEN_BATCH_HOME."""
     if name in _registered:
         return _registered[name]
-    if name in TINY_MODELS:
-        return ModelSource(name=name, location=str(ensure_tiny_model(TINY_MODELS[name])))
+    registered = tiny_model(name)
+    if registered is not None:
+        family, task = registered
+        return ModelSource(name=name, location=str(ensure_tiny_model(task, family)))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -195,19 +196,19 @@ def resolve_model(name: str) -> ModelSource:
     raise ModelError(f"model {name!r} is neither a local folder nor a hub id like 'Qwen/Qwen-Image'")
 
 
-def ensure_tiny_model(task: str = "generate") -> Path:
-    """The folder of the tiny model for `task`, written once; concurrent first uses race safely to one result.
+def ensure_tiny_model(task: str = GENERATE, family: ModelFamily | None = None) -> Path:
+    """The folder of a family's tiny model for `task` (Qwen-Image's by default), written once; concurrent first
+    uses race safely to one result. The folder name carries the builder's revision, so a changed builder
+    writes a new model."""
+    from qwen_batch.families import default_family
 
-    The folder name carries the builder's revision, so a changed builder writes a new model.
-    """
-    from qwen_batch.tiny.model import TINY_MODEL_SEED, tiny_model_revision, write_tiny_model
-
-    flavour = "" if task == "generate" else f"-{task}"
-    name = f"tiny-qwen-image{flavour}-r{tiny_model_revision(task)}-seed{TINY_MODEL_SEED}"
+    family = family or default_family()
+    flavour = "" if task == GENERATE else f"-{task}"
+    name = f"tiny-{family.name}{flavour}-r{family.tiny_model_revision(task)}-seed{TINY_MODEL_SEED}"
     return write_once(
         qwen_batch_home() / "models" / name,
         "model_index.json",
-        lambda staging: write_tiny_model(staging, seed=TINY_MODEL_SEED, task=task),
+        lambda staging: family.write_tiny_model(staging, TINY_MODEL_SEED, task),
     )
 
 

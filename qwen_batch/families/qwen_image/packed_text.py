@@ -1,6 +1,6 @@
 """A batch's text stream packed: only the rows' real tokens go through the text stream's layers.
 
-A batch pads its prompts to one length (`denoise._pad_embeddings`), and with true CFG the short
+A batch pads its prompts to one length (`denoise.text.pad_embeddings`), and with true CFG the short
 negative prompts pad the most: in the H200 benchmark's batches about four fifths of the text slots are
 padding. FlashAttention-4 skips them in attention (qwen_batch.families.qwen_image.attention), but the text stream's own
 layers would still run on every slot, at an image token's cost: its q/k/v and output projections, its
@@ -48,8 +48,8 @@ def packed_places(lengths: Sequence[int], padded_length: int, at_least: int = 0)
     placed in padding slots (the mask hides them from attention and nothing reads their outputs back).
 
     Why filler: under fp8 matmuls cuBLASLt refuses the text MLP's 12,288-input GEMM for 1 to 32 tokens on an
-    H200 (qwen_batch.pipeline.denoise.FP8_PACKED_TEXT_MINIMUM), and a packed sequence is as short as its rows' real
-    tokens: in session 11 a step cache's sub-batch of one or two rows (a negative prompt " " is 6 tokens)
+    H200 (qwen_batch.pipeline.denoise.text.FP8_PACKED_TEXT_MINIMUM), and a packed sequence is as short as its rows'
+    real tokens: a step cache's sub-batch of one or two rows (a negative prompt " " is 6 tokens)
     stopped an fp8 run, and so would a batch of one short prompt without true CFG. Longer sequences keep
     their length: packed text of hundreds of tokens, of any count, ran in every fp8 benchmark."""
     if max(lengths) > padded_length:
@@ -107,7 +107,7 @@ def compile_once_for_every_packed_length(transformer: torch.nn.Module) -> None:
     Dynamo would compile the blocks for the first batch, recompile them at the second with that length
     made symbolic (automatic dynamic shapes), and keep that graph; measured on an H200, the recompile
     stalls the second batch by about 20 s in bf16 and 55 s in fp8, and the first batch whose longest
-    prompt falls in another `denoise.TEXT_BUCKET` (the padded layout's length) stalled again: 33 s over
+    prompt falls in another `denoise.text.TEXT_BUCKET` (the padded layout's length) stalled again: 33 s over
     a 200-prompt run, GPU busy 76.5%. Marked from the start, the blocks compile once. The blocks' inputs
     that carry these lengths are made outside the compiled region, in the transformer's own forward, so
     hooks mark them there: the text after `txt_in`, its rotary frequencies (`pos_embed`'s second

@@ -4,17 +4,20 @@ A kind of condition (an edit's input images, an image to start from, a mask, a c
 parts, each in one place:
 
 1. **Stage 1** reads and checks its inputs and puts what the loop needs into the embedding cache, keyed by
-   content (`image_inputs.prepare_image_inputs`; edits: `qwen_batch.pipeline.conditions.edit.encode_edit_inputs`). A rerun, or
-   another shard sharing the cache, encodes nothing twice; stage 2 never reads an input image.
+   content (`cached_images.prepare_image_inputs`; edits: `edit.encode_edit_inputs`; both take stage 1's
+   `qwen_batch.pipeline.encode.EncodeContext`). A rerun, or another shard sharing the cache, encodes nothing
+   twice; stage 2 never reads an input image.
 2. **Stage 2, per row**: its cached tensors, or the reason it cannot run (a row fails alone).
-3. **The loop**: a `BatchConditions` handed to `ImageGenerator.generate`, which asks it at fixed points:
-   - `tokens`: latents appended to every row's noise tokens (edits), with their grids;
-   - `start`: where a batch starts (image-to-image: the init latents noised to the first kept timestep,
-     and the schedule cut by `strength`), instead of pure noise;
-   - `after_step`: what happens to the latents after each scheduler step (inpainting: the area outside
+3. **The loop**: a `BatchConditions` handed to `ImageGenerator.generate`, whose blocks
+   (`qwen_batch.pipeline.denoise.blocks`) use it at fixed points, each kind reading what it needs from the batch's
+   `DenoiseState` and the model's `DenoiseComponents`:
+   - `image_latents`: latents appended to every row's noise tokens (edits), with their grids (`image_shapes`);
+   - `starts.starting_latents`: where a batch starts (image-to-image: the init latents noised to the first kept
+     timestep, and the schedule cut by `strength`), instead of pure noise;
+   - `starts.after_step`: what happens to the latents after each scheduler step (inpainting: the area outside
      the mask goes back to the init latents noised to the next timestep);
-   - `controls`: residuals added to the transformer's blocks at each step (ControlNet), computed once per
-     step for the batch and shared by the conditional and unconditional passes.
+   - `controls.sample` and `controls.block_samples`: residuals added to the transformer's blocks at each step
+     (ControlNet), computed once per step for the batch and shared by the conditional and unconditional passes.
 
 Rows that share a batch share their kinds (`Request.batch_key`), so each hook acts on the whole batch at
 once, and a batch without a kind pays nothing for it.

@@ -23,11 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import InputImageError, QwenBatchError
 from qwen_batch.io.input_images import read_input_images
-from qwen_batch.io.storage import StorageOptions
 from qwen_batch.memory.device import release_memory
 from qwen_batch.pipeline.conditions.image_start import RowStart
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache, key_of
-from qwen_batch.progress import Progress, Silent
 from qwen_batch.weights.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -36,6 +34,7 @@ if TYPE_CHECKING:
 
     from qwen_batch.manifest import Request
     from qwen_batch.pipeline.conditions.controlnet import RowControls
+    from qwen_batch.pipeline.encode import EncodeContext
 
 log = logging.getLogger(__name__)
 
@@ -169,31 +168,36 @@ class _StartEncoder:
         release_memory(self.device)
 
 
-def prepare_image_inputs(
-    requests: Sequence[Request],
-    cache: EmbeddingCache,
-    source: ModelSource,
-    device: str,
-    dtype: torch.dtype,
-    storage_options: StorageOptions,
-    max_pixels: int,
-    progress: Progress | None = None,
-) -> int:
+def prepare_image_inputs(requests: Sequence[Request], context: EncodeContext) -> int:
     """Stage 1 for rows with an init image or control images: afterwards each usable row's posteriors and
     mask are cached. Returns how many tensors were encoded (0 when everything was cached: the VAE is then
     never loaded)."""
-    progress = progress or Silent()
     rows = [request for request in requests if request.starts_from_image or request.controls]
     if not rows:
         return 0
     started = time.perf_counter()
     urls = list(dict.fromkeys(url for row in rows for url in _image_urls(row)))
-    present = cache.present_keys()
+    present = context.cache.present_keys()
+    images, notes = _read_images(urls, context)
+    encoded = _encode_missing(rows, images, notes, present, context)
+    log.info(
+        "encode (init and mask images): %d read, %d unusable, %d encoded, %.1f s",
+        len(urls),
+        sum("error" in note for note in notes.values()),
+        encoded,
+        time.perf_counter() - started,
+    )
+    return encoded
+
+
+def _read_images(urls: list[str], context: EncodeContext) -> tuple[dict[str, Image.Image], dict[str, dict[str, Any]]]:
+    """Every image read once: the usable ones, and a note per URL (content hash and size, or why it cannot be
+    used), also left in the cache for stage 2."""
     images: dict[str, Image.Image] = {}
     notes: dict[str, dict[str, Any]] = {}
-    progress.start("read init, mask and control images", len(urls), "images")
-    for read in read_input_images(urls, storage_options, max_pixels, PREFETCH_THREADS):
-        progress.advance(1)
+    context.progress.start("read init, mask and control images", len(urls), "images")
+    for read in read_input_images(urls, context.storage_options, context.max_input_pixels, PREFETCH_THREADS):
+        context.progress.advance(1)
         if read.error:
             notes[read.url] = {"url": read.url, "error": read.error}
             log.warning("input image unusable: %s", read.error)
@@ -201,9 +205,20 @@ def prepare_image_inputs(
             images[read.url] = read.image
             size = {"width": read.image.width, "height": read.image.height}
             notes[read.url] = {"url": read.url, "sha256": read.sha256, **size}
-        cache.put_note(_note_key(read.url), notes[read.url])
-    progress.finish()
+        context.cache.put_note(_note_key(read.url), notes[read.url])
+    context.progress.finish()
+    return images, notes
 
+
+def _encode_missing(
+    rows: list[Request],
+    images: dict[str, Image.Image],
+    notes: dict[str, dict[str, Any]],
+    present: set[str],
+    context: EncodeContext,
+) -> int:
+    """Encode the tensors the usable rows need and the cache lacks (`present`: its keys), loading the VAE only
+    for the first one; returns how many were encoded."""
     encoder: _StartEncoder | None = None
     encoded = 0
     try:
@@ -215,20 +230,13 @@ def prepare_image_inputs(
             for key, url, encode in wanted:
                 if key in present:
                     continue
-                encoder = encoder or _StartEncoder(source, device, dtype)
-                cache.put_tensors(key, encode(encoder, images), {"url": url})
+                encoder = encoder or _StartEncoder(context.source, context.device, context.dtype)
+                context.cache.put_tensors(key, encode(encoder, images), {"url": url})
                 present.add(key)
                 encoded += 1
     finally:
         if encoder is not None:
             encoder.close()
-    log.info(
-        "encode (init and mask images): %d read, %d unusable, %d encoded, %.1f s",
-        len(urls),
-        sum("error" in note for note in notes.values()),
-        encoded,
-        time.perf_counter() - started,
-    )
     return encoded
 
 

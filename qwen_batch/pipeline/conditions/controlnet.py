@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ConfigError, ModelError
+from qwen_batch.memory.device import to_device
 
 if TYPE_CHECKING:
     import torch
 
     from qwen_batch.manifest import Request
     from qwen_batch.memory.placement import Placement
+    from qwen_batch.pipeline.denoise.state import DenoiseComponents, DenoiseState
 
 # What must agree for the ControlNet's residuals to fit the transformer's blocks.
 MATCHING_CONFIG = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim", "joint_attention_dim")
@@ -161,9 +163,9 @@ class ControlNetSource:
 def compile_once_for_every_text_length(controlnet: torch.nn.Module) -> None:
     """Mark the ControlNet's padded text length as symbolic for its compiled blocks, from the first batch on.
 
-    Its text comes padded to a multiple of `denoise.TEXT_BUCKET` (it runs on the positive prompts only, not
-    packed), so batches meet a few lengths; dynamo would compile its blocks for the first, recompile them for
-    the second with the length symbolic (automatic dynamic shapes), and only then keep one graph: a stall in
+    Its text comes padded to a multiple of `qwen_batch.pipeline.denoise.text.TEXT_BUCKET` (it runs on the positive
+    prompts only, not packed), so batches meet a few lengths; dynamo would compile its blocks for the first, recompile
+    them for the second with the length symbolic (automatic dynamic shapes), and only then keep one graph: a stall in
     the middle of a run (about 55 s for the transformer's blocks under fp8 on an H200,
     `packed_text.compile_once_for_every_packed_length`). The inputs that carry the length are made outside
     the blocks, in the ControlNet's own forward, so hooks mark them there: the text after `txt_in`, its rotary
@@ -205,18 +207,9 @@ class ControlBatch:
         self._latents: list[torch.Tensor] = []  # per control image: [rows, tokens, 64], on the device
         self._weights: torch.Tensor | None = None  # [steps, control images, rows, 1, 1], on the device
         self._acting: list[bool] = []  # per step: whether any row's control acts (on the host)
+        self._text = self._text_mask = None  # the positive prompts, padded, on the device
 
-    def sample(
-        self,
-        generators: Sequence[torch.Generator],
-        pack,
-        latents_mean: torch.Tensor,
-        latents_inverse_std: torch.Tensor,
-        dtype: torch.dtype,
-        device: str,
-        move,
-        steps: int,
-    ) -> None:
+    def sample(self, state: DenoiseState, components: DenoiseComponents) -> None:
         """Each row's generator samples its control images' posteriors, in order, before the noise is drawn:
         the pipeline's `retrieve_latents(vae.encode(control), generator)` per control image.
 
@@ -224,12 +217,15 @@ class ControlBatch:
         row's seed, and the row's generator is left for the noise: diffusers' `QwenImageControlNetInpaintPipeline`
         samples it from torch's global random state (`latent_dist.sample()`), which would make a row's image
         depend on whatever ran before it; after `torch.manual_seed(seed)` the two agree.
-        `pack(tensor, channels)` packs [1, 1, channels, h, w] latents into 2x2 patches."""
+
+        Then the ControlNet's text goes up: the positive prompts, padded (it does not run packed)."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
+        dtype, device, width, height = components.dtype, components.device, state.width, state.height
+        latents_mean, latents_inverse_std = components.host_latents_mean, components.host_latents_inverse_std
         per_image: list[list[torch.Tensor]] = [[] for _ in self.rows[0].posteriors]
-        for row, request, generator in zip(self.rows, self.requests, generators, strict=True):
+        for row, request, generator in zip(self.rows, self.requests, state.generators, strict=True):
             if row.kept is not None:
                 generator = torch.Generator("cpu").manual_seed(request.seed)
             for index, (mean, std) in enumerate(row.posteriors):
@@ -239,12 +235,13 @@ class ControlBatch:
                 if row.kept is not None:  # the masked image's 16 channels and the kept area's 1
                     latents = torch.cat([latents.to(dtype), row.kept.unsqueeze(0).to(dtype)], dim=1)
                 latents = latents.permute(0, 2, 1, 3, 4)
-                per_image[index].append(pack(latents, latents.shape[2]).to(dtype))
-        self._latents = [move(torch.cat(rows), device) for rows in per_image]
+                per_image[index].append(components.pack(latents, width, height, latents.shape[2]).to(dtype))
+        self._latents = [to_device(torch.cat(rows), device) for rows in per_image]
 
         # Each row's weight per step and control image: its `control_scale` times whether the step lies in its
         # range (the pipeline's `controlnet_conditioning_scale * controlnet_keep[i]`). Made once per batch and
         # sent up once: the loop only indexes it.
+        steps = len(state.timesteps)
         weights = torch.zeros(steps, len(per_image), len(self.requests), 1, 1)
         for row, request in enumerate(self.requests):
             for step in range(steps):
@@ -252,33 +249,27 @@ class ControlBatch:
                 for index, control in enumerate(request.controls):
                     weights[step, index, row] = control.scale * keep
         self._acting = [bool(weights[step].any()) for step in range(steps)]
-        self._weights = move(weights.to(dtype), device)
+        self._weights = to_device(weights.to(dtype), device)
+        self._text, self._text_mask = components.padded_text(state.prompt_embeds)
 
     def block_samples(
-        self,
-        controlnet,
-        latents: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor | None,
-        timestep: torch.Tensor,
-        image_shapes: list,
-        step: int,
+        self, state: DenoiseState, components: DenoiseComponents, timestep: torch.Tensor, step: int
     ) -> list[torch.Tensor] | None:
-        """The residuals for this step's transformer forwards (one batch's rows), or None when no row's
-        control acts at this step."""
+        """The residuals for this step's transformer forwards (one batch's rows, at `timestep`), or None when no
+        row's control acts at this step."""
         if not self._acting[step]:
             return None
-        summed = None
+        summed, image_shapes = None, [[state.patches]] * state.batch
         for index, control in enumerate(self._latents):
-            samples = controlnet(
-                hidden_states=latents,
+            samples = components.controlnet(
+                hidden_states=state.latents,
                 controlnet_cond=control,
                 conditioning_scale=1.0,
                 timestep=timestep,
-                encoder_hidden_states=text,
-                # The mask straight to the attention (qwen_batch.families.qwen_image.attention, installed on the ControlNet too): as
-                # `encoder_hidden_states_mask` it would cost a host sync per step.
-                joint_attention_kwargs={"text_mask": text_mask},
+                encoder_hidden_states=self._text,
+                # The mask straight to the attention (qwen_batch.families.qwen_image.attention, installed on the
+                # ControlNet too): as `encoder_hidden_states_mask` it would cost a host sync per step.
+                joint_attention_kwargs={"text_mask": self._text_mask},
                 img_shapes=image_shapes,
                 return_dict=False,
             )

@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ModelError, QwenBatchError
-from qwen_batch.io.input_images import read_input_images
-from qwen_batch.io.storage import Folder, StorageOptions
+from qwen_batch.io.input_images import ReadInput, read_input_images
+from qwen_batch.io.storage import Folder
 from qwen_batch.memory.device import gpu_memory_gib, release_memory, reset_peak_memory
 from qwen_batch.memory.oom import run_in_halves
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache, cache_namespace, key_of
-from qwen_batch.pipeline.encode import MAX_TEXT_TOKENS, EncodeStats
-from qwen_batch.progress import Progress, Silent
+from qwen_batch.pipeline.encode import MAX_TEXT_TOKENS, EncodeContext, EncodeStats
 from qwen_batch.weights.model_source import ModelSource
 
 if TYPE_CHECKING:
@@ -180,105 +179,116 @@ class _RowInputs:
     shas: list[str]
 
 
-def encode_edit_inputs(
-    requests: Sequence[Request],
-    cache: EmbeddingCache,
-    source: ModelSource,
-    device: str,
-    dtype: torch.dtype,
-    storage_options: StorageOptions,
-    max_pixels: int,
-    batch_size: int = 8,
-    progress: Progress | None = None,
-    memory_mode: str = "bf16",
-    pinned_bytes: int | None = None,
-) -> EncodeStats:
-    """Stage 1 for edit rows: afterwards every readable row has its tensors in `cache`."""
-    progress = progress or Silent()
+def encode_edit_inputs(requests: Sequence[Request], context: EncodeContext) -> EncodeStats:
+    """Stage 1 for edit rows: afterwards every readable row has its tensors in the context's cache."""
     started = time.perf_counter()
-    stats = EncodeStats()
     urls = list(dict.fromkeys(url for request in requests for url in request.images))
-    present = cache.present_keys()
-    encoder: EditEncoder | None = None
-    sha_of: dict[str, str] = {}
-    images: dict[str, Image.Image] = {}
-    failed_urls: set[str] = set()
-
-    def needed(request: Request, shas: list[str]) -> list[str]:
-        keys = [_text_key(shas, text) for text in request.texts] + [_latents_key(sha) for sha in shas]
-        return [key for key in keys if key not in present]
-
-    # Rows wait until all their images are read; an image is dropped once no waiting row needs it.
-    rows_of: dict[str, list[Request]] = {}
-    for request in requests:
-        for url in dict.fromkeys(request.images):
-            rows_of.setdefault(url, []).append(request)
-    uses = {url: len(rows) for url, rows in rows_of.items()}
-    ready: list[_RowInputs] = []
-
-    def release(request: Request) -> None:
-        for url in dict.fromkeys(request.images):
-            uses[url] -= 1
-            if uses[url] == 0:
-                images.pop(url, None)
-
-    def flush(force: bool = False) -> None:
-        nonlocal encoder
-        while ready and (force or len(ready) >= batch_size):
-            batch, ready[:] = ready[:batch_size], ready[batch_size:]
-            todo = [row for row in batch if needed(row.request, row.shas)]
-            if todo:
-                if encoder is None:
-                    reset_peak_memory(device)
-                    encoder = EditEncoder(source, device, dtype, memory_mode, pinned_bytes)
-                _encode_rows(encoder, cache, todo, present, stats)
-            for row in batch:
-                release(row.request)
-
+    inputs = _EditInputs(requests, context)
     try:
-        progress.start("read inputs", len(urls), "images")
-        for read in read_input_images(urls, storage_options, max_pixels, PREFETCH_THREADS):
-            progress.advance(1)
-            if read.error:
-                failed_urls.add(read.url)
-                cache.put_note(_note_key(read.url), {"url": read.url, "error": read.error})
-                log.warning("input image unusable: %s", read.error)
-            else:
-                sha_of[read.url] = read.sha256
-                images[read.url] = read.image
-                cache.put_note(
-                    _note_key(read.url),
-                    {"url": read.url, "sha256": read.sha256, "width": read.image.width, "height": read.image.height},
-                )
-            for request in rows_of[read.url]:
-                if not all(url in sha_of or url in failed_urls for url in request.images):
-                    continue  # another of its images is still on its way
-                if any(url in failed_urls for url in request.images):
-                    release(request)  # the row fails in stage 2 with the note's reason
-                    continue
-                shas = [sha_of[url] for url in request.images]
-                ready.append(_RowInputs(request, [images[url] for url in request.images], shas))
-            flush()
-        flush(force=True)
-        progress.finish()
-        if encoder is not None:
-            memory = gpu_memory_gib(device)
-            stats.peak_gpu_gib = memory[1] if memory else None
+        context.progress.start("read inputs", len(urls), "images")
+        for read in read_input_images(urls, context.storage_options, context.max_input_pixels, PREFETCH_THREADS):
+            context.progress.advance(1)
+            inputs.take(read)
+            inputs.flush()
+        inputs.flush(force=True)
+        context.progress.finish()
+        inputs.note_peak_memory()
     finally:
-        if encoder is not None:
-            encoder.close()
-            encoder = None
-            release_memory(device)
+        inputs.close()
+    stats = inputs.stats
     stats.seconds = time.perf_counter() - started
     log.info(
         "encode (edit): %d input images read (%d unusable), %d embeddings encoded, %d cached, %.1f s",
         len(urls),
-        len(failed_urls),
+        len(inputs.failed_urls),
         stats.encoded,
         stats.cached,
         stats.seconds,
     )
     return stats
+
+
+class _EditInputs:
+    """Edit rows as their input images arrive: a row waits until all its images are read, ready rows are
+    encoded a batch at a time (the encoder loads at the first row that misses something in the cache), and
+    an image is dropped once no waiting row needs it."""
+
+    def __init__(self, requests: Sequence[Request], context: EncodeContext):
+        self.context = context
+        self.stats = EncodeStats()
+        self.present = context.cache.present_keys()
+        self.encoder: EditEncoder | None = None
+        self.sha_of: dict[str, str] = {}
+        self.images: dict[str, Image.Image] = {}
+        self.failed_urls: set[str] = set()
+        self.rows_of: dict[str, list[Request]] = {}
+        for request in requests:
+            for url in dict.fromkeys(request.images):
+                self.rows_of.setdefault(url, []).append(request)
+        self.uses = {url: len(rows) for url, rows in self.rows_of.items()}
+        self.ready: list[_RowInputs] = []
+
+    def take(self, read: ReadInput) -> None:
+        """Note an input image (its content hash and size, or why it cannot be used) and queue the rows it
+        completes; a row with an unusable image fails in stage 2 with the note's reason."""
+        if read.error:
+            self.failed_urls.add(read.url)
+            self.context.cache.put_note(_note_key(read.url), {"url": read.url, "error": read.error})
+            log.warning("input image unusable: %s", read.error)
+        else:
+            self.sha_of[read.url] = read.sha256
+            self.images[read.url] = read.image
+            size = {"width": read.image.width, "height": read.image.height}
+            self.context.cache.put_note(_note_key(read.url), {"url": read.url, "sha256": read.sha256, **size})
+        for request in self.rows_of[read.url]:
+            if not all(url in self.sha_of or url in self.failed_urls for url in request.images):
+                continue  # another of its images is still on its way
+            if any(url in self.failed_urls for url in request.images):
+                self._release(request)
+                continue
+            shas = [self.sha_of[url] for url in request.images]
+            self.ready.append(_RowInputs(request, [self.images[url] for url in request.images], shas))
+
+    def flush(self, force: bool = False) -> None:
+        """Encode the ready rows a full batch at a time (`force`: the rest too)."""
+        batch_size = self.context.batch_size
+        while self.ready and (force or len(self.ready) >= batch_size):
+            batch, self.ready = self.ready[:batch_size], self.ready[batch_size:]
+            todo = [row for row in batch if self._missing(row)]
+            if todo:
+                _encode_rows(self._loaded_encoder(), self.context.cache, todo, self.present, self.stats)
+            for row in batch:
+                self._release(row.request)
+
+    def _missing(self, row: _RowInputs) -> list[str]:
+        keys = [_text_key(row.shas, text) for text in row.request.texts] + [_latents_key(sha) for sha in row.shas]
+        return [key for key in keys if key not in self.present]
+
+    def _loaded_encoder(self) -> EditEncoder:
+        if self.encoder is None:
+            context = self.context
+            reset_peak_memory(context.device)
+            self.encoder = EditEncoder(
+                context.source, context.device, context.dtype, context.memory_mode, context.pinned_bytes
+            )
+        return self.encoder
+
+    def _release(self, request: Request) -> None:
+        for url in dict.fromkeys(request.images):
+            self.uses[url] -= 1
+            if self.uses[url] == 0:
+                self.images.pop(url, None)
+
+    def note_peak_memory(self) -> None:
+        if self.encoder is not None:
+            memory = gpu_memory_gib(self.context.device)
+            self.stats.peak_gpu_gib = memory[1] if memory else None
+
+    def close(self) -> None:
+        if self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
+            release_memory(self.context.device)
 
 
 def _encode_rows(

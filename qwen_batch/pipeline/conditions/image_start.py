@@ -15,12 +15,16 @@ within 2/255 on the tiny model), alone or in any batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwen_batch.memory.device import to_device
+
 if TYPE_CHECKING:
     import torch
+
+    from qwen_batch.pipeline.denoise.state import DenoiseComponents, DenoiseState
 
 
 def skipped_steps(steps: int, strength: float) -> int:
@@ -85,38 +89,31 @@ class ImageStarts:
         """How many of the schedule's steps are skipped."""
         return skipped_steps(steps, self.strength)
 
-    def starting_latents(
-        self,
-        generators: Sequence[torch.Generator],
-        draw_noise: Callable[[torch.Generator], torch.Tensor],
-        scheduler,
-        first_timestep: torch.Tensor,
-        pack: Callable[[torch.Tensor], torch.Tensor],
-        latents_mean: torch.Tensor,
-        latents_inverse_std: torch.Tensor,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        """Each row's start on the host, packed: its generator samples the posterior, then draws the noise
-        (`draw_noise`, unpacked [1, 1, z, h, w]); `scale_noise` mixes them at the first kept timestep."""
+    def starting_latents(self, state: DenoiseState, components: DenoiseComponents) -> torch.Tensor:
+        """Each row's start on the host, packed: its generator samples the posterior, then draws the noise;
+        `scale_noise` mixes them at the first kept timestep. Masked rows' tensors for `after_step` go to the
+        device."""
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
+        width, height, dtype = state.width, state.height, components.dtype
+        latents_mean, latents_inverse_std = components.host_latents_mean, components.host_latents_inverse_std
+        first_timestep = state.timesteps[:1]
         starts, noises, images = [], [], []
-        for row, generator in zip(self.rows, generators, strict=True):
+        for row, generator in zip(self.rows, state.generators, strict=True):
             mean, std = row.mean.unsqueeze(0), row.std.unsqueeze(0)
             sample = mean + std * randn_tensor(mean.shape, generator=generator, device="cpu", dtype=mean.dtype)
             image = (sample - latents_mean.to(sample.dtype)) * latents_inverse_std.to(sample.dtype)
             image = image.to(dtype).transpose(1, 2)  # [1, 1, z, h, w], as the noise
-            noise = draw_noise(generator)
-            starts.append(pack(scheduler.scale_noise(image, first_timestep, noise)))
-            noises.append(pack(noise))
-            images.append(pack(image))
+            noise = components.noise(generator, width, height, packed=False)
+            starts.append(components.pack(state.scheduler.scale_noise(image, first_timestep, noise), width, height))
+            noises.append(components.pack(noise, width, height))
+            images.append(components.pack(image, width, height))
         if self.masked:
-            self._noise, self._image_latents = torch.cat(noises), torch.cat(images)
             channels = self.rows[0].mean.shape[0]
-            self._mask = torch.cat(
-                [pack(row.mask.unsqueeze(0).repeat(1, channels, 1, 1).to(dtype)) for row in self.rows]
-            )
+            masks = [row.mask.unsqueeze(0).repeat(1, channels, 1, 1).to(dtype) for row in self.rows]
+            host = (torch.cat(noises), torch.cat(images), torch.cat([components.pack(m, width, height) for m in masks]))
+            self._noise, self._image_latents, self._mask = (to_device(tensor, components.device) for tensor in host)
         return torch.cat(starts)
 
     @property
@@ -124,21 +121,16 @@ class ImageStarts:
         """The rows' sampled, normalized, packed init latents (edit-inpainting appends them as tokens)."""
         return self._image_latents
 
-    def to(self, device: str, move: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
-        if self.masked:
-            self._noise, self._image_latents, self._mask = (
-                move(tensor, device) for tensor in (self._noise, self._image_latents, self._mask)
-            )
-
-    def after_step(self, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, step: int) -> torch.Tensor:
-        """Inpainting: outside the mask, back to the init latents at the next timestep's noise level."""
+    def after_step(self, state: DenoiseState, step: int) -> torch.Tensor:
+        """The batch's latents after the scheduler's step at `step`; inpainting: outside the mask, back to the
+        init latents at the next timestep's noise level."""
         if not self.masked:
-            return latents
+            return state.latents
         init = self._image_latents
-        if step < len(timesteps) - 1:
+        if step < len(state.timesteps) - 1:
             # `scheduler.scale_noise(init, next timestep, noise)`'s arithmetic, with the next sigma read as a
             # host scalar: scale_noise copies the whole sigma table to the GPU at every call, from pageable
             # memory, which makes the host wait for the GPU at every step.
-            sigma = scheduler.sigmas[scheduler.step_index].to(init.dtype)
+            sigma = state.scheduler.sigmas[state.scheduler.step_index].to(init.dtype)
             init = sigma * self._noise + (1.0 - sigma) * init
-        return (1 - self._mask) * init + self._mask * latents
+        return (1 - self._mask) * init + self._mask * state.latents

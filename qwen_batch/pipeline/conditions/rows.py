@@ -1,6 +1,6 @@
 """Stage 2's one way to get a row's cached conditions and to stack a batch of them for the loop.
 
-`RowSource.load` returns everything a row brings (its text embeddings and, by kind, its edit latents, its
+`CachedRows.load` returns everything a row brings (its text embeddings and, by kind, its edit latents, its
 start, its control images) or raises the reason it cannot run; `stack` turns a batch of loaded rows into
 the `BatchConditions` the denoise loop takes. The engine calls these two and knows no kind.
 """
@@ -36,7 +36,7 @@ class LoadedRow:
     input_sha256: list[str] | None = None
 
 
-class RowSource:
+class CachedRows:
     """The cache as stage 2 reads it, for rows of every kind (edit rows come resolved, as `EditRow`)."""
 
     def __init__(self, cache: EmbeddingCache, edits: EditConditions | None = None):

@@ -15,8 +15,8 @@ batch, and a row gives another image alone. Here every decision and every piece 
   a batch (rows share their spec: it is part of `Request.batch_key`), so a step runs the transformer for the
   whole batch or for none; each row extrapolates its own outputs.
 
-The engine (`denoise.ImageGenerator.generate`) asks `for_batch` for a batch's step cache and, when there is
-one, hands it each step's forwards (`Forward`) instead of calling the transformer itself; a batch without a
+The denoise loop (`qwen_batch.pipeline.denoise.blocks`) asks `for_batch` for a batch's step cache and, when there
+is one, hands it each step's forwards (`Forward`) instead of calling the transformer itself; a batch without a
 step cache runs the plain loop, untouched. How often each row computed in full is counted per row
 (`steps_computed`). The spec's text: `qwen_batch.pipeline.step_cache.spec`. Why and how: docs/step-cache.md.
 """

@@ -42,7 +42,7 @@ from qwen_batch.pipeline.step_cache.spec import FirstBlock
 
 # A benchmark hook: (step, the forward's first row, its rows) -> whether each of those rows computes, instead of
 # the residual test's answer (the test still runs and still costs its one copy per forward). Random weights'
-# residuals say nothing about how often a real model's stay under a threshold, so bench/step_cache_gpu.py forces
+# residuals say nothing about how often a real model's stay under a threshold, so bench/step_cache.py forces
 # the fraction of computed steps. Step 0 computes whatever it says: there is nothing to reuse yet.
 Forced = Callable[[int, int, int], Sequence[bool]]
 FORCED: Forced | None = None  # never set outside benchmarks
