@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwen_batch.memory.modes import FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS
 from qwen_batch.memory.placement import (
     BLOCKS,
     FP8,
@@ -37,8 +38,7 @@ from qwen_batch.memory.placement import (
     streaming_arena,
 )
 from qwen_batch.memory.planner import MODES_FOR
-from qwen_batch.weights.transformer_file import FLOAT, GGUF_KIND, TransformerWeights
-from qwen_batch.weights.transformer_file import FP8 as FP8_KIND
+from qwen_batch.weights.transformer_file import TransformerWeights
 
 if TYPE_CHECKING:
     import torch
@@ -72,9 +72,9 @@ def load_transformer(
             stored = weights.tensors[name]
             value = _materialize(name, stored, weights, home, dtype, fp8_matmuls, plain_fp8=streams)
             _assign(model, name, value)
-        if streams and kind == FP8_KIND:  # streamed fp8 weights: plain tensors in an Fp8Linear each
+        if streams and kind == FP8_WEIGHTS:  # streamed fp8 weights: plain tensors in an Fp8Linear each
             _swap_in_fp8_linears(model, names, weights)
-        if prefix.startswith(f"{BLOCKS}.") and kind == FLOAT:
+        if prefix.startswith(f"{BLOCKS}.") and kind == FLOAT_WEIGHTS:
             convert_block(module, prefix, placement, device, dtype)
         if arena is not None:  # the embedders first (the root: its blocks are still empty), then each block
             pin_for_streaming(module, arena)
@@ -83,7 +83,7 @@ def load_transformer(
     quantized = None
     if placement.adapters and mode == FP8:
         quantized = QuantizedWeights.after_placement(model, FileOriginals(weights, dtype), device)
-        if quantized is not None and kind == FP8_KIND:
+        if quantized is not None and kind == FP8_WEIGHTS:
 
             def stored(layer: str) -> torch.Tensor:
                 name = f"{layer}.weight"
@@ -91,7 +91,7 @@ def load_transformer(
 
             quantized.stored = stored
     model.requires_grad_(False)
-    done = finish_placement(model, placement, device, dtype, arena, stored_fp8=kind == FP8_KIND)
+    done = finish_placement(model, placement, device, dtype, arena, stored_fp8=kind == FP8_WEIGHTS)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return LoadedTransformer(model.eval(), done, quantized)
@@ -104,7 +104,7 @@ def _empty_model(weights: TransformerWeights, dtype: torch.dtype) -> torch.nn.Mo
 
     with init_empty_weights():
         model = QwenImageTransformer2DModel.from_config(dict(weights.config))
-    if weights.kind == GGUF_KIND:
+    if weights.kind == GGUF_WEIGHTS:
         from diffusers import GGUFQuantizationConfig
         from diffusers.quantizers import DiffusersAutoQuantizer
 

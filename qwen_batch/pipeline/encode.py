@@ -71,7 +71,7 @@ class PromptEncoder:
         source: ModelSource,
         device: str,
         dtype: torch.dtype,
-        memory_mode: str = "bf16",
+        memory_mode: str = BF16,
         pinned_bytes: int | None = None,
     ):
         self.source, self.device, self.dtype = source, device, dtype

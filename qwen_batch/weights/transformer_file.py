@@ -33,6 +33,7 @@ from qwen_batch.adapters.loras import module_layout
 from qwen_batch.errors import StorageError
 from qwen_batch.io.input_urls import canonical
 from qwen_batch.io.storage import StorageOptions, download, url_info
+from qwen_batch.memory.modes import FLOAT_WEIGHTS, FP8_WEIGHTS, GGUF_WEIGHTS
 from qwen_batch.weights.checkpoint_files import (
     GGUF,
     CheckpointError,
@@ -58,7 +59,6 @@ HASH_CACHE = "hashes"  # under $QWEN_BATCH_HOME: SHA-256 of local files, by path
 _HASH_CHUNK = 16 * 2**20
 
 # The storage kinds a transformer's weights come in (`TransformerWeights.kind`).
-FLOAT, FP8, GGUF_KIND = "float", "fp8", "gguf"
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,10 @@ class TransformerWeights:
     def kind(self) -> str:
         """float (bf16, fp16 or fp32 weights), fp8 (the blocks' linear weights in fp8) or gguf (quantized)."""
         if any(tensor.is_quantized for tensor in self.tensors.values()):
-            return GGUF_KIND
+            return GGUF_WEIGHTS
         if any(tensor.storage == "F8_E4M3" for tensor in self.tensors.values()):
-            return FP8
-        return FLOAT
+            return FP8_WEIGHTS
+        return FLOAT_WEIGHTS
 
     @property
     def nbytes(self) -> int:

@@ -28,6 +28,7 @@ from qwen_batch.errors import ModelError, QwenBatchError
 from qwen_batch.io.input_images import ReadInput, read_input_images
 from qwen_batch.io.storage import Folder
 from qwen_batch.memory.device import gpu_memory_gib, release_memory, reset_peak_memory
+from qwen_batch.memory.modes import BF16
 from qwen_batch.memory.oom import run_in_halves
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache, cache_namespace, key_of
 from qwen_batch.pipeline.encode import MAX_TEXT_TOKENS, EncodeContext, EncodeStats
@@ -110,7 +111,7 @@ class EditEncoder:
         source: ModelSource,
         device: str,
         dtype: torch.dtype,
-        memory_mode: str = "bf16",
+        memory_mode: str = BF16,
         pinned_bytes: int | None = None,
     ):
         from qwen_batch.pipeline.encode import load_encoder_pipeline
