@@ -12,7 +12,6 @@ Rows are counted from 0, as pandas and pyarrow count them.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 import re
 from collections import defaultdict
@@ -20,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from qwen_batch.adapters.loras import DEFAULT_LORA_SCALE, MAX_LORAS_PER_ROW, LoraRef, check_scale
 from qwen_batch.errors import ConfigError, ManifestError, StorageError
 from qwen_batch.families import EDIT, GENERATE, RowRules, default_family
 from qwen_batch.io.input_urls import InputLocationError, InputPolicy
+from qwen_batch.io.parquet import read_parquet
 from qwen_batch.io.storage import read_url
 from qwen_batch.pipeline.step_cache.spec import StepCacheError, normalized
 
@@ -333,9 +332,7 @@ def read_manifest(
     except StorageError as error:
         raise ManifestError(f"cannot read the manifest: {error}") from error
     try:
-        # use_threads=False: pyarrow 25-26 can abort at interpreter exit ("terminate called without an
-        # active exception") once its CPU thread pool has run; manifests are small, one thread is plenty.
-        table = pq.read_table(io.BytesIO(data), use_threads=False)
+        table = read_parquet(data)
     except (pa.ArrowException, OSError) as error:
         raise ManifestError(
             f"{url}: not a readable Parquet file ({error}). Write the manifest with "

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from qwen_batch.adapters.loras import LoraRef
 from qwen_batch.errors import NotFoundError, StorageError
+from qwen_batch.io.parquet import read_parquet
 from qwen_batch.io.storage import Folder
 from qwen_batch.manifest import (
     CONDITION_COLUMNS,
@@ -182,7 +183,7 @@ class ResultStore:
 
     def _read_table(self, relative: str) -> pa.Table | None:
         try:
-            return pq.read_table(io.BytesIO(self.output.read_bytes(relative)), use_threads=False)  # see manifest.py
+            return read_parquet(self.output.read_bytes(relative))
         except NotFoundError:
             return None  # folded in and removed by a concurrent merge
         except (pa.ArrowException, OSError) as error:
