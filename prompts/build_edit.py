@@ -7,8 +7,8 @@ build writes the same bytes. They cover what input images come as: PNG, JPEG and
 and tall (256x256, 320x192, 192x320); a transparent background (composited over white when read); and
 a JPEG stored sideways with an EXIF Orientation tag (read upright). Every image is checked with
 qwen-batch's own loader. `edit_example.jsonl` (one `image` per row) and `edit_plus_example.jsonl`
-(an `images` list per row) name them relative to the manifests' folder; `build.py` turns each into its
-`.parquet` (`python prompts/build.py` runs this script first, so it rebuilds everything).
+(an `images` list per row) name them relative to the manifests' folder; `jsonl_to_parquet.py` turns each
+into its `.parquet` (`python prompts/build.py` draws these images too, then rebuilds every manifest).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def draw_inputs(folder: Path = INPUTS) -> list[Path]:
 
 
 if __name__ == "__main__":
-    from build import build  # prompts/ is on the path: it is this script's folder
+    from jsonl_to_parquet import build  # prompts/ is on the path: it is this script's folder
 
     for path in draw_inputs():
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")

@@ -1,7 +1,8 @@
 """Crash trials: kill a real `qwen-batch run` at a named point, run it again, and measure what survived.
 
-tests/test_reliability.py asserts the invariants on every trial; bench/crash_matrix.py runs the same
-trials and writes their figures (bench/results/crash_matrix.json, quoted in docs/reliability.md).
+tests/test_reliability.py asserts the invariants on every trial; bench/reliability.py runs the trial at every
+occurrence of each kill point (`--quick`: these TRIALS) and writes their figures (`crashes` in
+bench/results/reliability.json, quoted in docs/reliability.md).
 Everything is judged from the files on disk, independently of the library's own resume logic.
 """
 

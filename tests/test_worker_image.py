@@ -22,6 +22,13 @@ def instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
+def script_commands(path: Path) -> list[str]:
+    """The command lines of a shell script, continuation lines joined, comments (whole-line or trailing) dropped."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    lines = [re.sub(r"(^|\s)#.*", "", line).strip() for line in text.splitlines()]
+    return [line for line in lines if line]
+
+
 def environment() -> dict[str, str]:
     variables = {}
     for kind, arguments in instructions():
@@ -52,8 +59,13 @@ def test_the_image_installs_through_the_script_that_ci_runs_dependencies_before_
     assert any(names == ["."] for n, names in copies if dependencies < n < project)
     ci = (REPO / ".ci" / "run").read_text()
     assert "deployments/install-worker.sh" in ci  # both stages, in a fresh environment
-    script = (REPO / "deployments" / "install-worker.sh").read_text()
-    assert "constraints.txt" in script and "compileall" in script and "${EXTRAS:-gpu,gguf,control}" in script
+    commands = script_commands(REPO / "deployments" / "install-worker.sh")
+    assert "extras=${EXTRAS:-gpu,gguf,control}" in commands
+    assert any('--constraint "$repo/constraints.txt"' in line for line in commands)
+    # Bytecode at build time: the dependencies' (stage 1) and the project's (stage 2), by commands, not comments.
+    compiles = [line for line in commands if line.startswith('"$venv/bin/python" -m compileall ')]
+    assert any('"$venv/lib"' in line for line in compiles), compiles
+    assert any('"$repo/qwen_batch"' in line for line in compiles), compiles
 
 
 def test_the_image_runs_as_a_user_and_keeps_its_caches_on_volumes():
