@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("sdpa", "fa4")
+SDPA, FA4 = "sdpa", "fa4"  # the kernels padded batches attend through
+KERNELS = (SDPA, FA4)
 ATTENTION_ENV = "QWEN_BATCH_ATTENTION"
 # "auto": fa4 where FlashAttention-4 runs, else sdpa. Benchmarks set a kernel here to compare them.
 ATTENTION_KERNEL = "auto"
@@ -64,7 +65,7 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
     only the layout of the joint sequence and the attention call differ.
     """
 
-    def __init__(self, kernel: str = "sdpa"):
+    def __init__(self, kernel: str = SDPA):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"attention kernel {kernel!r}: use one of {', '.join(KERNELS)}")
@@ -81,7 +82,7 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
         text_mask: torch.Tensor | None = None,
         text_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if text_index is not None and (text_mask is None or self.kernel != "fa4"):
+        if text_index is not None and (text_mask is None or self.kernel != FA4):
             raise ValueError("packed text (text_index) needs the fa4 kernel and the padded layout's text_mask")
         if attention_mask is not None:  # as diffusers' processor: the mask comes as the text's
             raise ValueError("BatchAttention takes the text's mask (text_mask), not a joint attention_mask")
@@ -89,7 +90,7 @@ class BatchAttention(QwenDoubleStreamAttnProcessor2_0):
         image, text = self._rotated_projections(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb, text_index, mask
         )
-        if mask is not None and self.kernel == "fa4":
+        if mask is not None and self.kernel == FA4:
             return self._prefix_attention(attn, image, text, mask, text_index)
         # Nothing padded (SDPA takes cuDNN's flash kernel), or diffusers' masked path with our mask.
         return self._joint_attention(attn, image, text, mask)
@@ -245,8 +246,8 @@ def choose_kernel(device: str, dtype: torch.dtype) -> str:
     if wanted not in (*KERNELS, "auto"):
         raise ValueError(f"{ATTENTION_ENV}={wanted!r}: use auto, {', '.join(KERNELS)}")
     if wanted == "auto":
-        return "fa4" if fa4_available(device, dtype) else "sdpa"
-    if wanted == "fa4" and not fa4_available(device, dtype):
+        return FA4 if fa4_available(device, dtype) else SDPA
+    if wanted == FA4 and not fa4_available(device, dtype):
         raise ValueError(
             "attention kernel fa4 needs a CUDA GPU of compute capability 9.0+ (Hopper, Blackwell), bf16 or "
             "fp16, and FlashAttention-4 (pip install 'qwen-batch[fast]'); use sdpa here"

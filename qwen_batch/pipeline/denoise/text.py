@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from qwen_batch.families.qwen_image.attention import FA4, SDPA
 from qwen_batch.memory.device import to_device
 from qwen_batch.memory.placement import FP8, Placement, fp8_compute_available, weights_stay_put
 
@@ -57,9 +58,9 @@ class TextLayout:
     def choose(cls, kernel: str, placement: Placement, device: str) -> TextLayout:
         """The layout for a transformer whose padded batches attend through `kernel`, placed as `placement` says."""
         fp8_matmuls = placement.mode == FP8 and fp8_compute_available(device)
-        split = kernel == "sdpa" and weights_stay_put(placement.mode, device)
+        split = kernel == SDPA and weights_stay_put(placement.mode, device)
         return cls(
-            pack=PACK_TEXT and kernel == "fa4",
+            pack=PACK_TEXT and kernel == FA4,
             multiple=FP8_TEXT_MULTIPLE if fp8_matmuls else 1,
             packed_minimum=FP8_PACKED_TEXT_MINIMUM if fp8_matmuls else 0,
             cfg_layout=CFG_LAYOUT if CFG_LAYOUT != "auto" else "split" if split else "joint",
