@@ -373,8 +373,8 @@ def test_the_flow_summary_shows_the_step_cache_only_when_a_row_used_one():
         denoise = DenoiseStats(generated=2, seconds=4.0, cached_steps=cached_steps, cached_steps_computed=computed)
         return Summary(2, 2, 0, 0, 0, EncodeStats(), denoise, "out", "out/results.parquet", []).to_dict()
 
-    assert "step cache" not in dict(summary_metrics(report(0, 0)))
-    assert dict(summary_metrics(report(100, 37)))["step cache"].startswith("37 of 100 steps computed in full (37%)")
+    assert "step cache: steps computed / run" not in dict(summary_metrics(report(0, 0)))
+    assert dict(summary_metrics(report(100, 37)))["step cache: steps computed / run"] == "37 / 100"
 
 
 def test_the_flow_parameter_is_checked_and_normalized():

@@ -1,7 +1,7 @@
 """What a run did: the denoise stage's stats, the run's summary, and the one way both are shown.
 
-The CLI prints `summary_rows` under "qwen-batch summary"; the flow shows the same rows as its summary
-table, from `Summary.to_dict()` (the flow's result), so the two cannot say different things. A shard run
+The CLI prints `summary_rows` under "qwen-batch summary"; the flow builds its summary table (one figure a row,
+for the UI) from `Summary.to_dict()`, the one serialized form, which is also the flow's result. A shard run
 also leaves its stats in the output folder (`write_shard_stats`), where the fan-out's merge sums every
 shard's (`sum_shard_stats`) for the whole fleet's figures.
 """
