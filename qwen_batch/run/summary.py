@@ -1,4 +1,4 @@
-"""What a run did: the denoise stage's stats, the run's summary, and the one way both are shown.
+"""What a run did: the denoise stage's stats, the run's summary, and how the CLI shows them.
 
 The CLI prints `summary_rows` under "qwen-batch summary"; the flow builds its summary table (one figure a row,
 for the UI) from `Summary.to_dict()`, the one serialized form, which is also the flow's result. A shard run
