@@ -549,6 +549,12 @@ class _RowRules:
     defaults: RowDefaults
     family: RowRules  # the model family's sizes, steps and guidance
 
+    @property
+    def edits(self) -> bool:
+        """The rows are an edit model's (their images are what they edit), not condition images of a
+        text-to-image row (Qwen-Image-2.1), which leave image starts and controls to the family to refuse."""
+        return self.edit and not self.family.max_condition_images
+
 
 def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Request | InvalidRow:
     """Resolve defaults and check every field; all of a row's problems are reported together."""
@@ -578,14 +584,15 @@ def _validate_row(index: int, values: dict[str, Any], rules: _RowRules) -> Reque
     negative = values.get("negative_prompt")
     resolved["negative_prompt"] = DEFAULT_NEGATIVE_PROMPT if negative is None else negative
     if rules.edit:
-        check("images", lambda: _input_images(values, rules.policy))
-    # An edit row without a size takes its input image's aspect ratio (resolved in stage 2).
-    default_size = None if rules.edit else rules.family.default_size
+        check("images", lambda: _input_images(values, rules.policy, rules.family.max_condition_images))
+    # A row with input (or condition) images and no size takes the last image's aspect ratio (resolved in stage 2).
+    has_images = rules.edit and bool(resolved.get("images", True))
+    default_size = None if has_images else rules.family.default_size
     check("width", lambda: _size(values, "width", rules.family, default_size))
     check("height", lambda: _size(values, "height", rules.family, default_size))
     check("seed", lambda: _seed(values, row_id))
     check("num_inference_steps", lambda: _steps(values, rules.family))
-    check("true_cfg_scale", lambda: _true_cfg_scale(values, rules.family))
+    check("true_cfg_scale", lambda: _true_cfg_scale(values, rules.family, negative))
     check("loras", lambda: _loras(values, rules))
     check("scheduler_shift", lambda: _scheduler_shift(values, rules.defaults))
     check(STEP_CACHE_COLUMN, lambda: _step_cache(values, rules.defaults))
@@ -656,18 +663,26 @@ def _step_cache(values: dict[str, Any], defaults: RowDefaults) -> str | None:
         raise _RowProblem(f"{STEP_CACHE_COLUMN} {error}") from error
 
 
-def _input_images(values: dict[str, Any], policy: InputPolicy) -> tuple[str, ...]:
+def _input_images(values: dict[str, Any], policy: InputPolicy, condition_images: int = 0) -> tuple[str, ...]:
+    """An edit row's input images (1 to MAX_INPUT_IMAGES), or for a family that takes condition images on
+    text-to-image rows (`condition_images` > 0) none to that many."""
+    optional, most = condition_images > 0, condition_images or MAX_INPUT_IMAGES
     if IMAGE_COLUMN in values:
         raw = values[IMAGE_COLUMN]
+        if raw is None and optional:
+            return ()
         if raw is None:
             raise _RowProblem(f"{IMAGE_COLUMN} is missing (null); give the URL or path of the input image")
         listed, column = [raw], IMAGE_COLUMN
     else:
         listed, column = values.get(IMAGES_COLUMN), IMAGES_COLUMN
+        if not listed and optional:
+            return ()
         if not listed:
             raise _RowProblem(f"{IMAGES_COLUMN} is empty; give 1 to {MAX_INPUT_IMAGES} input image URLs")
-        if len(listed) > MAX_INPUT_IMAGES:
-            raise _RowProblem(f"{IMAGES_COLUMN} has {len(listed)} images; use at most {MAX_INPUT_IMAGES}")
+        if len(listed) > most:
+            what = "condition images with this model" if optional else "input images"
+            raise _RowProblem(f"{IMAGES_COLUMN} has {len(listed)} images; use at most {most} {what}")
     resolved = []
     for position, raw in enumerate(listed):
         label = column if column == IMAGE_COLUMN else f"{column}[{position}]"
@@ -686,7 +701,7 @@ def _controls(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     from qwen_batch.pipeline.conditions.control_preprocess import ControlPreprocessError, check_preprocess
 
     raw = values.get(CONTROL_IMAGE_COLUMN)
-    if rules.edit:
+    if rules.edits:
         raise _RowProblem("control_image and its columns are for text-to-image rows; remove them from edit rows")
     listed = [raw] if isinstance(raw, str) else list(raw or [])
     if not listed:
@@ -764,7 +779,7 @@ def _image_start(values: dict[str, Any], rules: _RowRules) -> dict[str, Any]:
     """init_image, mask_image and strength: checked together, since each needs the others' context."""
     init, mask, strength = (values.get(name) for name in (INIT_IMAGE_COLUMN, MASK_IMAGE_COLUMN, STRENGTH_COLUMN))
     padding = values.get("mask_crop_padding")
-    if rules.edit:  # edit-inpainting: the edit's input image is the one the row starts from and repaints
+    if rules.edits:  # edit-inpainting: the edit's input image is the one the row starts from and repaints
         init = _edit_inpaint_image(values, init, mask, padding)
     if init is None:
         given = MASK_IMAGE_COLUMN if mask is not None else STRENGTH_COLUMN
@@ -821,6 +836,15 @@ def _seed(values: dict[str, Any], row_id: str | None) -> int:
 
 
 def _steps(values: dict[str, Any], rules: RowRules) -> int:
+    if rules.fixed_steps is not None:
+        steps = _integer(values, "num_inference_steps", rules.fixed_steps)
+        if steps != rules.fixed_steps:
+            raise _RowProblem(
+                f"num_inference_steps {steps} cannot be used: this checkpoint samples a fixed grid of "
+                f"{rules.fixed_steps} sigmas (sample_sigmas in its model_index.json); leave num_inference_steps "
+                f"empty or give {rules.fixed_steps}"
+            )
+        return steps
     steps = _integer(values, "num_inference_steps", rules.default_steps)
     if not rules.min_steps <= steps <= rules.max_steps:
         hint = " (one step gives a NaN image with this model's scheduler)" if steps == 1 else ""
@@ -830,13 +854,18 @@ def _steps(values: dict[str, Any], rules: RowRules) -> int:
     return steps
 
 
-def _true_cfg_scale(values: dict[str, Any], rules: RowRules) -> float:
+def _true_cfg_scale(values: dict[str, Any], rules: RowRules, negative_prompt: str | None = None) -> float:
     scale = values.get("true_cfg_scale")
     scale = rules.default_true_cfg_scale if scale is None else float(scale)
     if not (math.isfinite(scale) and MIN_TRUE_CFG_SCALE <= scale <= MAX_TRUE_CFG_SCALE):
         raise _RowProblem(
             f"true_cfg_scale {scale} is out of range: use a number from {MIN_TRUE_CFG_SCALE} to "
             f"{MAX_TRUE_CFG_SCALE} (above 1 turns classifier-free guidance on)"
+        )
+    if scale > 1.0 and rules.guidance_needs_negative_prompt and not (negative_prompt or "").strip():
+        raise _RowProblem(
+            f"true_cfg_scale {scale} needs a negative_prompt with this model: it guides only against one "
+            "(give the row a negative_prompt, or leave true_cfg_scale empty for the model's 1.0)"
         )
     return scale
 

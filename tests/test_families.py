@@ -11,6 +11,7 @@ import pytest
 from qwen_batch.errors import ModelError
 from qwen_batch.families import EDIT, EDIT_PLUS, GENERATE, family_of_pipeline, tiny_model
 from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+from qwen_batch.families.qwen_image21 import FAMILY as QWEN_IMAGE21
 from qwen_batch.manifest import validate_table
 from qwen_batch.weights.model_source import ModelSource, model_family, pipeline_class_name
 
@@ -23,14 +24,20 @@ def test_the_family_comes_from_the_pipeline_class_of_model_index_json(tmp_path):
         assert model_family(source) is QWEN_IMAGE and QWEN_IMAGE.task_of(pipeline_class_name(source)) == task
     (tmp_path / "next").mkdir()
     (tmp_path / "next" / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline"}))
-    with pytest.raises(ModelError, match=r"is a QwenImage21Pipeline; qwen-batch runs QwenImagePipeline, "):
-        model_family(ModelSource(name="./next", location=str(tmp_path / "next")))
+    assert model_family(ModelSource(name="./next", location=str(tmp_path / "next"))) is QWEN_IMAGE21
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(
+        ModelError, match=r"is a FluxPipeline; qwen-batch runs QwenImagePipeline, .*QwenImage21Pipeline"
+    ):
+        model_family(ModelSource(name="./other", location=str(tmp_path / "other")))
 
 
 def test_tiny_models_are_registered_by_their_family():
     assert tiny_model("tiny") == (QWEN_IMAGE, GENERATE)
     assert tiny_model("tiny-edit") == (QWEN_IMAGE, EDIT) and tiny_model("Qwen/Qwen-Image") is None
     assert family_of_pipeline("QwenImageEditPipeline", "m") is QWEN_IMAGE
+    assert tiny_model("tiny-2.1") == (QWEN_IMAGE21, GENERATE) and tiny_model("tiny-2.1-turbo")[0] is QWEN_IMAGE21
 
 
 def test_a_rows_sizes_steps_and_guidance_are_the_familys():

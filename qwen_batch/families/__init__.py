@@ -9,7 +9,7 @@ none of them names a pipeline class.
 A model's family comes from the `_class_name` its `model_index.json` names (`family_of_pipeline`), or for
 the tiny models from their name (`tiny_model`). Adding a family (Qwen-Image-2.1: a single-stream
 transformer with block-causal attention, a Qwen3-VL encoder and a prefix KV cache) is a subpackage
-here with its `FAMILY`, and one entry in `FAMILIES`; see docs/architecture.md.
+here with its `FAMILY`, and one entry in `_families`; see docs/architecture.md.
 
 This module and the families' `__init__` stay light (no torch, no diffusers): `qwen-batch validate` and
 `--help` read them.
@@ -42,6 +42,16 @@ class RowRules:
     min_steps: int
     max_steps: int
     default_true_cfg_scale: float
+    # Condition images a text-to-image row may bring in `images` (or `image`), shared by no other row: the
+    # encoder sees them with the prompt and their latents precede the noise (Qwen-Image-2.1). 0: none; edit
+    # models take their input images through the edit task instead.
+    max_condition_images: int = 0
+    # The checkpoint samples a fixed grid of sigmas (2.1-Turbo's `sample_sigmas`): its length is the only step
+    # count a row may ask for.
+    fixed_steps: int | None = None
+    # Guidance runs only against a negative prompt the row gives (2.1): above 1 without one is refused, where
+    # diffusers would silently turn guidance off.
+    guidance_needs_negative_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,18 @@ class ModelFamily:
     encode: Callable[[list, Any, bool], Any]
     # Stage 2: the class that loads the transformer and VAE once and denoises batches (its `generate`).
     generator_class: Callable[[], type]
+    # The embedding cache of a model: (folder, source, dtype, pipeline class, edit manifest?) -> EmbeddingCache,
+    # its namespace hashing everything besides a row's inputs that determines what stage 1 caches.
+    open_cache: Callable[[Any, Any, Any, str, bool], Any]
+    # Stage 2's view of that cache: (cache, edit manifest?) -> an object whose `resolve(request)` gives the item
+    # a batch is made of (its `batch_key`, its `request`; raises QwenBatchError for a row that cannot run),
+    # `load(item)` the row's cached tensors, `conditions(rows, items)` what `generate` takes besides the text,
+    # `finished(images, rows)` the images as written.
+    cached_rows: Callable[[Any, bool], Any]
+    # The rules of one checkpoint (model_index.json's config), where they differ from the family's.
+    checkpoint_rules: Callable[[RowRules, Mapping[str, Any]], RowRules] = lambda rules, model_index: rules
+    # Why a valid row cannot run on this family (a feature it lacks), or None: the row turns invalid with it.
+    unsupported: Callable[[Any], str | None] = lambda request: None
 
     def task_of(self, pipeline_class: str) -> str:
         return self.pipelines[pipeline_class]
@@ -76,8 +98,9 @@ class ModelFamily:
 
 def _families() -> tuple[ModelFamily, ...]:
     from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+    from qwen_batch.families.qwen_image21 import FAMILY as QWEN_IMAGE21
 
-    return (QWEN_IMAGE,)
+    return (QWEN_IMAGE, QWEN_IMAGE21)
 
 
 def family_of_pipeline(pipeline_class: str | None, model: str) -> ModelFamily:

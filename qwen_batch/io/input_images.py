@@ -94,8 +94,11 @@ def image_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_input_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str) -> InputImage:
-    """Decode `data` (a PNG, JPEG or WebP file's bytes) into an upright 8-bit RGB image.
+def load_input_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str, keep_alpha: bool = False
+) -> InputImage:
+    """Decode `data` (a PNG, JPEG or WebP file's bytes) into an upright 8-bit RGB image (RGBA where the image
+    has transparency and `keep_alpha` asks for it: Qwen-Image-2.1's VAE reads the alpha channel).
 
     `source` names the image in error messages (its path or URL). Raises `InputImageError` for anything
     that is not a usable image of at most `max_pixels` pixels.
@@ -137,7 +140,7 @@ def load_input_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, sourc
     try:
         image.load()
         upright = _upright(image)
-        rgb = _to_rgb(upright)
+        rgb = _to_rgb(upright, keep_alpha)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise _too_large(source, max_pixels, _pillow_bomb_size(error)) from None
     except Exception as error:  # decoders raise OSError, SyntaxError, ValueError, zlib.error... on bad data
@@ -152,8 +155,8 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: alpha composited over white, 16-bit grey scaled (see the module docstring)."""
+def _to_rgb(image: Image.Image, keep_alpha: bool = False) -> Image.Image:
+    """8-bit RGB: alpha composited over white (or kept, as RGBA), 16-bit grey scaled (see the module docstring)."""
     from PIL import Image
 
     if image.mode in _SIXTEEN_BIT_GREY:
@@ -162,6 +165,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         # Converting to RGBA applies a palette's or a colour key's transparency as alpha.
         rgba = image.convert("RGBA")
+        if keep_alpha:
+            return rgba
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
 
@@ -203,13 +208,14 @@ class ReadInput:
 
 
 def read_input_images(
-    urls: Sequence[str], storage_options: StorageOptions, max_pixels: int, threads: int
+    urls: Sequence[str], storage_options: StorageOptions, max_pixels: int, threads: int, keep_alpha: bool = False
 ) -> Iterator[ReadInput]:
     """Fetch and decode input images in order, a few ahead of the consumer."""
 
     def read(url: str) -> ReadInput:
         try:
-            loaded = load_input_image(read_url(url, storage_options), max_pixels=max_pixels, source=url)
+            data = read_url(url, storage_options)
+            loaded = load_input_image(data, max_pixels=max_pixels, source=url, keep_alpha=keep_alpha)
         except QwenBatchError as error:
             return ReadInput(url=url, error=str(error))
         return ReadInput(url=url, image=loaded.image, sha256=loaded.sha256)

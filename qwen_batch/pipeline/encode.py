@@ -129,7 +129,7 @@ def _encoder_straight_to(source: ModelSource, device: str, dtype: torch.dtype):
 
     from qwen_batch.weights.checkpoint_files import ReleasedAfterRead, read_safetensors, safetensors_files
 
-    folder = source.folder_with(QWEN_IMAGE.encoder_components)
+    folder = source.folder_with(("text_encoder",))
     _, class_name = json.loads((folder / "model_index.json").read_text())["text_encoder"]
     state = {
         name: ReleasedAfterRead(stored)

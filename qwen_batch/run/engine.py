@@ -18,17 +18,15 @@ from qwen_batch.errors import ConfigError, QwenBatchError
 from qwen_batch.families import EDIT_PLUS, GENERATE, ModelFamily, tiny_model
 from qwen_batch.io.input_images import input_versions
 from qwen_batch.io.storage import Folder, StorageOptions
-from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, read_manifest
+from qwen_batch.manifest import EDIT, IMAGES_COLUMN, InvalidRow, Manifest, Request, read_manifest, validate_table
 from qwen_batch.memory.device import gpu_memory_gib, reset_peak_memory, resolve_device, resolve_dtype
 from qwen_batch.memory.oom import is_out_of_memory, retry_in_halves
 from qwen_batch.memory.placement import Placement, RunMemory, decide_run_memory
 from qwen_batch.memory.planner import WeightsSummary, check_mode_for_weights
 from qwen_batch.pipeline.conditions.cached_images import prepare_image_inputs
 from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
-from qwen_batch.pipeline.conditions.edit import EditConditions, EditRow, open_edit_cache
-from qwen_batch.pipeline.conditions.rows import CachedRows, LoadedRow, finished_images, stack
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache
-from qwen_batch.pipeline.encode import EncodeContext, EncodeStats, open_cache
+from qwen_batch.pipeline.encode import EncodeContext, EncodeStats
 from qwen_batch.progress import Progress, Silent
 from qwen_batch.run.config import RunConfig
 from qwen_batch.run.results import FAILED, INVALID, OK, PARTS_FOLDER, RESULTS_FILE, Record, ResultStore, fingerprint
@@ -38,6 +36,7 @@ from qwen_batch.run.writer import BatchWriter
 from qwen_batch.weights.model_source import (
     ModelSource,
     model_family,
+    model_index,
     pipeline_class_name,
     resolve_model,
 )
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
     from qwen_batch.pipeline.denoise import ImageGenerator
 
 log = logging.getLogger(__name__)
-T = TypeVar("T", Request, EditRow)
+T = TypeVar("T")
 
 CACHE_FOLDER = "cache"
 TRUNCATION_WARNING = "prompt longer than the encoder's 1024-token limit: truncated"
@@ -108,7 +107,15 @@ def plan_run(config: RunConfig) -> RunPlan:
     dtype = resolve_dtype(config.dtype, device)
     source = resolve_model(_model_for(config.model, manifest, family))
     pipeline_class = pipeline_class_name(source)
+    rules = family.checkpoint_rules(family.rows, model_index(source))
+    if rules != family.rows:  # this checkpoint's own defaults (2.1-Turbo's fixed steps): the rows checked again
+        manifest = validate_table(
+            manifest.table, manifest.url, manifest.task, config.allow_inputs, config.row_defaults, rules
+        )
     _check_model_fits(manifest, source, family, pipeline_class)
+    manifest = _invalidate(
+        manifest, {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
+    )
     transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     controlnet, manifest = _with_controlnet(config, source, manifest)
@@ -160,11 +167,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         manifest=manifest,
         output=output,
         store=store,
-        cache=(
-            open_edit_cache(cache_folder, source, pipeline_class, dtype)
-            if manifest.task == EDIT
-            else open_cache(cache_folder, source, dtype)
-        ),
+        cache=family.open_cache(cache_folder, source, dtype, pipeline_class, manifest.task == EDIT),
         source=source,
         device=device,
         dtype=dtype,
@@ -201,7 +204,7 @@ def _family_of(model: str) -> ModelFamily:
 
 def _model_for(model: str, manifest: Manifest, family: ModelFamily) -> str:
     """A tiny model's name means the family's tiny model of the manifest's task."""
-    if tiny_model(model) is None or manifest.task != EDIT:
+    if tiny_model(model) is None or manifest.task != EDIT or family.rows.max_condition_images:
         return model
     task = EDIT_PLUS if IMAGES_COLUMN in manifest.table.column_names else EDIT
     return next(name for name, does in family.tiny_models.items() if does == task)
@@ -210,6 +213,8 @@ def _model_for(model: str, manifest: Manifest, family: ModelFamily) -> str:
 def _check_model_fits(manifest: Manifest, source: ModelSource, family: ModelFamily, pipeline_class: str) -> None:
     """A text-to-image model cannot edit and vice versa: say so before anything loads."""
     task, examples = family.task_of(pipeline_class), family.example_models
+    if family.rows.max_condition_images:  # its text-to-image rows may bring condition images: any manifest runs
+        return
     if manifest.task == EDIT and task == GENERATE:
         raise ConfigError(
             f"{manifest.url} is an edit manifest but model {source.name!r} is a text-to-image {pipeline_class}; "
@@ -351,8 +356,13 @@ def make_batches(items: Sequence[T], batch_size: int) -> list[list[T]]:
     return [group[i : i + batch_size] for group in ordered for i in range(0, len(group), batch_size)]
 
 
-def _loras_of(item: Request | EditRow) -> tuple[LoraRef, ...]:
-    return (item.request if isinstance(item, EditRow) else item).loras
+def _loras_of(item: Any) -> tuple[LoraRef, ...]:
+    return _request_of(item).loras
+
+
+def _request_of(item: Any) -> Request:
+    """The request of a batch item: a request, or a row resolved for stage 2 (an edit row...) that holds one."""
+    return item if isinstance(item, Request) else item.request
 
 
 def denoise_stage(
@@ -372,13 +382,9 @@ def denoise_stage(
     cached_before = (generator.cached_steps, generator.cached_steps_computed)
     progress.start("denoise", len(requests), "images")
     try:
-        if plan.is_edit:
-            conditions = EditConditions(plan.cache, generator.pipe.vae_scale_factor)
-            batches = _edit_batches(plan, conditions, writer, requests)
-        else:
-            conditions, batches = None, make_batches(requests, plan.batch_size)
-        for batch in batches:
-            _generate_batch(plan, generator, writer, batch, conditions)
+        rows = plan.family.cached_rows(plan.cache, plan.is_edit)
+        for batch in _batches(plan, rows, writer, requests):
+            _generate_batch(plan, generator, writer, batch, rows)
             progress.advance(len(batch))
         stats.records = writer.drain()
     finally:
@@ -418,40 +424,38 @@ def _failure(plan: RunPlan, request: Request, error: Exception) -> Record:
     return _record(plan, request, status=FAILED, error=f"{type(error).__name__}: {error}")
 
 
-def _edit_batches(
-    plan: RunPlan, conditions: EditConditions, writer: BatchWriter, requests: list[Request]
-) -> list[list[EditRow]]:
-    """Edit rows grouped by output size, schedule, guidance and input grids, from the cache's notes
-    (a few bytes per input); a row whose input could not be used fails here with stage 1's reason."""
-    rows, failed = [], []
+def _batches(plan: RunPlan, rows, writer: BatchWriter, requests: list[Request]) -> list[list[Any]]:
+    """Rows resolved by the family's view of the cache (edit rows: their output size and input grids, from
+    the cache's notes, a few bytes per input) and grouped into batches; a row whose input could not be used
+    fails here with stage 1's reason."""
+    resolved, failed = [], []
     for request in requests:
         try:
-            rows.append(conditions.resolve(request))
+            resolved.append(rows.resolve(request))
         except QwenBatchError as error:
             failed.append(_failure(plan, request, error))
     if failed:
         writer.submit_failures(failed)
-    return make_batches(rows, plan.batch_size)
+    return make_batches(resolved, plan.batch_size)
 
 
 def _generate_batch(
     plan: RunPlan,
     generator: ImageGenerator,
     writer: BatchWriter,
-    batch: list[Request] | list[EditRow],
-    edit_conditions: EditConditions | None = None,
+    batch: list[Any],
+    source,
 ) -> None:
     # A row whose cached inputs cannot be read fails alone; the rest of the batch still runs.
     started = time.perf_counter()
-    source = CachedRows(plan.cache, edit_conditions)
-    rows: list[LoadedRow] = []
+    rows = []
     kept = []  # the items of `rows`, to retry in halves if the GPU runs out of memory
     failed = []
     for item in batch:
         try:
             rows.append(source.load(item))
         except QwenBatchError as error:
-            failed.append(_failure(plan, item.request if isinstance(item, EditRow) else item, error))
+            failed.append(_failure(plan, _request_of(item), error))
             continue
         kept.append(item)
     if failed:
@@ -464,7 +468,7 @@ def _generate_batch(
             ready,
             [row.prompt for row in rows],
             [row.negative for row in rows] if ready[0].uses_cfg else None,
-            stack(rows, batch[0].image_shapes if isinstance(batch[0], EditRow) else ()),
+            source.conditions(rows, kept),
         )
     except Exception as error:  # a failing batch must not stop the others; its rows carry the error
         if not (is_out_of_memory(error) and len(ready) > 1):
@@ -473,10 +477,10 @@ def _generate_batch(
             return
         images = None  # out of GPU memory: retried below, once the error no longer holds the attempt's tensors
     if images is None:
-        retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, edit_conditions), plan.device)
+        retry_in_halves(kept, lambda half: _generate_batch(plan, generator, writer, half, source), plan.device)
         return
     computed = getattr(images, "steps_computed", None) or [(None, None)] * len(rows)  # rows with a step cache
-    images = finished_images(images, rows, generator.pipe.vae_scale_factor * 2)
+    images = source.finished(images, rows)
     seconds = (time.perf_counter() - started) / len(ready)
     records = []
     for row, (steps, uncond_steps) in zip(rows, computed, strict=True):

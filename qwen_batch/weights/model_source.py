@@ -105,25 +105,28 @@ class ModelSource:
             raise _cannot_load(self, error) from error
 
 
-def pipeline_class_name(source: ModelSource) -> str:
-    """The diffusers pipeline class the model was saved with (`_class_name` in model_index.json), checked
-    against the families qwen-batch runs."""
+def model_index(source: ModelSource) -> dict[str, Any]:
+    """The model's `model_index.json`: its pipeline class and the pipeline's own config (2.1-Turbo's
+    `sample_sigmas`). A model built in memory has only its class."""
     import json
 
     if source.loader is not None:
-        name = source.pipeline_class  # a model built in memory says which it is
-    else:
-        folder = source.local_folder
-        try:
-            if folder is not None:
-                config = json.loads((folder / "model_index.json").read_text())
-            else:
-                from diffusers import DiffusionPipeline
+        return {"_class_name": source.pipeline_class}
+    folder = source.local_folder
+    try:
+        if folder is not None:
+            return json.loads((folder / "model_index.json").read_text())
+        from diffusers import DiffusionPipeline
 
-                config = DiffusionPipeline.load_config(source.location)
-        except (OSError, ValueError) as error:
-            raise _cannot_load(source, error) from error
-        name = config.get("_class_name")
+        return dict(DiffusionPipeline.load_config(source.location))
+    except (OSError, ValueError) as error:
+        raise _cannot_load(source, error) from error
+
+
+def pipeline_class_name(source: ModelSource) -> str:
+    """The diffusers pipeline class the model was saved with (`_class_name` in model_index.json), checked
+    against the families qwen-batch runs."""
+    name = model_index(source).get("_class_name")
     family_of_pipeline(name, source.name)  # a ModelError naming what runs, for any other class
     return name
 

@@ -45,6 +45,23 @@ def _encode(requests: list, context, edit: bool):
     return encode_texts([text for request in requests for text in request.texts], context)
 
 
+def _open_cache(folder, source, dtype, pipeline_class: str, edit: bool):
+    if edit:  # an instruction's embedding depends on its images and the edit template
+        from qwen_batch.pipeline.conditions.edit import open_edit_cache
+
+        return open_edit_cache(folder, source, pipeline_class, dtype)
+    from qwen_batch.pipeline.encode import open_cache
+
+    return open_cache(folder, source, dtype)
+
+
+def _cached_rows(cache, edit: bool):
+    from qwen_batch.pipeline.conditions.edit import EditConditions
+    from qwen_batch.pipeline.conditions.rows import CachedRows
+
+    return CachedRows(cache, EditConditions(cache) if edit else None)
+
+
 def _generator_class() -> type:
     from qwen_batch.pipeline.denoise import ImageGenerator
 
@@ -76,4 +93,6 @@ FAMILY = ModelFamily(
     cost_constants=_cost_constants,
     encode=_encode,
     generator_class=_generator_class,
+    open_cache=_open_cache,
+    cached_rows=_cached_rows,
 )

@@ -20,13 +20,15 @@ import torch
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """`x` `[rows, tokens, heads, head_dim]` rotated by `freqs`: complex `[tokens, head_dim / 2]`, as
+    """`x` `[rows, tokens, heads, head_dim]` rotated by `freqs`: complex `[(rows,) tokens, head_dim / 2]`, as
     diffusers' `QwenEmbedRope` gives them, or their `torch.view_as_real` (gather tokens from that, not
     from the complex tensor: indexing is a complex op too). What `apply_rotary_emb_qwen(x, freqs,
     use_real=False)` returns, in real arithmetic."""
     if freqs.is_complex():
         freqs = torch.view_as_real(freqs)  # a view: [tokens, head_dim / 2, 2]
-    cos, sin = freqs.unsqueeze(1).unbind(-1)  # each [tokens, 1, head_dim / 2]
+    # One rotation per token, shared by every row ([tokens, ...]) or per row ([rows, tokens, ...]: Qwen-Image-2.1's
+    # rows each place their image after their own prefix): broadcast over the heads either way.
+    cos, sin = freqs.unsqueeze(-3).unbind(-1)  # each [(rows,) tokens, 1, head_dim / 2]
     # (a, b) -> (a cos - b sin, b cos + a sin) as (a, b) cos + (b, a) (-sin, sin): a flip of the pairs,
     # not a stack of their halves, which Inductor would write out as an fp32 buffer of the whole
     # query; only the small sine pair is stacked. The signs come from the frequencies, not from a

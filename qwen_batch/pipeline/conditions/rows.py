@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from qwen_batch.pipeline.embedding_cache import EmbeddingCache
 
 
+PATCH_PIXELS = 16  # the pixels of one latent token's side: the VAE's 8x times the transformer's 2x2 patches
+
+
 @dataclass
 class LoadedRow:
     request: Request
@@ -42,6 +45,17 @@ class CachedRows:
     def __init__(self, cache: EmbeddingCache, edits: EditConditions | None = None):
         self.cache, self.edits = cache, edits
         self.images = CachedImageInputs(cache)
+
+    def resolve(self, request: Request) -> Request | EditRow:
+        """What a batch is made of: an edit row with its output size and input grids (from the cache's notes);
+        raises the reason a row's input could not be used."""
+        return self.edits.resolve(request) if self.edits is not None else request
+
+    def conditions(self, rows: Sequence[LoadedRow], items: Sequence[Request | EditRow]) -> BatchConditions:
+        return stack(rows, items[0].image_shapes if isinstance(items[0], EditRow) else ())
+
+    def finished(self, images, rows: Sequence[LoadedRow]):
+        return finished_images(images, rows, PATCH_PIXELS)
 
     def load(self, item: Request | EditRow) -> LoadedRow:
         if isinstance(item, EditRow):

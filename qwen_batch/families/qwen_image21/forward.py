@@ -1,0 +1,207 @@
+"""The 2.1 transformer over a batch of rows that differ in prompt and condition images.
+
+Under `causal_condition`, a row's prefix (its text and condition-image tokens) is modulated from t = 0 and
+attends only to itself, so its keys and values at every block are the same at every step. diffusers computes
+them at the first step of a call and reuses them (its `QwenImage21KVCache`); its batched call pads prompts to one
+length, which moves each row's image in the rotary positions (its own test accepts a 2e-3 drift), and gives
+every prompt the same condition images.
+
+Here each row's first step is diffusers' own forward for that row alone (`prefill`): the row's prediction at
+that step and its prefix's keys and values, exactly as the pipeline makes them. Every later step runs the
+batch's target tokens together (`Decoder.forward`): the projections, norms, modulation and feed-forwards over
+all rows at once, and the attention of each group of rows with one prefix length against its own prefix (no
+padding, no mask), which is the pipeline's decode step for that row. The blocks' own modules (and any adapter
+layers in them) do the arithmetic, in the pipeline's order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+SLOT_TOKENS = 4  # each of the encoder's image slots stands for 2x2 latent tokens
+
+
+@dataclass
+class RowForward:
+    """One forward row of a batch (a row, or a row's negative prompt with guidance) as its prefix defines it."""
+
+    text: torch.Tensor  # [tokens, hidden] on the device
+    slots: torch.Tensor  # [tokens] bool on the device
+    image_latents: torch.Tensor | None  # the condition images' packed latents, one after another [n, channels]
+    image_shapes: tuple[tuple[int, int, int], ...]
+
+
+@dataclass
+class Prefix:
+    """A forward row's cached prefix: its keys and values at every block, and its target tokens' rotary."""
+
+    keys: list[torch.Tensor]  # per block [1, prefix, heads, head_dim]
+    values: list[torch.Tensor]
+    rotary: torch.Tensor  # [target, head_dim / 2] complex
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1]
+
+
+def _layout(row: RowForward, target_shape: tuple[int, int, int]) -> tuple[list, torch.Tensor]:
+    """diffusers' `img_shapes` for the row and `img_mask` over the encoder's sequence plus the target's slots."""
+    target_slots = math.prod(target_shape) // SLOT_TOKENS
+    img_mask = torch.cat([row.slots, row.slots.new_ones(target_slots)])[None]
+    return [[*row.image_shapes, target_shape]], img_mask
+
+
+def prefill(
+    transformer, row: RowForward, latents: torch.Tensor, timestep: torch.Tensor, target_shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, Prefix]:
+    """The first step of one forward row, as the pipeline runs it for that row alone (`kv_cache_mode`
+    "extract"): its prediction for the target tokens `[1, target, channels]` and its prefix for later steps."""
+    from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
+
+    img_shapes, img_mask = _layout(row, target_shape)
+    hidden = latents if row.image_latents is None else torch.cat([row.image_latents[None], latents], dim=1)
+    cache = QwenImage21KVCache(len(transformer.transformer_blocks))
+    output = transformer(
+        hidden_states=hidden,
+        timestep=timestep,
+        encoder_hidden_states=row.text[None],
+        encoder_hidden_states_mask=None,  # alone: nothing is padded (the pipeline passes None then too)
+        img_shapes=img_shapes,
+        img_mask=img_mask,
+        kv_cache=cache,
+        kv_cache_mode="extract",
+        return_dict=False,
+    )[0]
+    layers = cache.layer_caches
+    prefix = Prefix(
+        [layer.k for layer in layers], [layer.v for layer in layers], _target_rotary(transformer, row, target_shape)
+    )
+    return output[:, -latents.shape[1] :], prefix
+
+
+def _target_rotary(transformer, row: RowForward, target_shape: tuple[int, int, int]) -> torch.Tensor:
+    """The rotary embedding of the row's target tokens: the pipeline's over the row's whole sequence, sliced."""
+    img_shapes, img_mask = _layout(row, target_shape)
+    repeats = torch.where(img_mask, SLOT_TOKENS, 1)[0]
+    image_pad_mask = torch.repeat_interleave(img_mask[0], repeats)
+    rotary = transformer.pos_embed(img_shapes[0], image_pad_mask, device=row.text.device)
+    return rotary[-math.prod(target_shape) :]
+
+
+class BeforeAttention(torch.nn.Module):
+    """A block's work before its attention, for target tokens: norm, modulation, Q/K/V, QK norms, RoPE.
+    Shapes do not depend on the rows' prefixes, so this compiles once for every batch."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden: torch.Tensor, scale: torch.Tensor, rotary: torch.Tensor):
+        from qwen_batch.families.qwen_image.rotary import apply_rotary
+
+        attn = self.block.attn
+        modulated = self.block.img_norm1(hidden) * (1 + scale)
+        head_dim = attn.inner_dim // attn.heads
+        query = attn.to_q(modulated).unflatten(-1, (-1, head_dim))
+        key = attn.to_k(modulated).unflatten(-1, (-1, head_dim))
+        value = attn.to_v(modulated).unflatten(-1, (-1, head_dim))
+        query = apply_rotary(attn.norm_q(query).to(value.dtype), rotary)
+        key = apply_rotary(attn.norm_k(key).to(value.dtype), rotary)
+        return query, key, value
+
+
+class AfterAttention(torch.nn.Module):
+    """A block's work after its attention: output projection, gated residual, the modulated SwiGLU."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden, attention, gate, scale, mlp_gate):
+        block = self.block
+        attention = attention.flatten(2, 3).type_as(hidden)
+        hidden = hidden + gate.tanh() * block.attn.to_out[1](block.attn.to_out[0](attention))
+        hidden = hidden + mlp_gate.tanh() * block.img_mlp(block.img_norm2(hidden) * (1 + scale))
+        if hidden.dtype == torch.float16:
+            hidden = hidden.clip(-65504, 65504)
+        return hidden
+
+
+def block_regions(transformer, compile: bool = False) -> list[tuple[BeforeAttention, AfterAttention]]:
+    """Each block's two regions around its attention, compiled when asked (regional: the 32 blocks share
+    their graphs; the attention between, whose key length is each row's prefix, stays out of them)."""
+    regions = [(BeforeAttention(block), AfterAttention(block)) for block in transformer.transformer_blocks]
+    if compile:
+        from qwen_batch.memory.placement import COMPILE_OPTIONS
+
+        for before, after in regions:
+            before.compile(fullgraph=True, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
+            after.compile(fullgraph=True, dynamic=False, options=dict(COMPILE_OPTIONS) or None)
+    return regions
+
+
+class Decoder:
+    """The steps after the first, for a batch of forward rows with their prefixes."""
+
+    def __init__(self, transformer, prefixes: Sequence[Prefix], regions=None, attend=None):
+        self.transformer = transformer
+        self.regions = regions or block_regions(transformer)
+        # [rows, target, head_dim / 2, 2]: real, gathered once per batch (compiled code takes no complex tensor)
+        self.rotary = torch.view_as_real(torch.stack([prefix.rotary for prefix in prefixes]))
+        self.attend = attend or sdpa
+        # Rows with one prefix length attend in one call: their prefixes stacked once per block, here.
+        groups: dict[int, list[int]] = {}
+        for index, prefix in enumerate(prefixes):
+            groups.setdefault(prefix.length, []).append(index)
+        self.groups = []
+        for indices in groups.values():
+            keys = [torch.cat([prefixes[i].keys[b] for i in indices]) for b in range(len(prefixes[0].keys))]
+            values = [torch.cat([prefixes[i].values[b] for i in indices]) for b in range(len(prefixes[0].keys))]
+            rows = torch.tensor(indices, device=self.rotary.device)
+            self.groups.append((rows, keys, values))
+        self.whole = len(self.groups) == 1
+        order = torch.cat([rows for rows, _, _ in self.groups])
+        self.restore = order.argsort()
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The prediction for every forward row's target tokens `[rows, target, channels]`."""
+        transformer = self.transformer
+        hidden = transformer.img_in(latents)
+        timestep = timestep.to(hidden.dtype)
+        timestep = torch.cat([timestep, timestep.new_zeros(1)])  # the t = 0 row the prefix was modulated with
+        temb = transformer.time_text_embed(timestep, hidden)
+        modulation = transformer.modulation(temb)[:-1].unsqueeze(1)  # every token here is a target token
+        first, second = modulation.chunk(2, dim=-1)
+        scale, gate = first.chunk(2, dim=-1)
+        mlp_scale, mlp_gate = second.chunk(2, dim=-1)
+        for index, (before, after) in enumerate(self.regions):
+            query, key, value = before(hidden, scale, self.rotary)
+            attention = self._attention(index, query, key, value)
+            hidden = after(hidden, attention, gate, mlp_scale, mlp_gate)
+        norm = transformer.norm_out
+        norm_scale = norm.linear(norm.silu(temb).to(hidden.dtype))[:-1].unsqueeze(1)
+        return transformer.proj_out(norm.norm(hidden) * (1 + norm_scale))
+
+    def _attention(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Each row's target queries against its prefix's keys then its own: full attention, no mask."""
+        outputs = []
+        for rows, keys, values in self.groups:
+            if not self.whole:
+                query_rows, key_rows, value_rows = (t.index_select(0, rows) for t in (query, key, value))
+            else:
+                query_rows, key_rows, value_rows = query, key, value
+            full_keys = torch.cat([keys[index], key_rows], dim=1)
+            full_values = torch.cat([values[index], value_rows], dim=1)
+            outputs.append(self.attend(query_rows, full_keys, full_values))
+        return outputs[0] if self.whole else torch.cat(outputs).index_select(0, self.restore)
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Full attention `[rows, tokens, heads, head_dim]`: PyTorch's SDPA as diffusers' dispatcher calls it in the
+    pipeline's decode step (its flash or cuDNN kernel on a GPU)."""
+    query, key, value = (tensor.transpose(1, 2) for tensor in (query, key, value))
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value).transpose(1, 2)

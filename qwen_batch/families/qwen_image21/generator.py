@@ -1,0 +1,216 @@
+"""`ImageGenerator21`: a 2.1 model's transformer and VAE loaded and placed once, and each batch denoised from the
+cached embeddings: the first step row by row (`forward.prefill`, which also caches each row's prefix), every
+later step for the whole batch (`forward.Decoder`), then the VAE's RGBA images.
+
+The arithmetic is `QwenImage21Pipeline.__call__`'s for one prompt: the noise drawn from the row's own generator,
+the schedule (the checkpoint's `sample_sigmas`, or `linspace(1, 1/steps)` shifted for the image's size), guidance
+as `negative + scale * (prompt - negative)`, and the decode with the VAE's latents statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qwen_batch.adapters.fusion import AdapterFusion
+from qwen_batch.families.qwen_image21.forward import block_regions
+from qwen_batch.memory.device import release_memory
+from qwen_batch.memory.placement import (
+    FP8,
+    Placement,
+    QuantizedWeights,
+    place_transformer,
+    place_vae,
+    streaming_arena,
+    use_compile_cache,
+)
+from qwen_batch.pipeline.denoise.decoded import DecodedImages
+from qwen_batch.weights.model_source import ModelSource, load_pipeline
+
+if TYPE_CHECKING:
+    import torch
+
+    from qwen_batch.families.qwen_image21.rows import Batch21
+    from qwen_batch.manifest import Request
+    from qwen_batch.weights.transformer_file import TransformerFile
+
+log = logging.getLogger(__name__)
+
+LATENT_PIXELS = 16
+
+
+class ImageGenerator21:
+    """The denoising half of a Qwen-Image-2.1 model, loaded once and reused for every batch."""
+
+    def __init__(
+        self,
+        source: ModelSource,
+        device: str,
+        dtype: torch.dtype,
+        placement: Placement | None = None,
+        transformer_file: TransformerFile | None = None,
+        controlnet=None,
+    ):
+        from qwen_batch.errors import ConfigError
+
+        if transformer_file is not None or controlnet is not None:
+            raise ConfigError(
+                "--transformer and --controlnet are Qwen-Image's; Qwen-Image-2.1 runs its own transformer"
+            )
+        self.source, self.device, self.dtype = source, device, dtype
+        self.placement = placement or Placement()
+        pipe = load_pipeline(source, dtype, text_encoder=None)  # the processor stays: the pipeline's __init__ reads it
+        transformer = pipe.transformer
+        # fp8 with adapters: references to the bf16 weights, to fuse adapters in bf16 (qwen_batch.adapters.fusion).
+        keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
+        placed = place_transformer(transformer, self.placement, device, dtype, streaming_arena(self.placement, device))
+        quantized = QuantizedWeights.after_placement(transformer, keep, device)
+        described = [placed]
+        compile = self.placement.compile and not self.placement.streams and "layerwise" not in placed
+        if compile:
+            use_compile_cache(self.placement.compile_cache)
+            described.append("blocks compiled around their attention (regional)")
+        # The steps after the first run the blocks in two regions around each row's prefix attention.
+        self.regions = block_regions(pipe.transformer, compile)
+        self.memory_mode = "; ".join(described)
+        place_vae(pipe.vae, device, self.placement.vae_tiling)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe
+        self.fusion = AdapterFusion(pipe, quantized)  # the batch's adapters, fused into the weights (per-row LoRA)
+        self.cached_steps, self.cached_steps_computed = 0, 0
+        self._schedulers = {None: pipe.scheduler}
+        import torch
+
+        vae = pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        self.latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, vae.dtype)
+        self.latents_std = torch.tensor(vae.config.latents_std).view(shape).to(device, vae.dtype)
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        prompt_embeds: Sequence[torch.Tensor],
+        negative_embeds: Sequence[torch.Tensor] | None,
+        conditions: Batch21,
+    ) -> DecodedImages:
+        """Images for a batch of rows that share size, steps, guidance and shift (`Request.batch_key`);
+        `prompt_embeds[i]` (and `negative_embeds[i]` with guidance) are row i's cached embeddings, `conditions`
+        its image-slot masks and condition images (`qwen_batch.families.qwen_image21.rows`)."""
+        import torch
+
+        from qwen_batch.families.qwen_image21.forward import Decoder, prefill
+
+        keys = {request.batch_key for request in requests}
+        if len(keys) != 1:
+            raise ValueError(f"a batch must share size, steps, guidance and shift; got {len(keys)} kinds")
+        first = requests[0]
+        self.fusion.use(first.loras)  # the batch's adapter set fused into the weights (qwen_batch.adapters.fusion)
+        width, height = first.width, first.height
+        target_shape = (1, height // LATENT_PIXELS, width // LATENT_PIXELS)
+        forwards = self._forward_rows(prompt_embeds, negative_embeds, conditions)
+        batch = len(requests)
+        with torch.inference_mode():
+            latents = torch.cat([self._noise(request.seed, width, height) for request in requests]).to(self.device)
+            scheduler = self._scheduler(first.scheduler_shift)
+            timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
+            transformer = self.pipe.transformer
+            decoder = None
+            for t in timesteps:
+                timestep = (t.expand(batch).to(latents.dtype) / 1000).to(self.device)
+                if decoder is None:  # the first step: each forward row alone, its prefix cached on the way
+                    predictions, prefixes = [], []
+                    for index, row in enumerate(forwards):
+                        rows = slice(index % batch, index % batch + 1)
+                        prediction, prefix = prefill(transformer, row, latents[rows], timestep[rows], target_shape)
+                        predictions.append(prediction)
+                        prefixes.append(prefix)
+                    prediction = torch.cat(predictions)
+                    decoder = Decoder(transformer, prefixes, self.regions)
+                else:
+                    model_input = torch.cat([latents] * (len(forwards) // batch))
+                    prediction = decoder.forward(model_input, torch.cat([timestep] * (len(forwards) // batch)))
+                if first.uses_cfg:
+                    conditional, negative = prediction[:batch], prediction[batch:]
+                    prediction = negative + first.true_cfg_scale * (conditional - negative)
+                latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
+            return self._decode(latents, width, height)
+
+    def _forward_rows(self, prompt_embeds, negative_embeds, conditions: Batch21) -> list:
+        """The forward rows of a batch: every row with its prompt, then with guidance every row with its negative
+        prompt, each with the row's condition images."""
+        from qwen_batch.families.qwen_image21.forward import RowForward
+
+        def on_device(tensor):
+            return tensor.to(self.device, non_blocking=True)
+
+        images = [
+            on_device(torch_cat(latents).to(self.dtype)) if latents else None for latents in conditions.image_latents
+        ]
+        texts = [(prompt_embeds, conditions.prompt_slots)]
+        if negative_embeds is not None:
+            texts.append((negative_embeds, conditions.negative_slots))
+        return [
+            RowForward(on_device(embedding.to(self.dtype)), on_device(slots), images[row], conditions.image_shapes[row])
+            for embeddings, slots_list in texts
+            for row, (embedding, slots) in enumerate(zip(embeddings, slots_list, strict=True))
+        ]
+
+    def _noise(self, seed: int, width: int, height: int):
+        """`prepare_latents`' draw for one image from the row's own CPU generator, packed (a plain flatten: 2.1
+        takes its latents unpatched)."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        channels = self.pipe.transformer.config.in_channels
+        latent_height, latent_width = height // LATENT_PIXELS, width // LATENT_PIXELS
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = randn_tensor((1, 1, channels, latent_height, latent_width), generator=generator, dtype=self.dtype)
+        return self.pipe._pack_latents(noise, 1, channels, latent_height, latent_width)
+
+    def _scheduler(self, shift: float | None):
+        if shift not in self._schedulers:
+            from qwen_batch.pipeline.denoise.generator import fixed_shift_scheduler
+
+            self._schedulers[shift] = fixed_shift_scheduler(self.pipe.scheduler, shift)
+        return self._schedulers[shift]
+
+    def _timesteps(self, scheduler, steps: int, tokens: int):
+        """The pipeline's schedule, on the host: the checkpoint's sigma grid or `linspace(1, 1/steps)`, shifted
+        for the image's token count."""
+        import numpy as np
+        from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift, retrieve_timesteps
+
+        sigmas = self.pipe.config.get("sample_sigmas") or np.linspace(1.0, 1 / steps, steps)
+        config = scheduler.config
+        mu = calculate_shift(
+            tokens,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        timesteps, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        return timesteps
+
+    def _decode(self, latents, width: int, height: int) -> DecodedImages:
+        """The VAE's RGBA images, as the pipeline decodes and post-processes them, uint8 on their way to the host."""
+        import torch
+
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = pipe._unpack_latents(latents, height, width, LATENT_PIXELS).to(vae.dtype)
+        latents = latents * self.latents_std + self.latents_mean
+        pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        pixels = (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+        return DecodedImages((pixels * 255).round().to(torch.uint8))
+
+    def close(self) -> None:
+        del self.pipe, self.fusion, self._schedulers
+        release_memory(self.device)
+
+
+def torch_cat(tensors):
+    import torch
+
+    return torch.cat(list(tensors))
