@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qwen_batch.errors import ConfigError, QwenBatchError, StorageError
+from qwen_batch.errors import ConfigError, ModelError, QwenBatchError, StorageError
 from qwen_batch.io.input_urls import canonical
 from qwen_batch.io.storage import Folder, StorageOptions, read_url
 from qwen_batch.weights.model_source import qwen_batch_home
@@ -284,12 +284,27 @@ def transformer_layout(source: ModelSource) -> dict[str, tuple[int, int]]:
 
 
 def layout_of_config(config: Mapping[str, object]) -> dict[str, tuple[int, int]]:
+    """The linear layers of the transformer `config` describes: the class its `_class_name` names (Qwen-Image-2.1's
+    `QwenImage21Transformer2DModel`), Qwen-Image's `QwenImageTransformer2DModel` for a config that names none."""
     import torch
-    from diffusers import QwenImageTransformer2DModel
 
     with torch.device("meta"):
-        model = QwenImageTransformer2DModel.from_config(dict(config))
+        model = transformer_class(config).from_config(dict(config))
     return module_layout(model)
+
+
+def transformer_class(config: Mapping[str, object]) -> type:
+    """The diffusers class of a transformer config (its `_class_name`), Qwen-Image's when it names none."""
+    import diffusers
+
+    name = config.get("_class_name") or "QwenImageTransformer2DModel"
+    model_class = getattr(diffusers, str(name), None)
+    if not isinstance(model_class, type) or not issubclass(model_class, diffusers.ModelMixin):
+        raise ModelError(
+            f"the model's transformer config names the class {name!r}, which this diffusers "
+            f"({diffusers.__version__}) does not have: adapters cannot be checked against it"
+        )
+    return model_class
 
 
 def module_layout(model: torch.nn.Module) -> dict[str, tuple[int, int]]:

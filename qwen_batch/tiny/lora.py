@@ -1,18 +1,25 @@
-"""Random LoRA adapters for a Qwen-Image transformer, in the key layouts other tools write.
+"""Random LoRA adapters for a Qwen-Image or Qwen-Image-2.1 transformer, in the key layouts other tools write.
 
 `qwen-batch tiny-lora MODEL OUT.safetensors [--rank R] [--format F]` writes one for any model folder
-(usually a tiny one, `qwen-batch tiny-model DIR`, or `tiny`), so the adapter features can be tried and
-tested with no download; the GPU benchmark writes full-size ones the same way.
+(usually a tiny one, `qwen-batch tiny-model DIR`, or `tiny`, `tiny-2.1`), so the adapter features can be
+tried and tested with no download; the GPU benchmark writes full-size ones the same way.
 
-Every linear layer of the transformer blocks gets a rank-R pair, as the Lightning LoRAs have. The same
-seed gives the same change to the weights in every format, so the formats can be checked against each
-other: the layouts differ only in names and in how the scale is stored.
+Every linear layer of the transformer blocks gets a rank-R pair, as the Lightning LoRAs have: the layers of
+the model's own transformer class (`qwen_batch.adapters.loras.transformer_layout`), so a Qwen-Image-2.1
+adapter changes each block's attn.to_q / to_k / to_v / to_out.0 and img_mlp.proj / gate_layer / out, a
+Qwen-Image one its two streams' attention, modulation and MLP layers. The same seed gives the same change to
+the weights in every format, so the formats can be checked against each other: the layouts differ only in
+names and in how the scale is stored.
 
 - `diffusers`: `transformer.<layer>.lora_A.weight` / `lora_B.weight` (what `save_lora_weights` writes);
 - `kohya`: `lora_unet_<layer with _>.lora_down.weight` / `lora_up.weight` / `.alpha` (alpha = rank / 2,
   so the stored up-projection is doubled to make the same change);
 - `comfyui`: `diffusion_model.<layer>.lora_down.weight` / `lora_up.weight` / `.alpha`;
 - `diffsynth`: `<layer>.lora_A.default.weight` / `lora_B.default.weight` (peft-wrapped names).
+
+kohya's names flatten every `.` to `_`, and diffusers' converter cannot tell a layer named with `_` from two
+nested modules: a 2.1 kohya adapter's `img_mlp_gate_layer` is read as `img_mlp.gate.layer`, which 2.1 has not,
+so the run refuses it (`qwen_batch.adapters.loras`). Use the other layouts for 2.1.
 """
 
 from __future__ import annotations
@@ -102,7 +109,8 @@ def write_tiny_lora(
     seed: int = 0,
     strength: float = DEFAULT_STRENGTH,
 ) -> Path:
-    """A random adapter for `model` (a diffusers folder, or a tiny model's name), in `layout`."""
+    """A random adapter for `model` (a diffusers folder, or a tiny model's name: `tiny`, `tiny-2.1`...), in `layout`:
+    for the layers of the model's own transformer class, Qwen-Image's or Qwen-Image-2.1's."""
     from qwen_batch.adapters.loras import transformer_layout
     from qwen_batch.weights.model_source import resolve_model
 
