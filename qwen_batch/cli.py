@@ -50,15 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
         "memory, host RAM and seconds per image, for this machine's GPU and RAM (or those given). Loads no "
         "model. Exit code 2 when nothing fits, with the reason.",
     )
+    plan.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="plan for this model's family (its sizes and costs): a hub id, a local diffusers folder or a tiny model's "
+        "name such as tiny-2.1; no weights are read (a hub id not downloaded: its model_index.json only). Default: "
+        "Qwen-Image",
+    )
     plan.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan for a GPU of this size (default: detected)")
     plan.add_argument(
         "--host-memory", type=float, metavar="GiB", help="plan for this much host RAM (default: detected)"
     )
     plan.add_argument("--width", type=int, default=1024, metavar="W", help="image width (default 1024)")
     plan.add_argument("--height", type=int, default=1024, metavar="H", help="image height (default 1024)")
-    plan.add_argument("--steps", type=int, default=50, metavar="N", help="denoising steps (default 50)")
+    plan.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="denoising steps (default: the model's, 50 for Qwen-Image)"
+    )
     plan.add_argument("--batch-size", type=int, default=None, metavar="N", help="images per batch (default: chosen)")
     plan.add_argument("--task", choices=(GENERATE, EDIT), default=GENERATE)
+    plan.add_argument(
+        "--condition-images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="condition images per row (Qwen-Image-2.1: each adds its tokens to the row's cached prefix; default 0)",
+    )
     plan.add_argument("--memory-mode", default=AUTO, choices=MEMORY_MODES, help="default auto")
     plan.add_argument(
         "--transformer",
@@ -291,6 +308,7 @@ def _plan(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
+    from qwen_batch.errors import ConfigError
     from qwen_batch.memory.planner import (
         DISK_GBPS,
         DISK_SPEED_ENV,
@@ -310,14 +328,25 @@ def _plan(args: argparse.Namespace) -> int:
         machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib(), disk_gbps=disk)
     if args.fp8_matmul is not None:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
-    weights = WeightsSummary.published() if not args.transformer else _planned_weights(args.transformer)
+    family = _planned_family(args.model)
+    if args.task not in family.pipelines.values():
+        raise ConfigError(f"--task {args.task}: {family.name} models do not {args.task}")
+    most = family.rows.max_condition_images
+    if not 0 <= args.condition_images <= most:
+        takes = f"0 to {most} condition images" if most else "no condition images"
+        raise ConfigError(f"--condition-images {args.condition_images}: {family.name} rows take {takes}")
+    costs = family.cost_constants()
+    weights = WeightsSummary.published(costs) if not args.transformer else _planned_weights(args.transformer)
     job = Workload(
         width=args.width,
         height=args.height,
-        steps=args.steps,
+        steps=args.steps if args.steps is not None else family.rows.default_steps,
+        true_cfg=family.rows.default_true_cfg_scale > 1,
         task=args.task,
         batch_size=args.batch_size,
         weights=weights,
+        condition_images=args.condition_images,
+        family=family.name,
     )
     plan = plan_memory(machine, job, args.memory_mode)
     if args.gpus is None:
@@ -331,6 +360,31 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(f"{fleet.chosen.plan.report()}\n{fleet.report()}")
     return EXIT_OK
+
+
+def _planned_family(model: str | None):
+    """The family `plan --model` names, without reading weights or building a tiny model: a tiny model's by its
+    name, any other's from its model_index.json (a hub model not on this machine: that file alone is fetched).
+    A published model named in a family's examples (Qwen/Qwen-Image-2.1) is that family's when its
+    model_index.json cannot be read (offline)."""
+    from qwen_batch.errors import ModelError
+    from qwen_batch.families import _families, default_family, tiny_model
+
+    if model is None:
+        return default_family()
+    registered = tiny_model(model)
+    if registered is not None:
+        return registered[0]
+    from qwen_batch.weights.model_source import model_family, resolve_model
+
+    try:
+        return model_family(resolve_model(model))
+    except ModelError as error:
+        known = [family for family in _families() if model in family.example_models.values()]
+        if not known:
+            raise
+        logging.getLogger(__name__).warning("%s; planning for %s, whose published model it is", error, known[0].name)
+        return known[0]
 
 
 def _planned_weights(location: str):

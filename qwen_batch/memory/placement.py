@@ -51,6 +51,7 @@ from qwen_batch.weights.model_source import qwen_batch_home
 if TYPE_CHECKING:
     import torch
 
+    from qwen_batch.families import ModelFamily
     from qwen_batch.memory.pinned_arena import PinnedArena
     from qwen_batch.memory.planner import MemoryPlan, WeightsSummary
 
@@ -617,15 +618,19 @@ def decide_run_memory(
     fp8_every_linear: bool = False,
     transformer: WeightsSummary | None = None,
     controlnet_layers: int = 0,
+    family: ModelFamily | None = None,
 ) -> RunMemory:
     """Resolve --memory-mode and --compile for the rows to generate; raises DoesNotFitError (a
     ConfigError: exit 2, nothing loaded) when no mode fits this GPU and host. `transformer` describes
-    the transformer's weights (a --transformer file's kind and size; None: the model's own)."""
+    the transformer's weights (a --transformer file's kind and size; None: the model's own); `family` is the
+    model's (its sizes and costs are planned for; None: the default family, Qwen-Image)."""
+    from qwen_batch.families import default_family
     from qwen_batch.memory.planner import WeightsSummary, Workload, check_mode_for_weights, detect_machine, plan_memory
 
     if compile not in COMPILE_CHOICES:
         raise ConfigError(f"--compile {compile!r}: use one of {', '.join(COMPILE_CHOICES)}")
-    weights = transformer or WeightsSummary.published()
+    family = family or default_family()
+    weights = transformer or WeightsSummary.published(family.cost_constants())
     open_modes = check_mode_for_weights(mode, weights)
     adapters = any(request.loras for request in requests)
     if not device.startswith("cuda"):
@@ -649,7 +654,13 @@ def decide_run_memory(
             encode_batch_size=encode_batch_size,
         )
     job = Workload.for_requests(
-        requests, task, batch_size, compile=compile != "off", weights=weights, controlnet_layers=controlnet_layers
+        requests,
+        task,
+        batch_size,
+        compile=compile != "off",
+        weights=weights,
+        controlnet_layers=controlnet_layers,
+        family=family,
     )
     plan = plan_memory(detect_machine(device), job, mode, encode_batch_size)
     denoise = plan.denoise
@@ -720,8 +731,8 @@ def _log_plan(plan: MemoryPlan) -> None:
 
 def _encoder_pinned_bytes(plan: MemoryPlan) -> int | None:
     """The offloaded encoder pins what its plan's host RAM allows beyond the process itself; None: all."""
-    from qwen_batch.memory.planner import COSTS, HOST_BASE_GIB
+    from qwen_batch.memory.planner import HOST_BASE_GIB
 
     if plan.encode.mode != OFFLOAD or not plan.encode.notes:  # no note: nothing is read back from disk
         return None
-    return int((plan.encode.host_gib - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB) * 2**30)
+    return int((plan.encode.host_gib - HOST_BASE_GIB - plan.job.costs.DIT_LOAD_GIB) * 2**30)

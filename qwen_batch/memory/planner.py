@@ -1,9 +1,10 @@
 """Will it fit? Per stage: the memory mode, batch size, predicted peak GPU memory, host RAM and speed.
 
-Pure arithmetic over Qwen-Image's sizes (counted from the published configs) and figures measured with
-full-size random weights (bench/, docs/memory.md). Nothing here imports torch: `qwen-batch plan
---gpu-memory 24 --host-memory 64` answers instantly on any machine; `detect_machine` (separate, imports
-torch) reads the GPU and host this process runs on.
+Pure arithmetic over the model family's sizes (counted from the published configs) and figures measured with
+full-size random weights (bench/, docs/memory.md): Qwen-Image's by default, another family's where the
+`Workload` names it (`Workload.family`; Qwen-Image-2.1's timings are estimates, see its costs module). Nothing
+here imports torch: `qwen-batch plan --gpu-memory 24 --host-memory 64` answers instantly on any machine;
+`detect_machine` (separate, imports torch) reads the GPU and host this process runs on.
 
 Peak GPU memory means what PyTorch's allocator holds at its peak (`torch.cuda.max_memory_allocated`);
 a real card also spends some memory on the CUDA context, which `usable_gib` sets aside.
@@ -23,6 +24,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
 from qwen_batch.families import EDIT, GENERATE, default_family
@@ -42,8 +46,13 @@ from qwen_batch.memory.modes import (
 )
 from qwen_batch.pipeline.step_cache.spec import FirstBlock, parse_step_cache
 
+if TYPE_CHECKING:
+    from qwen_batch.families import ModelFamily
+
 GiB = 2**30
-# The model's sizes and measured costs, from its family (Qwen-Image's: qwen_batch/families/qwen_image/costs.py).
+# The default model's sizes and measured costs (Qwen-Image's: qwen_batch/families/qwen_image/costs.py): what a
+# `Workload` plans for unless it names another family. The estimates read their job's (`Workload.costs`).
+DEFAULT_FAMILY = default_family().name
 COSTS = default_family().cost_constants()
 # The modes open to each kind of transformer weights, fastest resident first.
 MODES_FOR = {
@@ -85,6 +94,17 @@ class DoesNotFitError(ConfigError):
     """No memory mode fits this GPU and host; the message says what is missing."""
 
 
+@cache
+def family_costs(name: str) -> ModuleType:
+    """The planner's constants of the model family named `name` (`ModelFamily.name`)."""
+    from qwen_batch.families import _families  # the registry: a Workload names its family by name (plain data)
+
+    for family in _families():
+        if family.name == name:
+            return family.cost_constants()
+    raise ConfigError(f"no model family {name!r}")
+
+
 @dataclass(frozen=True)
 class Machine:
     """The GPU memory and host RAM to plan for (detected, or given with --gpu-memory/--host-memory)."""
@@ -115,8 +135,11 @@ class WeightsSummary:
     label: str = "the model's own transformer (bf16)"
 
     @classmethod
-    def published(cls) -> WeightsSummary:
-        return cls()
+    def published(cls, costs: ModuleType = COSTS) -> WeightsSummary:
+        """The model's own transformer, in bf16: the sizes of the family whose constants `costs` are."""
+        nbytes = costs.DIT_PARAMS * 2
+        label = f"the model's own transformer ({costs.MODEL_NAME}, bf16, {nbytes / 1e9:.1f} GB)"
+        return cls(FLOAT_WEIGHTS, nbytes, costs.DIT_BLOCK_PARAMS * 2, label)
 
     @classmethod
     def of(cls, weights) -> WeightsSummary:
@@ -127,17 +150,19 @@ class WeightsSummary:
         return cls(weights.kind, weights.nbytes, weights.block_nbytes(), label)
 
     @classmethod
-    def gguf_file(cls, quant: str) -> WeightsSummary:
-        """One of city96's GGUF files, by its quantization: for suggestions."""
-        nbytes = int(COSTS.GGUF_FILE_GB[quant] * 1e9)
+    def gguf_file(cls, quant: str, costs: ModuleType = COSTS) -> WeightsSummary:
+        """One of the family's known GGUF files (`GGUF_FILE_GB`: city96's for Qwen-Image), by its quantization:
+        for suggestions."""
+        nbytes = int(costs.GGUF_FILE_GB[quant] * 1e9)
         return cls(
-            GGUF_WEIGHTS, nbytes, nbytes // COSTS.DIT_BLOCKS, f"a {quant} GGUF file ({COSTS.GGUF_FILE_GB[quant]} GB)"
+            GGUF_WEIGHTS, nbytes, nbytes // costs.DIT_BLOCKS, f"a {quant} GGUF file ({costs.GGUF_FILE_GB[quant]} GB)"
         )
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What one denoise batch looks like, and the transformer weights it runs with."""
+    """What one denoise batch looks like, the model family it runs (its sizes and costs: `costs`), and the
+    transformer weights it runs with."""
 
     width: int = 1024
     height: int = 1024
@@ -145,16 +170,31 @@ class Workload:
     true_cfg: bool = True
     task: str = GENERATE
     batch_size: int | None = None  # None: chosen by the plan
-    text_tokens: int = COSTS.TYPICAL_TEXT_TOKENS
+    text_tokens: int | None = None  # None: the family's typical prompt (TYPICAL_TEXT_TOKENS)
     compile: bool = True
     input_images: int = 1  # edits: input images per row (Edit-Plus takes several; each rides along as latents)
-    weights: WeightsSummary = field(default_factory=WeightsSummary)
+    weights: WeightsSummary | None = None  # None: the family's own transformer (`WeightsSummary.published`)
     adapters: bool = False  # rows fuse LoRA adapters: fp8-offload's fp8 copy cannot take a fuse
     # ControlNet rows: the ControlNet's blocks (InstantX's Union: 5), resident in bf16 beside the transformer,
     # and the most control images a row has (the ControlNet runs once per image and step on the batch's rows).
     controlnet_layers: int = 0
     control_images: int = 0
     first_block_cache: bool = False  # rows with a first-block step cache: its state beside the activations
+    # Qwen-Image-2.1 rows: the most condition images a row brings, each CONDITION_IMAGE_TOKENS in the row's prefix.
+    condition_images: int = 0
+    family: str = DEFAULT_FAMILY  # the model family planned for (`ModelFamily.name`)
+
+    def __post_init__(self) -> None:
+        costs = self.costs
+        if self.text_tokens is None:
+            object.__setattr__(self, "text_tokens", costs.TYPICAL_TEXT_TOKENS)
+        if self.weights is None:
+            object.__setattr__(self, "weights", WeightsSummary.published(costs))
+
+    @property
+    def costs(self) -> ModuleType:
+        """The family's sizes and measured costs (`ModelFamily.cost_constants`)."""
+        return family_costs(self.family)
 
     @classmethod
     def for_requests(
@@ -165,9 +205,13 @@ class Workload:
         compile: bool = True,
         weights: WeightsSummary | None = None,
         controlnet_layers: int = 0,
+        family: ModelFamily | None = None,
     ) -> Workload:
-        """The job to plan for a set of manifest rows: their largest image (an edit row without a size
-        comes out at about 1024x1024), their most steps, CFG if any row uses it."""
+        """The job to plan for a set of manifest rows of a model family (None: the default one): their largest
+        image (an edit row without a size comes out at about 1024x1024), their most steps, CFG if any row uses
+        it. A family that takes condition images (Qwen-Image-2.1) reads a row's images as those, not as edits."""
+        name = family.name if family is not None else DEFAULT_FAMILY
+        conditions = bool(family_costs(name).CONDITION_IMAGE_TOKENS)
         largest = max(requests, key=lambda r: (r.width or 1024) * (r.height or 1024), default=None)
         return cls(
             input_images=max((len(r.images) for r in requests), default=1) or 1,
@@ -175,16 +219,18 @@ class Workload:
             height=(largest.height if largest else None) or 1024,
             steps=max((r.num_inference_steps for r in requests), default=50),
             true_cfg=any(r.uses_cfg for r in requests) or not requests,
-            task=task,
+            task=GENERATE if conditions else task,
             batch_size=batch_size,
             compile=compile,
-            weights=weights or WeightsSummary(),
+            weights=weights,
             adapters=any(r.loras for r in requests),
             control_images=max((len(getattr(r, "controls", ())) for r in requests), default=0),
             controlnet_layers=controlnet_layers if any(getattr(r, "controls", ()) for r in requests) else 0,
             first_block_cache=any(
                 isinstance(parse_step_cache(getattr(r, "step_cache", None)), FirstBlock) for r in requests
             ),
+            condition_images=max((len(r.images) for r in requests), default=0) if conditions else 0,
+            family=name,
         )
 
     @property
@@ -198,21 +244,21 @@ class Workload:
         transformer is (`ControlNetSource.load`): its block linears in fp8 under fp8 (the image MLP's last one
         kept), streamed a block at a time under the offload modes, bf16 otherwise (a GGUF file is the
         transformer's alone)."""
-        layers = self.controlnet_layers
+        layers, costs = self.controlnet_layers, self.costs
         if not layers:
             return 0
         outside = (
-            COSTS.DIT_OUTSIDE_BLOCKS_PARAMS + layers * COSTS.DIT_HIDDEN**2
+            costs.DIT_OUTSIDE_BLOCKS_PARAMS + layers * costs.DIT_HIDDEN**2
         )  # embedders, and one output linear a block
         if mode == FP8:
-            kept = layers * COSTS.DIT_FP8_KEPT_BF16_PARAMS // COSTS.DIT_BLOCKS
-            fp8 = layers * COSTS.DIT_BLOCK_PARAMS - kept
+            kept = layers * costs.DIT_FP8_KEPT_BF16_PARAMS // costs.DIT_BLOCKS
+            fp8 = layers * costs.DIT_BLOCK_PARAMS - kept
             return fp8 + 2 * (outside + kept)
         if mode in (OFFLOAD, FP8_OFFLOAD):
-            return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * COSTS.DIT_BLOCK_PARAMS)
+            return 2 * (outside + min(layers, OFFLOAD_BLOCKS_ON_GPU) * costs.DIT_BLOCK_PARAMS)
         if mode == SEQUENTIAL:
             return 0
-        return 2 * (outside + layers * COSTS.DIT_BLOCK_PARAMS)
+        return 2 * (outside + layers * costs.DIT_BLOCK_PARAMS)
 
     def controlnet_residual_bytes(self, batch: int) -> int:
         """The ControlNet's residuals, held through the transformer's forward: one per ControlNet block, the
@@ -223,7 +269,7 @@ class Workload:
         if not self.controlnet_layers:
             return 0
         rows = batch + (batch * self.rows_per_image if self.rows_per_image > 1 else 0)
-        return self.controlnet_layers * rows * self.image_tokens * COSTS.DIT_HIDDEN * 2
+        return self.controlnet_layers * rows * self.image_tokens * self.costs.DIT_HIDDEN * 2
 
     @property
     def image_tokens(self) -> int:
@@ -234,8 +280,15 @@ class Workload:
         return (1 + self.input_images) * tokens if self.task == EDIT else tokens
 
     @property
+    def prefix_tokens(self) -> int:
+        """What precedes a row's image in its sequence: its text, and its condition images' latent tokens (2.1
+        caches their keys and values after the first step; Qwen-Image runs the text at every step)."""
+        return self.text_tokens + self.condition_images * self.costs.CONDITION_IMAGE_TOKENS
+
+    @property
     def tokens(self) -> int:
-        return self.image_tokens + self.text_tokens + (COSTS.EDIT_IMAGE_TEXT_TOKENS if self.task == EDIT else 0)
+        edit = self.costs.EDIT_IMAGE_TEXT_TOKENS if self.task == EDIT else 0
+        return self.image_tokens + self.prefix_tokens + edit
 
     @property
     def rows_per_image(self) -> int:
@@ -303,80 +356,122 @@ class MemoryPlan:
 # --- Arithmetic ---------------------------------------------------------------------------------------
 
 
-def forward_flops(tokens: int) -> float:
-    """One transformer forward of one sample row: the 60 blocks' linears and attention."""
-    return 2 * 12 * 3072**2 * tokens * COSTS.DIT_BLOCKS + 4 * tokens**2 * 3072 * COSTS.DIT_BLOCKS
+def forward_flops(tokens: int, costs: ModuleType = COSTS, pairs: float | None = None) -> float:
+    """One transformer forward of one sample row over `tokens` tokens: the blocks' linears, and attention over
+    `pairs` query-key pairs (every pair, `tokens**2`, unless given)."""
+    pairs = tokens**2 if pairs is None else pairs
+    linears = 2 * costs.DIT_LINEAR_PARAMS_PER_TOKEN * tokens * costs.DIT_BLOCKS
+    return linears + 4 * pairs * costs.DIT_HIDDEN * costs.DIT_BLOCKS
 
 
-def streamed_bytes(mode: str, weights: WeightsSummary) -> tuple[int, int]:
+def row_forward_flops(job: Workload) -> float:
+    """One sample row's forward, on average over the job's steps. With a prefix KV cache (Qwen-Image-2.1) the
+    first step runs the row's whole sequence (its prefix attends block-causally: about half of its pairs), and
+    every later step only the image tokens, attending to the cached prefix and to themselves."""
+    costs = job.costs
+    if not costs.PREFIX_KV_BYTES_PER_TOKEN:
+        return forward_flops(job.tokens, costs)
+    image, prefix = job.image_tokens, job.prefix_tokens
+    first = forward_flops(image + prefix, costs, pairs=prefix**2 / 2 + image * (prefix + image))
+    later = forward_flops(image, costs, pairs=image * (prefix + image))
+    steps = max(job.steps, 1)
+    return (first + (steps - 1) * later) / steps
+
+
+def streamed_bytes(mode: str, weights: WeightsSummary, costs: ModuleType = COSTS) -> tuple[int, int]:
     """What a streaming mode moves to the GPU at every step: (all of it, one block of it)."""
     if mode == FP8_OFFLOAD:
         total = (
-            COSTS.DIT_BLOCKS * COSTS.DIT_BLOCK_PARAMS + COSTS.DIT_FP8_KEPT_BF16_PARAMS + COSTS.DIT_FP8_SCALE_BYTES // 2
+            costs.DIT_BLOCKS * costs.DIT_BLOCK_PARAMS + costs.DIT_FP8_KEPT_BF16_PARAMS + costs.DIT_FP8_SCALE_BYTES // 2
         )
-        return total, total // COSTS.DIT_BLOCKS
-    return weights.nbytes - 2 * COSTS.DIT_OUTSIDE_BLOCKS_PARAMS, weights.block_nbytes
+        return total, total // costs.DIT_BLOCKS
+    return weights.nbytes - 2 * costs.DIT_OUTSIDE_BLOCKS_PARAMS, weights.block_nbytes
 
 
-def dit_weight_bytes(mode: str, fp8_compute: bool = True, weights: WeightsSummary | None = None) -> int:
+def dit_weight_bytes(
+    mode: str, fp8_compute: bool = True, weights: WeightsSummary | None = None, costs: ModuleType = COSTS
+) -> int:
     """Transformer bytes resident on the GPU in `mode` (for streaming modes: what is there at a time)."""
-    weights = weights or WeightsSummary()
-    outside = 2 * COSTS.DIT_OUTSIDE_BLOCKS_PARAMS
+    weights = weights or WeightsSummary.published(costs)
+    outside = 2 * costs.DIT_OUTSIDE_BLOCKS_PARAMS
     if mode == BF16:
-        return COSTS.DIT_PARAMS * 2
+        return costs.DIT_PARAMS * 2
     if mode == FP8:
         if weights.kind == FP8_WEIGHTS:  # the file's fp8 weights as stored, with one scale per row
-            return weights.nbytes + COSTS.DIT_FP8_SCALE_BYTES
-        fp8 = COSTS.DIT_BLOCKS * COSTS.DIT_BLOCK_PARAMS - COSTS.DIT_FP8_KEPT_BF16_PARAMS
-        return fp8 + 2 * (COSTS.DIT_PARAMS - fp8) + (COSTS.DIT_FP8_SCALE_BYTES if fp8_compute else 0)
+            return weights.nbytes + costs.DIT_FP8_SCALE_BYTES
+        fp8 = costs.DIT_BLOCKS * costs.DIT_BLOCK_PARAMS - costs.DIT_FP8_KEPT_BF16_PARAMS
+        return fp8 + 2 * (costs.DIT_PARAMS - fp8) + (costs.DIT_FP8_SCALE_BYTES if fp8_compute else 0)
     if mode == GGUF:  # quantized bytes, and one layer dequantized at a time
-        return weights.nbytes + COSTS.DIT_LARGEST_LINEAR_BYTES
+        return weights.nbytes + costs.DIT_LARGEST_LINEAR_BYTES
     if mode in (OFFLOAD, FP8_OFFLOAD):
-        _, block = streamed_bytes(mode, weights)
-        dequantized = COSTS.DIT_LARGEST_LINEAR_BYTES if mode == FP8_OFFLOAD or weights.kind != FLOAT_WEIGHTS else 0
+        _, block = streamed_bytes(mode, weights, costs)
+        dequantized = costs.DIT_LARGEST_LINEAR_BYTES if mode == FP8_OFFLOAD or weights.kind != FLOAT_WEIGHTS else 0
         return outside + OFFLOAD_BLOCKS_ON_GPU * block + dequantized
     if mode == SEQUENTIAL:
-        return COSTS.SEQUENTIAL_GPU_WEIGHT_BYTES
+        return costs.SEQUENTIAL_GPU_WEIGHT_BYTES
     raise ValueError(mode)
 
 
 def vae_decode_bytes(job: Workload, tiled: bool) -> int:
-    return COSTS.VAE_TILED_DECODE_BYTES if tiled else COSTS.VAE_DECODE_BYTES_PER_PIXEL * job.width * job.height
+    costs = job.costs
+    return costs.VAE_TILED_DECODE_BYTES if tiled else costs.VAE_DECODE_BYTES_PER_PIXEL * job.width * job.height
 
 
 def denoise_peak_gib(mode: str, batch: int, job: Workload, tiled: bool, fp8_compute: bool = True) -> float:
     """Peak allocator memory of the denoise stage: weights plus the larger of the step loop's
     activations and one image's VAE decode (they never coincide), plus the allocator's own."""
+    costs = job.costs
     rows = batch * job.rows_per_image
-    activations = rows * job.tokens * COSTS.DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
-    state = rows * job.image_tokens * COSTS.FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
+    if costs.PREFIX_KV_BYTES_PER_TOKEN:
+        # The first step runs each forward row alone over its whole sequence and caches its prefix's keys and
+        # values; every later step runs all rows over their image tokens, each attending to its cached prefix
+        # (concatenated with its own keys and values, a block at a time). The caches live until the batch's
+        # images are decoded.
+        first = job.tokens * costs.DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
+        later = rows * (
+            job.image_tokens * costs.DIT_ACTIVATION_BYTES_PER_ROW_TOKEN
+            + job.prefix_tokens * costs.PREFIX_ATTENTION_BYTES_PER_ROW_TOKEN
+        )
+        activations = max(first, later)
+        prefix_cache = rows * job.prefix_tokens * costs.PREFIX_KV_BYTES_PER_TOKEN * costs.PREFIX_KV_COPIES
+    else:
+        activations, prefix_cache = rows * job.tokens * costs.DIT_ACTIVATION_BYTES_PER_ROW_TOKEN, 0
+    state = rows * job.image_tokens * costs.FIRST_BLOCK_STATE_BYTES_PER_ROW_TOKEN if job.first_block_cache else 0
     forward = activations + job.controlnet_residual_bytes(batch)  # the residuals live through the forward
-    working = max(forward, vae_decode_bytes(job, tiled)) + 2 * COSTS.VAE_PARAMS + state
-    weights = dit_weight_bytes(mode, fp8_compute, job.weights) + job.controlnet_gpu_bytes(mode)
+    working = max(forward, vae_decode_bytes(job, tiled)) + 2 * costs.VAE_PARAMS + state + prefix_cache
+    weights = dit_weight_bytes(mode, fp8_compute, job.weights, costs) + job.controlnet_gpu_bytes(mode)
     total = weights + working + ALLOCATOR_OVERHEAD_BYTES
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
 
 
-def encoder_weight_bytes(mode: str) -> int:
-    kept = COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS
+def encoder_weight_bytes(mode: str, costs: ModuleType = COSTS) -> int:
+    kept = costs.ENCODER_PARAMS - costs.ENCODER_LM_HEAD_PARAMS
     if mode == BF16:
         return kept * 2
     if mode == FP8:
         # Layerwise casting: linears in fp8, the embedding table and norms in bf16.
-        return (kept - COSTS.ENCODER_EMBED_PARAMS) + 2 * COSTS.ENCODER_EMBED_PARAMS
+        return (kept - costs.ENCODER_EMBED_PARAMS) + 2 * costs.ENCODER_EMBED_PARAMS
     if mode == OFFLOAD:
-        return 3 * COSTS.ENCODER_EMBED_PARAMS * 2  # leaf-level: the largest leaves, current and prefetched
+        return 3 * costs.ENCODER_EMBED_PARAMS * 2  # leaf-level: the largest leaves, current and prefetched
     raise ValueError(mode)
 
 
 def encode_peak_gib(mode: str, batch: int, job: Workload) -> float:
-    # Encoding sorts texts by length, so the worst batch is `batch` texts at the token limit.
-    tokens = batch * (COSTS.MAX_TEXT_TOKENS + (COSTS.EDIT_IMAGE_TEXT_TOKENS if job.task == EDIT else 0))
-    vision = GiB if job.task == EDIT else 0
+    costs = job.costs
+    # Encoding sorts texts by length, so the worst batch is `batch` texts at the token limit; a prompt with
+    # condition images (2.1) is encoded alone with them, each adding its vision tokens.
+    tokens = batch * (costs.MAX_TEXT_TOKENS + (costs.EDIT_IMAGE_TEXT_TOKENS if job.task == EDIT else 0))
+    if job.condition_images:
+        tokens = max(tokens, costs.MAX_TEXT_TOKENS + job.condition_images * costs.EDIT_IMAGE_TEXT_TOKENS)
+    activations = tokens * costs.ENCODER_ACTIVATION_BYTES_PER_TOKEN
+    if job.condition_images:  # their latents are encoded first, by the VAE beside the encoder
+        activations = max(activations, costs.CONDITION_IMAGE_ENCODE_BYTES)
+    vision = GiB if job.task == EDIT or job.condition_images else 0
     total = (
-        encoder_weight_bytes(mode)
-        + tokens * COSTS.ENCODER_ACTIVATION_BYTES_PER_TOKEN
+        encoder_weight_bytes(mode, costs)
+        + activations
         + vision
+        + costs.ENCODE_STAGE_VAE_BYTES
         + ALLOCATOR_OVERHEAD_BYTES
     )
     return total * (1 + ALLOCATOR_OVERHEAD_FRACTION) / GiB
@@ -394,11 +489,13 @@ class HostStreaming:
         return self.pinned / (link_gbps * 1e9) + self.from_disk / (machine.disk_gbps * 1e9)
 
 
-def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> HostStreaming | None:
+def host_streaming(
+    mode: str, machine: Machine, weights: WeightsSummary, costs: ModuleType = COSTS
+) -> HostStreaming | None:
     """Pin what the host can spare of what streams, read the rest from disk; None when even that does not
     fit (fp8-offload keeps all of its fp8 copy in host memory: it exists nowhere else)."""
-    total, block = streamed_bytes(mode, weights)
-    fixed = HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + PINNED_SLAB_GIB
+    total, block = streamed_bytes(mode, weights, costs)
+    fixed = HOST_BASE_GIB + costs.DIT_LOAD_GIB + PINNED_SLAB_GIB
     staging = STAGING_BLOCKS * block * PINNED_ROUNDING / GiB
     spare = machine.host_usable_gib - fixed
     if total / GiB <= spare:
@@ -409,58 +506,62 @@ def host_streaming(mode: str, machine: Machine, weights: WeightsSummary) -> Host
     return HostStreaming(pinned, total - pinned, fixed + staging + pinned / GiB)
 
 
-def denoise_host_gib(mode: str, machine: Machine | None = None, weights: WeightsSummary | None = None) -> float | None:
+def denoise_host_gib(
+    mode: str, machine: Machine | None = None, weights: WeightsSummary | None = None, costs: ModuleType = COSTS
+) -> float | None:
     """Host RAM of the denoise stage in `mode`; None when it cannot fit this host at all."""
-    weights = weights or WeightsSummary()
+    weights = weights or WeightsSummary.published(costs)
     if mode in (OFFLOAD, FP8_OFFLOAD):
         machine = machine or Machine(gpu_gib=None, host_gib=1e6)
-        streaming = host_streaming(mode, machine, weights)
+        streaming = host_streaming(mode, machine, weights, costs)
         return None if streaming is None else streaming.host_gib
-    return HOST_BASE_GIB + COSTS.DIT_LOAD_GIB
+    return HOST_BASE_GIB + costs.DIT_LOAD_GIB
 
 
-def encode_host_gib(mode: str = BF16, machine: Machine | None = None) -> float | None:
+def encode_host_gib(mode: str = BF16, machine: Machine | None = None, costs: ModuleType = COSTS) -> float | None:
     """Host RAM of the encode stage: resident modes load through the GPU; offload pins what it can."""
     if mode == BF16:
-        return HOST_BASE_GIB + COSTS.ENCODER_LOAD_GIB
+        return HOST_BASE_GIB + costs.ENCODER_LOAD_GIB
     if mode == FP8:
-        return HOST_BASE_GIB + COSTS.ENCODER_MAPPED_LOAD_GIB
+        return HOST_BASE_GIB + costs.ENCODER_MAPPED_LOAD_GIB
     machine = machine or Machine(gpu_gib=None, host_gib=1e6)
-    weights = (COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS) * 2 / GiB
-    spare = machine.host_usable_gib - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB
-    return HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + min(weights, max(spare, 0.0))
+    weights = (costs.ENCODER_PARAMS - costs.ENCODER_LM_HEAD_PARAMS) * 2 / GiB
+    spare = machine.host_usable_gib - HOST_BASE_GIB - costs.DIT_LOAD_GIB
+    return HOST_BASE_GIB + costs.DIT_LOAD_GIB + min(weights, max(spare, 0.0))
 
 
 def dit_compute_seconds(mode: str, rows: int, job: Workload, machine: Machine) -> float:
     """GPU seconds of one forward of `rows` sample rows, and of dequantizing the weights where a mode does."""
-    scale = forward_flops(job.tokens) / forward_flops(COSTS.REFERENCE_TOKENS)
+    costs = job.costs
+    scale = row_forward_flops(job) / forward_flops(costs.REFERENCE_TOKENS, costs)
     kind = job.weights.kind
     if mode == BF16:
-        return rows * COSTS.FORWARD_SECONDS[(BF16, job.compile)] * scale
+        return rows * costs.FORWARD_SECONDS[(BF16, job.compile)] * scale
     if mode == FP8:
         if machine.fp8_compute:
-            overhead = 0.0 if job.compile else COSTS.FP8_EAGER_SECONDS_PER_FORWARD
-            return rows * COSTS.FORWARD_SECONDS[(FP8, job.compile)] * scale + overhead
+            overhead = 0.0 if job.compile else costs.FP8_EAGER_SECONDS_PER_FORWARD
+            return rows * costs.FORWARD_SECONDS[(FP8, job.compile)] * scale + overhead
         if kind == FP8_WEIGHTS:  # the file's fp8 upcast as used (torchao weight-only)
             return (
-                rows * COSTS.FORWARD_SECONDS[(BF16, job.compile)] * scale
-                + COSTS.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
+                rows * costs.FORWARD_SECONDS[(BF16, job.compile)] * scale
+                + costs.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
             )
-        return rows * COSTS.FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
-    eager = rows * COSTS.FORWARD_SECONDS[(BF16, False)] * scale
+        return rows * costs.FORWARD_SECONDS[("fp8-storage", job.compile)] * scale
+    eager = rows * costs.FORWARD_SECONDS[(BF16, False)] * scale
     if mode == GGUF or (mode == OFFLOAD and kind == GGUF_WEIGHTS):
-        return eager + COSTS.DEQUANT_SECONDS_PER_FORWARD[GGUF_WEIGHTS]
+        return eager + costs.DEQUANT_SECONDS_PER_FORWARD[GGUF_WEIGHTS]
     if mode == FP8_OFFLOAD or (mode == OFFLOAD and kind == FP8_WEIGHTS):
-        return eager + COSTS.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
+        return eager + costs.DEQUANT_SECONDS_PER_FORWARD[FP8_WEIGHTS]
     return eager
 
 
 def denoise_seconds_per_image(mode: str, batch: int, job: Workload, machine: Machine, link_gbps: float) -> float:
+    costs = job.costs
     rows = batch * job.rows_per_image
     compute = dit_compute_seconds(mode, rows, job, machine)
     # ControlNet rows: its blocks run in bf16 on the conditional rows, once per control image and step.
     control = (
-        job.control_images * batch * COSTS.FORWARD_SECONDS[(BF16, False)] * job.controlnet_layers / COSTS.DIT_BLOCKS
+        job.control_images * batch * costs.FORWARD_SECONDS[(BF16, False)] * job.controlnet_layers / costs.DIT_BLOCKS
     )
     if mode in (BF16, FP8, GGUF):
         # Weights where they lie (bf16, fp8 matmuls): a CFG batch's halves run as two forwards (each half at
@@ -473,10 +574,10 @@ def denoise_seconds_per_image(mode: str, batch: int, job: Workload, machine: Mac
     if mode in (OFFLOAD, FP8_OFFLOAD):
         # Each step streams every block once for the whole batch; pinned copies overlap the compute, reads
         # from disk hold the host thread that feeds the GPU.
-        streaming = host_streaming(mode, machine, job.weights)
+        streaming = host_streaming(mode, machine, job.weights, costs)
         transfer = streaming.transfer_seconds(machine, link_gbps) if streaming else math.inf
         return job.steps * (max(transfer, compute) + control) / batch
-    transfer = COSTS.SEQUENTIAL_SECONDS_PER_FORWARD * H100_HOST_LINK_GBPS / link_gbps
+    transfer = costs.SEQUENTIAL_SECONDS_PER_FORWARD * H100_HOST_LINK_GBPS / link_gbps
     return job.steps * (max(transfer, compute) + control) / batch
 
 
@@ -512,9 +613,10 @@ def _fit(candidate: str, machine: Machine, job: Workload) -> tuple[StagePlan | N
     if not batch:
         needed = peak(job.batch_size or 1)
         return None, f"{candidate} needs about {needed:.1f} GiB of GPU memory at batch {job.batch_size or 1}"
-    host = denoise_host_gib(candidate, machine, job.weights)
+    host = denoise_host_gib(candidate, machine, job.weights, job.costs)
     if host is None or host > machine.host_usable_gib:
-        needed = host or (HOST_BASE_GIB + COSTS.DIT_LOAD_GIB + streamed_bytes(candidate, job.weights)[0] / GiB)
+        streamed = streamed_bytes(candidate, job.weights, job.costs)[0]
+        needed = host or (HOST_BASE_GIB + job.costs.DIT_LOAD_GIB + streamed / GiB)
         return None, f"{candidate} needs about {needed:.0f} GiB of host RAM; this machine has {machine.host_gib:.0f}"
     return _denoise_stage(candidate, batch, tiled, job, machine), ""
 
@@ -535,7 +637,7 @@ def check_mode_for_weights(mode: str, weights: WeightsSummary) -> tuple[str, ...
 
 def plan_denoise(machine: Machine, job: Workload, mode: str = AUTO) -> StagePlan:
     """The first resident mode that fits (lossless first), else the fastest streaming one."""
-    kind = job.weights.kind
+    kind, costs = job.weights.kind, job.costs
     check_mode_for_weights(mode, job.weights)
     if mode == FP8_OFFLOAD and job.adapters:
         raise ConfigError(
@@ -563,7 +665,7 @@ def plan_denoise(machine: Machine, job: Workload, mode: str = AUTO) -> StagePlan
     gpu = "no CUDA GPU" if machine.gpu_gib is None else f"a {machine.gpu_gib:.0f} GiB GPU"
     hint = _suggestion(machine, job) if mode == AUTO and kind == FLOAT_WEIGHTS else ""
     raise DoesNotFitError(
-        f"Qwen-Image's denoise stage does not fit {gpu} with {machine.host_gib:.0f} GiB of host RAM: "
+        f"{costs.MODEL_NAME}'s denoise stage does not fit {gpu} with {machine.host_gib:.0f} GiB of host RAM: "
         + "; ".join(tried)
         + (". Try a smaller --batch-size or --memory-mode auto" if job.batch_size or mode != AUTO else "")
         + "."
@@ -586,8 +688,8 @@ def _fastest_streaming(plans: list[StagePlan]) -> StagePlan:
 def _suggestion(machine: Machine, job: Workload, faster_than: float | None = None) -> str:
     """When the model's own weights do not fit (or only streaming from disk): the largest GGUF file that
     would run, and how fast (only if it is at least 1.5x faster than `faster_than`)."""
-    for quant in COSTS.GGUF_FILE_GB:  # largest (best quality) first
-        trial = replace(job, weights=WeightsSummary.gguf_file(quant))
+    for quant in job.costs.GGUF_FILE_GB:  # largest (best quality) first; none known: no suggestion
+        trial = replace(job, weights=WeightsSummary.gguf_file(quant, job.costs))
         try:
             plan = plan_denoise(machine, trial)
         except ConfigError:
@@ -607,7 +709,7 @@ def _offload_batch_limit(mode: str, job: Workload, machine: Machine) -> int:
     """Enough images per batch that computing one step takes as long as streaming the weights once
     (at this host link, and at PCIe 4.0, with what must come from disk), at most 8."""
     per_image = dit_compute_seconds(mode, job.rows_per_image, job, machine)
-    streaming = host_streaming(mode, machine, job.weights)
+    streaming = host_streaming(mode, machine, job.weights, job.costs)
     if streaming is None:
         return 1
     transfer = streaming.transfer_seconds(machine, min(machine.host_link_gbps, PCIE4_HOST_LINK_GBPS))
@@ -617,16 +719,22 @@ def _offload_batch_limit(mode: str, job: Workload, machine: Machine) -> int:
 def _denoise_stage(mode: str, batch: int, tiled: bool, job: Workload, machine: Machine) -> StagePlan:
     weights = job.weights
     stored = "fp8 as stored in the file" if weights.kind == FP8_WEIGHTS else ""
+    # What fp8 leaves in bf16 (placement.FP8_KEPT_BF16): Qwen-Image keeps one linear of each block too.
+    kept = (
+        "img_mlp's last linear and the embedders"
+        if job.costs.DIT_FP8_KEPT_BF16_PARAMS
+        else "the layers outside the blocks (embedders, modulation, output)"
+    )
     how = {
         BF16: "transformer resident in bf16",
         FP8: (
             f"transformer {stored or 'linears in fp8'} through torchao (dynamic activation, per-row scales)"
-            + ("" if stored else ", img_mlp's last linear and the embedders in bf16")
+            + ("" if stored else f", {kept} in bf16")
             if machine.fp8_compute
             else f"transformer {stored or 'linears stored in fp8'}, computed in bf16 ("
             + ("upcast layer by layer" if stored else "layerwise casting")
             + "; this GPU has no fp8 matmuls)"
-            + ("" if stored else ", img_mlp's last linear and the embedders in bf16")
+            + ("" if stored else f", {kept} in bf16")
         ),
         GGUF: f"transformer {weights.label} resident, dequantized layer by layer as it runs",
         OFFLOAD: f"transformer ({'bf16' if weights.kind == FLOAT_WEIGHTS else weights.label}) streamed to the "
@@ -643,7 +751,7 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Workload, machine: M
         notes.append("fp8 without compile is slower than bf16: leave compile on")
     pinned_gib, from_disk_gib = None, 0.0
     if mode in (OFFLOAD, FP8_OFFLOAD):
-        streaming = host_streaming(mode, machine, weights)
+        streaming = host_streaming(mode, machine, weights, job.costs)
         pinned_gib, from_disk_gib = streaming.pinned / GiB, streaming.from_disk / GiB
         if streaming.from_disk:
             notes.append(
@@ -663,7 +771,7 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Workload, machine: M
         how=how,
         batch_size=batch,
         peak_gpu_gib=round(denoise_peak_gib(mode, batch, job, tiled, machine.fp8_compute), 1),
-        host_gib=round(denoise_host_gib(mode, machine, weights), 1),
+        host_gib=round(denoise_host_gib(mode, machine, weights, job.costs), 1),
         seconds_per_image=_band(seconds),
         seconds_per_image_pcie4=pcie4,
         vae_tiling=tiled,
@@ -675,7 +783,7 @@ def _denoise_stage(mode: str, batch: int, tiled: bool, job: Workload, machine: M
 
 def plan_encode(machine: Machine, job: Workload, mode: str = AUTO, batch_size: int = 16) -> StagePlan:
     """The text encoder picks its own mode: bf16 when it fits, else fp8 storage, else offload."""
-    usable = machine.usable_gib
+    usable, costs = machine.usable_gib, job.costs
     candidates = (BF16, FP8, OFFLOAD) if mode in (AUTO, SEQUENTIAL, GGUF, FP8_OFFLOAD) else (mode,)
     tried = []
     for candidate in candidates:
@@ -683,7 +791,7 @@ def plan_encode(machine: Machine, job: Workload, mode: str = AUTO, batch_size: i
         if not batch:
             tried.append(f"{candidate} needs about {encode_peak_gib(candidate, 1, job):.1f} GiB of GPU memory")
             continue
-        host = encode_host_gib(candidate, machine)
+        host = encode_host_gib(candidate, machine, costs)
         if host > machine.host_usable_gib:
             tried.append(f"{candidate} needs about {host:.0f} GiB of host RAM; this machine has {machine.host_gib:.0f}")
             continue
@@ -693,11 +801,11 @@ def plan_encode(machine: Machine, job: Workload, mode: str = AUTO, batch_size: i
             "on the GPU as it loads",
             OFFLOAD: "text encoder streamed from host RAM layer by layer (group offload)",
         }[candidate]
-        seconds = COSTS.ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == FP8 else 1.0)
+        seconds = costs.ENCODE_SECONDS_PER_PROMPT * (1.5 if candidate == FP8 else 1.0)
         notes = []
         if candidate == OFFLOAD:
-            weights = (COSTS.ENCODER_PARAMS - COSTS.ENCODER_LM_HEAD_PARAMS) * 2
-            pinned = (host - HOST_BASE_GIB - COSTS.DIT_LOAD_GIB) * GiB
+            weights = (costs.ENCODER_PARAMS - costs.ENCODER_LM_HEAD_PARAMS) * 2
+            pinned = (host - HOST_BASE_GIB - costs.DIT_LOAD_GIB) * GiB
             from_disk = max(0.0, weights - pinned)
             seconds = max(
                 seconds, (pinned / (machine.host_link_gbps * 1e9) + from_disk / (machine.disk_gbps * 1e9)) / batch

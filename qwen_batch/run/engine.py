@@ -161,6 +161,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         fp8_every_linear=config.fp8_every_linear,
         transformer=transformer_summary,
         controlnet_layers=controlnet.config().get("num_layers", 0) if controlnet else 0,
+        family=family,
     )
     return RunPlan(
         config=config,

@@ -7,12 +7,17 @@ from qwen_batch.memory.modes import BF16, FP8, FP8_WEIGHTS, GGUF_WEIGHTS
 
 GiB = 2**30
 
+MODEL_NAME = "Qwen-Image"  # in the planner's messages
+
 # --- The model (QwenImageTransformer2DModel and Qwen2.5-VL-7B, counted on the meta device) -------
 DIT_PARAMS = 20_430_401_088
 DIT_BLOCKS = 60
 DIT_BLOCK_PARAMS = 339_831_296  # one QwenImageTransformerBlock
 DIT_HIDDEN = 3072  # the blocks' width (24 heads of 128)
 DIT_OUTSIDE_BLOCKS_PARAMS = DIT_PARAMS - DIT_BLOCKS * DIT_BLOCK_PARAMS  # embedders, norm_out, proj_out
+# The block linears one token passes through (its stream's q/k/v/out and 4x MLP; the modulation runs once per
+# row, not per token): what a forward's FLOPs count per token and block.
+DIT_LINEAR_PARAMS_PER_TOKEN = 12 * DIT_HIDDEN**2
 # fp8 keeps in bf16 what is known to be sensitive: the last linear of the image MLP (`img_mlp.net.2`,
 # as vLLM-Omni and SGLang do), and everything outside the 60 blocks (patch and text embedders, the
 # timestep embedding, the output projection), which is 0.2% of the weights.
@@ -26,6 +31,14 @@ VAE_PARAMS = 126_892_531
 MAX_TEXT_TOKENS = 1024 + 34  # the pipeline's limit plus the chat-template tokens it drops afterwards
 TYPICAL_TEXT_TOKENS = 256  # text tokens assumed for a denoise batch (prompt and negative padded alike)
 EDIT_IMAGE_TEXT_TOKENS = 1400  # the vision tokens an edit's input image adds to the text (~1024x1024)
+# No condition images and no prefix KV cache (Qwen-Image-2.1's): every step runs the whole sequence, and the
+# encode stage loads no VAE for text-to-image rows.
+CONDITION_IMAGE_TOKENS = 0
+PREFIX_KV_BYTES_PER_TOKEN = 0
+PREFIX_KV_COPIES = 0
+PREFIX_ATTENTION_BYTES_PER_ROW_TOKEN = 0
+ENCODE_STAGE_VAE_BYTES = 0
+CONDITION_IMAGE_ENCODE_BYTES = 0
 # city96's GGUF files of the Qwen-Image transformer (huggingface.co/city96/Qwen-Image-gguf), in GB: what
 # the planner suggests when the model's own weights do not fit a machine well.
 GGUF_FILE_GB = {"Q8_0": 21.8, "Q6_K": 16.8, "Q5_K_M": 14.9, "Q4_K_M": 13.1, "Q4_0": 11.9, "Q3_K_M": 9.7}
