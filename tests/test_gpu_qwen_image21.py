@@ -34,26 +34,71 @@ def manifest(tmp_path_factory, tiny_model):  # tiny_model: the session's QWEN_BA
     return write_manifest(folder / "rows.parquet", ROWS)
 
 
-@pytest.mark.parametrize("compile", ["off", "on"])
-def test_rows_match_diffusers_alone_and_batched_in_bf16(manifest, tmp_path, compile):
-    for batch_size in (1, 4):
-        output = tmp_path / f"b{batch_size}"
-        arguments = ["run", str(manifest), "-o", str(output), "--model", "tiny-2.1", "--device", "cuda", "-q"]
-        assert main([*arguments, "--batch-size", str(batch_size), "--compile", compile]) == 0
+def _run(manifest, output, *options) -> None:
+    arguments = ["run", str(manifest), "-o", str(output), "--model", "tiny-2.1", "--device", "cuda", "-q", *options]
+    assert main(arguments) == 0
     release_generator()
+
+
+def _image(folder, row_id) -> np.ndarray:
+    with Image.open(folder / "images" / f"{row_id}.png") as image:
+        return np.asarray(image, dtype=np.int16)
+
+
+def _diffusers(dtype):
     from diffusers import QwenImage21Pipeline
 
-    pipe = QwenImage21Pipeline.from_pretrained(resolve_model("tiny-2.1").location, dtype=torch.bfloat16).to("cuda")
+    pipe = QwenImage21Pipeline.from_pretrained(resolve_model("tiny-2.1").location, dtype=dtype).to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_rows_match_diffusers_alone_and_batched_in_fp32(manifest, tmp_path, compile):
+    """The contract on the GPU's kernels: in fp32 (where rounding cannot grow into a different image), each row
+    within 2/255 of diffusers' pipeline alone, whether it ran alone or in a batch, compiled or not."""
+    for batch_size in (1, 4):
+        _run(
+            manifest,
+            tmp_path / f"b{batch_size}",
+            "--dtype",
+            "fp32",
+            "--batch-size",
+            str(batch_size),
+            "--compile",
+            compile,
+        )
+    pipe = _diffusers(torch.float32)
     worst = {}
     for request in read_manifest(str(manifest), family_rules=_rules()).requests:
         reference = np.asarray(diffusers_alone(pipe, request, None), dtype=np.int16)
         for batch_size in (1, 4):
-            with Image.open(tmp_path / f"b{batch_size}" / "images" / f"{request.id}.png") as image:
-                ours = np.asarray(image, dtype=np.int16)
-            worst[(request.id, batch_size)] = int(np.abs(ours - reference).max())
-    print(f"compile {compile}: largest difference to diffusers alone, per (row, batch size): {worst}")
+            worst[(request.id, batch_size)] = int(
+                np.abs(_image(tmp_path / f"b{batch_size}", request.id) - reference).max()
+            )
+    print(f"fp32, compile {compile}: largest difference to diffusers alone per (row, batch size): {worst}")
     assert max(worst.values()) <= TOLERANCE, worst
+
+
+def test_bf16_rows_do_not_depend_on_their_batch(manifest, tmp_path):
+    """In bf16 a row's image is the same alone and batched, and it is no further from diffusers' than diffusers'
+    own KV-cache switch moves it (the pipeline's note: bf16 rounding in different layouts gives valid but
+    different samples; the tiny model, whose gains are raised, shows it more than the full-size one)."""
+    for batch_size in (1, 4):
+        _run(manifest, tmp_path / f"b{batch_size}", "--batch-size", str(batch_size))
+    pipe = _diffusers(torch.bfloat16)
+    ours_vs_diffusers, cache_switch = [], []
+    for request in read_manifest(str(manifest), family_rules=_rules()).requests:
+        alone, batched = _image(tmp_path / "b1", request.id), _image(tmp_path / "b4", request.id)
+        assert np.abs(alone - batched).max() <= TOLERANCE, request.id
+        cached = np.asarray(diffusers_alone(pipe, request, None), dtype=np.int16)
+        uncached = np.asarray(diffusers_alone(pipe, request, None, use_kv_cache=False), dtype=np.int16)
+        ours_vs_diffusers.append(np.abs(alone - cached).mean())
+        cache_switch.append(np.abs(uncached - cached).mean())
+    print(
+        f"bf16: mean |ours - diffusers| {np.mean(ours_vs_diffusers):.2f}/255, diffusers' cache on/off {np.mean(cache_switch):.2f}/255"
+    )
+    assert np.mean(ours_vs_diffusers) <= 1.5 * np.mean(cache_switch) + 1.0
 
 
 def test_fp8_runs_and_stays_close_to_bf16(manifest, tmp_path):

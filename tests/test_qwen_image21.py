@@ -99,7 +99,7 @@ def runs(folder):
     return manifest, outputs
 
 
-def diffusers_alone(pipe, request, folder):
+def diffusers_alone(pipe, request, folder, **extra):
     images = []
     for url in request.images:
         with Image.open(url) as opened:
@@ -114,6 +114,7 @@ def diffusers_alone(pipe, request, folder):
         generator=torch.Generator("cpu").manual_seed(request.seed),
         **size,
         **guidance,
+        **extra,
     ).images[0]
 
 

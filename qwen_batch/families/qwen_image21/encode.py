@@ -10,8 +10,8 @@ system turn and the pre-norm hidden states are exactly the pipeline's):
   pipeline resizes it to;
 - per image URL, a note: the content hash and size it had when read (or why it cannot be used), so stage 2
   (`qwen_batch.families.qwen_image21.rows`) finds everything without reading an image.
-Prompts without images are encoded in batches of similar length (left padding, as the pipeline pads a list of
-prompts); a prompt with images is encoded alone with them, as the pipeline takes one set of images per call.
+Each prompt is encoded alone, with its own images (the pipeline takes one set of images per call, and a batch
+of prompts is left-padded, which changes the states on a GPU): what the pipeline computes for that row alone.
 """
 
 from __future__ import annotations
@@ -95,10 +95,6 @@ class Encoder21:
         )
         self.pipe.vae.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        ids = self.pipe.processor.tokenizer([self.pipe.prompt_template_t2i.format(text) for text in texts])
-        return [len(row) for row in ids["input_ids"]]
 
     def encode(
         self, texts: Sequence[str], images: Sequence[Image.Image] = ()
@@ -206,8 +202,6 @@ def _encode_missing(
     try:
         for key, url in latents.items():
             cache.put_tensors(key, {"latents": encoder.latents(images[url])}, {"url": url})
-        plain = [key for key, (_, urls) in texts.items() if not urls]
-        with_images = [key for key, (_, urls) in texts.items() if urls]
         progress.start("encode", len(texts), "prompts")
 
         def store(keys: list[str], encoded: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -222,22 +216,14 @@ def _encode_missing(
                 "--memory-mode offload. Prompts encoded so far stay cached."
             )
 
-        # Prompts alone: similar lengths share a batch, so padding wastes little compute.
-        counts = dict(zip(plain, encoder.token_counts([texts[key][0] for key in plain]), strict=True))
-        plain.sort(key=counts.__getitem__)
-        for begin in range(0, len(plain), context.batch_size):
-            run_in_halves(
-                plain[begin : begin + context.batch_size],
-                lambda keys: store(keys, encoder.encode([texts[key][0] for key in keys])),
-                device,
-                too_big,
-            )
-
-        def encode_alone(keys: list[str]) -> None:  # a prompt with its own images, as the pipeline takes them
+        def encode_alone(keys: list[str]) -> None:
             text, urls = texts[keys[0]]
             store(keys, encoder.encode([text], [images[url] for url in urls]))
 
-        for key in with_images:
+        # One prompt per call, with its own images: the pipeline's call for that row alone. Batches of prompts
+        # are left-padded, and on a GPU the padded encoder's states differ from the prompt's alone (by up to
+        # 122/255 in the tiny model's images, in fp32), so batching would cost the row its exactness.
+        for key in texts:
             run_in_halves([key], encode_alone, device, too_big)
         progress.finish()
         memory = gpu_memory_gib(device)

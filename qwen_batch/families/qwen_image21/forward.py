@@ -153,19 +153,18 @@ class Decoder:
         # [rows, target, head_dim / 2, 2]: real, gathered once per batch (compiled code takes no complex tensor)
         self.rotary = torch.view_as_real(torch.stack([prefix.rotary for prefix in prefixes]))
         self.attend = attend or sdpa
-        # Rows with one prefix length attend in one call: their prefixes stacked once per block, here.
-        groups: dict[int, list[int]] = {}
-        for index, prefix in enumerate(prefixes):
-            groups.setdefault(prefix.length, []).append(index)
+        # Consecutive rows with one prefix length attend in one call (a slice of the batch, no gather); their
+        # prefixes are stacked once per block, here (a single row's are used as they are: no copy).
         self.groups = []
-        for indices in groups.values():
-            keys = [torch.cat([prefixes[i].keys[b] for i in indices]) for b in range(len(prefixes[0].keys))]
-            values = [torch.cat([prefixes[i].values[b] for i in indices]) for b in range(len(prefixes[0].keys))]
-            rows = torch.tensor(indices, device=self.rotary.device)
-            self.groups.append((rows, keys, values))
-        self.whole = len(self.groups) == 1
-        order = torch.cat([rows for rows, _, _ in self.groups])
-        self.restore = order.argsort()
+        start, layers = 0, range(len(prefixes[0].keys))
+        for end in range(1, len(prefixes) + 1):
+            if end < len(prefixes) and prefixes[end].length == prefixes[start].length:
+                continue
+            run = prefixes[start:end]
+            keys = [run[0].keys[b] if len(run) == 1 else torch.cat([p.keys[b] for p in run]) for b in layers]
+            values = [run[0].values[b] if len(run) == 1 else torch.cat([p.values[b] for p in run]) for b in layers]
+            self.groups.append((slice(start, end), keys, values))
+            start = end
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """The prediction for every forward row's target tokens `[rows, target, channels]`."""
@@ -190,14 +189,10 @@ class Decoder:
         """Each row's target queries against its prefix's keys then its own: full attention, no mask."""
         outputs = []
         for rows, keys, values in self.groups:
-            if not self.whole:
-                query_rows, key_rows, value_rows = (t.index_select(0, rows) for t in (query, key, value))
-            else:
-                query_rows, key_rows, value_rows = query, key, value
-            full_keys = torch.cat([keys[index], key_rows], dim=1)
-            full_values = torch.cat([values[index], value_rows], dim=1)
-            outputs.append(self.attend(query_rows, full_keys, full_values))
-        return outputs[0] if self.whole else torch.cat(outputs).index_select(0, self.restore)
+            full_keys = torch.cat([keys[index], key[rows]], dim=1)
+            full_values = torch.cat([values[index], value[rows]], dim=1)
+            outputs.append(self.attend(query[rows], full_keys, full_values))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

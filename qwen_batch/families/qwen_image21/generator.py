@@ -127,6 +127,7 @@ class ImageGenerator21:
                         prefixes.append(prefix)
                     prediction = torch.cat(predictions)
                     decoder = Decoder(transformer, prefixes, self.regions)
+                    del prefixes  # the decoder holds what it needs of them (stacked per group, or as they are)
                 else:
                     model_input = torch.cat([latents] * (len(forwards) // batch))
                     prediction = decoder.forward(model_input, torch.cat([timestep] * (len(forwards) // batch)))
