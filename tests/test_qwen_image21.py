@@ -190,3 +190,51 @@ def test_turbo_takes_its_steps_from_the_checkpoint(tmp_path):
     plan = plan_run(RunConfig(str(manifest), str(tmp_path / "out"), model="tiny-2.1-turbo", device="cpu"))
     assert {request.id: request.num_inference_steps for request in plan.todo} == {"default": 8, "eight": 8}
     assert "fixed grid of 8 sigmas" in plan.manifest.invalid[0].reason
+
+
+def test_taylorseer_rows_are_their_own_alone_or_batched_and_first_block_is_refused(folder, tmp_path):
+    """TaylorSeer per row on 2.1: a row's image equals diffusers' TaylorSeer for that row alone and does not depend
+    on its batch, it computes the steps its schedule says (the first always: it caches the prefix), and it is
+    not the uncached image; first-block is refused."""
+    spec = "taylorseer:interval=2,warmup=2,order=1"
+    rows = [
+        row("cached", "a red fox", seed=1, num_inference_steps=8, step_cache=spec),
+        row("cached-image", "the same in winter", images=["img/photo.png"], seed=4, num_inference_steps=8,
+            step_cache=spec),
+        row("plain", "a red fox", seed=1, num_inference_steps=8),
+        row("first-block", "a red fox", seed=1, num_inference_steps=8, step_cache="first-block:0.1"),
+    ]  # fmt: skip
+    manifest = write_manifest(folder / "taylorseer.parquet", rows)
+    outputs = {}
+    for batch_size in (1, 2):
+        output = tmp_path / f"b{batch_size}"
+        summary = run(RunConfig(str(manifest), str(output), model="tiny-2.1", batch_size=batch_size, device="cpu"))
+        assert summary.generated == 3 and summary.invalid == 1
+        outputs[batch_size] = output
+    results = {record["id"]: record for record in pq.read_table(outputs[2] / "results.parquet").to_pylist()}
+    assert "first-block is not supported on 2.1" in results["first-block"]["error"]
+    # Steps 0 and 1 (warm-up), then every second one from step 3: 0, 1, 3, 5, 7.
+    assert results["cached"]["steps_computed"] == 5 and results["plain"]["steps_computed"] is None
+    for row_id in ("cached", "cached-image"):
+        assert (
+            np.abs(rgba(outputs[1] / "images" / f"{row_id}.png") - rgba(outputs[2] / "images" / f"{row_id}.png")).max()
+            <= 1
+        )
+    cached, plain = (rgba(outputs[2] / "images" / f"{name}.png") for name in ("cached", "plain"))
+    assert np.abs(cached - plain).max() > 2, "the cached row must not be the uncached image"
+    # diffusers' own TaylorSeer (lite: the transformer's output extrapolated) on 2.1, for the row alone.
+    from diffusers import QwenImage21Pipeline, TaylorSeerCacheConfig
+
+    pipe = QwenImage21Pipeline.from_pretrained(resolve_model("tiny-2.1").location, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    config = TaylorSeerCacheConfig(
+        cache_interval=2,
+        disable_cache_before_step=2,
+        max_order=1,
+        use_lite_mode=True,
+        taylor_factors_dtype=torch.float32,
+    )
+    pipe.transformer.enable_cache(config)
+    for request in read_manifest(str(manifest), family_rules=_rules()).requests[:2]:
+        reference = np.asarray(diffusers_alone(pipe, request, folder), dtype=np.int16)
+        assert np.abs(rgba(outputs[2] / "images" / f"{request.id}.png") - reference).max() <= TOLERANCE, request.id

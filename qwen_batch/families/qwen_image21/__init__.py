@@ -78,6 +78,13 @@ def _checkpoint_rules(rules: RowRules, model_index: Mapping[str, Any]) -> RowRul
     return replace(rules, default_steps=len(sigmas), fixed_steps=len(sigmas))
 
 
+def _tiny_model_index(flavour: str) -> dict[str, Any]:
+    """What `_checkpoint_rules` reads from a tiny model's model_index.json: Turbo's fixed grid of sigmas."""
+    from qwen_batch.families.qwen_image21.tiny import TURBO_SIGMAS
+
+    return {"sample_sigmas": list(TURBO_SIGMAS) if flavour == TURBO else None}
+
+
 def _unsupported(request) -> str | None:
     """What Qwen-Image's rows may ask for that 2.1 does not do (yet): the row is invalid with the reason."""
     if request.starts_from_image or request.mask_image:
@@ -87,8 +94,13 @@ def _unsupported(request) -> str | None:
         )
     if request.controls:
         return "control_image needs a Qwen-Image ControlNet; Qwen-Image-2.1 has none: remove the control columns"
-    if request.step_cache:
-        return "step_cache is not supported on Qwen-Image-2.1 rows yet; leave it empty (or 'none') for these rows"
+    from qwen_batch.pipeline.step_cache.spec import TAYLORSEER
+
+    if request.step_cache and not request.step_cache.startswith(TAYLORSEER):
+        return (
+            f"step_cache {request.step_cache}: Qwen-Image-2.1 rows take taylorseer (first-block is not supported on "
+            "2.1 yet); use taylorseer, or leave step_cache empty"
+        )
     return None
 
 
@@ -121,4 +133,5 @@ FAMILY = ModelFamily(
     cached_rows=_cached_rows,
     checkpoint_rules=_checkpoint_rules,
     unsupported=_unsupported,
+    tiny_model_index=_tiny_model_index,
 )

@@ -9,6 +9,7 @@ as `negative + scale * (prompt - negative)`, and the decode with the VAE's laten
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from qwen_batch.memory.placement import (
     use_compile_cache,
 )
 from qwen_batch.pipeline.denoise.decoded import DecodedImages
+from qwen_batch.pipeline.step_cache import Forward
 from qwen_batch.weights.model_source import ModelSource, load_pipeline
 
 if TYPE_CHECKING:
@@ -99,8 +101,6 @@ class ImageGenerator21:
         its image-slot masks and condition images (`qwen_batch.families.qwen_image21.rows`)."""
         import torch
 
-        from qwen_batch.families.qwen_image21.forward import Decoder, prefill
-
         keys = {request.batch_key for request in requests}
         if len(keys) != 1:
             raise ValueError(f"a batch must share size, steps, guidance and shift; got {len(keys)} kinds")
@@ -114,28 +114,27 @@ class ImageGenerator21:
             latents = torch.cat([self._noise(request.seed, width, height) for request in requests]).to(self.device)
             scheduler = self._scheduler(first.scheduler_shift)
             timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
-            transformer = self.pipe.transformer
-            decoder = None
-            for t in timesteps:
+            steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape)
+            step_cache = _step_cache(first.step_cache, len(forwards))
+            for step, t in enumerate(timesteps):
                 timestep = (t.expand(batch).to(latents.dtype) / 1000).to(self.device)
-                if decoder is None:  # the first step: each forward row alone, its prefix cached on the way
-                    predictions, prefixes = [], []
-                    for index, row in enumerate(forwards):
-                        rows = slice(index % batch, index % batch + 1)
-                        prediction, prefix = prefill(transformer, row, latents[rows], timestep[rows], target_shape)
-                        predictions.append(prediction)
-                        prefixes.append(prefix)
-                    prediction = torch.cat(predictions)
-                    decoder = Decoder(transformer, prefixes, self.regions)
-                    del prefixes  # the decoder holds what it needs of them (stacked per group, or as they are)
-                else:
-                    model_input = torch.cat([latents] * (len(forwards) // batch))
-                    prediction = decoder.forward(model_input, torch.cat([timestep] * (len(forwards) // batch)))
+                call = functools.partial(steps.forward, latents, timestep)
+                if step_cache is None:
+                    prediction = call()
+                else:  # the step runs, or each forward row's output is extrapolated from its own full steps
+                    prediction = step_cache.run(step, [Forward(0, len(forwards), call)])[0]
+                    if step == 0:  # as diffusers' TaylorSeer on 2.1, whose first output spans the prefix too
+                        step_cache.restart_factors()
                 if first.uses_cfg:
                     conditional, negative = prediction[:batch], prediction[batch:]
                     prediction = negative + first.true_cfg_scale * (conditional - negative)
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
-            return self._decode(latents, width, height)
+            images = self._decode(latents, width, height)
+        if step_cache is not None:
+            images.steps_computed = step_cache.steps_computed(batch)
+            self.cached_steps += len(timesteps) * len(forwards)
+            self.cached_steps_computed += sum(cond + (uncond or 0) for cond, uncond in images.steps_computed)
+        return images
 
     def _forward_rows(self, prompt_embeds, negative_embeds, conditions: Batch21) -> list:
         """The forward rows of a batch: every row with its prompt, then with guidance every row with its negative
@@ -209,6 +208,52 @@ class ImageGenerator21:
     def close(self) -> None:
         del self.pipe, self.fusion, self._schedulers
         release_memory(self.device)
+
+
+class _BatchSteps:
+    """A batch's transformer forwards, step after step: the first runs each forward row alone (`prefill`, which
+    caches its prefix), the later ones the whole batch over its target tokens (`Decoder`)."""
+
+    def __init__(self, transformer, forwards: list, regions, batch: int, target_shape: tuple[int, int, int]):
+        self.transformer, self.forwards, self.regions = transformer, forwards, regions
+        self.batch, self.target_shape = batch, target_shape
+        self.decoder = None
+
+    def forward(self, latents, timestep):
+        """The prediction of every forward row (rows, then with guidance their negative prompts) for `latents`."""
+        import torch
+
+        from qwen_batch.families.qwen_image21.forward import Decoder, prefill
+
+        copies = len(self.forwards) // self.batch
+        if self.decoder is not None:
+            return self.decoder.forward(torch.cat([latents] * copies), torch.cat([timestep] * copies))
+        predictions, prefixes = [], []
+        for index, row in enumerate(self.forwards):
+            rows = slice(index % self.batch, index % self.batch + 1)
+            prediction, prefix = prefill(self.transformer, row, latents[rows], timestep[rows], self.target_shape)
+            predictions.append(prediction)
+            prefixes.append(prefix)
+        # The decoder holds what it needs of the prefixes (stacked per run of rows, or as they are).
+        self.decoder = Decoder(self.transformer, prefixes, self.regions)
+        return torch.cat(predictions)
+
+
+def _step_cache(spec_text: str | None, rows: int):
+    """The batch's TaylorSeer (per forward row, `qwen_batch.pipeline.step_cache.taylorseer`), or None. Its first
+    step always runs: it is the one that caches the rows' prefixes."""
+    from dataclasses import replace
+
+    from qwen_batch.pipeline.step_cache import TaylorSeer, parse_step_cache
+
+    spec = parse_step_cache(spec_text)
+    if spec is None:
+        return None
+    if not isinstance(spec, TaylorSeer):  # refused at planning (families.qwen_image21): a guard, not a path
+        raise ValueError(f"step cache {spec} does not run on Qwen-Image-2.1 rows")
+    from qwen_batch.pipeline.step_cache.taylorseer import TaylorSeerRows
+
+    return TaylorSeerRows(replace(spec, warmup=max(spec.warmup, 1)), rows)
 
 
 def torch_cat(tensors):

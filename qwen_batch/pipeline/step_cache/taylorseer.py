@@ -38,6 +38,7 @@ class TaylorSeerRows:
         self._factors: dict[int, dict[int, torch.Tensor]] = {}  # forward's first row -> order -> [rows, tokens, C]
         self._last_full: int | None = None
         self._full_steps = 0
+        self._restarting = False  # `restart_factors`: the next full step takes no differences
 
     def wants_controls(self, step: int) -> bool:
         return self.spec.computes(step)  # a predicted step runs no block, so no ControlNet either
@@ -47,12 +48,19 @@ class TaylorSeerRows:
             outputs = [forward.call(**forward.control_kwargs) for forward in forwards]
             for forward, output in zip(forwards, outputs, strict=True):
                 self._update(forward.first, output, step)
-            self._last_full = step
+            self._last_full, self._restarting = step, False
             self._full_steps += 1
             return outputs
         if self._last_full is None:  # spec.warmup >= 1 makes step 0 full
             raise RuntimeError("TaylorSeer cannot predict before a full step")
         return [self._predict(forward.first, step - self._last_full) for forward in forwards]
+
+    def restart_factors(self) -> None:
+        """Keep the last full step's output (steps until the next full one repeat it) but take no differences
+        against it: the next full step starts the series again. What diffusers' state does when the output's
+        shape changes between full steps (Qwen-Image-2.1's first output spans the prefix too, there)."""
+        self._factors = {first: {0: factors[0]} for first, factors in self._factors.items()}
+        self._restarting = True
 
     def steps_computed(self, batch: int) -> list[tuple[int, int | None]]:
         return per_image([self._full_steps] * self.rows, batch)
@@ -61,7 +69,7 @@ class TaylorSeerRows:
         """`TaylorSeerState.update`: recursive divided differences of the full steps' outputs."""
         previous = self._factors.get(first, {})
         new = {0: features}
-        if self._last_full is not None:
+        if self._last_full is not None and not self._restarting:
             delta = step - self._last_full
             for order in range(self.spec.order):
                 before = previous.get(order)
