@@ -20,8 +20,17 @@ from qwen_batch.memory.modes import AUTO, MEMORY_MODES
 
 EXIT_OK, EXIT_ROWS_FAILED, EXIT_USAGE = 0, 1, 2
 MAX_PROBLEMS_SHOWN = 20
-# The run options `validate` takes too: what reading and checking a manifest depends on.
-VALIDATE_OPTIONS = ("manifest", "task", "allow_inputs", "s3_endpoint_url", "s3_region", "s3_profile", "s3_anonymous")
+# The run options `validate` takes too: what reading and checking a manifest depends on (the model: its rules).
+VALIDATE_OPTIONS = (
+    "manifest",
+    "model",
+    "task",
+    "allow_inputs",
+    "s3_endpoint_url",
+    "s3_region",
+    "s3_profile",
+    "s3_anonymous",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(run)
 
     validate = commands.add_parser(
-        "validate", help="check a manifest without loading models", description="Print the validation report."
+        "validate",
+        help="check a manifest without loading models",
+        description="Print the validation report: every row checked as `run` checks it, against the rules of "
+        "--model's family and checkpoint (sizes, steps, guidance, condition images; the rows the family cannot "
+        "run). Loads no model and builds no tiny model: a model's model_index.json is all that is read (a hub "
+        "model not on this machine: that file alone is fetched). Exit code 1 when some rows are invalid, 2 for a "
+        "manifest-level problem.",
     )
     add_run_options(validate, VALIDATE_OPTIONS)
     _add_output_flags(validate)
@@ -116,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser(
         "tiny-model",
-        help="write the tiny random-weight Qwen-Image model (diffusers format)",
-        description="Write a tiny random-weight QwenImagePipeline, loadable with from_pretrained, built offline.",
+        help="write a tiny random-weight model (diffusers format): Qwen-Image's, or with --model another family's",
+        description="Write a tiny random-weight model, loadable with its pipeline class's from_pretrained, built "
+        "offline: Qwen-Image's QwenImagePipeline by default, another with --model (tiny-2.1: a QwenImage21Pipeline).",
     )
     tiny.add_argument("directory", metavar="DIR", help="the model folder (with --format: the one file to write)")
     tiny.add_argument(
@@ -127,11 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="diffusers: the whole model as a folder (default); bf16, fp8 (ComfyUI's layout), gguf-q8_0, gguf-q4_0: "
         "its transformer as one file, for --transformer (the rest comes from --model tiny)",
     )
-    tiny.add_argument(
+    which = tiny.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        choices=_tiny_model_names(),
+        default=None,
+        metavar="NAME",
+        help="the tiny model that --model NAME runs elsewhere, written to DIR: "
+        f"{', '.join(_tiny_model_names())} (tiny-2.1: QwenImage21Pipeline; tiny-2.1-turbo: the same with Turbo's "
+        "8 sample_sigmas in its model_index.json). Default: tiny, or what --task says",
+    )
+    which.add_argument(
         "--task",
         choices=(GENERATE, EDIT, EDIT_PLUS, "controlnet", "controlnet-inpaint"),
-        default=GENERATE,
-        help="generate: QwenImagePipeline (default); edit: QwenImageEditPipeline; "
+        default=None,
+        help="for Qwen-Image: generate: QwenImagePipeline (default); edit: QwenImageEditPipeline; "
         "edit-plus: QwenImageEditPlusPipeline (several input images); controlnet, controlnet-inpaint: a tiny "
         "QwenImageControlNetModel for the tiny model, for --controlnet (as InstantX's Union and Inpainting)",
     )
@@ -145,12 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         "in the key layout of diffusers, kohya, ComfyUI or DiffSynth. Reads the model's config only.",
     )
     tiny_lora.add_argument(
-        "model", metavar="MODEL", help="a diffusers model folder, or tiny / tiny-edit / tiny-edit-plus"
+        "model",
+        metavar="MODEL",
+        help=f"a diffusers model folder, or a tiny model's name: {' / '.join(_tiny_model_names())}",
     )
     tiny_lora.add_argument("output", metavar="OUT.safetensors")
     tiny_lora.add_argument("--rank", type=int, default=4, help="LoRA rank (default 4)")
     tiny_lora.add_argument(
-        "--format", choices=_lora_formats(), default="diffusers", help="key layout (default diffusers)"
+        "--format",
+        choices=_lora_formats(),
+        default="diffusers",
+        help="key layout (default diffusers; not kohya for Qwen-Image-2.1, whose layer names kohya's cannot spell)",
     )
     tiny_lora.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_output_flags(tiny_lora)
@@ -226,6 +257,13 @@ def _single_file_formats() -> tuple[str, ...]:
     return FORMATS
 
 
+def _tiny_model_names() -> list[str]:
+    """The tiny models' names, every family's (`--model tiny-2.1`...)."""
+    from qwen_batch.families import _families
+
+    return [name for family in _families() for name in family.tiny_models]
+
+
 def _lora_formats() -> tuple[str, ...]:
     from qwen_batch.tiny.lora import FORMATS
 
@@ -299,9 +337,26 @@ def _validate(args: argparse.Namespace) -> int:
 
     storage = s3_storage_options(args.s3_endpoint_url, args.s3_region, args.s3_profile, args.s3_anonymous)
     task = None if args.task == AUTO else args.task
-    manifest = read_manifest(args.manifest, storage, task, tuple(args.allow_inputs))
-    print(manifest.report())
+    family, rules = _named_model(args.model)
+    manifest = read_manifest(args.manifest, storage, task, tuple(args.allow_inputs), family_rules=rules)
+    print(_unsupported_invalid(manifest, family).report())
     return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
+
+
+def _unsupported_invalid(manifest, family):
+    """The manifest with the rows `family` cannot run (`ModelFamily.unsupported`) invalid with the reason, as the
+    run makes them (`qwen_batch.run.engine`, which `validate` does not import: it imports torch)."""
+    import dataclasses
+
+    from qwen_batch.manifest import InvalidRow
+
+    reasons = {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
+    if not reasons:
+        return manifest
+    invalid = [*manifest.invalid]
+    invalid += [InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in manifest.requests if r.id in reasons]
+    requests = [request for request in manifest.requests if request.id not in reasons]
+    return dataclasses.replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -328,7 +383,7 @@ def _plan(args: argparse.Namespace) -> int:
         machine = Machine(gpu_gib=args.gpu_memory, host_gib=args.host_memory or host_memory_gib(), disk_gbps=disk)
     if args.fp8_matmul is not None:
         machine = dataclasses.replace(machine, fp8_compute=args.fp8_matmul)
-    family = _planned_family(args.model)
+    family, rules = _named_model(args.model)
     if args.task not in family.pipelines.values():
         raise ConfigError(f"--task {args.task}: {family.name} models do not {args.task}")
     most = family.rows.max_condition_images
@@ -340,7 +395,7 @@ def _plan(args: argparse.Namespace) -> int:
     job = Workload(
         width=args.width,
         height=args.height,
-        steps=args.steps if args.steps is not None else family.rows.default_steps,
+        steps=args.steps if args.steps is not None else rules.default_steps,  # 2.1-Turbo's: its 8 sigmas
         true_cfg=family.rows.default_true_cfg_scale > 1,
         task=args.task,
         batch_size=args.batch_size,
@@ -362,29 +417,36 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _planned_family(model: str | None):
-    """The family `plan --model` names, without reading weights or building a tiny model: a tiny model's by its
-    name, any other's from its model_index.json (a hub model not on this machine: that file alone is fetched).
-    A published model named in a family's examples (Qwen/Qwen-Image-2.1) is that family's when its
-    model_index.json cannot be read (offline)."""
+def _named_model(model: str | None):
+    """The family `--model` names (for `plan` and `validate`) and its checkpoint's row rules (2.1-Turbo's fixed
+    steps), without reading weights or building a tiny model: a tiny model's by its name (`tiny_model_index`: what
+    its model_index.json will say), any other's from its model_index.json (a hub model not on this machine: that
+    file alone is fetched). A published model named in a family's examples (Qwen/Qwen-Image-2.1) is that
+    family's, with the family's rules, when its model_index.json cannot be read (offline)."""
     from qwen_batch.errors import ModelError
-    from qwen_batch.families import _families, default_family, tiny_model
+    from qwen_batch.families import _families, default_family, family_of_pipeline, tiny_model
 
     if model is None:
-        return default_family()
+        return default_family(), default_family().rows
     registered = tiny_model(model)
     if registered is not None:
-        return registered[0]
-    from qwen_batch.weights.model_source import model_family, resolve_model
+        family, task = registered
+        return family, family.checkpoint_rules(family.rows, family.tiny_model_index(task))
+    from qwen_batch.weights.model_source import model_index, resolve_model
 
     try:
-        return model_family(resolve_model(model))
+        source = resolve_model(model)
+        index = model_index(source)
+        family = family_of_pipeline(index.get("_class_name"), source.name)
     except ModelError as error:
         known = [family for family in _families() if model in family.example_models.values()]
         if not known:
             raise
-        logging.getLogger(__name__).warning("%s; planning for %s, whose published model it is", error, known[0].name)
-        return known[0]
+        logging.getLogger(__name__).warning(
+            "%s; using the rules of %s, whose published model it is", error, known[0].name
+        )
+        return known[0], known[0].rows
+    return family, family.checkpoint_rules(family.rows, index)
 
 
 def _planned_weights(location: str):
@@ -397,25 +459,48 @@ def _planned_weights(location: str):
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
+    from qwen_batch.families import default_family, tiny_model
+
+    family, task = tiny_model(args.model) if args.model else (default_family(), args.task or GENERATE)
+    if family is not default_family():
+        return _tiny_model_of(family, task, args)
     from qwen_batch.tiny.model import write_tiny_model
 
     if args.format != "diffusers":
         from qwen_batch.weights.model_source import ensure_tiny_model
         from qwen_batch.weights.single_file import write_model_transformer_file
 
-        path = write_model_transformer_file(ensure_tiny_model(args.task), args.directory, args.format)
+        path = write_model_transformer_file(ensure_tiny_model(task), args.directory, args.format)
         print(f"wrote the tiny model's transformer as one {args.format} file to {path} (use it with --model tiny)")
         return EXIT_OK
-    if args.task.startswith("controlnet"):
+    if task.startswith("controlnet"):
         from qwen_batch.tiny.controlnet import write_tiny_controlnet
 
-        kind = "inpaint" if args.task == "controlnet-inpaint" else "union"
+        kind = "inpaint" if task == "controlnet-inpaint" else "union"
         folder = write_tiny_controlnet(args.directory, kind, seed=args.seed)
         print(f"wrote a tiny random-weight {kind} ControlNet for --model tiny to {folder} (use it with --controlnet)")
         return EXIT_OK
-    folder = write_tiny_model(args.directory, seed=args.seed, task=args.task)
-    pipeline = {GENERATE: "Qwen-Image", EDIT: "Qwen-Image-Edit", EDIT_PLUS: "Qwen-Image-Edit-Plus"}[args.task]
+    folder = write_tiny_model(args.directory, seed=args.seed, task=task)
+    pipeline = {GENERATE: "Qwen-Image", EDIT: "Qwen-Image-Edit", EDIT_PLUS: "Qwen-Image-Edit-Plus"}[task]
     print(f"wrote a tiny random-weight {pipeline} pipeline to {folder}")
+    return EXIT_OK
+
+
+def _tiny_model_of(family, flavour: str, args: argparse.Namespace) -> int:
+    """`tiny-model --model NAME` for another family than Qwen-Image (tiny-2.1, tiny-2.1-turbo): its folder."""
+    import json
+    from pathlib import Path
+
+    from qwen_batch.errors import ConfigError
+
+    if args.format != "diffusers":
+        raise ConfigError(
+            f"--format {args.format}: only Qwen-Image's tiny transformer is written as one file; leave --format out "
+            f"to write {args.model} as a diffusers folder"
+        )
+    folder = Path(family.write_tiny_model(Path(args.directory), args.seed, flavour))
+    pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    print(f"wrote the tiny random-weight {args.model} model ({pipeline}) to {folder} (use it with --model {folder})")
     return EXIT_OK
 
 

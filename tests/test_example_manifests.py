@@ -48,3 +48,31 @@ def test_each_example_parquet_is_what_its_jsonl_builds(source, tmp_path):
     committed = pq.read_table(source.with_suffix(".parquet"))
     assert pq.read_table(built).equals(committed, check_metadata=True)
     assert committed.num_rows > 0
+
+
+def test_the_qwen_image21_example_is_valid_with_21s_rules(capsys):
+    """prompts/qwen_image21_example.parquet (`make demo-2.1`): every row valid for tiny-2.1 (sizes multiple of 32,
+    few steps, guidance with a negative prompt), text-only rows of different lengths and rows with small condition
+    images, one of them RGBA with transparency."""
+    from PIL import Image
+
+    from qwen_batch.cli import main
+
+    example = PROMPTS / "qwen_image21_example.parquet"
+    assert main(["validate", str(example), "--model", "tiny-2.1"]) == 0
+    assert "6 rows, 6 valid, 0 invalid" in capsys.readouterr().out
+    rows = pq.read_table(example).to_pylist()
+    assert len({len(row["prompt"]) for row in rows if not row["images"]}) >= 3, "text-only prompts of several lengths"
+    assert any(row["negative_prompt"] and row["true_cfg_scale"] == 3.0 for row in rows)
+    assert all(row["num_inference_steps"] <= 8 and row["width"] in (256, 512) for row in rows)
+    images = {PROMPTS / path for row in rows for path in row["images"] or ()}
+    assert len(images) == 2 and max(len(row["images"] or ()) for row in rows) == 2
+    modes = set()
+    for path in images:
+        assert path.stat().st_size < 10_000
+        with Image.open(path) as image:
+            assert image.size == (64, 64)
+            modes.add(image.mode)
+            if image.mode == "RGBA":
+                assert image.getextrema()[3][0] == 0, "transparent somewhere"
+    assert modes == {"RGB", "RGBA"}

@@ -84,6 +84,9 @@ class ModelFamily:
     checkpoint_rules: Callable[[RowRules, Mapping[str, Any]], RowRules] = lambda rules, model_index: rules
     # Why a valid row cannot run on this family (a feature it lacks), or None: the row turns invalid with it.
     unsupported: Callable[[Any], str | None] = lambda request: None
+    # What `checkpoint_rules` reads from the model_index.json of a tiny model (of a task or flavour, as in
+    # `tiny_models`), known without building it: `qwen-batch validate --model tiny-2.1-turbo` builds nothing.
+    tiny_model_index: Callable[[str], Mapping[str, Any]] = lambda task: {}
 
     def task_of(self, pipeline_class: str) -> str:
         return self.pipelines[pipeline_class]

@@ -109,8 +109,9 @@ class RunConfig:
     )
     model: str = option(
         DEFAULT_MODEL,
-        help="A hub id (Qwen/Qwen-Image, downloaded once), a local diffusers folder, or 'tiny': random weights for "
-        "trying the pipeline (its images are noise).",
+        help="A hub id (Qwen/Qwen-Image, downloaded once), a local diffusers folder, or a tiny model: random weights "
+        "for trying the pipeline (its images are noise): 'tiny' (Qwen-Image; tiny-edit, tiny-edit-plus), 'tiny-2.1' "
+        "or 'tiny-2.1-turbo' (Qwen-Image-2.1). Its family and checkpoint decide the rows' rules.",
         metavar="M",
         pattern=r".+",
     )

@@ -112,14 +112,15 @@ def model_index(source: ModelSource) -> dict[str, Any]:
 
     if source.loader is not None:
         return {"_class_name": source.pipeline_class}
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
     folder = source.local_folder
     try:
-        if folder is not None:
-            return json.loads((folder / "model_index.json").read_text())
-        from diffusers import DiffusionPipeline
-
-        return dict(DiffusionPipeline.load_config(source.location))
-    except (OSError, ValueError) as error:
+        if folder is None:  # a hub model not on this machine: that file alone (no diffusers, so no torch)
+            folder = Path(hf_hub_download(source.location, "model_index.json")).parent
+        return json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError, EntryNotFoundError) as error:
         raise _cannot_load(source, error) from error
 
 
@@ -167,7 +168,7 @@ def _cannot_load(source: ModelSource, error: Exception) -> ModelError:
         else " It is not on this machine and could not be downloaded: download it first "
         f"(hf download {source.location}) or pass a local diffusers folder to --model."
     )
-    return ModelError(f"cannot load model {source.name!r}: {error}.{hint}")
+    return ModelError(f"cannot load model {source.name!r}: {str(error).rstrip('.')}.{hint}")
 
 
 _registered: dict[str, ModelSource] = {}
