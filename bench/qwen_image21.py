@@ -14,8 +14,10 @@ capped to the mode's tier (bf16: 24 GiB, fp8: 16 GiB) at batch 1, and Turbo's 8-
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,9 +25,10 @@ import torch
 from bench.full_size import EmulatedGpu
 from bench.full_size21 import build_pipeline, full_size_source, prompt_embeddings
 from bench.harness import Scenario, main, scenarios
-from bench.measure import RssPeak, free_gpu, gpu_peak_gib, reset_peak, synchronize
+from bench.measure import RssPeak, free_gpu, gpu_peak_gib, peak_rss_gib, reset_peak, synchronize
 from qwen_batch.families.qwen_image21.tiny import TURBO_SIGMAS
 from qwen_batch.memory.modes import BF16, FP8
+from qwen_batch.weights.model_source import resolve_model
 
 SEED = 1000
 
@@ -216,6 +219,99 @@ class _nothing:
         return False
 
 
+# --- From disk: the published layout, the whole CLI run, host RAM in a cgroup ----------------------------------
+
+
+def checkpoint_folder(runner) -> Path:
+    return runner.root / ("checkpoint-2.1-tiny" if runner.tiny else "checkpoint-2.1")
+
+
+def write_checkpoint(runner) -> None:
+    """The full-size random 2.1 model saved as the published one is laid out (diffusers' and transformers'
+    `save_pretrained`, 5 GB shards): transformer 14.2 GB, Qwen3-VL encoder 17.5 GB, VAE; the processor and
+    scheduler from the tiny model. Written once per work folder; the page cache dropped afterwards."""
+    from bench.memory_tiers import drop_page_cache
+
+    folder = checkpoint_folder(runner)
+    tiny = Path(resolve_model("tiny-2.1").location)
+    if not (folder / "model_index.json").exists():
+        started = time.perf_counter()
+        staging = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        if runner.tiny:
+            shutil.copytree(tiny, staging)
+        else:
+            _save_full_size(staging, tiny)
+        staging.rename(folder)
+        sizes = {part.name: round(sum(f.stat().st_size for f in part.rglob("*") if f.is_file()) / 1e9, 2)
+                 for part in folder.iterdir() if part.is_dir()}  # fmt: skip
+        runner.write({"run": "write", "folder": str(folder), "s": round(time.perf_counter() - started, 1), "gb": sizes})
+    drop_page_cache(runner)
+
+
+def _save_full_size(folder: Path, tiny: Path) -> None:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from bench.full_size import _building
+    from bench.full_size21 import build_transformer, build_vae
+
+    for part in ("processor", "scheduler"):
+        shutil.copytree(tiny / part, folder / part)
+    shutil.copy(tiny / "model_index.json", folder / "model_index.json")
+    for name, build in (("transformer", build_transformer), ("vae", build_vae)):
+        module = build("cuda", torch.bfloat16)
+        module.save_pretrained(folder / name, max_shard_size="5GB", safe_serialization=True)
+        del module
+        free_gpu()
+    # Qwen3-VL-8B-Instruct's sizes over the tiny encoder's config (its token ids are the tiny vocabulary's).
+    config = Qwen3VLConfig.from_pretrained(tiny / "text_encoder")
+    text = {"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}  # fmt: skip
+    vision = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16, "out_hidden_size": 4096,
+              "deepstack_visual_indexes": [8, 16, 24], "num_position_embeddings": 2304}  # fmt: skip
+    config.text_config.update(text)
+    config.text_config.rope_parameters["mrope_section"] = [24, 20, 20]
+    config.vision_config.update(vision)
+    with _building("cuda", torch.bfloat16, 1):
+        encoder = Qwen3VLForConditionalGeneration(config).eval()
+    encoder.save_pretrained(folder / "text_encoder", max_shard_size="5GB", safe_serialization=True)
+    del encoder
+    free_gpu()
+
+
+def from_disk(runner, mode: str, gpu_gib: float, rows: int = 4, steps: int = 20, size: int = 1024) -> None:
+    """`qwen-batch run`'s stages on the checkpoint from disk, on a card capped to `gpu_gib`, inside the scenario's
+    cgroup: peak RSS (VmHWM, and its anonymous and file-backed parts) and GPU memory per stage, seconds."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bench.memory_tiers import HostPeak, cgroup_figures
+    from qwen_batch.memory.planner import GPU_MEMORY_ENV
+    from qwen_batch.run.engine import RunConfig, run
+
+    os.environ[GPU_MEMORY_ENV] = str(gpu_gib)
+    EmulatedGpu(gpu_gib if torch.cuda.is_available() else None).apply()
+    work = runner.work
+    work.mkdir(parents=True, exist_ok=True)
+    texts = [f"a photograph of object {index}, {'with many details, ' * index}studio light" for index in range(rows)]
+    table = {"id": [f"p{i}" for i in range(rows)], "prompt": texts, "seed": list(range(rows)),
+             "width": [size] * rows, "height": [size] * rows, "num_inference_steps": [steps] * rows}  # fmt: skip
+    pq.write_table(pa.table(table), work / "m.parquet")
+    host = HostPeak()
+    started = time.perf_counter()
+    summary = run(RunConfig(str(work / "m.parquet"), str(work / "out"), model=str(checkpoint_folder(runner)),
+                            memory_mode=mode, device=runner.device))  # fmt: skip
+    result = {"run": f"qwen-image-2.1 from disk {mode}", "mode": mode, "gpu_gib": gpu_gib, "rows": rows,
+              "steps": steps, "size": size, "generated": summary.generated, "failed": summary.failed,
+              "seconds": round(time.perf_counter() - started, 1), **host.stop(), "vm_hwm_gib": peak_rss_gib(),
+              "encode_peak_gpu_gib": summary.encode.peak_gpu_gib, "denoise_peak_gpu_gib": summary.denoise.peak_gpu_gib,
+              "denoise_s_per_image": round(summary.denoise.seconds / max(summary.generated, 1), 2),
+              **cgroup_figures()}  # fmt: skip
+    runner.write(result)
+
+
 SCENARIOS = scenarios(
     Scenario(
         "bf16", versus, {"mode": BF16, "tier_gib": 24}, "bf16 against diffusers; the 24 GiB tier", 5, process=True
@@ -224,6 +320,24 @@ SCENARIOS = scenarios(
         "fp8", versus, {"mode": FP8, "tier_gib": 16}, "fp8 against diffusers bf16; the 16 GiB tier", 6, process=True
     ),
     Scenario("kernels", kernels, {}, "a decode step's attention kernels, GEMM rates and top kernels", 2, process=True),
+    Scenario(
+        "bf16-24g-from-disk",
+        from_disk,
+        {"mode": BF16, "gpu_gib": 24},
+        "bf16 from disk on a 24 GiB card in 12 GiB of RAM (at 10 the planner refuses: it asks 9 and keeps headroom)",
+        4,
+        host_gib=12,
+        prepare=write_checkpoint,
+    ),
+    Scenario(
+        "fp8-16g-from-disk",
+        from_disk,
+        {"mode": FP8, "gpu_gib": 16},
+        "fp8 from disk on a 16 GiB card in 10 GiB of RAM",
+        4,
+        host_gib=10,
+        prepare=write_checkpoint,
+    ),
 )
 
 

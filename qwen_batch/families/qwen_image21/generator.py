@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from qwen_batch.adapters.fusion import AdapterFusion
 from qwen_batch.families.qwen_image21.forward import block_regions
 from qwen_batch.memory.device import release_memory
+from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD
 from qwen_batch.memory.placement import (
-    FP8,
     Placement,
     QuantizedWeights,
     place_transformer,
@@ -62,7 +63,13 @@ class ImageGenerator21:
             )
         self.source, self.device, self.dtype = source, device, dtype
         self.placement = placement or Placement()
-        pipe = load_pipeline(source, dtype, text_encoder=None)  # the processor stays: the pipeline's __init__ reads it
+        if self.placement.mode in (FP8, FP8_OFFLOAD):  # no block linear of 2.1 stays bf16 (the anchors': all 160)
+            self.placement = replace(self.placement, fp8_every_linear=True)
+        straight = (
+            _transformer_straight_to(source, device, dtype) if _loads_straight(source, self.placement, device) else None
+        )
+        # The processor stays: the pipeline's __init__ reads it.
+        pipe = load_pipeline(source, dtype, text_encoder=None, **({"transformer": straight} if straight else {}))
         transformer = pipe.transformer
         # fp8 with adapters: references to the bf16 weights, to fuse adapters in bf16 (qwen_batch.adapters.fusion).
         keep = QuantizedWeights.capture(transformer) if self.placement.adapters and self.placement.mode == FP8 else {}
@@ -208,6 +215,21 @@ class ImageGenerator21:
     def close(self) -> None:
         del self.pipe, self.fusion, self._schedulers
         release_memory(self.device)
+
+
+def _loads_straight(source: ModelSource, placement: Placement, device: str) -> bool:
+    """Resident on a GPU (bf16, or fp8 quantized there block by block), the transformer's 14 GB go from their
+    memory-mapped files straight to the GPU; host RAM holds file pages, never a copy of the model."""
+    return source.loader is None and device.startswith("cuda") and placement.mode in (BF16, FP8)
+
+
+def _transformer_straight_to(source: ModelSource, device: str, dtype: torch.dtype):
+    from diffusers import QwenImage21Transformer2DModel
+
+    folder = source.folder_with(("transformer",))
+    return QwenImage21Transformer2DModel.from_pretrained(
+        folder, subfolder="transformer", dtype=dtype, device_map={"": device}, use_safetensors=True
+    )
 
 
 class _BatchSteps:
