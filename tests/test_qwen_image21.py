@@ -192,27 +192,25 @@ def test_turbo_takes_its_steps_from_the_checkpoint(tmp_path):
     assert "fixed grid of 8 sigmas" in plan.manifest.invalid[0].reason
 
 
-def test_taylorseer_rows_are_their_own_alone_or_batched_and_first_block_is_refused(folder, tmp_path):
+def test_taylorseer_rows_equal_diffusers_alone_and_do_not_depend_on_their_batch(folder, tmp_path):
     """TaylorSeer per row on 2.1: a row's image equals diffusers' TaylorSeer for that row alone and does not depend
     on its batch, it computes the steps its schedule says (the first always: it caches the prefix), and it is
-    not the uncached image; first-block is refused."""
+    not the uncached image."""
     spec = "taylorseer:interval=2,warmup=2,order=1"
     rows = [
         row("cached", "a red fox", seed=1, num_inference_steps=8, step_cache=spec),
         row("cached-image", "the same in winter", images=["img/photo.png"], seed=4, num_inference_steps=8,
             step_cache=spec),
         row("plain", "a red fox", seed=1, num_inference_steps=8),
-        row("first-block", "a red fox", seed=1, num_inference_steps=8, step_cache="first-block:0.1"),
     ]  # fmt: skip
     manifest = write_manifest(folder / "taylorseer.parquet", rows)
     outputs = {}
     for batch_size in (1, 2):
         output = tmp_path / f"b{batch_size}"
         summary = run(RunConfig(str(manifest), str(output), model="tiny-2.1", batch_size=batch_size, device="cpu"))
-        assert summary.generated == 3 and summary.invalid == 1
+        assert summary.generated == 3
         outputs[batch_size] = output
     results = {record["id"]: record for record in pq.read_table(outputs[2] / "results.parquet").to_pylist()}
-    assert "first-block is not supported on 2.1" in results["first-block"]["error"]
     # Steps 0 and 1 (warm-up), then every second one from step 3: 0, 1, 3, 5, 7.
     assert results["cached"]["steps_computed"] == 5 and results["plain"]["steps_computed"] is None
     for row_id in ("cached", "cached-image"):
@@ -238,3 +236,37 @@ def test_taylorseer_rows_are_their_own_alone_or_batched_and_first_block_is_refus
     for request in read_manifest(str(manifest), family_rules=_rules()).requests[:2]:
         reference = np.asarray(diffusers_alone(pipe, request, folder), dtype=np.int16)
         assert np.abs(rgba(outputs[2] / "images" / f"{request.id}.png") - reference).max() <= TOLERANCE, request.id
+
+
+def test_first_block_rows_decide_alone_and_compute_what_they_say(folder, tmp_path):
+    """First-block per row on 2.1 (diffusers has no FirstBlockCache for 2.1's blocks): with a threshold no step
+    stays under, every step computes and the image is the uncached one; with a loose one, rows skip steps, each
+    row's decisions and image the same alone as in a batch whose other rows decide otherwise."""
+    rows = [
+        row("always", "a red fox", seed=1, num_inference_steps=8, step_cache="first-block:1e-9"),
+        row("plain", "a red fox", seed=1, num_inference_steps=8),
+        row("loose-a", "a red fox", seed=1, num_inference_steps=8, step_cache="first-block:1.0"),
+        row("loose-b", "a lighthouse at dusk, waves below", seed=2, num_inference_steps=8, step_cache="first-block:1.0"),
+        row("loose-c", "a bowl of lemons", negative_prompt="dark", true_cfg_scale=3.0, seed=3, num_inference_steps=8,
+            step_cache="first-block:1.0"),
+        row("loose-d", "winter", images=["img/photo.png"], seed=4, num_inference_steps=8, step_cache="first-block:1.0"),
+    ]  # fmt: skip
+    manifest = write_manifest(folder / "first-block.parquet", rows)
+    outputs = {}
+    for batch_size in (1, 4):
+        output = tmp_path / f"b{batch_size}"
+        summary = run(RunConfig(str(manifest), str(output), model="tiny-2.1", batch_size=batch_size, device="cpu"))
+        assert summary.generated == len(rows), summary.problems
+        outputs[batch_size] = output
+    results = {b: {r["id"]: r for r in pq.read_table(outputs[b] / "results.parquet").to_pylist()} for b in outputs}
+    assert results[4]["always"]["steps_computed"] == 8
+    image = {b: {r["id"]: rgba(outputs[b] / "images" / f"{r['id']}.png") for r in rows} for b in outputs}
+    assert np.abs(image[4]["always"] - image[4]["plain"]).max() <= TOLERANCE
+    loose = [f"loose-{name}" for name in "abcd"]
+    computed = [results[4][row_id]["steps_computed"] for row_id in loose]
+    assert all(count >= 1 for count in computed) and min(computed) < 8, computed
+    assert results[4]["loose-c"]["uncond_steps_computed"] is not None
+    for row_id in loose:
+        assert results[1][row_id]["steps_computed"] == results[4][row_id]["steps_computed"], row_id
+        assert np.abs(image[1][row_id] - image[4][row_id]).max() <= TOLERANCE, row_id
+    assert np.abs(image[4]["loose-a"] - image[4]["plain"]).max() > TOLERANCE, "skipped steps must show"

@@ -94,13 +94,6 @@ def _unsupported(request) -> str | None:
         )
     if request.controls:
         return "control_image needs a Qwen-Image ControlNet; Qwen-Image-2.1 has none: remove the control columns"
-    from qwen_batch.pipeline.step_cache.spec import TAYLORSEER
-
-    if request.step_cache and not request.step_cache.startswith(TAYLORSEER):
-        return (
-            f"step_cache {request.step_cache}: Qwen-Image-2.1 rows take taylorseer (first-block is not supported on "
-            "2.1 yet); use taylorseer, or leave step_cache empty"
-        )
     return None
 
 

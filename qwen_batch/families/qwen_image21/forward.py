@@ -166,8 +166,9 @@ class Decoder:
             self.groups.append((slice(start, end), keys, values))
             start = end
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        """The prediction for every forward row's target tokens `[rows, target, channels]`."""
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, first_block=None) -> torch.Tensor:
+        """The prediction for every forward row's target tokens `[rows, target, channels]`. `first_block`: the
+        batch's per-row first-block cache (`FirstBlockSteps`), which decides after block 0 which rows run the others."""
         transformer = self.transformer
         hidden = transformer.img_in(latents)
         timestep = timestep.to(hidden.dtype)
@@ -177,22 +178,135 @@ class Decoder:
         first, second = modulation.chunk(2, dim=-1)
         scale, gate = first.chunk(2, dim=-1)
         mlp_scale, mlp_gate = second.chunk(2, dim=-1)
-        for index, (before, after) in enumerate(self.regions):
-            query, key, value = before(hidden, scale, self.rotary)
-            attention = self._attention(index, query, key, value)
-            hidden = after(hidden, attention, gate, mlp_scale, mlp_gate)
+        arguments = (scale, gate, mlp_scale, mlp_gate, self.rotary)
+        if first_block is None:
+            hidden = self._blocks(hidden, range(len(self.regions)), arguments)
+        else:
+            head = self._blocks(hidden, range(1), arguments)
+            hidden = first_block.rest(self, hidden, head, arguments)
         norm = transformer.norm_out
         norm_scale = norm.linear(norm.silu(temb).to(hidden.dtype))[:-1].unsqueeze(1)
         return transformer.proj_out(norm.norm(hidden) * (1 + norm_scale))
 
-    def _attention(self, index: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _blocks(self, hidden: torch.Tensor, indices, arguments, rows: list[int] | None = None) -> torch.Tensor:
+        """The blocks `indices` over `hidden`, all the forward rows' or (`rows`: their places) a sub-batch's."""
+        scale, gate, mlp_scale, mlp_gate, rotary = arguments
+        for index in indices:
+            before, after = self.regions[index]
+            query, key, value = before(hidden, scale, rotary)
+            attention = self._attention(index, query, key, value, rows)
+            hidden = after(hidden, attention, gate, mlp_scale, mlp_gate)
+        return hidden
+
+    def _attention(self, index: int, query, key, value, rows: list[int] | None = None) -> torch.Tensor:
         """Each row's target queries against its prefix's keys then its own: full attention, no mask."""
         outputs = []
-        for rows, keys, values in self.groups:
-            full_keys = torch.cat([keys[index], key[rows]], dim=1)
-            full_values = torch.cat([values[index], value[rows]], dim=1)
-            outputs.append(self.attend(query[rows], full_keys, full_values))
+        if rows is not None:  # a sub-batch: each row against its own prefix, one call a row
+            for place, row in enumerate(rows):
+                prefix_keys, prefix_values = self._prefix(row, index)
+                one = slice(place, place + 1)
+                full_keys = torch.cat([prefix_keys, key[one]], dim=1)
+                outputs.append(self.attend(query[one], full_keys, torch.cat([prefix_values, value[one]], dim=1)))
+            return torch.cat(outputs)
+        for group, keys, values in self.groups:
+            full_keys = torch.cat([keys[index], key[group]], dim=1)
+            full_values = torch.cat([values[index], value[group]], dim=1)
+            outputs.append(self.attend(query[group], full_keys, full_values))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _prefix(self, row: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for group, keys, values in self.groups:
+            if group.start <= row < group.stop:
+                place = slice(row - group.start, row - group.start + 1)
+                return keys[index][place], values[index][place]
+        raise IndexError(row)
+
+
+class FirstBlockSteps:
+    """diffusers' FirstBlockCache decided per forward row (`qwen_batch.pipeline.step_cache.first_block`'s test and
+    counts): block 0 runs for every row; a row whose block-0 residual moved more than the threshold since its last
+    full step runs the other blocks (in a sub-batch of the rows that do), the others add their cached tail.
+
+    The first step, diffusers' forward for each row alone, runs every block: hooks on the first and last block
+    keep each row's target tokens of block 0's input and output and of the last block's output."""
+
+    def __init__(self, cache):
+        self.cache = cache  # FirstBlockRows: the per-row decisions and counts
+        self.rows = None  # its per-row state: the residual of each row's last full step, its tail residual
+        self._first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def capture(self, transformer, target_tokens: int):
+        """A context for one row's first step: its block-0 input and output and last output, target tokens."""
+        import contextlib
+
+        seen = {}
+
+        def before(module, args, kwargs):
+            seen["input"] = kwargs["hidden_states"][:, -target_tokens:]
+
+        def after(name):
+            def hook(module, args, kwargs, output):
+                seen[name] = output[:, -target_tokens:]
+
+            return hook
+
+        @contextlib.contextmanager
+        def hooked():
+            blocks = transformer.transformer_blocks
+            handles = [
+                blocks[0].register_forward_pre_hook(before, with_kwargs=True),
+                blocks[0].register_forward_hook(after("head"), with_kwargs=True),
+                blocks[-1].register_forward_hook(after("last"), with_kwargs=True),
+            ]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self._first.append((seen["input"], seen["head"], seen["last"]))
+
+        return hooked()
+
+    def first_step(self, rows: int) -> None:
+        """After the first step: every row computed; its residuals are the next step's references."""
+        from qwen_batch.pipeline.step_cache import Forward
+        from qwen_batch.pipeline.step_cache.first_block import _PassRows
+
+        inputs, heads, lasts = (torch.cat(parts) for parts in zip(*self._first, strict=True))
+        self.rows = _PassRows()
+        self.cache.decide(self.rows, heads - inputs, Forward(0, rows, None), 0)
+        self.rows.tail = lasts - heads
+        self._first = []
+        self.step = 0
+
+    def rest(self, decoder: Decoder, hidden: torch.Tensor, head: torch.Tensor, arguments) -> torch.Tensor:
+        """Blocks 1.. for the rows that compute, block 0's output plus their tail for the others."""
+        from qwen_batch.pipeline.step_cache import Forward
+        from qwen_batch.pipeline.step_cache.first_block import sub_batch_size
+
+        self.step += 1
+        count = hidden.shape[0]
+        decisions = self.cache.decide(self.rows, head - hidden, Forward(0, count, None), self.step)
+        computing = [row for row, computes in enumerate(decisions) if computes]
+        output = head + self.rows.tail
+        if not computing:
+            return output
+        blocks = range(1, len(decoder.regions))
+        if len(computing) == count:
+            last = decoder._blocks(head, blocks, arguments)
+            self.rows.tail = last - head
+            return last
+        # A sub-batch padded with rows that reuse (their results dropped) to a few sizes: compiled blocks see those.
+        size = sub_batch_size(len(computing), count)
+        chosen = computing + [row for row in range(count) if row not in computing][: size - len(computing)]
+        index = torch.tensor(chosen, device=hidden.device)
+        scale, gate, mlp_scale, mlp_gate, rotary = arguments
+        sub = (scale.index_select(0, index), gate.index_select(0, index), mlp_scale.index_select(0, index),
+               mlp_gate.index_select(0, index), rotary.index_select(0, index))  # fmt: skip
+        last = decoder._blocks(head.index_select(0, index), blocks, sub, chosen)[: len(computing)]
+        places = torch.tensor(computing, device=hidden.device)
+        self.rows.tail.index_copy_(0, places, last - head.index_select(0, places))
+        return output.index_copy(0, places, last)
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from qwen_batch.adapters.fusion import AdapterFusion
-from qwen_batch.families.qwen_image21.forward import block_regions
+from qwen_batch.families.qwen_image21.forward import FirstBlockSteps, block_regions
 from qwen_batch.memory.device import release_memory
 from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD
 from qwen_batch.memory.placement import (
@@ -122,11 +122,12 @@ class ImageGenerator21:
             scheduler = self._scheduler(first.scheduler_shift)
             timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
             steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape)
-            step_cache = _step_cache(first.step_cache, len(forwards))
+            step_cache = _step_cache(first.step_cache, len(forwards), self.pipe.transformer)
+            first_block = step_cache if isinstance(step_cache, FirstBlockSteps) else None
             for step, t in enumerate(timesteps):
                 timestep = (t.expand(batch).to(latents.dtype) / 1000).to(self.device)
-                call = functools.partial(steps.forward, latents, timestep)
-                if step_cache is None:
+                call = functools.partial(steps.forward, latents, timestep, first_block)
+                if step_cache is None or first_block is not None:  # first-block decides inside the forward
                     prediction = call()
                 else:  # the step runs, or each forward row's output is extrapolated from its own full steps
                     prediction = step_cache.run(step, [Forward(0, len(forwards), call)])[0]
@@ -138,7 +139,8 @@ class ImageGenerator21:
                 latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
             images = self._decode(latents, width, height)
         if step_cache is not None:
-            images.steps_computed = step_cache.steps_computed(batch)
+            counts = step_cache.cache if isinstance(step_cache, FirstBlockSteps) else step_cache
+            images.steps_computed = counts.steps_computed(batch)
             self.cached_steps += len(timesteps) * len(forwards)
             self.cached_steps_computed += sum(cond + (uncond or 0) for cond, uncond in images.steps_computed)
         return images
@@ -241,38 +243,46 @@ class _BatchSteps:
         self.batch, self.target_shape = batch, target_shape
         self.decoder = None
 
-    def forward(self, latents, timestep):
+    def forward(self, latents, timestep, first_block: FirstBlockSteps | None = None):
         """The prediction of every forward row (rows, then with guidance their negative prompts) for `latents`."""
+        import contextlib
+        import math
+
         import torch
 
         from qwen_batch.families.qwen_image21.forward import Decoder, prefill
 
         copies = len(self.forwards) // self.batch
         if self.decoder is not None:
-            return self.decoder.forward(torch.cat([latents] * copies), torch.cat([timestep] * copies))
+            return self.decoder.forward(torch.cat([latents] * copies), torch.cat([timestep] * copies), first_block)
         predictions, prefixes = [], []
         for index, row in enumerate(self.forwards):
             rows = slice(index % self.batch, index % self.batch + 1)
-            prediction, prefix = prefill(self.transformer, row, latents[rows], timestep[rows], self.target_shape)
+            tokens = math.prod(self.target_shape)
+            hooks = first_block.capture(self.transformer, tokens) if first_block else contextlib.nullcontext()
+            with hooks:
+                prediction, prefix = prefill(self.transformer, row, latents[rows], timestep[rows], self.target_shape)
             predictions.append(prediction)
             prefixes.append(prefix)
+        if first_block is not None:
+            first_block.first_step(len(self.forwards))
         # The decoder holds what it needs of the prefixes (stacked per run of rows, or as they are).
         self.decoder = Decoder(self.transformer, prefixes, self.regions)
         return torch.cat(predictions)
 
 
-def _step_cache(spec_text: str | None, rows: int):
-    """The batch's TaylorSeer (per forward row, `qwen_batch.pipeline.step_cache.taylorseer`), or None. Its first
-    step always runs: it is the one that caches the rows' prefixes."""
-    from dataclasses import replace
-
-    from qwen_batch.pipeline.step_cache import TaylorSeer, parse_step_cache
+def _step_cache(spec_text: str | None, rows: int, transformer):
+    """The batch's step cache, per forward row, or None: TaylorSeer (`qwen_batch.pipeline.step_cache.taylorseer`),
+    whose first step always runs (it caches the rows' prefixes), or first-block (`forward.FirstBlockSteps`)."""
+    from qwen_batch.pipeline.step_cache import FirstBlock, parse_step_cache
 
     spec = parse_step_cache(spec_text)
     if spec is None:
         return None
-    if not isinstance(spec, TaylorSeer):  # refused at planning (families.qwen_image21): a guard, not a path
-        raise ValueError(f"step cache {spec} does not run on Qwen-Image-2.1 rows")
+    if isinstance(spec, FirstBlock):
+        from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows
+
+        return FirstBlockSteps(FirstBlockRows(spec, transformer, rows))
     from qwen_batch.pipeline.step_cache.taylorseer import TaylorSeerRows
 
     return TaylorSeerRows(replace(spec, warmup=max(spec.warmup, 1)), rows)
