@@ -185,6 +185,10 @@ class FanoutParameters(JobParameters):
         """The parameters of the run of shard `index` (a BatchParameters)."""
         return {**self.job_fields(), "shard": f"{index}/{self.shards}"}
 
+    def run_config(self) -> RunConfig:
+        """The whole job as one unsharded run: what the parent reads the manifest as, as its shards do."""
+        return BatchParameters(**self.job_fields()).run_config()
+
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R")

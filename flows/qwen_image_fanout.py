@@ -37,11 +37,13 @@ from prefect.utilities.hashing import file_hash
 from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import MAX_PROBLEMS_SHOWN, SAMPLE_IMAGES, RowsFailed, artifact_key, number, publish_report
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
+from qwen_batch.families import ModelFamily
 from qwen_batch.io.storage import Folder
-from qwen_batch.manifest import Manifest, read_manifest
+from qwen_batch.manifest import Manifest
 from qwen_batch.memory.fleet import plan_fleet
 from qwen_batch.memory.planner import Machine, Workload
 from qwen_batch.pipeline.encode import EncodeStats
+from qwen_batch.run.engine import read_run_manifest
 from qwen_batch.run.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
 from qwen_batch.run.sharding import assign_shards, idle_tail, shard_costs
 from qwen_batch.run.summary import DenoiseStats, stats_rows, sum_shard_stats
@@ -60,12 +62,13 @@ def check_manifest(params: FanoutParameters) -> tuple[FanoutParameters, list[int
     """Validate the manifest before any shard starts; with the workers' GPU size, plan the shards (their
     memory mode and batch size, in the parameters returned). The number of valid rows per shard, and
     the plan's prediction."""
-    manifest = read_manifest(params.manifest, params.storage_options())
-    params, prediction = plan_fleet_for(params, manifest)
-    assignment = assign_shards(manifest.requests, params.shards, params.batch_size)  # as each shard's engine does
+    manifest, family = job_manifest(params)
+    params, prediction = plan_fleet_for(params, manifest, family)
+    # As each shard's engine splits it: the same rows, batch size and model family.
+    assignment = assign_shards(manifest.requests, params.shards, params.batch_size, family)
     counts = Counter(assignment.values())
     sizes = [counts.get(index, 0) for index in range(params.shards)]
-    costs = shard_costs(manifest.requests, assignment, params.shards, params.batch_size)
+    costs = shard_costs(manifest.requests, assignment, params.shards, params.batch_size, family)
     get_run_logger().info(
         "manifest %s: %d rows, %d valid, %d invalid; valid rows per shard: %s; shards balanced by predicted "
         "GPU time, predicted idle tail %.1f%%",
@@ -79,10 +82,19 @@ def check_manifest(params: FanoutParameters) -> tuple[FanoutParameters, list[int
     return params, sizes, prediction
 
 
-def plan_fleet_for(params: FanoutParameters, manifest: Manifest) -> tuple[FanoutParameters, dict[str, Any]]:
-    """`qwen-batch plan --gpus SHARDS --gpus-per-host 1` for the manifest's largest rows, when the workers'
-    GPU size is given: the shards then share the plan's memory mode and batch size (the split is made in
-    whole batches of it, so every shard must use the same)."""
+def job_manifest(params: FanoutParameters) -> tuple[Manifest, ModelFamily]:
+    """The manifest as the shards' engine reads it, and the model's family: its rules (sizes, steps, guidance;
+    2.1's optional condition images in `images`, not edit inputs), the checkpoint's, the rows it cannot run."""
+    manifest, family, _, _ = read_run_manifest(params.run_config())
+    return manifest, family
+
+
+def plan_fleet_for(
+    params: FanoutParameters, manifest: Manifest, family: ModelFamily
+) -> tuple[FanoutParameters, dict[str, Any]]:
+    """`qwen-batch plan --gpus SHARDS --gpus-per-host 1` for the manifest's largest rows on the model's family,
+    when the workers' GPU size is given: the shards then share the plan's memory mode and batch size (the split
+    is made in whole batches of it, so every shard must use the same)."""
     if params.gpu_memory_gib is None:
         return params, {}
     if params.transformer:
@@ -91,7 +103,7 @@ def plan_fleet_for(params: FanoutParameters, manifest: Manifest) -> tuple[Fanout
         get_run_logger().info("plan for the shards: each plans for the transformer file %s itself", params.transformer)
         return params, {}
     host = params.host_memory_gib or UNLIMITED_HOST_GIB
-    job = Workload.for_requests(manifest.requests, manifest.task, params.batch_size)
+    job = Workload.for_requests(manifest.requests, manifest.task, params.batch_size, family=family)
     fleet = plan_fleet(Machine(gpu_gib=params.gpu_memory_gib, host_gib=host), job, params.shards, params.memory_mode, 1)
     get_run_logger().info("plan for the shards:\n%s", fleet.report())
     planned = params.model_copy(
@@ -176,7 +188,7 @@ def wait_for_shards(runs: list[FlowRun], poll_seconds: float) -> list[FlowRun]:
 @task(name="merge", **TASK_OPTIONS, **STORAGE_RETRIES)
 def merge_shards(params: FanoutParameters, since: datetime) -> dict[str, Any]:
     """Fold every shard's part files into results.parquet: one row per manifest row, in manifest order."""
-    manifest = read_manifest(params.manifest, params.storage_options())
+    manifest, _ = job_manifest(params)
     output = Folder(params.output, params.storage_options())
     table, parts = ResultStore(output).merge_parts(manifest)
     rows = table.select(["id", "prompt", "status", "error", "finished_at"]).to_pylist()

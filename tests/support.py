@@ -25,6 +25,24 @@ def write_manifest(path: Path, rows: list[dict], schema: pa.Schema | None = None
     return path
 
 
+def picture_png(size: tuple[int, int], seed: int, alpha: bool = False) -> bytes:
+    """A smooth seeded picture as PNG bytes (RGBA with a gradient of transparency when `alpha`): an input image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    x, y = np.meshgrid(np.linspace(0, 1, width), np.linspace(0, 1, height))
+    channels = [(np.sin(x * rng.uniform(2, 8) + y * rng.uniform(2, 8) + c) + 1) * 127.5 for c in range(3)]
+    if alpha:
+        channels.append(x * 255)
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack(channels, -1).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
 def pixels(source):
     """An image (a file's path or buffer, or a PIL image, as a pipeline returns it) as `[height, width, 3]`
     int16 RGB, for per-pixel differences."""

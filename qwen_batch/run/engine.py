@@ -94,28 +94,9 @@ def plan_run(config: RunConfig) -> RunPlan:
     Loads no model. A manifest-level error is raised before anything is written; a missing bucket
     or denied access to the output or cache is raised before any model loads.
     """
-    family = _family_of(config.model)
-    manifest = read_manifest(
-        config.manifest,
-        config.storage_options,
-        config.manifest_task,
-        config.allow_inputs,
-        config.row_defaults,
-        family.rows,
-    )
+    manifest, family, source, pipeline_class = read_run_manifest(config)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    source = resolve_model(_model_for(config.model, manifest, family))
-    pipeline_class = pipeline_class_name(source)
-    rules = family.checkpoint_rules(family.rows, model_index(source))
-    if rules != family.rows:  # this checkpoint's own defaults (2.1-Turbo's fixed steps): the rows checked again
-        manifest = validate_table(
-            manifest.table, manifest.url, manifest.task, config.allow_inputs, config.row_defaults, rules
-        )
-    _check_model_fits(manifest, source, family, pipeline_class)
-    manifest = _invalidate(
-        manifest, {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
-    )
     transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     controlnet, manifest = _with_controlnet(config, source, manifest)
@@ -144,7 +125,7 @@ def plan_run(config: RunConfig) -> RunPlan:
         for request in manifest.requests
     }
     previous, _ = store.previous_records()
-    shards = assign_shards(manifest.requests, config.shard_count, config.batch_size) if config.is_shard else {}
+    shards = assign_shards(manifest.requests, config.shard_count, config.batch_size, family) if config.is_shard else {}
     mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
     done = _done_ids(mine, fingerprints, store, previous)
     todo = [request for request in mine if request.id not in done]
@@ -181,6 +162,37 @@ def plan_run(config: RunConfig) -> RunPlan:
         transformer_file=transformer_file,
         controlnet=controlnet,
     )
+
+
+def read_run_manifest(config: RunConfig) -> tuple[Manifest, ModelFamily, ModelSource, str]:
+    """The manifest as a run of `config` reads it, with the model's family, the model and its pipeline class:
+    the rows checked against the family's rules and the checkpoint's own (2.1-Turbo's steps), the model checked
+    against the manifest (a ConfigError), and the rows the family cannot run turned invalid with the reason.
+    Reads no weights (a tiny model is built; a hub model not downloaded yet: its model_index.json only).
+
+    The fan-out reads the manifest through this too, so its split and its merge see the rows its shards see:
+    a 2.1 manifest's `images` column holds condition images, optional per row, not edit inputs."""
+    family = _family_of(config.model)
+    manifest = read_manifest(
+        config.manifest,
+        config.storage_options,
+        config.manifest_task,
+        config.allow_inputs,
+        config.row_defaults,
+        family.rows,
+    )
+    source = resolve_model(_model_for(config.model, manifest, family))
+    pipeline_class = pipeline_class_name(source)
+    rules = family.checkpoint_rules(family.rows, model_index(source))
+    if rules != family.rows:  # this checkpoint's own defaults (2.1-Turbo's fixed steps): the rows checked again
+        manifest = validate_table(
+            manifest.table, manifest.url, manifest.task, config.allow_inputs, config.row_defaults, rules
+        )
+    _check_model_fits(manifest, source, family, pipeline_class)
+    manifest = _invalidate(
+        manifest, {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
+    )
+    return manifest, family, source, pipeline_class
 
 
 def _transformer_file(config: RunConfig, source: ModelSource) -> tuple[TransformerFile | None, WeightsSummary | None]:

@@ -13,6 +13,10 @@ the split balances predicted GPU time:
   counted where the spec alone says which they are: a TaylorSeer row's predicted steps run nothing and
   cost nothing; a first-block row's decisions depend on the model's residuals, unknown until it runs, so
   every step of it counts, as the upper bound.
+- The transformer is the run's model family's (its linears' and attention's widths, from its planner costs):
+  Qwen-Image's by default. A family with a prefix KV cache (Qwen-Image-2.1) runs a row's prefix (its text and
+  condition images) at its first step only; every later step runs the image tokens, attending to the cached
+  prefix, so a 2.1 row's condition images cost a small part of what an edit's input images do.
 - Every batch costs a little more than its rows: each forward of a batch pays a share that does not
   shrink with fewer rows (fitted to H100 runs in bf16: about 0.02 s a forward, an eighth of a
   1024x1024 row's 0.17 s; docs/scale-out.md). So cutting a group of same-size rows into more, partial
@@ -26,9 +30,10 @@ pieces for one (two full batches of 1664x928 rows can trade places with three sm
 deals are tried, in whole batches and in single rows, and the one whose slowest shard is predicted
 faster is kept.
 
-The split is a pure function of the manifest's valid rows, the shard count and the batch size: every
+The split is a pure function of the manifest's valid rows, the shard count, the batch size and the model
+family: every
 shard process, and the fan-out parent, computes the same one without talking to each other. Keep the
-same manifest, shard count and batch size to resume; rows already done are skipped whichever shard
+same manifest, shard count, batch size and model to resume; rows already done are skipped whichever shard
 they land in, because resume looks at the shared output folder, not at the shard.
 """
 
@@ -48,11 +53,13 @@ from qwen_batch.pipeline.conditions.image_start import skipped_steps
 from qwen_batch.pipeline.step_cache.spec import TaylorSeer, parse_step_cache
 
 if TYPE_CHECKING:
+    from qwen_batch.families import ModelFamily
     from qwen_batch.manifest import Request
 
 HIDDEN = 3072  # the transformer's inner width; a constant factor, kept for readable arithmetic
 TEXT_TOKENS = 64  # a typical prompt; the text's share of the cost is small next to 4,096 image tokens
-EDIT_INPUT_TOKENS = 4096  # an edit input is encoded at about 1024x1024: (1024/16)^2 tokens per image
+# An edit input (or a 2.1 condition image) is encoded at about 1024x1024: (1024/16)^2 tokens per image.
+EDIT_INPUT_TOKENS = 4096
 DEFAULT_EDIT_SIZE = 1024  # an edit row without a size gets about 1024x1024
 # What a batch costs beyond its rows, per forward, as a share of one 1024x1024 row's forward: fitted
 # to the per-size seconds per image of a 1-GPU and a 2-GPU run on H100s (bf16, eager, 50 steps), whose
@@ -71,11 +78,37 @@ COMPOUND_TARGETS = 3  # and trades pieces (one for one, two for one) with this m
 EXCHANGE_LIMIT = 2_000  # compound exchanges tried per pair of shards, at most about this many
 
 
-def _forward_cost(tokens: int) -> float:
-    return 24 * HIDDEN**2 * tokens + 4 * tokens**2 * HIDDEN
+@dataclass(frozen=True)
+class _Transformer:
+    """What a forward costs per layer, in FLOPs: a token through the linears, a query-key pair of attention."""
+
+    linear: float
+    pair: float
+    prefix_cache: bool  # a row's prefix runs at its first step only (Qwen-Image-2.1)
+
+    def forward(self, tokens: int, pairs: float | None = None) -> float:
+        return self.linear * tokens + self.pair * (tokens**2 if pairs is None else pairs)
 
 
-REFERENCE_FORWARD = _forward_cost((1024 // 16) ** 2 + TEXT_TOKENS)
+QWEN_IMAGE = _Transformer(linear=24 * HIDDEN**2, pair=4 * HIDDEN, prefix_cache=False)
+
+
+def _transformer(family: ModelFamily | None) -> _Transformer:
+    """The family's transformer as its planner costs describe it (`ModelFamily.cost_constants`); Qwen-Image's
+    by default (the same figures as its family's)."""
+    if family is None:
+        return QWEN_IMAGE
+    costs = family.cost_constants()
+    return _Transformer(
+        linear=2 * costs.DIT_LINEAR_PARAMS_PER_TOKEN,
+        pair=4 * costs.DIT_HIDDEN,
+        prefix_cache=bool(costs.PREFIX_KV_BYTES_PER_TOKEN),
+    )
+
+
+def _reference_forward(transformer: _Transformer) -> float:
+    """One forward of a 1024x1024 row."""
+    return transformer.forward((1024 // 16) ** 2 + TEXT_TOKENS)
 
 
 @functools.cache
@@ -100,19 +133,30 @@ def _forwards(request: Request) -> int:
     return _steps(request)[0] * (2 if request.uses_cfg else 1)
 
 
-def predicted_cost(request: Request) -> float:
-    """The row's transformer (and ControlNet) work, in FLOPs per layer (a relative figure: layers are the
-    same for all)."""
+def predicted_cost(request: Request, family: ModelFamily | None = None) -> float:
+    """The row's transformer (and ControlNet) work on the family's model (None: Qwen-Image), in FLOPs per layer
+    (a relative figure: layers are the same for all of a family's rows)."""
+    transformer = _transformer(family)
     width = request.width or DEFAULT_EDIT_SIZE
     height = request.height or DEFAULT_EDIT_SIZE
-    tokens = (width // 16) * (height // 16) + TEXT_TOKENS + EDIT_INPUT_TOKENS * len(request.images)
+    image = (width // 16) * (height // 16)
+    prefix = TEXT_TOKENS + EDIT_INPUT_TOKENS * len(request.images)
     controlnet_forwards = _steps(request)[1] * len(request.controls) * CONTROLNET_SHARE
-    return _forward_cost(tokens) * (_forwards(request) + controlnet_forwards)
+    whole = transformer.forward(image + prefix)  # every step's forward, without a prefix cache
+    if not transformer.prefix_cache:
+        return whole * (_forwards(request) + controlnet_forwards)
+    # The first step runs the whole sequence (the prefix attends block-causally: about half its pairs) and
+    # caches the prefix's keys and values; every later step runs the image tokens against them.
+    first = transformer.forward(image + prefix, pairs=prefix**2 / 2 + image * (prefix + image))
+    later = transformer.forward(image, pairs=image * (prefix + image))
+    steps = _steps(request)[0]
+    passes = 2 if request.uses_cfg else 1
+    return passes * (first + max(steps - 1, 0) * later) + whole * controlnet_forwards
 
 
-def batch_overhead(request: Request) -> float:
+def batch_overhead(request: Request, family: ModelFamily | None = None) -> float:
     """What one batch of rows like `request` costs beyond the rows themselves, in the same units."""
-    return BATCH_OVERHEAD * REFERENCE_FORWARD * _forwards(request)
+    return BATCH_OVERHEAD * _reference_forward(_transformer(family)) * _forwards(request)
 
 
 def _tiebreak(row_id: str) -> bytes:
@@ -134,14 +178,14 @@ class _Group:
         return count * self.row_cost + math.ceil(count / batch_size) * self.overhead
 
 
-def _groups(requests: Sequence[Request], shards: int) -> list[_Group]:
+def _groups(requests: Sequence[Request], shards: int, family: ModelFamily | None) -> list[_Group]:
     by_key: dict[tuple, list[Request]] = {}
     for request in requests:
         by_key.setdefault((*request.batch_key, len(request.images)), []).append(request)
     groups = []
     for rows in by_key.values():
         rows.sort(key=lambda request: _tiebreak(request.id))
-        groups.append(_Group(rows, predicted_cost(rows[0]), batch_overhead(rows[0]), [0] * shards))
+        groups.append(_Group(rows, predicted_cost(rows[0], family), batch_overhead(rows[0], family), [0] * shards))
     groups.sort(key=lambda group: (-group.row_cost, _tiebreak(group.rows[0].id)))
     return groups
 
@@ -247,18 +291,21 @@ def _improve(groups: list[_Group], shards: int, batch_size: int) -> None:
             loads[shard] = sum(group.load(group.counts[shard], batch_size) for group in groups)
 
 
-def assign_shards(requests: Sequence[Request], shards: int, batch_size: int | None = None) -> dict[str, int]:
+def assign_shards(
+    requests: Sequence[Request], shards: int, batch_size: int | None = None, family: ModelFamily | None = None
+) -> dict[str, int]:
     """Row id -> shard (0..shards-1), balancing predicted time in whole batches; deterministic for a manifest.
 
     `batch_size` is the run's --batch-size; None (left to the memory planner) plans for the default,
-    so every shard and the fan-out parent, given the same setting, compute the same split.
+    so every shard and the fan-out parent, given the same setting, compute the same split. `family` is the
+    model's (its transformer's costs; None: Qwen-Image's).
     """
     if shards < 1:
         raise ValueError(f"shards must be 1 or more, not {shards}")
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
-    groups = _groups(requests, shards)
+    groups = _groups(requests, shards, family)
     # Two starts, each improved by moving rows: whole batches dealt out (few partial batches), and rows
     # dealt out one by one (fine-grained balance). The better of the two is kept.
     best: tuple[tuple[float, float], list[list[int]]] | None = None
@@ -281,11 +328,15 @@ def assign_shards(requests: Sequence[Request], shards: int, batch_size: int | No
 
 
 def shard_costs(
-    requests: Sequence[Request], assignment: dict[str, int], shards: int, batch_size: int | None = None
+    requests: Sequence[Request],
+    assignment: dict[str, int],
+    shards: int,
+    batch_size: int | None = None,
+    family: ModelFamily | None = None,
 ) -> list[float]:
     """Each shard's predicted time (its rows, and the batches they make), to report the balance."""
     batch_size = DEFAULT_BATCH_SIZE if batch_size is None else batch_size
-    groups = _groups(requests, shards)
+    groups = _groups(requests, shards, family)
     for group in groups:
         for request in group.rows:
             group.counts[assignment[request.id]] += 1
