@@ -270,3 +270,25 @@ def test_first_block_rows_decide_alone_and_compute_what_they_say(folder, tmp_pat
         assert results[1][row_id]["steps_computed"] == results[4][row_id]["steps_computed"], row_id
         assert np.abs(image[1][row_id] - image[4][row_id]).max() <= TOLERANCE, row_id
     assert np.abs(image[4]["loose-a"] - image[4]["plain"]).max() > TOLERANCE, "skipped steps must show"
+
+
+def test_the_per_row_steps_of_the_offload_modes_give_the_batched_images(folder, tmp_path, monkeypatch):
+    """Offload modes move each block's weights around its forward, so every step runs diffusers' forward per row
+    (from the row's cached prefix) instead of the batched decoder; forced here on the CPU, the images are the
+    batched path's, TaylorSeer included."""
+    from qwen_batch.families.qwen_image21 import generator
+    from qwen_batch.run.engine import release_generator
+
+    rows = [ROWS[0], ROWS[2], ROWS[3], row("cached", "a red fox", seed=1, step_cache="taylorseer:interval=2,warmup=2")]
+    manifest = write_manifest(folder / "per-row.parquet", rows)
+    outputs = {}
+    for per_row in (False, True):
+        release_generator()
+        monkeypatch.setattr(generator, "PER_ROW_STEPS", per_row)
+        outputs[per_row] = tmp_path / f"per-row-{per_row}"
+        summary = run(RunConfig(str(manifest), str(outputs[per_row]), model="tiny-2.1", batch_size=4, device="cpu"))
+        assert summary.generated == len(rows), summary.problems
+    release_generator()
+    for row_ in rows:
+        a, b = (rgba(outputs[flag] / "images" / f"{row_['id']}.png") for flag in (False, True))
+        assert np.abs(a - b).max() <= TOLERANCE, row_["id"]

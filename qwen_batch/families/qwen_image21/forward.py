@@ -42,6 +42,7 @@ class Prefix:
     keys: list[torch.Tensor]  # per block [1, prefix, heads, head_dim]
     values: list[torch.Tensor]
     rotary: torch.Tensor  # [target, head_dim / 2] complex
+    cache: object = None  # diffusers' QwenImage21KVCache holding the same keys and values (the per-row steps)
 
     @property
     def length(self) -> int:
@@ -62,9 +63,21 @@ def prefill(
     "extract"): its prediction for the target tokens `[1, target, channels]` and its prefix for later steps."""
     from diffusers.models.transformers.transformer_qwenimage21 import QwenImage21KVCache
 
+    cache = QwenImage21KVCache(len(transformer.transformer_blocks))
+    output = pipeline_forward(transformer, row, latents, timestep, target_shape, cache, "extract")
+    layers = cache.layer_caches
+    prefix = Prefix(
+        [layer.k for layer in layers], [layer.v for layer in layers], _target_rotary(transformer, row, target_shape)
+    )
+    prefix.cache = cache
+    return output, prefix
+
+
+def pipeline_forward(transformer, row: RowForward, latents, timestep, target_shape, cache, mode: str) -> torch.Tensor:
+    """diffusers' transformer forward for one forward row alone, as the pipeline calls it at a step: "extract" at
+    the first (the prefix's keys and values into `cache`), "cached" after. Its target tokens' prediction."""
     img_shapes, img_mask = _layout(row, target_shape)
     hidden = latents if row.image_latents is None else torch.cat([row.image_latents[None], latents], dim=1)
-    cache = QwenImage21KVCache(len(transformer.transformer_blocks))
     output = transformer(
         hidden_states=hidden,
         timestep=timestep,
@@ -73,14 +86,10 @@ def prefill(
         img_shapes=img_shapes,
         img_mask=img_mask,
         kv_cache=cache,
-        kv_cache_mode="extract",
+        kv_cache_mode=mode,
         return_dict=False,
     )[0]
-    layers = cache.layer_caches
-    prefix = Prefix(
-        [layer.k for layer in layers], [layer.v for layer in layers], _target_rotary(transformer, row, target_shape)
-    )
-    return output[:, -latents.shape[1] :], prefix
+    return output[:, -latents.shape[1] :]
 
 
 def _target_rotary(transformer, row: RowForward, target_shape: tuple[int, int, int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from qwen_batch.adapters.fusion import AdapterFusion
-from qwen_batch.families.qwen_image21.forward import FirstBlockSteps, block_regions
+from qwen_batch.families.qwen_image21.forward import FirstBlockSteps, block_regions, pipeline_forward
 from qwen_batch.memory.device import release_memory
 from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD
 from qwen_batch.memory.placement import (
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LATENT_PIXELS = 16
+# Every step per row through diffusers' forward (what offload modes need) instead of the batched decoder: None
+# decides by the placement; tests set it to run that path on the CPU.
+PER_ROW_STEPS: bool | None = None
 
 
 class ImageGenerator21:
@@ -82,6 +85,9 @@ class ImageGenerator21:
             described.append("blocks compiled around their attention (regional)")
         # The steps after the first run the blocks in two regions around each row's prefix attention.
         self.regions = block_regions(pipe.transformer, compile)
+        self.per_row_steps = self.placement.streams if PER_ROW_STEPS is None else PER_ROW_STEPS
+        if self.per_row_steps:
+            described.append("every step per row through diffusers' forward (the offload hooks move the weights)")
         self.memory_mode = "; ".join(described)
         place_vae(pipe.vae, device, self.placement.vae_tiling)
         pipe.set_progress_bar_config(disable=True)
@@ -121,9 +127,14 @@ class ImageGenerator21:
             latents = torch.cat([self._noise(request.seed, width, height) for request in requests]).to(self.device)
             scheduler = self._scheduler(first.scheduler_shift)
             timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
-            steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape)
+            steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape, self.per_row_steps)
             step_cache = _step_cache(first.step_cache, len(forwards), self.pipe.transformer)
             first_block = step_cache if isinstance(step_cache, FirstBlockSteps) else None
+            if first_block is not None and self.per_row_steps:
+                raise ValueError(
+                    "first-block step caching runs in the batched decoder, which the offload modes do not use on "
+                    "Qwen-Image-2.1: use taylorseer for these rows, or a memory mode that keeps the model on the GPU"
+                )
             for step, t in enumerate(timesteps):
                 timestep = (t.expand(batch).to(latents.dtype) / 1000).to(self.device)
                 call = functools.partial(steps.forward, latents, timestep, first_block)
@@ -238,10 +249,19 @@ class _BatchSteps:
     """A batch's transformer forwards, step after step: the first runs each forward row alone (`prefill`, which
     caches its prefix), the later ones the whole batch over its target tokens (`Decoder`)."""
 
-    def __init__(self, transformer, forwards: list, regions, batch: int, target_shape: tuple[int, int, int]):
+    def __init__(
+        self, transformer, forwards: list, regions, batch: int, target_shape: tuple[int, int, int], per_row: bool
+    ):
         self.transformer, self.forwards, self.regions = transformer, forwards, regions
         self.batch, self.target_shape = batch, target_shape
-        self.decoder = None
+        # Offload modes move each block's weights around its forward (hooks): every step then runs diffusers'
+        # forward for each row alone, from its cached prefix, as the pipeline does; the batched decoder calls
+        # the blocks' layers directly, which those hooks would not see.
+        self.per_row = per_row
+        self.decoder, self.prefixes = None, None
+
+    def _rows(self):
+        return [slice(index % self.batch, index % self.batch + 1) for index in range(len(self.forwards))]
 
     def forward(self, latents, timestep, first_block: FirstBlockSteps | None = None):
         """The prediction of every forward row (rows, then with guidance their negative prompts) for `latents`."""
@@ -253,6 +273,14 @@ class _BatchSteps:
         from qwen_batch.families.qwen_image21.forward import Decoder, prefill
 
         copies = len(self.forwards) // self.batch
+        if self.prefixes is not None:  # the weights move around each block's forward: diffusers' forward per row
+            return torch.cat(
+                [
+                    pipeline_forward(self.transformer, row, latents[rows], timestep[rows], self.target_shape,
+                                     prefix.cache, "cached")
+                    for row, rows, prefix in zip(self.forwards, self._rows(), self.prefixes, strict=True)
+                ]
+            )  # fmt: skip
         if self.decoder is not None:
             return self.decoder.forward(torch.cat([latents] * copies), torch.cat([timestep] * copies), first_block)
         predictions, prefixes = [], []
@@ -266,6 +294,9 @@ class _BatchSteps:
             prefixes.append(prefix)
         if first_block is not None:
             first_block.first_step(len(self.forwards))
+        if self.per_row:
+            self.prefixes = prefixes
+            return torch.cat(predictions)
         # The decoder holds what it needs of the prefixes (stacked per run of rows, or as they are).
         self.decoder = Decoder(self.transformer, prefixes, self.regions)
         return torch.cat(predictions)
