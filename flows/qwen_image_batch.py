@@ -194,14 +194,15 @@ def summary_metrics(report: dict[str, Any]) -> list[tuple[str, Any]]:
 
 @flow(
     name=FLOW_NAME,
-    description="Generate the images of a Parquet manifest of prompts with Qwen-Image: validate, encode every "
-    "prompt, denoise in chunks, merge results.parquet. Running again over the same output resumes.",
+    description="Generate the images of a Parquet manifest of prompts with a Qwen-Image model (Qwen-Image, Edit, "
+    "2.1): validate, encode every prompt, denoise in chunks, merge results.parquet. Running again over the same "
+    "output resumes.",
     persist_result=False,
     version=file_hash(__file__),  # Prefect's default, but of this file: `flat_parameters` writes the function
 )
 @flat_parameters(BatchParameters)
 def qwen_image_batch(params: BatchParameters) -> dict[str, Any]:
-    """Generate the images of a manifest, or of one shard of it, with Qwen-Image."""
+    """Generate the images of a manifest, or of one shard of it, with the model's family (Qwen-Image, 2.1)."""
     show_library_progress_bars(False)  # the progress artifact replaces the weight-loading bars in the logs
     plan = validate(params)
     progress = ArtifactProgress(artifact_key(FLOW_NAME, "progress", params.shard), total=len(plan.todo))

@@ -286,6 +286,8 @@ class Manifest:
     requests: list[Request]
     invalid: list[InvalidRow]
     task: str = GENERATE
+    # Its image columns hold condition images of text-to-image rows (Qwen-Image-2.1), not an edit's inputs.
+    condition_images: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -300,9 +302,9 @@ class Manifest:
 
     def report(self) -> str:
         """The human-readable validation report that `qwen-batch validate` prints."""
+        kind = "text-to-image (with condition images)" if self.condition_images else self.task
         lines = [
-            f"{self.url}: {self.task} manifest, {self.num_rows} rows, {len(self.requests)} valid, "
-            f"{len(self.invalid)} invalid",
+            f"{self.url}: {kind} manifest, {self.num_rows} rows, {len(self.requests)} valid, {len(self.invalid)} invalid",
         ]
         if self.extra_columns:
             lines.append(f"  extra columns carried into results: {', '.join(self.extra_columns)}")
@@ -367,7 +369,8 @@ def validate_table(
         values = {name: column[index] for name, column in columns.items()}
         outcome = _validate_row(index, values, rules)
         (requests if isinstance(outcome, Request) else invalid).append(outcome)
-    return Manifest(url=url, table=table, requests=requests, invalid=invalid, task=task)
+    conditions = task == EDIT and rules.family.max_condition_images > 0
+    return Manifest(url=url, table=table, requests=requests, invalid=invalid, task=task, condition_images=conditions)
 
 
 def _check_task(table: pa.Table, url: str, task: str | None) -> str:

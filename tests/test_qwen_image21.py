@@ -175,6 +175,7 @@ def test_the_manifest_follows_21s_rules(folder, tmp_path):
     assert "multiple of 32: use 256 or 288" in reasons["odd-size"]
     assert "use at most 4" in reasons["too-many"]
     assert "needs a negative_prompt" in reasons["cfg-without-negative"]
+    assert "text-to-image (with condition images) manifest, 5 rows, 1 valid" in plan.manifest.report()
     assert "with Qwen-Image-2.1 give the image in `images`" in reasons["init"]
 
 
