@@ -8,6 +8,7 @@ import json
 import pytest
 
 from qwen_batch.cli import main
+from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
 from qwen_batch.memory.fleet import PER_GPU_EFFICIENCY, plan_fleet, scaling
 from qwen_batch.memory.planner import Machine, Workload, plan_memory
 
@@ -81,8 +82,8 @@ def test_the_fanout_gives_every_shard_the_planned_mode_and_batch(tmp_path):
     manifest = read_manifest(str(write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox"}])))
     unplanned = FanoutParameters(manifest=str(tmp_path / "m.parquet"), shards=2)
     with disable_run_logger():
-        assert plan_fleet_for(unplanned, manifest) == (unplanned, {})
-        planned, prediction = plan_fleet_for(unplanned.model_copy(update={"gpu_memory_gib": 24}), manifest)
+        assert plan_fleet_for(unplanned, manifest, QWEN_IMAGE) == (unplanned, {})
+        planned, prediction = plan_fleet_for(unplanned.model_copy(update={"gpu_memory_gib": 24}), manifest, QWEN_IMAGE)
     shard = BatchParameters(**planned.shard_parameters(1))
     assert (shard.memory_mode, shard.batch_size) == ("fp8", 1) == (prediction["mode"], prediction["batch_size"])
     assert prediction["images_per_hour"]
@@ -100,5 +101,5 @@ def test_with_a_transformer_file_the_fanout_leaves_the_mode_to_each_shard(tmp_pa
     manifest = read_manifest(str(write_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox"}])))
     params = FanoutParameters(manifest=str(tmp_path / "m.parquet"), shards=2, gpu_memory_gib=16, transformer="q4.gguf")
     with disable_run_logger():
-        planned, prediction = plan_fleet_for(params, manifest)
+        planned, prediction = plan_fleet_for(params, manifest, QWEN_IMAGE)
     assert planned.memory_mode == "auto" and prediction == {}
