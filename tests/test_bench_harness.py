@@ -25,7 +25,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 MODULES = sorted(
     path.stem
     for path in (REPOSITORY / "bench").glob("*.py")
-    if path.stem not in {"__init__", "harness", "full_size", "measure", "rows", "versus"}
+    if path.stem not in {"__init__", "harness", "full_size", "full_size21", "measure", "rows", "versus"}
 )
 CALLS: list[tuple[str, dict]] = []
 
