@@ -339,24 +339,9 @@ def _validate(args: argparse.Namespace) -> int:
     task = None if args.task == AUTO else args.task
     family, rules = _named_model(args.model)
     manifest = read_manifest(args.manifest, storage, task, tuple(args.allow_inputs), family_rules=rules)
-    print(_unsupported_invalid(manifest, family).report())
+    manifest = manifest.invalidated(family.refused(manifest.requests))  # as the run makes them
+    print(manifest.report())
     return EXIT_OK if not manifest.invalid else EXIT_ROWS_FAILED
-
-
-def _unsupported_invalid(manifest, family):
-    """The manifest with the rows `family` cannot run (`ModelFamily.unsupported`) invalid with the reason, as the
-    run makes them (`qwen_batch.run.engine`, which `validate` does not import: it imports torch)."""
-    import dataclasses
-
-    from qwen_batch.manifest import InvalidRow
-
-    reasons = {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
-    if not reasons:
-        return manifest
-    invalid = [*manifest.invalid]
-    invalid += [InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in manifest.requests if r.id in reasons]
-    requests = [request for request in manifest.requests if request.id not in reasons]
-    return dataclasses.replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
 
 
 def _plan(args: argparse.Namespace) -> int:

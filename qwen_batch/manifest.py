@@ -15,7 +15,7 @@ import hashlib
 import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -288,6 +288,17 @@ class Manifest:
     task: str = GENERATE
     # Its image columns hold condition images of text-to-image rows (Qwen-Image-2.1), not an edit's inputs.
     condition_images: bool = False
+
+    def invalidated(self, reasons: dict[str, str]) -> Manifest:
+        """This manifest with the rows named in `reasons` (by id) turned invalid with their reason: what a run
+        finds only once it knows the model (a family's refusals, an adapter or ControlNet that cannot be used)."""
+        if not reasons:
+            return self
+        invalid = list(self.invalid) + [
+            InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in self.requests if r.id in reasons
+        ]
+        requests = [request for request in self.requests if request.id not in reasons]
+        return replace(self, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
 
     @property
     def num_rows(self) -> int:

@@ -88,6 +88,10 @@ class ModelFamily:
     # `tiny_models`), known without building it: `qwen-batch validate --model tiny-2.1-turbo` builds nothing.
     tiny_model_index: Callable[[str], Mapping[str, Any]] = lambda task: {}
 
+    def refused(self, requests) -> dict[str, str]:
+        """The rows of `requests` this family cannot run (`unsupported`), by id, with the reason."""
+        return {request.id: reason for request in requests if (reason := self.unsupported(request)) is not None}
+
     def task_of(self, pipeline_class: str) -> str:
         return self.pipelines[pipeline_class]
 

@@ -189,9 +189,7 @@ def read_run_manifest(config: RunConfig) -> tuple[Manifest, ModelFamily, ModelSo
             manifest.table, manifest.url, manifest.task, config.allow_inputs, config.row_defaults, rules
         )
     _check_model_fits(manifest, source, family, pipeline_class)
-    manifest = _invalidate(
-        manifest, {r.id: reason for r in manifest.requests if (reason := family.unsupported(r)) is not None}
-    )
+    manifest = manifest.invalidated(family.refused(manifest.requests))
     return manifest, family, source, pipeline_class
 
 
@@ -263,20 +261,9 @@ def _with_controlnet(
         controlnet = ControlNetSource(location)
         controlnet.check_fits(source.transformer_config())
         reasons = {r.id: controlnet.check_row(r) for r in manifest.requests if r.controls}
-        return controlnet, _invalidate(manifest, {row_id: reason for row_id, reason in reasons.items() if reason})
+        return controlnet, manifest.invalidated({row_id: reason for row_id, reason in reasons.items() if reason})
     reason = "control_image needs a ControlNet: run with --controlnet MODEL (flow parameter controlnet)"
-    return None, _invalidate(manifest, {request.id: reason for request in manifest.requests if request.controls})
-
-
-def _invalidate(manifest: Manifest, reasons: dict[str, str]) -> Manifest:
-    """The manifest with the rows named in `reasons` turned invalid with their reason."""
-    if not reasons:
-        return manifest
-    invalid = list(manifest.invalid) + [
-        InvalidRow(r.index, r.id, reasons[r.id], r.parameters()) for r in manifest.requests if r.id in reasons
-    ]
-    requests = [request for request in manifest.requests if request.id not in reasons]
-    return replace(manifest, requests=requests, invalid=sorted(invalid, key=lambda row: row.index))
+    return None, manifest.invalidated({request.id: reason for request in manifest.requests if request.controls})
 
 
 def _with_adapters(

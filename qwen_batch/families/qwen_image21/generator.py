@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.adapters.fusion import AdapterFusion
 from qwen_batch.families.qwen_image21.forward import FirstBlockSteps, block_regions, pipeline_forward
-from qwen_batch.memory.device import release_memory
+from qwen_batch.memory.device import release_memory, to_device
 from qwen_batch.memory.modes import BF16, FP8, FP8_OFFLOAD
 from qwen_batch.memory.placement import (
     Placement,
@@ -124,7 +124,9 @@ class ImageGenerator21:
         forwards = self._forward_rows(prompt_embeds, negative_embeds, conditions)
         batch = len(requests)
         with torch.inference_mode():
-            latents = torch.cat([self._noise(request.seed, width, height) for request in requests]).to(self.device)
+            latents = to_device(
+                torch.cat([self._noise(request.seed, width, height) for request in requests]), self.device
+            )
             scheduler = self._scheduler(first.scheduler_shift)
             timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
             steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape, self.per_row_steps)
@@ -159,13 +161,15 @@ class ImageGenerator21:
     def _forward_rows(self, prompt_embeds, negative_embeds, conditions: Batch21) -> list:
         """The forward rows of a batch: every row with its prompt, then with guidance every row with its negative
         prompt, each with the row's condition images."""
+        import torch
+
         from qwen_batch.families.qwen_image21.forward import RowForward
 
-        def on_device(tensor):
-            return tensor.to(self.device, non_blocking=True)
+        def on_device(tensor):  # from pinned memory, without waiting (qwen_batch.memory.device.to_device)
+            return to_device(tensor, self.device)
 
         images = [
-            on_device(torch_cat(latents).to(self.dtype)) if latents else None for latents in conditions.image_latents
+            on_device(torch.cat(latents).to(self.dtype)) if latents else None for latents in conditions.image_latents
         ]
         texts = [(prompt_embeds, conditions.prompt_slots)]
         if negative_embeds is not None:
@@ -317,9 +321,3 @@ def _step_cache(spec_text: str | None, rows: int, transformer):
     from qwen_batch.pipeline.step_cache.taylorseer import TaylorSeerRows
 
     return TaylorSeerRows(replace(spec, warmup=max(spec.warmup, 1)), rows)
-
-
-def torch_cat(tensors):
-    import torch
-
-    return torch.cat(list(tensors))
