@@ -154,7 +154,7 @@ def bench_png_encoding(images: int = 20) -> dict:
     """The CPU cost of one 1024x1024 PNG with metadata, without any storage."""
     from PIL import Image
 
-    from qwen_batch.run.png import encode_png
+    from qwen_batch.outputs.png import encode_png
 
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).resize((1024, 1024), Image.BICUBIC)

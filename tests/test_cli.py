@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from qwen_batch.cli import main
-from qwen_batch.run.png import read_png_metadata
+from qwen_batch.outputs.png import read_png_metadata
 from tests.support import small_row, write_manifest
 
 RESULT_COLUMNS = [

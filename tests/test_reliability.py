@@ -450,7 +450,7 @@ def test_a_run_unpickles_nothing_and_writes_only_data_formats(tmp_path, tiny_mod
     import torch
 
     from qwen_batch.run.engine import release_generator
-    from qwen_batch.run.png import read_png_metadata
+    from qwen_batch.outputs.png import read_png_metadata
 
     release_generator()  # load the model in this test, under the guard below
     refused = []

@@ -68,17 +68,20 @@ INPUT_FIELDS = [
 # What qwen-batch adds to each manifest row.
 OUTCOME_FIELDS = [
     pa.field("status", pa.string()),  # ok | invalid | failed
-    pa.field("image", pa.string()),  # path or URL of the written PNG
+    pa.field("image", pa.string()),  # path or URL of the written image file (files output)
+    pa.field("shard", pa.string()),  # shard outputs: path or URL of the shard holding the row's image
+    pa.field("key", pa.string()),  # and the row's key in it (WebDataset's sample key: no dots)
     pa.field("error", pa.string()),  # empty when ok
     pa.field("warning", pa.string()),  # e.g. prompt truncated to the encoder's limit
     pa.field("model", pa.string()),
     pa.field("transformer", pa.string()),  # --transformer: the file the transformer came from (else empty)
     pa.field("transformer_sha256", pa.string()),  # and its SHA-256
-    pa.field("sha256", pa.string()),  # of the PNG file
+    pa.field("sha256", pa.string()),  # of the image file (its bytes, as in the shard)
     pa.field("fingerprint", pa.string()),  # of everything that determines the image
     pa.field("seconds", pa.float64()),  # this row's share of its batch's generation time
     pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
 ]
+SHARD_FIELDS = ("shard", "key")
 # Rows with a step cache: the steps whose transformer ran in full (not reused), for the conditional pass and,
 # with true CFG, the unconditional one (decided apart, as diffusers' cache contexts do).
 STEP_FIELDS = [
@@ -118,6 +121,8 @@ class Record:
     input_sha256: list[str] | None = None
     status: str = FAILED
     image: str | None = None
+    shard: str | None = None
+    key: str | None = None
     error: str = ""
     warning: str = ""
     model: str | None = None
@@ -259,7 +264,11 @@ class ResultStore:
                 columns[field.name] = outcome.column(field.name)
         for name in manifest.extra_columns:
             columns[name] = manifest.table.column(name)
+        # shard and key only for a shard output's results: a files output's keep the columns they always had.
+        sharded = any(record.shard for record in ordered)
         for field in OUTCOME_FIELDS + (STEP_FIELDS if step_cache else []):
+            if field.name in SHARD_FIELDS and not sharded:
+                continue
             columns[field.name] = outcome.column(field.name)
         table = pa.table(columns)
         self.output.write_bytes(RESULTS_FILE, _to_parquet(table))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.errors import StorageError
 from qwen_batch.io.storage import Folder
-from qwen_batch.run.png import encode_png
+from qwen_batch.outputs.png import encode_png
 from qwen_batch.run.results import FAILED, IMAGES_FOLDER, OK, Record, ResultStore
 
 if TYPE_CHECKING:
