@@ -25,8 +25,8 @@ from qwen_batch.adapters.loras import LoraRef, parse_lora_option, run_lora
 from qwen_batch.cli import main
 from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
-from qwen_batch.run.engine import RunConfig, plan_run, run
 from qwen_batch.outputs.png import PARAMETERS_KEY, read_png_metadata
+from qwen_batch.run.engine import RunConfig, plan_run, run
 from qwen_batch.tiny.lora import lora_state_dict, random_factors, write_lora, write_tiny_lora
 from tests.support import (
     differing_images,

@@ -21,8 +21,8 @@ from PIL import Image
 
 from qwen_batch.errors import ConfigError, ManifestError
 from qwen_batch.manifest import read_manifest
-from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, run
 from qwen_batch.outputs.png import read_png_metadata
+from qwen_batch.run.engine import RunConfig, denoise_stage, encode_stage, finalize, plan_run, run
 from qwen_batch.weights.model_source import resolve_model
 from tests.support import differing_images, diffusers_reference, fa4_layout, pixels
 

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from qwen_batch.manifest import read_manifest
-from qwen_batch.run.engine import RunConfig, run
 from qwen_batch.outputs.png import PARAMETERS_KEY, read_png_metadata
+from qwen_batch.run.engine import RunConfig, run
 from tests.support import diffusers_reference, pixels, small_row, write_manifest
 
 TOLERANCE = 2  # of 255

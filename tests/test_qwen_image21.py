@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from qwen_batch.manifest import read_manifest
-from qwen_batch.run.engine import RunConfig, plan_run, run
 from qwen_batch.outputs.png import read_png_metadata
+from qwen_batch.run.engine import RunConfig, plan_run, run
 from qwen_batch.weights.model_source import resolve_model
 
 TOLERANCE = 2  # of 255

@@ -449,8 +449,8 @@ def test_a_run_unpickles_nothing_and_writes_only_data_formats(tmp_path, tiny_mod
     import safetensors.torch
     import torch
 
-    from qwen_batch.run.engine import release_generator
     from qwen_batch.outputs.png import read_png_metadata
+    from qwen_batch.run.engine import release_generator
 
     release_generator()  # load the model in this test, under the guard below
     refused = []

@@ -23,11 +23,11 @@ from PIL import Image
 from qwen_batch.cli import main
 from qwen_batch.errors import ConfigError
 from qwen_batch.manifest import RowDefaults, read_manifest, validate_table
+from qwen_batch.outputs.png import PARAMETERS_KEY, read_png_metadata
 from qwen_batch.pipeline.step_cache import FirstBlock, TaylorSeer, parse_step_cache
 from qwen_batch.pipeline.step_cache.first_block import FirstBlockRows, sub_batch_size
 from qwen_batch.pipeline.step_cache.spec import StepCacheError, normalized
 from qwen_batch.run.engine import RunConfig, run
-from qwen_batch.outputs.png import PARAMETERS_KEY, read_png_metadata
 from tests.support import (
     differing_images,
     diffusers_adapters,
