@@ -179,6 +179,39 @@ def kernels(runner, rows: int = 4, size: int = 1024, prefix: int = 200) -> None:
     runner.write(result)
 
 
+def step_graphs(runner, size: int = 1024, steps: int = 20) -> None:
+    """Does CUDA-graph replay of the steps after the first pay? bf16 compiled, batch 1 and 4, 50-step and Turbo
+    schedules, each with and without `StepGraph`, on one generator; the images of the two must be identical."""
+    from qwen_batch.families.qwen_image21.generator import ImageGenerator21
+    from qwen_batch.memory.placement import Placement
+
+    dtype = torch.float32 if runner.tiny else torch.bfloat16
+    pipe = build_pipeline(runner.device, dtype, runner.tiny)
+    embeddings = prompt_embeddings(4, runner.device, dtype, hidden=pipe.transformer.config.context_in_dim)
+    generator = ImageGenerator21(full_size_source(pipe), runner.device, dtype, Placement(BF16, compile=not runner.tiny))
+    result = {"run": "qwen-image-2.1 step graphs", "size": size, "steps": steps}
+    for batch in (1, 4):
+        _engine(generator, embeddings[:batch], 3, size, SEED)  # compiles for this batch's shapes
+        for schedule, count in (("default", steps), ("turbo", len(TURBO_SIGMAS))):
+            pipe.register_to_config(sample_sigmas=TURBO_SIGMAS if schedule == "turbo" else None)
+            images = {}
+            for graphs in (False, True):
+                generator.step_graphs = graphs and torch.cuda.is_available()
+                _engine(generator, embeddings[:batch], count, size, SEED)  # the graph's own first use
+                started = time.perf_counter()
+                images[graphs] = _engine(generator, embeddings[:batch], count, size, SEED)
+                seconds = (time.perf_counter() - started) / batch
+                result[f"batch{batch}_{schedule}_{'graphs' if graphs else 'plain'}_s_per_image"] = round(seconds, 3)
+            result[f"batch{batch}_{schedule}_graphs_vs_plain_max"] = int(
+                max(np.abs(a - b).max() for a, b in zip(images[False], images[True], strict=True))
+            )
+            runner.progress(str({key: value for key, value in result.items() if key.startswith(f"batch{batch}")}))
+    pipe.register_to_config(sample_sigmas=None)
+    generator.step_graphs = False
+    runner.write(result)
+    generator.close()
+
+
 def _profile(runner, rows: int, size: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -320,6 +353,7 @@ SCENARIOS = scenarios(
         "fp8", versus, {"mode": FP8, "tier_gib": 16}, "fp8 against diffusers bf16; the 16 GiB tier", 6, process=True
     ),
     Scenario("kernels", kernels, {}, "a decode step's attention kernels, GEMM rates and top kernels", 2, process=True),
+    Scenario("step-graphs", step_graphs, {}, "CUDA-graph replay of the cached steps, batch 1 and 4", 4, process=True),
     Scenario(
         "bf16-24g-from-disk",
         from_disk,

@@ -116,3 +116,16 @@ def test_fp8_runs_and_stays_close_to_bf16(manifest, tmp_path):
         psnr = 10 * np.log10(255**2 / mse) if mse else float("inf")
         print(f"{row_['id']}: fp8 vs bf16 PSNR {psnr:.1f} dB")
         assert psnr > 20, (row_["id"], psnr)
+
+
+@pytest.mark.parametrize("compile", ["off", "on"])
+def test_steps_replayed_from_a_cuda_graph_give_the_same_images(manifest, tmp_path, monkeypatch, compile):
+    """`StepGraph` records a batch's cached steps once and replays them: the images must not change by a bit,
+    with guidance (two forward rows per row) and with a condition image in the batch."""
+    from qwen_batch.families.qwen_image21 import generator
+
+    _run(manifest, tmp_path / "plain", "--batch-size", "4", "--compile", compile)
+    monkeypatch.setattr(generator, "STEP_GRAPHS", True)
+    _run(manifest, tmp_path / "graphs", "--batch-size", "4", "--compile", compile)
+    for request in read_manifest(str(manifest), family_rules=_rules()).requests:
+        assert np.array_equal(_image(tmp_path / "plain", request.id), _image(tmp_path / "graphs", request.id))

@@ -231,6 +231,37 @@ class Decoder:
         raise IndexError(row)
 
 
+class StepGraph:
+    """The decoder's steps replayed from a CUDA graph. Once the prefixes are cached, every step of a batch has the
+    same shapes and reads the same tensors, so its ~1,000 kernel launches are recorded once and replayed: the
+    batch's second step runs eagerly on a side stream (the allocator and lazy initialisation settle there, and its
+    result is the step's), the graph is recorded after it (no GPU work), and later steps copy their inputs into
+    the graph's and replay. What it saves is launch time, which matters only where the GPU's work per step is
+    small (batch 1, Turbo); bench/qwen_image21.py's kernels scenario measures it."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder, self.graph = decoder, None
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, first_block=None) -> torch.Tensor:
+        if first_block is not None:  # decides per step which rows run: not one fixed graph
+            return self.decoder.forward(latents, timestep, first_block)
+        if self.graph is not None:
+            self.latents.copy_(latents)
+            self.timestep.copy_(timestep)
+            self.graph.replay()
+            return self.output.clone()  # the graph's output is overwritten by the next replay; step caches keep it
+        self.latents, self.timestep = latents.clone(), timestep.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            prediction = self.decoder.forward(self.latents, self.timestep)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = self.decoder.forward(self.latents, self.timestep)
+        return prediction
+
+
 class FirstBlockSteps:
     """diffusers' FirstBlockCache decided per forward row (`qwen_batch.pipeline.step_cache.first_block`'s test and
     counts): block 0 runs for every row; a row whose block-0 residual moved more than the threshold since its last

@@ -27,7 +27,7 @@ from qwen_batch.memory.placement import (
     streaming_arena,
     use_compile_cache,
 )
-from qwen_batch.pipeline.denoise.decoded import DecodedImages
+from qwen_batch.pipeline.denoise.decoded import DecodedImages, not_finite_rows
 from qwen_batch.pipeline.step_cache import Forward
 from qwen_batch.weights.model_source import ModelSource, load_pipeline
 
@@ -44,6 +44,9 @@ LATENT_PIXELS = 16
 # Every step per row through diffusers' forward (what offload modes need) instead of the batched decoder: None
 # decides by the placement; tests set it to run that path on the CPU.
 PER_ROW_STEPS: bool | None = None
+# CUDA-graph replay of the batched steps after the first (`forward.StepGraph`). Measured on an H100 and an H200
+# (docs/benchmarks.md): see there whether it pays; the generator's `step_graphs` follows this.
+STEP_GRAPHS = False
 
 
 class ImageGenerator21:
@@ -86,6 +89,8 @@ class ImageGenerator21:
         # The steps after the first run the blocks in two regions around each row's prefix attention.
         self.regions = block_regions(pipe.transformer, compile)
         self.per_row_steps = self.placement.streams if PER_ROW_STEPS is None else PER_ROW_STEPS
+        # The steps after the first replayed from a CUDA graph (`forward.StepGraph`); off unless measured to pay.
+        self.step_graphs = STEP_GRAPHS and device.startswith("cuda") and not self.per_row_steps
         if self.per_row_steps:
             described.append("every step per row through diffusers' forward (the offload hooks move the weights)")
         self.memory_mode = "; ".join(described)
@@ -129,7 +134,9 @@ class ImageGenerator21:
             )
             scheduler = self._scheduler(first.scheduler_shift)
             timesteps = self._timesteps(scheduler, first.num_inference_steps, latents.shape[1])
-            steps = _BatchSteps(self.pipe.transformer, forwards, self.regions, batch, target_shape, self.per_row_steps)
+            steps = _BatchSteps(
+                self.pipe.transformer, forwards, self.regions, batch, target_shape, self.per_row_steps, self.step_graphs
+            )
             step_cache = _step_cache(first.step_cache, len(forwards), self.pipe.transformer)
             first_block = step_cache if isinstance(step_cache, FirstBlockSteps) else None
             if first_block is not None and self.per_row_steps:
@@ -219,15 +226,18 @@ class ImageGenerator21:
         return timesteps
 
     def _decode(self, latents, width: int, height: int) -> DecodedImages:
-        """The VAE's RGBA images, as the pipeline decodes and post-processes them, uint8 on their way to the host."""
+        """The VAE's RGBA images, as the pipeline decodes and post-processes them, uint8 on their way to the host
+        (a row whose latents or pixels are not finite marked as such: `DecodedImages`)."""
         import torch
 
         pipe, vae = self.pipe, self.pipe.vae
-        latents = pipe._unpack_latents(latents, height, width, LATENT_PIXELS).to(vae.dtype)
-        latents = latents * self.latents_std + self.latents_mean
-        pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        vae_latents = pipe._unpack_latents(latents, height, width, LATENT_PIXELS).to(vae.dtype)
+        vae_latents = vae_latents * self.latents_std + self.latents_mean
+        pixels = vae.decode(vae_latents, return_dict=False)[0][:, :, 0]
+        # Checked per row before the clamp, which would turn a NaN row into a black image; on the device, no wait.
+        not_finite = not_finite_rows(latents, pixels)
         pixels = (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-        return DecodedImages((pixels * 255).round().to(torch.uint8))
+        return DecodedImages((pixels * 255).round().to(torch.uint8), not_finite)
 
     def close(self) -> None:
         del self.pipe, self.fusion, self._schedulers
@@ -254,14 +264,21 @@ class _BatchSteps:
     caches its prefix), the later ones the whole batch over its target tokens (`Decoder`)."""
 
     def __init__(
-        self, transformer, forwards: list, regions, batch: int, target_shape: tuple[int, int, int], per_row: bool
+        self,
+        transformer,
+        forwards: list,
+        regions,
+        batch: int,
+        target_shape: tuple[int, int, int],
+        per_row: bool,
+        graphs: bool = False,
     ):
         self.transformer, self.forwards, self.regions = transformer, forwards, regions
         self.batch, self.target_shape = batch, target_shape
         # Offload modes move each block's weights around its forward (hooks): every step then runs diffusers'
         # forward for each row alone, from its cached prefix, as the pipeline does; the batched decoder calls
         # the blocks' layers directly, which those hooks would not see.
-        self.per_row = per_row
+        self.per_row, self.graphs = per_row, graphs
         self.decoder, self.prefixes = None, None
 
     def _rows(self):
@@ -274,7 +291,7 @@ class _BatchSteps:
 
         import torch
 
-        from qwen_batch.families.qwen_image21.forward import Decoder, prefill
+        from qwen_batch.families.qwen_image21.forward import Decoder, StepGraph, prefill
 
         copies = len(self.forwards) // self.batch
         if self.prefixes is not None:  # the weights move around each block's forward: diffusers' forward per row
@@ -303,6 +320,8 @@ class _BatchSteps:
             return torch.cat(predictions)
         # The decoder holds what it needs of the prefixes (stacked per run of rows, or as they are).
         self.decoder = Decoder(self.transformer, prefixes, self.regions)
+        if self.graphs:
+            self.decoder = StepGraph(self.decoder)
         return torch.cat(predictions)
 
 
