@@ -64,8 +64,10 @@ class OverlaidImages:
     def __iter__(self):
         from PIL import Image as PILImage
 
+        from qwen_batch.pipeline.denoise.decoded import NotFinite
+
         for image, overlay in zip(self.images, self.overlays, strict=True):
-            if overlay is None:
+            if overlay is None or isinstance(image, NotFinite):  # a row not finite has nothing to paste
                 yield image
                 continue
             rgba, (x, y, x2, y2) = overlay

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qwen_batch.memory.device import to_device
-from qwen_batch.pipeline.denoise.decoded import DecodedImages
+from qwen_batch.pipeline.denoise.decoded import DecodedImages, not_finite_rows
 from qwen_batch.pipeline.denoise.state import DenoiseBlocks, DenoiseComponents, DenoiseState
 from qwen_batch.pipeline.denoise.text import text_forwards
 from qwen_batch.pipeline.step_cache import Forward, for_batch
@@ -98,15 +98,18 @@ def denoise_step(state: DenoiseState, components: DenoiseComponents, step: int, 
 
 
 def decode(state: DenoiseState, components: DenoiseComponents) -> DecodedImages:
-    """5. The VAE's images, and with a step cache how often each row computed in full."""
+    """5. The VAE's images (a row whose latents or pixels are not finite marked as such: `DecodedImages`), and
+    with a step cache how often each row computed in full."""
     pipe, vae = components.pipe, components.pipe.vae
     latents = pipe._unpack_latents(state.latents, state.height, state.width, pipe.vae_scale_factor).to(vae.dtype)
     latents = latents / components.latents_inverse_std + components.latents_mean
     pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]
+    # Checked per row before the clamp, which would turn a NaN row into a black image; on the device, no wait.
+    not_finite = not_finite_rows(state.latents, pixels)
     # `image_processor.postprocess(images, "pil")`'s arithmetic, on the device: denormalize in the
     # VAE's dtype, then float32 * 255, rounded half to even; only uint8 pixels cross to the host.
     pixels = (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
-    images = DecodedImages((pixels * 255).round().to(torch.uint8))
+    images = DecodedImages((pixels * 255).round().to(torch.uint8), not_finite)
     if state.step_cache is not None:
         images.steps_computed = state.step_cache.steps_computed(state.batch)
     return images
