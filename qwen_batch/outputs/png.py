@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 PARAMETERS_KEY = "parameters"
 JSON_KEY = "qwen_batch"
+XMP_KEY = "XML:com.adobe.xmp"
 
 
 def parameters_text(metadata: dict[str, Any]) -> str:
@@ -55,12 +56,15 @@ def parameters_text(metadata: dict[str, Any]) -> str:
     return f"{prompt}\nNegative prompt: {metadata['negative_prompt']}\n{', '.join(settings)}"
 
 
-def encode_png(image: Image.Image, metadata: dict[str, Any]) -> bytes:
+def encode_png(image: Image.Image, metadata: dict[str, Any], *, xmp: bytes | None = None) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_itxt(PARAMETERS_KEY, parameters_text(metadata))
     info.add_itxt(JSON_KEY, json.dumps(metadata, ensure_ascii=False, sort_keys=True))
+    if xmp is not None:
+        # Where XMP readers look in a PNG (Pillow's PNG save has no xmp=); the XMP spec wants this chunk uncompressed.
+        info.add_itxt(XMP_KEY, xmp.decode("utf-8"))
     buffer = io.BytesIO()
     # compress_level 4: close to the default's size at a fraction of its CPU time per 1024px image.
     image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
