@@ -87,6 +87,8 @@ class ModelFamily:
     # What `checkpoint_rules` reads from the model_index.json of a tiny model (of a task or flavour, as in
     # `tiny_models`), known without building it: `qwen-batch validate --model tiny-2.1-turbo` builds nothing.
     tiny_model_index: Callable[[str], Mapping[str, Any]] = lambda task: {}
+    # The images carry an alpha channel (2.1's RGBA VAE): only formats that keep it can hold them.
+    rgba_output: bool = False
 
     def refused(self, requests) -> dict[str, str]:
         """The rows of `requests` this family cannot run (`unsupported`), by id, with the reason."""

@@ -26,6 +26,8 @@ from qwen_batch.io.storage import StorageOptions, s3_storage_options
 from qwen_batch.manifest import MAX_SCHEDULER_SHIFT, MIN_SCHEDULER_SHIFT, RowDefaults
 from qwen_batch.memory.device import DTYPES
 from qwen_batch.memory.modes import AUTO, MEMORY_MODES
+from qwen_batch.outputs.images import IMAGE_FORMATS
+from qwen_batch.outputs.shards import DEFAULT_ROWS_PER_SHARD, FILES, OUTPUT_FORMATS
 from qwen_batch.pipeline.step_cache.spec import normalized as normalized_step_cache
 from qwen_batch.weights.model_source import TINY_MODEL_NAME
 
@@ -45,7 +47,10 @@ MAX_ENCODE_BATCH_SIZE = 256
 SAMPLING = "Adapters and sampling"
 MEMORY = "GPU memory and speed"
 S3 = "S3 and S3-compatible storage"
+OUTPUTS = "Output format and marks"
 GROUP_HELP = {
+    OUTPUTS: "How images are stored (files or WebDataset / Parquet shards, PNG / WebP / JPEG) and marked as "
+    "AI-generated (IPTC XMP always; C2PA content credentials when given a certificate). docs/outputs.md.",
     SAMPLING: "Run-wide values for the rows whose 'loras', 'scheduler_shift' or 'step_cache' column is empty "
     "(docs/manifest.md).",
     MEMORY: "See `qwen-batch plan` and docs/memory.md.",
@@ -239,6 +244,52 @@ class RunConfig:
         metavar="DIR",
         group=MEMORY,
     )
+    output_format: str = option(
+        FILES,
+        help="files: one image file per row under images/. webdataset: shards/NNNNN.tar (KEY.png|webp|jpg, KEY.json, "
+        "KEY.txt per row) with a Parquet index and stats beside each. parquet: data/NNNNN.parquet with the image in "
+        "the Hugging Face datasets Image layout, and a dataset card. A shard is published whole, never partly.",
+        choices=OUTPUT_FORMATS,
+        group=OUTPUTS,
+    )
+    shard_size: int = option(
+        DEFAULT_ROWS_PER_SHARD,
+        help="Rows per shard (webdataset, parquet); a shard also closes before 500 MB, the size the Hub and datasets "
+        "use. A run (or a flow's denoise chunk) publishes its last shard partly filled.",
+        metavar="N",
+        minimum=1,
+        maximum=100_000,
+        group=OUTPUTS,
+    )
+    image_format: str = option(
+        "png",
+        help="png (lossless), webp or jpeg. The generation parameters go into each format's metadata; jpeg cannot "
+        "keep the alpha channel of RGBA models (Qwen-Image-2.1) and is refused for them.",
+        choices=IMAGE_FORMATS,
+        group=OUTPUTS,
+    )
+    image_quality: int | None = option(
+        None,
+        help="Quality of webp and jpeg, 1-100; default 90 for webp, 95 for jpeg. png ignores it.",
+        metavar="Q",
+        minimum=1,
+        maximum=100,
+        group=OUTPUTS,
+    )
+    c2pa_cert: str | None = option(
+        None,
+        help="Sign every image with C2PA content credentials: a PEM file with the signing certificate first, then "
+        "the CA certificates that issued it. Needs --c2pa-key. Checked before any model loads.",
+        metavar="PEM",
+        group=OUTPUTS,
+    )
+    c2pa_key: str | None = option(
+        None,
+        help="The private key (PEM file) of --c2pa-cert's certificate. Only its path is kept: the key never appears "
+        "in results, logs, image metadata or Prefect artifacts.",
+        metavar="PEM",
+        group=OUTPUTS,
+    )
     s3_endpoint_url: str | None = option(
         None,
         help="An S3-compatible endpoint, e.g. http://minio:9000 or an R2 endpoint; default: AWS_ENDPOINT_URL, else AWS.",
@@ -255,6 +306,8 @@ class RunConfig:
     # Not an option: fsspec's options by protocol, from the s3_* options unless given (tests pass credentials
     # for a local S3 server). Never a flow parameter: the server would store and show the credentials.
     storage_options: StorageOptions | None = None
+    # Not an option: C2PA credentials made by the caller (the flow, from Prefect Secret blocks) instead of files.
+    content_credentials: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name, how in run_options():
@@ -266,6 +319,8 @@ class RunConfig:
         index, count = self.shard_numbers
         if not 0 <= index < count:
             raise ConfigError(f"--shard {self.shard}: K must be from 0 to N - 1 (e.g. 0/2 and 1/2)")
+        if (self.c2pa_cert is None) != (self.c2pa_key is None):
+            raise ConfigError("--c2pa-cert and --c2pa-key go together: give both, or neither to write no C2PA")
         self.row_defaults = RowDefaults(self.loras, self.scheduler_shift, self.step_cache)  # checks them
 
     @property

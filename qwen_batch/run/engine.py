@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from qwen_batch.adapters.loras import LoraRef, resolve_adapters, transformer_layout
@@ -23,6 +23,11 @@ from qwen_batch.memory.device import gpu_memory_gib, reset_peak_memory, resolve_
 from qwen_batch.memory.oom import is_out_of_memory, retry_in_halves
 from qwen_batch.memory.placement import Placement, RunMemory, decide_run_memory
 from qwen_batch.memory.planner import WeightsSummary, check_mode_for_weights
+from qwen_batch.outputs.content_credentials import ContentCredentials
+from qwen_batch.outputs.destinations import ImageFiles, ShardedImages, reconcile_shards
+from qwen_batch.outputs.encoder import ImageEncoder
+from qwen_batch.outputs.images import ImageFormat, refuse_alpha
+from qwen_batch.outputs.shards import FILES
 from qwen_batch.pipeline.conditions.cached_images import prepare_image_inputs
 from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
 from qwen_batch.pipeline.embedding_cache import EmbeddingCache
@@ -74,6 +79,24 @@ class RunPlan:
     memory: RunMemory  # each stage's memory mode and batch size, decided for this GPU
     transformer_file: TransformerFile | None = None  # --transformer, checked and hashed
     controlnet: ControlNetSource | None = None  # --controlnet, checked against the transformer
+    encoder: ImageEncoder = field(default_factory=ImageEncoder)  # the image format, marks and C2PA signer
+
+    @property
+    def output_format(self) -> str:
+        return self.config.output_format
+
+    def destination(self) -> ImageFiles | ShardedImages:
+        """Where this run's images go (a new shard writer per denoise stage: it publishes its last shard)."""
+        if self.output_format == FILES:
+            return ImageFiles(self.output, self.encoder.format)
+        return ShardedImages(
+            self.output,
+            self.output_format,
+            self.encoder.format,
+            self.config.shard_size,
+            worker=self.config.shard_index,
+            workers=self.config.shard_count,
+        )
 
     @property
     def is_edit(self) -> bool:
@@ -100,6 +123,7 @@ def plan_run(config: RunConfig) -> RunPlan:
     transformer_file, transformer_summary = _transformer_file(config, source)
     manifest = _with_adapters(manifest, source, config.storage_options, transformer_file)
     controlnet, manifest = _with_controlnet(config, source, manifest)
+    encoder = _image_encoder(config, family, source)
     output = Folder(config.output, config.storage_options)
     cache_folder = Folder(config.cache, config.storage_options) if config.cache else output.child(CACHE_FOLDER)
     store = ResultStore(output)
@@ -127,7 +151,12 @@ def plan_run(config: RunConfig) -> RunPlan:
     previous, _ = store.previous_records()
     shards = assign_shards(manifest.requests, config.shard_count, config.batch_size, family) if config.is_shard else {}
     mine = [request for request in manifest.requests if shards.get(request.id, 0) == config.shard_index]
-    done = _done_ids(mine, fingerprints, store, previous)
+    if config.output_format == FILES:
+        done = _done_ids(mine, fingerprints, ImageFiles(output, encoder.format), previous)
+    else:  # the shards themselves say what is done; rows published but unrecorded are adopted
+        done, adopted = reconcile_shards(output, config.output_format, mine, fingerprints, previous)
+        if adopted:
+            store.write_part(adopted)
     todo = [request for request in mine if request.id not in done]
     skipped = [request for request in mine if request.id in done]
     memory = decide_run_memory(
@@ -161,7 +190,19 @@ def plan_run(config: RunConfig) -> RunPlan:
         memory=memory,
         transformer_file=transformer_file,
         controlnet=controlnet,
+        encoder=encoder,
     )
+
+
+def _image_encoder(config: RunConfig, family: ModelFamily, source: ModelSource) -> ImageEncoder:
+    """The image format checked against the model's images (RGBA: no jpeg), and the C2PA credentials read and
+    tried, before anything is written or loaded (a usage error, exit 2)."""
+    image_format = ImageFormat(config.image_format)
+    refuse_alpha(image_format, family.rgba_output, source.name)
+    credentials = config.content_credentials
+    if credentials is None and config.c2pa_cert:
+        credentials = ContentCredentials.from_files(config.c2pa_cert, config.c2pa_key)
+    return ImageEncoder(image_format, config.image_quality, credentials, config.storage_options)
 
 
 def read_run_manifest(config: RunConfig) -> tuple[Manifest, ModelFamily, ModelSource, str]:
@@ -299,25 +340,29 @@ def _with_adapters(
 
 
 def _done_ids(
-    requests: list[Request], fingerprints: dict[str, str], store: ResultStore, records: dict[str, Record]
+    requests: list[Request], fingerprints: dict[str, str], files: ImageFiles, records: dict[str, Record]
 ) -> set[str]:
-    """Rows with an ok record of the same fingerprint whose image is still there: nothing to redo."""
-    images = store.existing_images() if records else set()
-    return {
+    """Rows with an ok record of the same fingerprint whose image file is still there: nothing to redo."""
+    candidates = {
         request.id
         for request in requests
         if (record := records.get(request.id)) is not None
         and record.status == OK
         and record.fingerprint == fingerprints[request.id]
-        and f"{request.id}.png" in images
     }
+    return files.done_ids(candidates)
 
 
 def pending(plan: RunPlan, requests: list[Request]) -> list[Request]:
     """Those of `requests` not done yet, judged from the output folder now: a retried chunk whose
     first attempt wrote some rows before failing regenerates only the rest."""
     records, _ = plan.store.previous_records()
-    done = _done_ids(requests, plan.fingerprints, plan.store, records)
+    if plan.output_format == FILES:
+        done = _done_ids(requests, plan.fingerprints, ImageFiles(plan.output, plan.encoder.format), records)
+    else:
+        done, adopted = reconcile_shards(plan.output, plan.output_format, requests, plan.fingerprints, records)
+        if adopted:
+            plan.store.write_part(adopted)
     return [request for request in requests if request.id not in done]
 
 
@@ -377,7 +422,7 @@ def denoise_stage(
     started = time.perf_counter()
     reset_peak_memory(plan.device)
     generator = generator_for(plan)
-    writer = BatchWriter(plan.output, plan.store)
+    writer = BatchWriter(plan.store, plan.destination(), plan.encoder)
     fusion_before = (generator.fusion.stats.fuses, generator.fusion.stats.seconds)
     cached_before = (generator.cached_steps, generator.cached_steps_computed)
     progress.start("denoise", len(requests), "images")
@@ -387,6 +432,9 @@ def denoise_stage(
             _generate_batch(plan, generator, writer, batch, rows)
             progress.advance(len(batch))
         stats.records = writer.drain()
+        stats.image_bytes = writer.image_bytes
+        counts = writer.destination.counts
+        stats.shards, stats.shard_rows, stats.shard_bytes = counts.shards, counts.rows, counts.bytes
     finally:
         progress.finish()
         writer.close()
@@ -523,6 +571,11 @@ def finalize(plan: RunPlan, encode: EncodeStats, denoise: DenoiseStats) -> Summa
         output=plan.output.display(),
         results=results,
         problems=[row for row in rows if row[2] != OK],
+        outputs={
+            "output_format": plan.output_format,
+            "image_format": plan.encoder.format.value,
+            "marks": plan.encoder.marks,
+        },
     )
 
 

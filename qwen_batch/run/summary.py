@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,6 +34,10 @@ class DenoiseStats(Stats):
     # Rows with a step cache: the steps they ran (each CFG pass counted) and those computed in full.
     cached_steps: int = 0
     cached_steps_computed: int = 0
+    image_bytes: int = 0  # of the images stored (files or shard samples)
+    shards: int = 0  # shards published (webdataset, parquet outputs)
+    shard_rows: int = 0
+    shard_bytes: int = 0
     records: list[Record] = in_process()
 
 
@@ -49,6 +53,8 @@ class Summary:
     output: str
     results: str
     problems: list[tuple[int, str | None, str, str]]  # (row, id, status, error)
+    # How images are stored and marked: output_format, image_format, marks (e.g. "IPTC XMP + C2PA (signed)").
+    outputs: dict[str, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -73,6 +79,7 @@ class Summary:
             "denoise": self.denoise.to_dict(),
             "output": self.output,
             "results": self.results,
+            "outputs": self.outputs,
             "problem_count": len(self.problems),
             "problems": [list(problem) for problem in self.problems[:max_problems]],
         }
@@ -90,7 +97,21 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("invalid", f"{report['invalid']}"),
         ("failed", f"{report['failed']}"),
     ]
-    return counts + stats_rows(EncodeStats.from_dict(report["encode"]), DenoiseStats.from_dict(report["denoise"]))
+    return (
+        counts
+        + output_rows(report.get("outputs") or {})
+        + stats_rows(EncodeStats.from_dict(report["encode"]), DenoiseStats.from_dict(report["denoise"]))
+    )
+
+
+def output_rows(outputs: dict[str, str]) -> list[tuple[str, str]]:
+    """How the images were stored and marked, as (name, value) rows."""
+    if not outputs:
+        return []
+    return [
+        ("output", f"{outputs['output_format']}, {outputs['image_format']} images"),
+        ("marks", outputs["marks"]),
+    ]
 
 
 def stats_rows(encode: EncodeStats, denoise: DenoiseStats) -> list[tuple[str, str]]:
@@ -101,6 +122,8 @@ def stats_rows(encode: EncodeStats, denoise: DenoiseStats) -> list[tuple[str, st
         ("encode", f"{encode.seconds:.1f} s  ({encode.encoded} texts encoded, {encode.cached} from cache)"),
         ("denoise", f"{denoise.seconds:.1f} s" + (f"  ({rate:,.0f} images/hour{storage})" if rate else "")),
     ]
+    if denoise.shards:
+        rows.append(("shards", shards_line(denoise)))
     if denoise.adapter_fuses:
         rows.append(("adapters", f"{denoise.adapter_fuses} sets fused, {denoise.adapter_seconds:.1f} s"))
     if denoise.cached_steps:
@@ -109,6 +132,14 @@ def stats_rows(encode: EncodeStats, denoise: DenoiseStats) -> list[tuple[str, st
         if stats.peak_gpu_gib is not None:
             rows.append((f"peak GPU ({stage})", f"{stats.peak_gpu_gib:.1f} GiB"))
     return rows
+
+
+def shards_line(denoise: DenoiseStats) -> str:
+    """`3 published, 0.41 GiB, 333 images per shard`"""
+    return (
+        f"{denoise.shards} published, {denoise.shard_bytes / 2**30:.2f} GiB, "
+        f"{denoise.shard_rows / denoise.shards:,.0f} images per shard"
+    )
 
 
 def write_shard_stats(output: Folder, shard: str, encode: EncodeStats, denoise: DenoiseStats) -> str:

@@ -1,10 +1,12 @@
-"""Writes finished batches (PNG encoding, upload, part file) in the background while the GPU works.
+"""Writes finished batches (image encoding and marks, upload or shard, part file) in the background while the GPU
+works.
 
 A bounded number of batches is in flight: when the storage is slow the engine waits here rather
-than piling decoded images up in RAM. A batch's part file is written after all its images, so every
-record in a part file points at a complete image. An image that cannot be written marks its row
-`failed` with the error; it is never lost silently. A part file that cannot be written (after the
-storage layer's retries) stops the run at the next batch, with that error: what was written stays,
+than piling decoded images up in RAM. A part file is written only for records whose image is stored (a file
+written, or its shard published: `qwen_batch.outputs.destinations`), so every record in a part file points at a
+complete image. A row whose latents or pixels were not finite, or whose image cannot be encoded or written, is
+`failed` with the error and gets no image; it is never lost silently. A part file that cannot be written (after
+the storage layer's retries) stops the run at the next batch, with that error: what was written stays,
 and running again resumes.
 """
 
@@ -12,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import posixpath
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from qwen_batch.errors import StorageError
-from qwen_batch.io.storage import Folder
-from qwen_batch.outputs.png import encode_png
-from qwen_batch.run.results import FAILED, IMAGES_FOLDER, OK, Record, ResultStore
+from qwen_batch.errors import QwenBatchError
+from qwen_batch.outputs.destinations import ImageFiles
+from qwen_batch.outputs.encoder import ImageEncoder
+from qwen_batch.pipeline.denoise.decoded import NotFinite
+from qwen_batch.run.results import FAILED, Record, ResultStore
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -34,8 +36,18 @@ log = logging.getLogger(__name__)
 
 
 class BatchWriter:
-    def __init__(self, output: Folder, store: ResultStore, workers: int = 2, max_pending_batches: int = 2):
-        self.output, self.store = output, store
+    def __init__(
+        self,
+        store: ResultStore,
+        destination=None,
+        encoder: ImageEncoder | None = None,
+        workers: int = 2,
+        max_pending_batches: int = 2,
+    ):
+        self.store = store
+        self.encoder = encoder or ImageEncoder()
+        self.destination = destination or ImageFiles(store.output, self.encoder.format)
+        self.image_bytes = 0  # of the images stored
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-batch-writer")
         self._slots = threading.BoundedSemaphore(max_pending_batches)
         self._futures: list[Future[list[Record]]] = []
@@ -68,40 +80,42 @@ class BatchWriter:
                 raise future.exception()
 
     def _write_batch(
-        self, requests: list[Request], images: Iterable[Image.Image], records: list[Record]
+        self, requests: list[Request], images: Iterable[Image.Image | NotFinite], records: list[Record]
     ) -> list[Record]:
+        stored: list[Record] = []
         for request, image, record in zip(requests, images, records, strict=True):
-            relative = posixpath.join(IMAGES_FOLDER, f"{request.id}.png")
-            metadata = {"id": request.id, **request.parameters(), "model": record.model}
-            if record.transformer:
-                metadata |= {"transformer": record.transformer, "transformer_sha256": record.transformer_sha256}
-            if record.input_sha256:
-                metadata["input_sha256"] = record.input_sha256
-            if record.steps_computed is not None:  # a step cache: how many steps ran in full
-                metadata["steps_computed"] = record.steps_computed
-                if record.uncond_steps_computed is not None:
-                    metadata["uncond_steps_computed"] = record.uncond_steps_computed
-            try:
-                data = encode_png(image, metadata)
-                self.output.write_bytes(relative, data)
-            except (StorageError, OSError, ValueError) as error:
-                record.status, record.error = FAILED, f"writing the image failed: {error}"
+            if isinstance(image, NotFinite):  # NaN or infinity: a black or noise image is never written
+                record.status, record.error = FAILED, image.message
+                stored.append(record)
                 continue
-            record.status, record.image = OK, self.output.display(relative)
-            record.sha256 = hashlib.sha256(data).hexdigest()
-        return self._write_records(records)
+            try:
+                data = self.encoder.encode(request, image, record)
+                record.sha256 = hashlib.sha256(data).hexdigest()
+                stored += self.destination.put(request, record, data)
+            except (QwenBatchError, OSError, ValueError) as error:
+                record.status, record.error = FAILED, f"writing the image failed: {error}"
+                stored.append(record)
+                continue
+            self.image_bytes += len(data)
+        return self._write_records(stored)
 
     def _write_records(self, records: list[Record]) -> list[Record]:
-        self.store.write_part(records)
+        if records:
+            self.store.write_part(records)
         return records
 
     def drain(self) -> list[Record]:
-        """Wait for every queued batch; the records written, in submission order."""
+        """Wait for every queued batch and store what the destination still holds (the last shard); the records
+        written, in the order they were stored."""
         written: list[Record] = []
         started = time.perf_counter()
         try:
             for future in self._futures:
                 written.extend(future.result())
+            written.extend(self._write_records(self.destination.close()))
+        except BaseException:
+            self.destination.abort()  # an open shard is never published half-checked
+            raise
         finally:
             self._futures.clear()
             self.wait_seconds += time.perf_counter() - started

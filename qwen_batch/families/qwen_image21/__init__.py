@@ -127,4 +127,5 @@ FAMILY = ModelFamily(
     checkpoint_rules=_checkpoint_rules,
     unsupported=_unsupported,
     tiny_model_index=_tiny_model_index,
+    rgba_output=True,
 )
