@@ -319,7 +319,8 @@ def format_summary(summary) -> str:
     from qwen_batch.run.summary import summary_rows
 
     rows = summary_rows(summary.to_dict())
-    rows += [("images", f"{summary.output.rstrip('/')}/images/"), ("results", summary.results)]
+    folder = {"webdataset": "shards", "parquet": "data"}.get(summary.outputs.get("output_format"), "images")
+    rows += [("images", f"{summary.output.rstrip('/')}/{folder}/"), ("results", summary.results)]
     width = max(len(name) for name, _ in rows)
     lines = ["", "qwen-batch summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]
     if summary.problems:

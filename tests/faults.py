@@ -105,8 +105,28 @@ def _kill_at_part_removal(nth: int) -> None:
     _kill_on_call(Folder, "remove", nth, lambda folder, relative: relative.startswith("_parts/"))
 
 
+def _kill_in_shards(name: str, nth: int) -> None:
+    import qwen_batch.outputs.shards
+
+    _kill_on_call(qwen_batch.outputs.shards, name, nth)
+
+
+def _kill_at_part_write(nth: int) -> None:
+    from qwen_batch.run.results import ResultStore
+
+    _kill_on_call(ResultStore, "write_part", nth)
+
+
 # Where a run can be killed; `nth` counts the matching events of the run.
 KILL_POINTS: dict[str, Callable[[int], None]] = {
+    # Shard outputs: as the nth sample is added to a shard being filled (in its spool, unpublished).
+    "shard-spool": lambda nth: _kill_in_shards("_stored_record", nth),
+    # The nth shard complete in its spool, just before it is published.
+    "shard-publish": lambda nth: _kill_in_shards("_publish", nth),
+    # The nth shard published, before its index and stats files and its rows' part file.
+    "shard-sidecar": lambda nth: _kill_in_shards("_write_sidecars", nth),
+    # Before the nth part file (a shard's rows, once it is published, with its sidecars).
+    "shard-recorded": _kill_at_part_write,
     # Stage 1, mid-write of the nth embedding written to the cache.
     "encode": lambda nth: _kill_mid_write(lambda path: path.endswith(".safetensors"), nth),
     # Stage 2, at the start of the nth scheduler step (between two denoising steps).
