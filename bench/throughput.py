@@ -38,6 +38,10 @@ class TextToImage(Comparison):
         ]
         super().__init__(runner, rows, steps)
         self.size, self.gpu_gib, self.plan_gib = size, gpu_gib, plan_gib
+        self.image_format = "png"
+
+    def run_config(self) -> dict:
+        return {"image_format": self.image_format}
 
     def recipe_fields(self) -> dict:
         return {"width": self.size, "height": self.size}
@@ -143,6 +147,7 @@ def engine(
     trace: bool = False,
     compile_cache: str | None = None,
     cold: bool = False,
+    image_format: str = "png",
 ) -> None:
     """The engine alone, as `qwen-batch run` drives it, labelled with the scenario's name: on an emulated card
     of `gpu_gib` GiB (planned for `plan_gib` when given), `attention` the kernel for padded batches, `trace`
@@ -154,6 +159,7 @@ def engine(
     if plan_gib or gpu_gib:
         os.environ[GPU_MEMORY_ENV] = str(plan_gib or gpu_gib)
     comparison = TextToImage(runner, prompts, steps, size, gpu_gib, plan_gib)
+    comparison.image_format = image_format
     if compile_cache:
         folder = runner.root / compile_cache
         if cold:
@@ -170,7 +176,37 @@ def engine(
             gpu=EmulatedGpu(gpu_gib),
             trace=str(runner.work / "trace.json") if trace else None,
         )
+    if image_format != "png" or label.startswith("busy-200"):
+        result["image_files"] = image_file_figures(runner.work / "out" / "images")
     runner.write(result)
+
+
+def image_file_figures(folder: Path, sample: int = 16) -> dict:
+    """The run's image files: bytes per image; and `sample` of them decoded and encoded again in each format (with
+    the run's metadata and marks, on one CPU core): bytes and seconds per image."""
+    from PIL import Image
+
+    from qwen_batch.outputs.images import IMAGE_FORMATS, encode_image, read_image_metadata
+    from qwen_batch.outputs.marks import Mark, xmp_packet
+
+    files = sorted(path for path in folder.iterdir() if not path.name.startswith("."))
+    figures = {"files": len(files), "bytes_per_image": round(statistics.mean(path.stat().st_size for path in files))}
+    for image_format in IMAGE_FORMATS:
+        sizes, seconds = [], []
+        for path in files[:sample]:
+            data = path.read_bytes()
+            metadata = read_image_metadata(data)
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+            started = time.perf_counter()
+            encoded = encode_image(image, image_format, metadata, xmp=xmp_packet(Mark.for_row(False, "model")))
+            seconds.append(time.perf_counter() - started)
+            sizes.append(len(encoded))
+        figures[image_format] = {
+            "bytes_per_image": round(statistics.mean(sizes)),
+            "encode_s_per_image": round(statistics.mean(seconds), 4),
+        }
+    return figures
 
 
 def recipe(runner, prompts: int = 2, steps: int = 6, size: int = 1024) -> None:
@@ -235,6 +271,13 @@ SCENARIOS = scenarios(
     Scenario("fp8-levers", versus, {"variants": FP8_LEVERS}, "fp8 at batch 4 and 8, padded, every linear", 20),
     Scenario("fp8-b2", versus, {"variants": ("fp8-compile-b2",), "prompts": 2}, "fp8 at batch 2, 2 prompts", 5),
     Scenario("busy-200", engine, {**BUSY, "prompts": 200}, "GPU busy over a 200-prompt manifest at 2 steps", 4),
+    Scenario(
+        "busy-200-webp",
+        engine,
+        {**BUSY, "prompts": 200, "image_format": "webp"},
+        "GPU busy over 200 prompts at 2 steps, writing WebP; bytes and encode seconds per image for each format",
+        4,
+    ),
     Scenario("busy-trace", engine, {**BUSY, "prompts": 12, "trace": True}, "where the GPU idles: a profiled run", 2),
     # A compile cache cold, then warm, each in its own process (the second reads what the first compiled).
     Scenario(
