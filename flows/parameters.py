@@ -3,13 +3,14 @@
 The run options are not declared here: every field of `qwen_batch.run.config.RunConfig` that is a run
 option becomes a parameter, with its type, default, limits and description (`run_option_fields`), so the
 CLI, the flows and the engine cannot drift apart. Only what exists for the flows alone is declared below
-(`chunk_size`, the fan-out's own fields) and the one option whose form differs: `loras`, a list of
-{path, scale} objects in the UI where the CLI takes PATH[:SCALE] texts.
+(`chunk_size`, the C2PA Secret blocks, the fan-out's own fields) and the one option whose form differs: `loras`,
+a list of {path, scale} objects in the UI where the CLI takes PATH[:SCALE] texts.
 
 Unknown fields are refused (extra="forbid"). `flat_parameters` turns a model into a flow's keyword
 parameters (see there why). Storage credentials are never parameters: the server stores and shows
 parameters, so credentials come from the worker's environment (AWS_PROFILE, AWS_ACCESS_KEY_ID...) as for
-the AWS CLI.
+the AWS CLI. Likewise a C2PA signing key is never a parameter: `c2pa_cert_secret` and `c2pa_key_secret` name
+Prefect Secret blocks that hold the PEM texts, loaded by the run that signs (`content_credentials`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from collections.abc import Callable
 from dataclasses import MISSING
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
 from qwen_batch.adapters.loras import MAX_LORA_SCALE, MIN_LORA_SCALE, run_lora
+from qwen_batch.errors import ConfigError
 from qwen_batch.io.storage import StorageOptions, s3_storage_options
 from qwen_batch.run.config import Option, RunConfig, option_default, option_types, run_options
+
+if typing.TYPE_CHECKING:
+    from qwen_batch.outputs.content_credentials import ContentCredentials
 
 SHARD_DEPLOYMENT = "qwen-image-batch/shard"
 
@@ -92,6 +97,36 @@ class _Job(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="after")
+    def _c2pa_from_one_place(self) -> _Job:
+        """The C2PA certificate and key come from two Secret blocks or from two files, never half of each."""
+        cert_secret, key_secret = self.c2pa_cert_secret or None, self.c2pa_key_secret or None
+        if (cert_secret is None) != (key_secret is None):
+            raise ValueError(
+                "c2pa_cert_secret and c2pa_key_secret go together: name both Secret blocks (the certificate chain's "
+                "and the private key's PEM text), or neither"
+            )
+        if cert_secret is not None and (self.c2pa_cert or self.c2pa_key):
+            raise ValueError(
+                "C2PA credentials from Secret blocks (c2pa_cert_secret, c2pa_key_secret) or from files on the worker "
+                "(c2pa_cert, c2pa_key), not both: leave one pair empty"
+            )
+        return self
+
+    def content_credentials(self) -> ContentCredentials | None:
+        """The C2PA signer made from the Secret blocks `c2pa_cert_secret` and `c2pa_key_secret`, checked (one
+        signature, as for files); None when they are not given. The key's text stays in the returned object:
+        never in a parameter, a log line, an error message, an artifact or a result."""
+        if not self.c2pa_cert_secret:
+            return None
+        from qwen_batch.outputs.content_credentials import ContentCredentials
+
+        cert_name = f"c2pa_cert_secret {self.c2pa_cert_secret!r}"
+        key_name = f"c2pa_key_secret {self.c2pa_key_secret!r}"
+        cert = _secret_pem(self.c2pa_cert_secret, cert_name)
+        key = _secret_pem(self.c2pa_key_secret, key_name)
+        return ContentCredentials(cert, key, cert_name=cert_name, key_name=key_name)
+
     def storage_options(self) -> StorageOptions:
         return s3_storage_options(self.s3_endpoint_url, self.s3_region, self.s3_profile, self.s3_anonymous)
 
@@ -99,6 +134,27 @@ class _Job(BaseModel):
         """The fields of `JobParameters` only, e.g. to pass on to a shard run."""
         return self.model_dump(include=set(JobParameters.model_fields))
 
+
+def _secret_pem(block: str, parameter: str) -> bytes:
+    """The text of Prefect Secret block `block`, as bytes; a ConfigError naming the block (never its value)."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block).get()
+    except ValueError as error:  # Prefect's "Unable to find block document named ..."
+        raise ConfigError(
+            f"{parameter}: no Secret block of that name on the Prefect server ({error}); create it with the PEM text, "
+            "e.g. `Secret(value=open('chain.pem').read()).save(NAME)` or in the UI's Blocks page"
+        ) from None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{parameter}: the Secret block must hold PEM text (-----BEGIN ...-----), a string")
+    return value.encode()
+
+
+_SECRET_HELP = (
+    "Not a file: the key's text never becomes a parameter, log line or artifact. With {other}; not with "
+    "c2pa_cert/c2pa_key. Both empty: no C2PA, unless c2pa_cert/c2pa_key are given."
+)
 
 JobParameters = create_model(
     "JobParameters",
@@ -112,7 +168,26 @@ JobParameters = create_model(
             ge=1,
             le=1000,
             description="Rows per denoise task: the unit of progress, retries and task runs in the UI. Chunks hold "
-            "whole batches, so 10,000 prompts make a few hundred tasks, not 10,000.",
+            "whole batches, so 10,000 prompts make a few hundred tasks, not 10,000. With webdataset or parquet "
+            "output a chunk also holds whole shards (each denoise task publishes its last shard partly filled): "
+            "chunks are then chunk_size rounded up to a multiple of shard_size rows, at least shard_size.",
+        ),
+    ),
+    c2pa_cert_secret=(
+        str | None,
+        Field(
+            None,
+            description="Sign every image with C2PA content credentials whose certificate chain (PEM: the signing "
+            "certificate first, then the CAs that issued it) is in this Prefect Secret block, by name. "
+            + _SECRET_HELP.format(other="c2pa_key_secret"),
+        ),
+    ),
+    c2pa_key_secret=(
+        str | None,
+        Field(
+            None,
+            description="The Prefect Secret block, by name, holding the PEM private key of c2pa_cert_secret's "
+            "certificate. " + _SECRET_HELP.format(other="c2pa_cert_secret"),
         ),
     ),
 )
@@ -130,9 +205,12 @@ class _Batch(JobParameters):
         index, count = self.shard.split("/")
         return int(index), int(count)
 
-    def run_config(self) -> RunConfig:
+    def run_config(self, content_credentials: ContentCredentials | None = None) -> RunConfig:
+        """The engine's config of this run; `content_credentials`: the C2PA signer made from the Secret blocks
+        (`content_credentials()`), which the engine uses instead of c2pa_cert/c2pa_key files."""
         names = [name for name, how in run_options() if how.flow]
-        return RunConfig(**{name: _engine_value(name, getattr(self, name)) for name in names})
+        values = {name: _engine_value(name, getattr(self, name)) for name in names}
+        return RunConfig(**values, content_credentials=content_credentials)
 
 
 def _check_shard(value: str) -> str:

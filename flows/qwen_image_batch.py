@@ -4,12 +4,16 @@ A thin adapter over `qwen_batch.run.engine`, in the engine's own stages:
 
 1. **validate**: read and check the manifest, decide which rows to generate (resume); no model loads;
 2. **encode**: every prompt into the embedding cache; the text encoder loads once, then is freed;
-3. **denoise**: one task per chunk of whole batches (tens of rows), with the transformer loaded once
-   per flow run in this process and reused by every chunk (`qwen_batch.run.engine.load_generator`);
+3. **denoise**: one task per chunk of whole batches (tens of rows; with shard outputs, whole shards too:
+   `chunk_rows`), with the transformer loaded once per flow run in this process and reused by every chunk
+   (`qwen_batch.run.engine.load_generator`);
 4. **finalize**: merge the part files into `results.parquet`, then publish the report (flows/report.py).
 
 Tasks get the plan in memory, wrapped in `quote` so Prefect does not walk its rows, and return small
 dicts; flows/task_policy.py says why nothing is cached or persisted and what is retried.
+
+C2PA signing from Prefect Secret blocks (`c2pa_cert_secret`, `c2pa_key_secret`): the validate task loads them and
+the signer lives in the plan, in this process; the key's text is in no parameter, log, artifact or result.
 
 On Prefect's embedded server, with the tiny model and the example manifest on local disk:
 
@@ -46,11 +50,13 @@ from flows.report import (
     RowsFailed,
     artifact_key,
     number,
+    output_metrics,
     publish_report,
 )
 from flows.task_policy import STORAGE_RETRIES, TASK_OPTIONS
 from qwen_batch.errors import QwenBatchError
 from qwen_batch.manifest import Request
+from qwen_batch.outputs.shards import FILES
 from qwen_batch.pipeline.encode import EncodeStats
 from qwen_batch.progress import show_library_progress_bars
 from qwen_batch.run.engine import (
@@ -84,6 +90,17 @@ def make_chunks(requests: list[Request], batch_size: int, chunk_size: int) -> li
     return chunks
 
 
+def chunk_rows(params: BatchParameters) -> int:
+    """The rows of a denoise chunk. Each denoise task publishes its last shard partly filled, so with shard outputs
+    (webdataset, parquet) a chunk holds whole shards: `chunk_size` rounded up to a multiple of `shard_size` (at least
+    one shard). Every shard is then full but the run's last, as long as the batches fill the chunk exactly (the batch
+    size divides shard_size and no row fails); a shard also closes early at its byte limit."""
+    if params.output_format == FILES:
+        return params.chunk_size
+    shards = -(-max(params.chunk_size, params.shard_size) // params.shard_size)  # ceil
+    return shards * params.shard_size
+
+
 def sample_of(request: Request) -> dict[str, Any]:
     """What the samples artifact shows of a row: its id, prompt and, for edits, its input images."""
     return {"id": request.id, "prompt": request.prompt, "inputs": list(request.images)}
@@ -91,11 +108,12 @@ def sample_of(request: Request) -> dict[str, Any]:
 
 @task(name="validate", **TASK_OPTIONS, **STORAGE_RETRIES)
 def validate(params: BatchParameters) -> RunPlan:
-    """Read and check the manifest and decide which rows to generate; loads no model.
+    """Read and check the manifest and decide which rows to generate; loads no model. With c2pa_cert_secret and
+    c2pa_key_secret, loads the two Secret blocks and checks the C2PA signer made from them.
 
-    The plan it returns stays in this process (see flows/task_policy.py)."""
+    The plan it returns stays in this process (see flows/task_policy.py), the signer with it."""
     started = time.perf_counter()
-    plan = plan_run(params.run_config())
+    plan = plan_run(params.run_config(params.content_credentials()))
     invalid = plan.manifest.invalid
     get_run_logger().info(
         "manifest %s: %d rows, %d invalid%s; %s: %d to generate, %d already done; %.1f s",
@@ -108,6 +126,13 @@ def validate(params: BatchParameters) -> RunPlan:
         len(plan.skipped),
         time.perf_counter() - started,
     )
+    if params.c2pa_cert_secret:  # the block names only, never their values
+        get_run_logger().info(
+            "C2PA: signing every image with the certificate of Secret block %r (%s) and the key of Secret block %r",
+            params.c2pa_cert_secret,
+            plan.encoder.credentials.subject,
+            params.c2pa_key_secret,
+        )
     return plan
 
 
@@ -189,6 +214,7 @@ def summary_metrics(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("texts encoded / from cache", f"{encode['encoded']} / {encode['cached']}"),
         ("adapter sets fused / seconds", f"{denoise['adapter_fuses']} / {number(denoise['adapter_seconds'])}"),
         *step_cache,
+        *output_metrics(report.get("outputs") or {}, DenoiseStats.from_dict(denoise)),
     ]
 
 
@@ -208,7 +234,8 @@ def qwen_image_batch(params: BatchParameters) -> dict[str, Any]:
     progress = ArtifactProgress(artifact_key(FLOW_NAME, "progress", params.shard), total=len(plan.todo))
     try:
         encoded = encode(quote(plan), progress)
-        chunks = make_chunks(plan.todo, plan.batch_size, params.chunk_size)
+        # Shard outputs: chunks of whole shards, so only the run's last shard is partly filled (`chunk_rows`).
+        chunks = make_chunks(plan.todo, plan.batch_size, chunk_rows(params))
         denoised = [denoise(quote(plan), chunk, progress, index, len(chunks)) for index, chunk in enumerate(chunks, 1)]
     finally:
         release_generator()  # free the transformer, also after a failure

@@ -5,7 +5,8 @@
 - a **problems** markdown: the failed and invalid rows with their errors (the first 50);
 - an **output** link and a **samples** markdown: the output location, and a few images as
   thumbnails (read through the storage layer, so they show for local disk and S3 alike) linking to
-  the full PNGs.
+  the full images (`images/<id>.png|webp|jpg`); for shard outputs (webdataset, parquet), where the
+  shards are (`shards/*.tar`, `data/*.parquet`) and the first of them, linked, instead.
 
 Artifact keys group each kind's history in the UI's Artifacts page: `qwen-image-batch-summary`,
 with `-shard-K-of-N` appended for a shard.
@@ -31,11 +32,17 @@ from prefect.artifacts import (
 
 from qwen_batch.errors import QwenBatchError
 from qwen_batch.io.storage import Folder, read_url
+from qwen_batch.outputs.images import ImageFormat
+from qwen_batch.outputs.shards import DATA_SUFFIX, FILES, FOLDERS, WEBDATASET
 from qwen_batch.run.results import IMAGES_FOLDER
+from qwen_batch.run.summary import DenoiseStats, output_rows, shards_line
 
 MAX_PROBLEMS_SHOWN = 50  # rows listed in the UI; results.parquet has them all
 SAMPLE_IMAGES = 4
 THUMBNAIL_PIXELS = 160
+SHARDS_LISTED = 10  # shard files linked in the samples artifact; the folder link has them all
+# As `qwen_batch.outputs.encoder.ImageEncoder.marks` names them, for a run that has no encoder (the fan-out's parent).
+MARKS = {False: "IPTC XMP", True: "IPTC XMP + C2PA (signed)"}
 
 
 class RowsFailed(Exception):
@@ -123,13 +130,28 @@ def publish_report(
         link=link(output.display()),
         link_text=output.display(),
         key=artifact_key(flow_name, "output", shard),
-        description="The output folder: the images and results.parquet",
+        description="The output folder: the images (or shards) and results.parquet",
     )
     create_markdown_artifact(
-        markdown=samples_markdown(output, report["results"], samples),
+        markdown=samples_markdown(output, report["results"], samples, report.get("outputs")),
         key=artifact_key(flow_name, "samples", shard),
         description="The output location and a few sample images",
     )
+
+
+def output_metrics(outputs: dict[str, str], denoise: DenoiseStats) -> list[tuple[str, Any]]:
+    """How the images were stored and marked: the output and image formats, the bytes of images stored, the
+    shards published (count, GiB, images per shard) and the marks, and whether C2PA-signed. `outputs` is
+    `Summary.to_dict()["outputs"]`; `denoise` this run's stats (or every shard's, summed). Names stay within the
+    table's widest so far: the script's summary aligns its values on it."""
+    if not outputs:
+        return []
+    (output, formats), (marks, applied) = output_rows(outputs)  # ("output", "webdataset, webp images"), ("marks", ..)
+    rows: list[tuple[str, Any]] = [(output, formats), ("images stored (GiB)", number(denoise.image_bytes / 2**30, 3))]
+    if outputs["output_format"] != FILES:
+        rows.append(("shards written", shards_line(denoise) if denoise.shards else "none by this run"))
+    rows += [(marks, applied), ("C2PA signed", "yes" if "C2PA" in applied else "no")]
+    return rows
 
 
 def problems_markdown(problems: list[list[Any]], total: int, results: str) -> str:
@@ -149,11 +171,21 @@ def problems_markdown(problems: list[list[Any]], total: int, results: str) -> st
     return "\n".join(lines)
 
 
-def samples_markdown(output: Folder, results: str, samples: list[dict[str, str]]) -> str:
-    """The output location and a few sample images, `{"id", "prompt"}`, as thumbnails linking to the PNGs."""
+def samples_markdown(
+    output: Folder, results: str, samples: list[dict[str, str]], outputs: dict[str, str] | None = None
+) -> str:
+    """The output location and a few sample images, `{"id", "prompt"}`, as thumbnails linking to the image files;
+    for shard outputs, where the shards are. `outputs`: the report's `{output_format, image_format, marks}`
+    (missing: PNG files)."""
+    outputs = outputs or {}
+    output_format = outputs.get("output_format", FILES)
+    if output_format != FILES:
+        return shards_markdown(output, results, output_format, outputs.get("image_format", "png"))
+    extension = ImageFormat(outputs.get("image_format", "png")).extension
     folder = output.display()
     lines = [
-        f"**Output** [{cell(folder)}]({link(folder)}): `images/<id>.png`, results in [{cell(results)}]({link(results)}).",
+        f"**Output** [{cell(folder)}]({link(folder)}): `{IMAGES_FOLDER}/<id>.{extension}`, results in "
+        f"[{cell(results)}]({link(results)}).",
         "",
     ]
     if not samples:
@@ -164,7 +196,7 @@ def samples_markdown(output: Folder, results: str, samples: list[dict[str, str]]
     else:
         lines += ["| sample | id | prompt |", "|---|---|---|"]
     for sample in samples:
-        relative = f"{IMAGES_FOLDER}/{sample['id']}.png"
+        relative = f"{IMAGES_FOLDER}/{sample['id']}.{extension}"
         preview = _preview(sample["id"], lambda relative=relative: output.read_bytes(relative))
         name = f"[{cell(sample['id'])}]({link(output.display(relative))})"
         if not edits:
@@ -175,6 +207,36 @@ def samples_markdown(output: Folder, results: str, samples: list[dict[str, str]]
             for url in sample.get("inputs", [])
         )
         lines.append(f"| {inputs} | {preview} | {name} | {cell(shorten(sample['prompt']))} |")
+    return "\n".join(lines)
+
+
+def shards_markdown(output: Folder, results: str, output_format: str, image_format: str) -> str:
+    """Where a shard output's images are: the shard files' pattern and the first `SHARDS_LISTED` of them, linked."""
+    folder = output.display()
+    pattern = f"{FOLDERS[output_format]}/*{DATA_SUFFIX[output_format]}"
+    extension = ImageFormat(image_format).extension
+    if output_format == WEBDATASET:
+        layout = (
+            f"WebDataset shards `{pattern}` (per row `KEY.{extension}`, `KEY.json`, `KEY.txt`; a Parquet index "
+            "beside each tar)"
+        )
+    else:
+        layout = f"Parquet shards `{pattern}` ({extension} images in the `image` column; a dataset card README.md)"
+    lines = [
+        f"**Output** [{cell(folder)}]({link(folder)}): {layout}. Results in [{cell(results)}]({link(results)}): "
+        "each row's `shard` and `key`.",
+        "",
+    ]
+    try:
+        shards = sorted(output.list_files(FOLDERS[output_format], DATA_SUFFIX[output_format]))
+    except (QwenBatchError, OSError) as error:  # the links above stay
+        return "\n".join([*lines, f"The shards could not be listed: {cell(error)}"])
+    if not shards:
+        return "\n".join([*lines, "No shards yet."])
+    lines += [f"{len(shards)} shard file(s):", ""]
+    lines += [f"- [{cell(relative)}]({link(output.display(relative))})" for relative in shards[:SHARDS_LISTED]]
+    if len(shards) > SHARDS_LISTED:
+        lines.append(f"- ... and {len(shards) - SHARDS_LISTED} more in [{cell(folder)}]({link(folder)})")
     return "\n".join(lines)
 
 

@@ -107,7 +107,10 @@ def test_adapters_and_shift_reach_the_run_and_every_shard(tmp_path, monkeypatch)
 def test_storage_settings_are_options_never_credentials():
     params = BatchParameters(s3_endpoint_url="http://minio:9000", s3_profile="batch")
     assert params.storage_options() == {"s3": {"endpoint_url": "http://minio:9000", "profile": "batch"}}
-    assert not [name for name in BatchParameters.model_fields if "key" in name or "secret" in name]
+    # S3 credentials are never parameters; C2PA's key is a file path or a Secret block's name, never the key.
+    credentials = [name for name in BatchParameters.model_fields if "key" in name or "secret" in name]
+    assert set(credentials) == {"c2pa_key", "c2pa_cert_secret", "c2pa_key_secret"}
+    assert BatchParameters.model_fields["c2pa_key"].annotation == (str | None)
 
 
 # --- Chunks --------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ from qwen_batch.memory.modes import MEMORY_MODES
 from qwen_batch.run.config import RunConfig, option_default, run_options
 
 REPO = Path(__file__).resolve().parents[1]
-FLOW_ONLY = {"chunk_size"}  # how a flow cuts its work into tasks; the CLI runs one process
+# How a flow cuts its work into tasks (the CLI runs one process), and the Prefect Secret blocks a flow may take its
+# C2PA certificate and key from (the CLI reads files).
+FLOW_ONLY = {"chunk_size", "c2pa_cert_secret", "c2pa_key_secret"}
 
 
 def run_actions() -> dict[str, argparse.Action]:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 from qwen_batch.errors import QwenBatchError
 from qwen_batch.outputs.destinations import ImageFiles
 from qwen_batch.outputs.encoder import ImageEncoder
-from qwen_batch.pipeline.denoise.decoded import NotFinite
 from qwen_batch.run.results import FAILED, Record, ResultStore
 
 if TYPE_CHECKING:
@@ -31,6 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from qwen_batch.manifest import Request
+    from qwen_batch.pipeline.denoise.decoded import NotFinite
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class BatchWriter:
     def _write_batch(
         self, requests: list[Request], images: Iterable[Image.Image | NotFinite], records: list[Record]
     ) -> list[Record]:
+        # Here, not at the top: the denoise package imports torch, which the flows keep out of their import.
+        from qwen_batch.pipeline.denoise.decoded import NotFinite
+
         stored: list[Record] = []
         for request, image, record in zip(requests, images, records, strict=True):
             if isinstance(image, NotFinite):  # NaN or infinity: a black or noise image is never written
