@@ -50,7 +50,9 @@ class BatchWriter:
         self.image_bytes = 0  # of the images stored
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="qwen-batch-writer")
         self._slots = threading.BoundedSemaphore(max_pending_batches)
-        self._futures: list[Future[list[Record]]] = []
+        self._futures: list[Future[list[Record]]] = []  # batches still being written, in submission order
+        self._written: list[Record] = []  # the records of the batches done
+        self._bytes_lock = threading.Lock()
         # Time the caller (the GPU loop) spent blocked on storage: full queue or the final drain.
         self.wait_seconds = 0.0
 
@@ -74,10 +76,17 @@ class BatchWriter:
 
     def _raise_first_failure(self) -> None:
         """Stop the run at the first part file that could not be written even after retries: the store is
-        down or refusing writes, and every further batch would be generated only to be lost."""
+        down or refusing writes, and every further batch would be generated only to be lost. Done batches leave
+        the list here, so each check costs the batches in flight, not every batch of the run."""
+        pending = []
         for future in self._futures:
-            if future.done() and future.exception() is not None:
+            if not future.done():
+                pending.append(future)
+            elif future.exception() is not None:
                 raise future.exception()
+            else:
+                self._written.extend(future.result())
+        self._futures = pending
 
     def _write_batch(
         self, requests: list[Request], images: Iterable[Image.Image | NotFinite], records: list[Record]
@@ -99,7 +108,8 @@ class BatchWriter:
                 record.status, record.error = FAILED, f"writing the image failed: {error}"
                 stored.append(record)
                 continue
-            self.image_bytes += len(data)
+            with self._bytes_lock:
+                self.image_bytes += len(data)
         return self._write_records(stored)
 
     def _write_records(self, records: list[Record]) -> list[Record]:
@@ -109,8 +119,8 @@ class BatchWriter:
 
     def drain(self) -> list[Record]:
         """Wait for every queued batch and store what the destination still holds (the last shard); the records
-        written, in the order they were stored."""
-        written: list[Record] = []
+        written since the last drain, in the order they were stored."""
+        written, self._written = self._written, []
         started = time.perf_counter()
         try:
             for future in self._futures:
