@@ -246,7 +246,10 @@ def test_c2pa_signs_every_image_and_the_key_is_never_written(tmp_path, tiny_mode
     import c2pa
 
     cert, key = chain_files(tmp_path)
-    manifest = write_manifest(tmp_path / "rows.parquet", ROWS[:2])
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "photo.png").write_bytes(picture_png((64, 64), 2))
+    redo = small_row("redo", "the lighthouse at night", init_image="in/photo.png", strength=0.7)
+    manifest = write_manifest(tmp_path / "rows.parquet", [*ROWS[:2], redo])
     output = tmp_path / "out"
     args = ["run", str(manifest), "-o", str(output), "--c2pa-cert", str(cert), "--c2pa-key", str(key)]
     assert main([*args, "--device", "cpu"]) == 0
@@ -263,6 +266,14 @@ def test_c2pa_signs_every_image_and_the_key_is_never_written(tmp_path, tiny_mode
         actions = next(a for a in active["assertions"] if a["label"].startswith("c2pa.actions"))["data"]["actions"]
         assert actions[0]["action"] == "c2pa.created"
         assert actions[0]["digitalSourceType"] == TRAINED_ALGORITHMIC_MEDIA
+    # A row that starts from a person's image: an edit of it, the image its parent ingredient.
+    report = json.loads(c2pa.Reader("image/png", io.BytesIO((output / "images" / "redo.png").read_bytes())).json())
+    active = report["manifests"][report["active_manifest"]]
+    actions = next(a for a in active["assertions"] if a["label"].startswith("c2pa.actions"))["data"]["actions"]
+    assert [action["action"] for action in actions][-1] == "c2pa.edited"
+    assert actions[-1]["digitalSourceType"] == COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA
+    assert [ingredient["relationship"] for ingredient in active["ingredients"]] == ["parentOf"]
+    assert active["ingredients"][0]["title"] == "photo.png"
     written = [path.read_bytes() for path in output.rglob("*") if path.is_file()]
     for line in secret_lines:
         assert not any(line.encode() in data for data in written)
