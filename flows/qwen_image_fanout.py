@@ -21,6 +21,7 @@ import json
 import shlex
 import time
 from collections import Counter
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -52,8 +53,9 @@ from qwen_batch.io.storage import Folder
 from qwen_batch.manifest import Manifest
 from qwen_batch.memory.fleet import plan_fleet
 from qwen_batch.memory.planner import Machine, Workload
+from qwen_batch.outputs.shards import FILES
 from qwen_batch.pipeline.encode import EncodeStats
-from qwen_batch.run.engine import read_run_manifest
+from qwen_batch.run.engine import plan_run, read_run_manifest
 from qwen_batch.run.results import FAILED, INVALID, OK, RESULTS_FILE, ResultStore
 from qwen_batch.run.sharding import assign_shards, idle_tail, shard_costs
 from qwen_batch.run.summary import DenoiseStats, stats_rows, sum_shard_stats
@@ -80,6 +82,18 @@ def check_manifest(params: FanoutParameters) -> tuple[FanoutParameters, list[int
             params.c2pa_cert_secret,
             signer.subject,
             params.c2pa_key_secret,
+        )
+    if params.output_format != FILES:
+        # Rows whose parameters changed leave their published shards here, once, before any shard starts: shard
+        # runs then never rewrite one shard file at the same moment (docs/outputs.md). Loads no model.
+        # On the parent's CPU, without the workers' C2PA files (the shards sign; settling rows signs nothing).
+        plan = plan_run(replace(params.run_config(), device="cpu", c2pa_cert=None, c2pa_key=None))
+        get_run_logger().info(
+            "%s shards in %s: %d rows already published, %d to generate",
+            params.output_format,
+            params.output,
+            len(plan.skipped),
+            len(plan.todo),
         )
     params, prediction = plan_fleet_for(params, manifest, family)
     # As each shard's engine splits it: the same rows, batch size and model family.

@@ -300,3 +300,24 @@ def test_wrong_or_unusable_outputs_are_refused_before_any_model_loads(tmp_path, 
     error = capsys.readouterr().err
     assert "jpeg cannot keep the alpha channel" in error and "use png or webp" in error
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_the_fan_outs_parent_takes_changed_rows_out_of_their_shards_before_any_shard_starts(tmp_path, tiny_model):
+    """So two shard runs never rewrite one shard file at the same moment: each then finds nothing to take out."""
+    from prefect.logging import disable_run_logger
+
+    from flows.parameters import FanoutParameters
+    from flows.qwen_image_fanout import check_manifest
+
+    manifest = write_manifest(tmp_path / "rows.parquet", ROWS[:4])
+    output = tmp_path / "out"
+    assert main(["run", str(manifest), "-o", str(output), "--output-format", "webdataset", *SHARD_ARGS]) == 0
+    changed = [dict(row) for row in ROWS[:4]]
+    changed[2]["prompt"] = "a lighthouse in fog"
+    write_manifest(manifest, changed)
+    params = FanoutParameters(
+        manifest=str(manifest), output=str(output), model="tiny", output_format="webdataset", shard_size=2, shards=2
+    )
+    with disable_run_logger():
+        check_manifest.fn(params)
+    assert shard_rows(output) == collections.Counter({row["id"]: 1 for row in ROWS[:4] if row["id"] != "row.2"})
