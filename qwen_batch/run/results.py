@@ -217,9 +217,6 @@ class ResultStore:
                     latest[record.id] = record
         return latest, parts
 
-    def existing_images(self) -> set[str]:
-        return {posixpath.basename(name) for name in self.output.list_files(IMAGES_FOLDER, ".png")}
-
     def merge_parts(self, manifest: Manifest) -> tuple[pa.Table, list[str]]:
         """Fold results.parquet and every part file into one results.parquet (the fan-out's last step);
         the merged table and the part files folded in."""
