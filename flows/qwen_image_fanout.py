@@ -38,7 +38,6 @@ from prefect.utilities.hashing import file_hash
 
 from flows.parameters import FanoutParameters, flat_parameters
 from flows.report import (
-    MARKS,
     MAX_PROBLEMS_SHOWN,
     SAMPLE_IMAGES,
     RowsFailed,
@@ -53,6 +52,7 @@ from qwen_batch.io.storage import Folder
 from qwen_batch.manifest import Manifest
 from qwen_batch.memory.fleet import plan_fleet
 from qwen_batch.memory.planner import Machine, Workload
+from qwen_batch.outputs.encoder import MARKS
 from qwen_batch.outputs.shards import FILES
 from qwen_batch.pipeline.encode import EncodeStats
 from qwen_batch.run.engine import plan_run, read_run_manifest

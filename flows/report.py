@@ -42,7 +42,6 @@ SAMPLE_IMAGES = 4
 THUMBNAIL_PIXELS = 160
 SHARDS_LISTED = 10  # shard files linked in the samples artifact; the folder link has them all
 # As `qwen_batch.outputs.encoder.ImageEncoder.marks` names them, for a run that has no encoder (the fan-out's parent).
-MARKS = {False: "IPTC XMP", True: "IPTC XMP + C2PA (signed)"}
 
 
 class RowsFailed(Exception):

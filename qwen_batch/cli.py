@@ -319,7 +319,9 @@ def format_summary(summary) -> str:
     from qwen_batch.run.summary import summary_rows
 
     rows = summary_rows(summary.to_dict())
-    folder = {"webdataset": "shards", "parquet": "data"}.get(summary.outputs.get("output_format"), "images")
+    from qwen_batch.outputs.shards import FOLDERS
+
+    folder = FOLDERS.get(summary.outputs.get("output_format"), "images")
     rows += [("images", f"{summary.output.rstrip('/')}/{folder}/"), ("results", summary.results)]
     width = max(len(name) for name, _ in rows)
     lines = ["", "qwen-batch summary", *(f"  {name:<{width}}  {value}" for name, value in rows)]

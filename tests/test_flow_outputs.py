@@ -19,6 +19,7 @@ from flows import report
 from flows.parameters import BatchParameters, FanoutParameters
 from flows.qwen_image_batch import chunk_rows
 from qwen_batch.io.storage import Folder
+from qwen_batch.outputs.encoder import MARKS
 from qwen_batch.outputs.images import ImageFormat
 from qwen_batch.run.summary import DenoiseStats
 from tests.prefect_server import PrefectStack
@@ -55,7 +56,7 @@ def test_c2pa_secrets_go_together_and_not_with_files():
 
 def test_the_summary_names_formats_shards_and_marks():
     denoise = DenoiseStats(generated=6, image_bytes=3 * 2**20, shards=3, shard_rows=6, shard_bytes=2**29)
-    outputs = {"output_format": "parquet", "image_format": "jpeg", "marks": report.MARKS[True]}
+    outputs = {"output_format": "parquet", "image_format": "jpeg", "marks": MARKS[True]}
     rows = dict(report.output_metrics(outputs, denoise))
     assert rows == {
         "output": "parquet, jpeg images",
@@ -64,7 +65,7 @@ def test_the_summary_names_formats_shards_and_marks():
         "marks": "IPTC XMP + C2PA (signed)",
         "C2PA signed": "yes",
     }
-    files = dict(report.output_metrics({**outputs, "output_format": "files", "marks": report.MARKS[False]}, denoise))
+    files = dict(report.output_metrics({**outputs, "output_format": "files", "marks": MARKS[False]}, denoise))
     assert "shards written" not in files and files["C2PA signed"] == "no" and files["marks"] == "IPTC XMP"
     assert report.output_metrics({}, denoise) == []  # a report from before the output options
 
@@ -72,8 +73,8 @@ def test_the_summary_names_formats_shards_and_marks():
 def test_the_marks_named_without_an_encoder_are_the_encoders():
     from qwen_batch.outputs.encoder import ImageEncoder
 
-    assert report.MARKS[False] == ImageEncoder().marks
-    assert report.MARKS[True] == ImageEncoder(credentials=object()).marks  # type: ignore[arg-type]
+    assert MARKS[False] == ImageEncoder().marks
+    assert MARKS[True] == ImageEncoder(credentials=object()).marks  # type: ignore[arg-type]
 
 
 def test_samples_of_any_image_format_and_where_shards_are(tmp_path):

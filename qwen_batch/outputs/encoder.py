@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from qwen_batch.run.results import Record
 
 
+# The marks every image gets, as summaries name them: unsigned, and signed with C2PA content credentials.
+MARKS = {False: "IPTC XMP", True: "IPTC XMP + C2PA (signed)"}
+
+
 def starts_from_user_image(request: Request) -> bool:
     """The row changes a person's image (edit inputs, 2.1's condition images, an init image), rather than making
     one from text alone; a control image only guides the layout and is not in the result."""
@@ -60,7 +64,7 @@ class ImageEncoder:
     @property
     def marks(self) -> str:
         """The marks every image gets, as the summary names them."""
-        return "IPTC XMP + C2PA (signed)" if self.credentials else "IPTC XMP"
+        return MARKS[self.credentials is not None]
 
     def encode(self, request: Request, image: Image.Image, record: Record) -> bytes:
         mark = Mark.for_row(starts_from_user_image(request), record.model or "", title=request.id)
