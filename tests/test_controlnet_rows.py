@@ -234,7 +234,7 @@ def test_compiled_controlnet_blocks_compile_once_for_every_text_length(controlne
     fail), dynamo compiles them again at the second length. Dynamo traces only (the eager backend)."""
     import torch._dynamo
 
-    from qwen_batch.pipeline.conditions.controlnet import compile_once_for_every_text_length
+    from qwen_batch.families.qwen_image.text_length import compile_once_for_every_text_length
     from qwen_batch.run.engine import denoise_stage, encode_stage, generator_for, release_generator
 
     edges = _edges(tmp_path / "edges.png", 0)

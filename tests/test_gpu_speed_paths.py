@@ -166,11 +166,8 @@ def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
     blocks meet with a new packed length and must not recompile for (the engine's marking)."""
     import torch._dynamo
 
-    from qwen_batch.families.qwen_image.packed_text import (
-        compile_once_for_every_packed_length,
-        pack_text,
-        share_timestep_modulation,
-    )
+    from qwen_batch.families.qwen_image.packed_text import pack_text, share_timestep_modulation
+    from qwen_batch.families.qwen_image.text_length import compile_once_for_every_text_length
 
     hidden, text, _, _ = _inputs(torch.bfloat16)
     timestep = torch.full((ROWS,), 0.6, device="cuda", dtype=torch.bfloat16)  # a batch shares its timestep
@@ -196,7 +193,7 @@ def test_the_packed_text_stream_gives_the_padded_output_eager_and_compiled():
     model = _transformer(torch.bfloat16)
     use_batch_attention(model, "cuda", torch.bfloat16, kernel="fa4")
     share_timestep_modulation(model)
-    compile_once_for_every_packed_length(model)
+    compile_once_for_every_text_length(model)
     for step, lengths in enumerate((TEXT_LENGTHS, TEXT_LENGTHS, (33, 64, 2, 1))):
         if step == 1:
             model.compile_repeated_blocks(fullgraph=True)  # fullgraph: a graph break here would raise

@@ -11,13 +11,13 @@ import torch
 from qwen_batch.families.qwen_image.attention import BatchAttention, use_batch_attention
 from qwen_batch.families.qwen_image.packed_text import (
     FirstRowModulation,
-    compile_once_for_every_packed_length,
     pack,
     pack_text,
     packed_places,
     share_timestep_modulation,
     unpack,
 )
+from qwen_batch.families.qwen_image.text_length import compile_once_for_every_text_length
 from qwen_batch.pipeline.denoise.text import pad_embeddings
 
 LENGTHS = (9, 4, 1)  # a prompt, a shorter one, a negative " "
@@ -122,7 +122,7 @@ def test_the_blocks_compile_once_for_every_packed_text_length(tiny_model):
     transformer = _transformer(tiny_model)
     share_timestep_modulation(transformer)
     eager = [_run(transformer, *batch) for batch in _packed_batches(transformer)]
-    compile_once_for_every_packed_length(transformer)
+    compile_once_for_every_text_length(transformer)
     counter = CompileCounterWithBackend("eager")
     torch._dynamo.reset()
     transformer.compile_repeated_blocks(fullgraph=True, backend=counter)
@@ -144,15 +144,27 @@ def _packed_batches(transformer):
         yield hidden, packed, {"text_mask": mask, "text_index": index}
 
 
-def test_a_run_compiles_the_blocks_once_over_batches_of_any_text_length(tmp_path, tiny_model, monkeypatch):
-    """The engine end to end, as under FlashAttention-4 on the CPU: three batches of packed text, the
-    second padded to another bucket, compiled (Dynamo, no code generation) once."""
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_run_compiles_the_blocks_once_over_batches_of_any_text_length(
+    tmp_path, tiny_model, monkeypatch, layout, marked
+):
+    """The engine end to end over three batches whose text lengths differ, the second padded to another
+    bucket (64 -> 128 tokens): packed, as under FlashAttention-4 on the CPU, or padded with a mask, as
+    under SDPA, where CFG's negatives run as a forward of their own. Compiled (Dynamo, no code generation)
+    once per kind of forward; without the marking (the control case, so this test can fail) a new length
+    compiles the blocks again mid-run, which at full size stalls the GPU for 18-55 s."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    import qwen_batch.families.qwen_image.text_length
     from qwen_batch.run.engine import RunConfig, run
     from tests.support import fa4_layout, small_row, write_manifest
 
-    packs = fa4_layout(monkeypatch, packed=True)
+    packs = fa4_layout(monkeypatch, packed=True) if layout == "packed" else []
+    if not marked:
+        monkeypatch.setattr(
+            qwen_batch.families.qwen_image.text_length, "compile_once_for_every_text_length", lambda model: None
+        )
     counter = CompileCounterWithBackend("eager")
     compile_module = torch.nn.Module.compile
 
@@ -167,9 +179,11 @@ def test_a_run_compiles_the_blocks_once_over_batches_of_any_text_length(tmp_path
         tmp_path / "m.parquet", [small_row(f"r{row}", " ".join(prompt)) for row, prompt in enumerate(prompts)]
     )
     summary = run(RunConfig(str(manifest), str(tmp_path / "out"), device="cpu", batch_size=4, compile="on"))
-    assert summary.exit_code == 0 and summary.generated == 12 and len(packs) == 3
+    assert summary.exit_code == 0 and summary.generated == 12
+    assert len(packs) == (3 if layout == "packed" else 0)
     torch._dynamo.reset()  # the blocks' compiled code stays with this test
-    assert counter.frame_count == 1
+    kinds_of_forward = 1 if layout == "packed" else 2  # padded: the masked prompts and the unmasked negatives
+    assert counter.frame_count == kinds_of_forward + (0 if marked else 1)
 
 
 def test_sharing_the_timestep_modulation_changes_no_name_and_no_unpacked_output(tiny_model):

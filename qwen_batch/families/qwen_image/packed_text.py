@@ -12,7 +12,7 @@ Outside attention, one thing in a block depends on the row: the text's modulatio
 row's timestep embedding. Every row of a batch is at the same timestep (the engine steps a batch in
 lockstep), so the first row's serves all; `share_timestep_modulation` makes the blocks' `txt_mod` use
 it, which also leaves unpacked batches as they were. A packed batch's text length changes from batch
-to batch, so the compiled blocks take it as symbolic from the start (`compile_once_for_every_packed_length`)
+to batch, so the compiled blocks take it as symbolic from the start (`text_length.compile_once_for_every_text_length`)
 instead of recompiling while the GPU waits. The images are the padded path's up to the
 rounding of GEMMs over fewer rows (`tests/test_packed_text.py`; end to end for text to image, edits
 and adapters in `tests/test_contract.py`, `test_edit.py`, `test_adapters.py`; on the GPU with the real
@@ -98,41 +98,3 @@ def share_timestep_modulation(transformer: torch.nn.Module) -> int:
     for block in blocks:
         block.txt_mod.__class__ = FirstRowModulation
     return len(blocks)
-
-
-def compile_once_for_every_packed_length(transformer: torch.nn.Module) -> None:
-    """Mark a packed batch's text length as symbolic for the compiled blocks, from the first batch on.
-
-    Packed, a batch's text length is the sum of its rows' real tokens: a new number nearly every batch.
-    Dynamo would compile the blocks for the first batch, recompile them at the second with that length
-    made symbolic (automatic dynamic shapes), and keep that graph; measured on an H200, the recompile
-    stalls the second batch by about 20 s in bf16 and 55 s in fp8, and the first batch whose longest
-    prompt falls in another `denoise.text.TEXT_BUCKET` (the padded layout's length) stalled again: 33 s over
-    a 200-prompt run, GPU busy 76.5%. Marked from the start, the blocks compile once. The blocks' inputs
-    that carry these lengths are made outside the compiled region, in the transformer's own forward, so
-    hooks mark them there: the text after `txt_in`, its rotary frequencies (`pos_embed`'s second
-    output), `text_index` and the padded layout's `text_mask`. Padded batches are left as they were:
-    their text length is bucketed and stays static."""
-    from torch._dynamo import maybe_mark_dynamic
-
-    packed = False
-
-    def see_batch(module, args, kwargs):
-        nonlocal packed
-        text_kwargs = kwargs.get("attention_kwargs") or {}
-        packed = text_kwargs.get("text_index") is not None
-        if packed:
-            maybe_mark_dynamic(text_kwargs["text_index"], 0)
-            maybe_mark_dynamic(text_kwargs["text_mask"], 1)  # the padded layout's length, bucketed
-
-    def mark_text(module, args, output):
-        if packed:
-            maybe_mark_dynamic(output, 1)
-
-    def mark_text_frequencies(module, args, output):
-        if packed:
-            maybe_mark_dynamic(output[1], 0)
-
-    transformer.register_forward_pre_hook(see_batch, with_kwargs=True)
-    transformer.txt_in.register_forward_hook(mark_text)
-    transformer.pos_embed.register_forward_hook(mark_text_frequencies)

@@ -160,34 +160,6 @@ class ControlNetSource:
         return model, done
 
 
-def compile_once_for_every_text_length(controlnet: torch.nn.Module) -> None:
-    """Mark the ControlNet's padded text length as symbolic for its compiled blocks, from the first batch on.
-
-    Its text comes padded to a multiple of `qwen_batch.pipeline.denoise.text.TEXT_BUCKET` (it runs on the positive
-    prompts only, not packed), so batches meet a few lengths; dynamo would compile its blocks for the first, recompile
-    them for the second with the length symbolic (automatic dynamic shapes), and only then keep one graph: a stall in
-    the middle of a run (about 55 s for the transformer's blocks under fp8 on an H200,
-    `packed_text.compile_once_for_every_packed_length`). The inputs that carry the length are made outside
-    the blocks, in the ControlNet's own forward, so hooks mark them there: the text after `txt_in`, its rotary
-    frequencies (`pos_embed`'s second output) and the mask handed to the attention."""
-    from torch._dynamo import maybe_mark_dynamic
-
-    def mark_mask(module, args, kwargs):
-        mask = (kwargs.get("joint_attention_kwargs") or {}).get("text_mask")
-        if mask is not None:
-            maybe_mark_dynamic(mask, 1)
-
-    def mark_text(module, args, output):
-        maybe_mark_dynamic(output, 1)
-
-    def mark_text_frequencies(module, args, output):
-        maybe_mark_dynamic(output[1], 0)
-
-    controlnet.register_forward_pre_hook(mark_mask, with_kwargs=True)
-    controlnet.txt_in.register_forward_hook(mark_text)
-    controlnet.pos_embed.register_forward_hook(mark_text_frequencies)
-
-
 @dataclass
 class RowControls:
     """One row's cached control images: each one's VAE posterior ([z, 1, h/8, w/8]), in the row's order."""

@@ -19,7 +19,7 @@ from qwen_batch.memory.placement import (
 )
 from qwen_batch.memory.streamed_load import load_transformer
 from qwen_batch.pipeline.conditions import BatchConditions
-from qwen_batch.pipeline.conditions.controlnet import ControlNetSource, compile_once_for_every_text_length
+from qwen_batch.pipeline.conditions.controlnet import ControlNetSource
 from qwen_batch.pipeline.denoise.blocks import QWEN_IMAGE_BLOCKS
 from qwen_batch.pipeline.denoise.state import DenoiseBlocks, DenoiseComponents, DenoiseState
 from qwen_batch.pipeline.denoise.text import TextLayout
@@ -77,10 +77,7 @@ class ImageGenerator:
         """Install the batch attention (before compiling: it is traced) and choose how forwards take their text;
         returns the attention kernel of padded batches and the text layout."""
         from qwen_batch.families.qwen_image.attention import use_batch_attention
-        from qwen_batch.families.qwen_image.packed_text import (
-            compile_once_for_every_packed_length,
-            share_timestep_modulation,
-        )
+        from qwen_batch.families.qwen_image.packed_text import share_timestep_modulation
 
         kernel = use_batch_attention(transformer, self.device, self.dtype)
         if controlnet is not None:
@@ -88,12 +85,14 @@ class ImageGenerator:
         text_layout = TextLayout.choose(kernel, self.placement, self.device)
         if text_layout.pack:
             share_timestep_modulation(transformer)
-            compile_once_for_every_packed_length(transformer)
         return kernel, text_layout
 
     def _compile(self, transformer: torch.nn.Module, controlnet: torch.nn.Module | None, described: list[str]) -> None:
         """Regional compile of the transformer's blocks and the ControlNet's; what was done joins `described`
         (which also tells `compile_blocks` whether layerwise casting's hooks are in the way)."""
+        from qwen_batch.families.qwen_image.text_length import compile_once_for_every_text_length
+
+        compile_once_for_every_text_length(transformer)
         compiled = compile_blocks(transformer, self.placement, "; ".join(described))
         described += [compiled] if compiled else []
         if controlnet is not None:

@@ -197,15 +197,13 @@ class _SubBatch:
 
     def text(self, text: torch.Tensor) -> torch.Tensor:
         """The chosen rows' text stream: padded `[rows, tokens, dim]`, or packed `[1, their tokens, dim]`."""
-        if self.whole or not self.packed:
-            return self.rows(text)
+        if self.whole:
+            return text
         from torch._dynamo import maybe_mark_dynamic
 
-        packed = text.index_select(1, self.tokens)
-        maybe_mark_dynamic(
-            packed, 1
-        )  # a packed length, as qwen_batch.families.qwen_image.packed_text marks a whole batch's
-        return packed
+        taken = text.index_select(1, self.tokens) if self.packed else self.rows(text)
+        maybe_mark_dynamic(taken, 1)  # the text length, as families.qwen_image.text_length marks a whole batch's
+        return taken
 
     def arguments(self, arguments: dict) -> dict:
         """A block's other arguments for the chosen rows."""
@@ -224,14 +222,14 @@ class _SubBatch:
         kwargs = arguments["joint_attention_kwargs"]
         if kwargs:
             kwargs = dict(kwargs)
+            from torch._dynamo import maybe_mark_dynamic
+
             if kwargs.get("text_mask") is not None:
                 kwargs["text_mask"] = self.rows(kwargs["text_mask"])
+                maybe_mark_dynamic(kwargs["text_mask"], 1)  # the padded layout's length
             if self.packed:
-                from torch._dynamo import maybe_mark_dynamic
-
                 kwargs["text_index"] = self.text_index
                 maybe_mark_dynamic(kwargs["text_index"], 0)
-                maybe_mark_dynamic(kwargs["text_mask"], 1)  # the padded layout's length, bucketed
             taken["joint_attention_kwargs"] = kwargs
         return taken
 
