@@ -627,6 +627,13 @@ def load_generator(
 
 
 def release_generator() -> None:
+    """Free the loaded generator's models, and its compiled graphs first where it compiled: they hold the models,
+    and every block of a family shares one code object, whose graphs dynamo caps at 8, so the next generator in
+    this process (tests, a notebook, a flow's second run) would meet the old graphs and stop at that cap."""
     while _loaded:
-        _, generator = _loaded.popitem()
+        (_, _, _, placement, *_), generator = _loaded.popitem()
+        if placement is not None and placement.compile:
+            import torch
+
+            torch._dynamo.reset()
         generator.close()
