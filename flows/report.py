@@ -41,7 +41,6 @@ MAX_PROBLEMS_SHOWN = 50  # rows listed in the UI; results.parquet has them all
 SAMPLE_IMAGES = 4
 THUMBNAIL_PIXELS = 160
 SHARDS_LISTED = 10  # shard files linked in the samples artifact; the folder link has them all
-# As `qwen_batch.outputs.encoder.ImageEncoder.marks` names them, for a run that has no encoder (the fan-out's parent).
 
 
 class RowsFailed(Exception):

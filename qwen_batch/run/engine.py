@@ -631,8 +631,8 @@ def release_generator() -> None:
     and every block of a family shares one code object, whose graphs dynamo caps at 8, so the next generator in
     this process (tests, a notebook, a flow's second run) would meet the old graphs and stop at that cap."""
     while _loaded:
-        (_, _, _, placement, *_), generator = _loaded.popitem()
-        if placement is not None and placement.compile:
+        _, generator = _loaded.popitem()
+        if generator.placement.compile:
             import torch
 
             torch._dynamo.reset()
