@@ -93,12 +93,14 @@ def lora_state_dict(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], la
 def write_lora(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     from safetensors.torch import save_file
 
+    from qwen_batch.io.file_modes import apply_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # One metadata entry: safetensors writes several in a random order, and the same adapter should be
     # the same bytes (its SHA-256 is in every row's fingerprint).
     save_file(dict(tensors), str(path), metadata={"format": "pt"})
-    return path
+    return apply_umask(path)
 
 
 def write_tiny_lora(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen_batch.errors import ModelError
 from qwen_batch.families import GENERATE, ModelFamily, family_of_pipeline, tiny_model
+from qwen_batch.io.file_modes import apply_umask
 
 if TYPE_CHECKING:
     import torch
@@ -224,6 +225,7 @@ def write_once(target: Path, marker: str, write: Callable[[Path], object]) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     write(staging)
+    apply_umask(staging)  # readable by the other users of a shared cache, as a downloaded model is
     try:
         staging.rename(target)
     except OSError:

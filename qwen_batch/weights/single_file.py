@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.io.file_modes import apply_umask
 
 if TYPE_CHECKING:
     import torch
@@ -55,7 +56,7 @@ def write_transformer_file(state_dict: Mapping[str, torch.Tensor], linears: set[
         _write_gguf(state_dict, linears, path, layout.removeprefix("gguf-").upper())
     else:
         raise ConfigError(f"--format {layout!r}: use one of {', '.join(FORMATS)}")
-    return path
+    return apply_umask(path)
 
 
 def _write_gguf(state_dict: Mapping[str, torch.Tensor], linears: set[str], path: Path, quant: str) -> None:
