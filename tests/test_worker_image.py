@@ -37,32 +37,31 @@ def environment() -> dict[str, str]:
     return variables
 
 
-def test_the_image_installs_through_the_script_that_ci_runs_dependencies_before_the_source():
+def test_the_image_installs_through_the_script_that_ci_runs_torch_then_dependencies_then_the_source():
     steps = instructions()
     installs = [n for n, (kind, arguments) in enumerate(steps) if kind == "RUN" and "pip" in arguments]
     assert not installs, "pip outside deployments/install-worker.sh: CI would not test it"
-    dependencies, project = (
+    torch, dependencies, project = (
         next(
             n
             for n, (kind, arguments) in enumerate(steps)
             if kind == "RUN" and f"install-worker.sh --{stage}" in arguments
         )
-        for stage in ("dependencies", "project")
+        for stage in ("torch", "dependencies", "project")
     )
     copies = [(n, arguments.split()[:-1]) for n, (kind, arguments) in enumerate(steps) if kind == "COPY"]
-    # Only the files that name the dependencies are there when they install: a source change keeps that layer.
-    assert {name for n, names in copies if n < dependencies for name in names} == {
-        "pyproject.toml",
-        "constraints.txt",
-        "deployments/install-worker.sh",
-    }
+    copied_before = lambda step: {name for n, names in copies if n < step for name in names}  # noqa: E731
+    # Each layer sees only the files it depends on: torch's (GBs) survives a dependency change, and the
+    # dependencies' survives a source change.
+    assert copied_before(torch) == {"deployments/install-worker.sh"}
+    assert copied_before(dependencies) == {"pyproject.toml", "constraints.txt", "deployments/install-worker.sh"}
     assert any(names == ["."] for n, names in copies if dependencies < n < project)
     ci = (REPO / ".ci" / "run").read_text()
     assert "deployments/install-worker.sh" in ci  # both stages, in a fresh environment
     commands = script_commands(REPO / "deployments" / "install-worker.sh")
     assert "extras=${EXTRAS:-gpu,gguf,control}" in commands
     assert any('--constraint "$repo/constraints.txt"' in line for line in commands)
-    # Bytecode at build time: the dependencies' (stage 1) and the project's (stage 2), by commands, not comments.
+    # Bytecode at build time: the dependencies' (stages 1, 2) and the project's (stage 3), by commands, not comments.
     compiles = [line for line in commands if line.startswith('"$venv/bin/python" -m compileall ')]
     assert any('"$venv/lib"' in line for line in compiles), compiles
     assert any('"$repo/qwen_batch"' in line for line in compiles), compiles

@@ -13,9 +13,10 @@ it, as its non-root user and on the tiny model:
 
 Marked `image`: skipped, with the reason, when no container engine answers (scripts/container-engine.sh),
 unless QWEN_BATCH_IMAGE_TESTS=required (.ci/run), which makes that a failure.
-The base is BASE_IMAGE if set, else the Debian one scripts/make-debian-base.sh makes (the default CUDA
-base cannot be pulled on these machines); TORCH_INDEX_URL (default empty: the host's pip index),
-HOST_CONFIG (default 1 with podman) and IMAGE_BUILD_FLAGS pass through to the build. `make image-test`.
+scripts/build-test-image.sh builds it: the base is BASE_IMAGE if set, else the Debian one
+scripts/make-debian-base.sh makes (the default CUDA base cannot be pulled on these machines); TORCH_INDEX_URL
+(default empty: the host's pip index), HOST_CONFIG (default 1 with podman) and IMAGE_BUILD_FLAGS pass
+through to the build. `make image-test`.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ class Engine:
         found = self.run({volume: target}, {}, "find", target, "-type", "f", run_options=["--rm"])
         return sorted(found.stdout.split())
 
+    def storage_space(self) -> str:
+        """`df` of the engine's image storage: a build that runs out of disk says how much there was."""
+        root = self("info", "--format", "{{.Store.GraphRoot}}" if self.name == "podman" else "{{.DockerRootDir}}")
+        return subprocess.run(["df", "-h", root.stdout.strip()], capture_output=True, text=True).stdout
+
     def remove_all(self) -> None:
         for kind, name in reversed(self.names):  # containers first, with their anonymous volumes
             self(kind, "rm", "-f", *(["-v"] if kind == "container" else []), name, check=False)
@@ -133,19 +139,19 @@ def engine(pytestconfig: pytest.Config) -> Engine:
 
 @pytest.fixture(scope="module")
 def image(engine: Engine) -> str:
-    """The image built from the working tree: cached layers make this seconds when only the source changed."""
-    env = {"TORCH_INDEX_URL": "", **os.environ, "IMAGE": TAG, "ENGINE": engine.name}
-    if "BASE_IMAGE" not in os.environ:
-        env["BASE_IMAGE"] = DEBIAN_BASE
-        if engine("image", "exists" if engine.name == "podman" else "inspect", DEBIAN_BASE, check=False).returncode:
-            if not shutil.which("mmdebstrap"):
-                skip(f"no base image: set BASE_IMAGE, or apt-get install mmdebstrap to make {DEBIAN_BASE}")
-            made = subprocess.run([REPO / "scripts" / "make-debian-base.sh", DEBIAN_BASE], env=env, cwd=REPO)
-            assert made.returncode == 0, "scripts/make-debian-base.sh failed (its output is above)"
-    env.setdefault("HOST_CONFIG", "1" if engine.name == "podman" else "")
+    """The image built from the working tree (scripts/build-test-image.sh): cached layers make this seconds when
+    only the source changed, and no time at all after .ci/run built it."""
+    env = {**os.environ, "ENGINE": engine.name}
+    no_base = "BASE_IMAGE" not in os.environ and engine("image", "inspect", DEBIAN_BASE, check=False).returncode
+    if no_base and not shutil.which("mmdebstrap"):
+        skip(f"no base image: set BASE_IMAGE, or apt-get install mmdebstrap to make {DEBIAN_BASE}")
     start = time.monotonic()
-    built = subprocess.run([REPO / "scripts" / "build-image.sh"], env=env, cwd=REPO, capture_output=True, text=True)
-    assert built.returncode == 0, f"the image did not build:\n{built.stdout[-8000:]}\n{built.stderr[-4000:]}"
+    built = subprocess.run(
+        [REPO / "scripts" / "build-test-image.sh"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert built.returncode == 0, (
+        f"the image did not build:\n{built.stdout[-8000:]}\n{built.stderr[-4000:]}\n{engine.storage_space()}"
+    )
     TIMINGS["build (cached layers reused where the inputs did not change)"] = time.monotonic() - start
     REPORT.append(built.stdout.splitlines()[-1])  # "built ... in N s: SIZE"
     return TAG
