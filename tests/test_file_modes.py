@@ -55,3 +55,19 @@ def test_a_folder_built_once_gets_the_umask_too(tmp_path, umask_027):
 
     built = write_once(tmp_path / "model", "vae/model.safetensors", write)
     assert modes(built) == {("dir", 0o750), ("file", 0o640)}
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "qwen_image21"])
+def test_a_tiny_model_written_to_a_folder_the_user_names_keeps_that_folder_mode(family, tmp_path, umask_027):
+    """`qwen-batch tiny-model DIR`: the files in DIR get the umask's modes, DIR itself keeps the one it had."""
+    if family == "qwen_image":
+        from qwen_batch.tiny.model import write_tiny_model
+    else:
+        from qwen_batch.families.qwen_image21.tiny import write_tiny_model
+
+    folder = tmp_path / "tiny"
+    folder.mkdir(mode=0o700)
+    write_tiny_model(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    inside = {("dir" if path.is_dir() else "file", stat.S_IMODE(path.stat().st_mode)) for path in folder.rglob("*")}
+    assert inside == {("dir", 0o750), ("file", 0o640)}

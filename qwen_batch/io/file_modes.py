@@ -27,11 +27,13 @@ def current_umask() -> int:
     return mask
 
 
-def apply_umask(path: str | Path) -> Path:
-    """Give `path`, and everything in it when it is a folder, the mode a new file or folder would have."""
+def apply_umask(path: str | Path, *, folder_itself: bool = True) -> Path:
+    """Give `path`, and everything in it when it is a folder, the mode a new file or folder would have;
+    `folder_itself=False` leaves the folder's own mode as it is (one the user made and named)."""
     path = Path(path)
     mask = current_umask()
-    for item in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+    items = [*([path] if folder_itself else []), *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    for item in items:
         if not item.is_symlink():
             item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
     return path

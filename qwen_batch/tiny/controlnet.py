@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.io.file_modes import apply_umask
 
 if TYPE_CHECKING:
     import diffusers
@@ -124,7 +125,7 @@ def write_tiny_controlnet(
     controlnet = build_tiny_controlnet(transformer, kind, seed)
     directory.mkdir(parents=True, exist_ok=True)
     controlnet.save_pretrained(directory, safe_serialization=True)
-    return directory
+    return apply_umask(directory, folder_itself=False)
 
 
 def tiny_controlnet_revision() -> str:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 from qwen_batch.errors import ConfigError
 from qwen_batch.families import GENERATE
 from qwen_batch.families.qwen_image import FAMILY as QWEN_IMAGE
+from qwen_batch.io.file_modes import apply_umask
 from qwen_batch.weights.model_source import TINY_MODEL_SEED
 
 if TYPE_CHECKING:
@@ -610,7 +611,7 @@ def write_tiny_model(directory: str | pathlib.Path, seed: int = TINY_MODEL_SEED,
     pipe = build_tiny_pipeline(seed, task)
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory, safe_serialization=True)
-    return directory
+    return apply_umask(directory, folder_itself=False)
 
 
 def tiny_model_revision(task: str = GENERATE) -> str:

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
 from qwen_batch.families import EDIT
+from qwen_batch.io.file_modes import apply_umask
 from qwen_batch.tiny import model as qwen_tiny
 from qwen_batch.weights.model_source import TINY_MODEL_SEED
 
@@ -473,7 +474,7 @@ def write_tiny_model(
     pipe = build_tiny_pipeline(seed, flavour)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return apply_umask(folder, folder_itself=False)
 
 
 def tiny_model_revision(flavour: str = "generate") -> str:
