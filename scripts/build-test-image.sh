@@ -15,4 +15,9 @@ fi
 if [[ ! -v HOST_CONFIG ]]; then
     export HOST_CONFIG=$([[ $engine == podman ]] && echo 1 || true)
 fi
-exec scripts/build-image.sh
+# The free disk where the engine keeps images, before the build: a cold build needs about 19 GB at its
+# peak (deployments/install-worker.sh says why), so a build that runs out of disk says how much there was.
+root=$("$engine" info --format "$([[ $engine == podman ]] && echo '{{.Store.GraphRoot}}' || echo '{{.DockerRootDir}}')")
+free=$(df -h "$root")
+echo "free disk where $engine keeps images, before the build:"$'\n'"$free"
+scripts/build-image.sh || { echo "the build failed; before it, the engine's storage had:"$'\n'"$free" >&2; exit 1; }

@@ -32,7 +32,7 @@ def apply_umask(path: str | Path, *, folder_itself: bool = True) -> Path:
     `folder_itself=False` leaves the folder's own mode as it is (one the user made and named)."""
     path = Path(path)
     mask = current_umask()
-    items = [*([path] if folder_itself else []), *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    items = [*([path] if folder_itself else []), *path.rglob("*")] if path.is_dir() else [path]
     for item in items:
         if not item.is_symlink():
             item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qwen_batch.errors import ConfigError
+from qwen_batch.io.file_modes import apply_umask
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,6 @@ def lora_state_dict(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], la
 
 def write_lora(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     from safetensors.torch import save_file
-
-    from qwen_batch.io.file_modes import apply_umask
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
